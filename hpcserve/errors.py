@@ -1,0 +1,49 @@
+"""One error family for everything hpcserve reports to a user.
+
+Every message is one line that says what failed and how to fix it. The CLI prints ``str(err)`` and exits
+non-zero; it never shows a traceback for these.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+
+class HpcserveError(Exception):
+    """Base class: a failure the user can act on."""
+
+    exit_code = 1
+
+
+class ConfigError(HpcserveError):
+    """A site config or policy file is invalid. The message names the file, the field and the fix."""
+
+    def __init__(self, path: str, field: str, problem: str, fix: str = "") -> None:
+        self.path, self.field, self.problem, self.fix = path, field, problem, fix
+        where = f"{path}: {field}" if field else path
+        super().__init__(f"{where}: {problem}" + (f" (fix: {fix})" if fix else ""))
+
+
+class SlurmCommandError(HpcserveError):
+    """A Slurm command failed, timed out or could not be started.
+
+    ``returncode`` is the process's exit status, ``None`` when it timed out and 127 when the program
+    was not found.
+    """
+
+    def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str) -> None:
+        self.argv, self.returncode, self.stderr = tuple(argv), returncode, stderr.strip()
+        first = self.stderr.splitlines()[0] if self.stderr else "no error output"
+        status = "timed out" if returncode is None else f"exited {returncode}"
+        super().__init__(f"`{shlex.join(self.argv)}` {status}: {first}")
+
+
+class SlurmParseError(HpcserveError):
+    """Slurm printed something the parser does not understand (a version or format mismatch)."""
+
+
+class ValidationError(HpcserveError):
+    """A user-supplied value is invalid: the message names the field and the fix."""
+
+    exit_code = 2

@@ -1,0 +1,53 @@
+"""The one interface every part of hpcserve uses to talk to Slurm."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from hpcserve.slurm.models import AccountingRecord, ClusterSnapshot, Job, Node, Partition, Topology
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    """Which jobs to list. Empty fields match everything; filters are passed on to Slurm."""
+
+    user: str | None = None
+    states: tuple[str, ...] = ()
+    partitions: tuple[str, ...] = ()
+    job_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    ok: bool
+    detail: str
+
+
+@runtime_checkable
+class SlurmReader(Protocol):
+    """Reads: what every backend must provide."""
+
+    def ping(self) -> Ping: ...
+
+    def jobs(self, filt: JobFilter | None = None) -> list[Job]: ...
+
+    def nodes(self) -> list[Node]: ...
+
+    def partitions(self) -> list[Partition]: ...
+
+    def topology(self) -> Topology: ...
+
+    def snapshot(self) -> ClusterSnapshot: ...
+
+
+@runtime_checkable
+class SlurmClient(SlurmReader, Protocol):
+    """Reads plus the writes hpcserve needs (submission, cancellation, accounting)."""
+
+    def accounting(self, job_ids: Iterable[str]) -> list[AccountingRecord]: ...
+
+    def submit(self, script: str, sbatch_args: Sequence[str] = ()) -> str: ...
+
+    def cancel(self, job_ids: Iterable[str], *, signal: str | None = None) -> None: ...
