@@ -1,0 +1,187 @@
+"""``hpcserve``: the entry point. Commands parse arguments, call an API function and format the result.
+
+Start time matters (``hpcserve ps`` runs in scripts and loops): only click is imported up front; config
+(pydantic, yaml), rich and sqlalchemy are imported inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from hpcserve import __version__
+from hpcserve.errors import HpcserveError
+
+DEFAULT_SITE = Path("/etc/hpcserve/site.yaml")
+DEFAULT_POLICY = Path("/etc/hpcserve/policy.yaml")
+JSON_HELP = "Print machine-readable JSON instead of a table."
+
+if TYPE_CHECKING:
+    from hpcserve.config import SiteConfig
+    from hpcserve.slurm.models import Job
+
+
+class Context:
+    """What every command shares: where the config lives. Nothing is loaded until a command asks."""
+
+    def __init__(self, site: Path | None, policy: Path | None) -> None:
+        self.site_path = site or (DEFAULT_SITE if DEFAULT_SITE.exists() else None)
+        self.policy_path = policy or (DEFAULT_POLICY if DEFAULT_POLICY.exists() else None)
+
+    def load_site(self, required: bool = True) -> SiteConfig | None:
+        from hpcserve.config import load_site_config
+
+        if self.site_path is None:
+            if required:
+                raise HpcserveError("no site config (fix: pass --site FILE or set HPCSERVE_SITE)")
+            return None
+        site = load_site_config(self.site_path)
+        if site.slurm.slurm_conf and "SLURM_CONF" not in os.environ:
+            os.environ["SLURM_CONF"] = str(site.slurm.slurm_conf)
+        return site
+
+
+pass_ctx = click.make_pass_decorator(Context)
+path_option = click.Path(dir_okay=False, path_type=Path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="hpcserve")
+@click.option("--site", type=path_option, envvar="HPCSERVE_SITE", help="Site config YAML [env HPCSERVE_SITE].")
+@click.option("--policy", type=path_option, envvar="HPCSERVE_POLICY", help="Policy YAML [env HPCSERVE_POLICY].")
+@click.pass_context
+def cli(ctx: click.Context, site: Path | None, policy: Path | None) -> None:
+    """hpcserve: training and LLM inference on one Slurm GPU cluster."""
+    ctx.obj = Context(site, policy)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@pass_ctx
+def doctor(ctx: Context, as_json: bool) -> None:
+    """Check Slurm, munge, accounting, the config and the database; print the fix for each failure."""
+    from hpcserve.doctor import DoctorInput, run_checks
+    from hpcserve.slurm.runner import SubprocessRunner
+
+    checks = run_checks(DoctorInput(SubprocessRunner(), ctx.site_path, ctx.policy_path))
+    if as_json:
+        from hpcserve.cli.output import emit_json
+
+        emit_json([{"check": c.name, "ok": c.ok, "detail": c.detail, "fix": c.fix} for c in checks])
+    else:
+        for c in checks:
+            line = f"ok    {c.name}: {c.detail}" if c.ok else f"FAIL  {c.name}: {c.detail} (fix: {c.fix})"
+            click.echo(line)
+    if not all(c.ok for c in checks):
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("-p", "--partition", "partitions", multiple=True, help="Only nodes in this partition.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@pass_ctx
+def nodes(ctx: Context, partitions: tuple[str, ...], as_json: bool) -> None:
+    """Nodes with partitions, state, GPUs free/total, leaf switch and fabric."""
+    from hpcserve.cli.output import emit_json, emit_table
+    from hpcserve.inventory import node_views
+    from hpcserve.slurm.models import to_jsonable
+
+    from hpcserve.slurm.factory import make_client
+
+    site = ctx.load_site(required=False)
+    snapshot = make_client(site).snapshot()
+    views = [v for v in node_views(snapshot.nodes, site) if not partitions or set(partitions) & set(v.partitions)]
+    if as_json:
+        emit_json(to_jsonable(views))
+        return
+    rows = [(v.name, ",".join(v.partitions), v.state, f"{v.gpus_free}/{v.gpus_total}", v.gpu_type, v.switch,
+             v.fabric, ",".join(v.features), v.reason) for v in views]  # fmt: skip
+    cols = ("NODE", "PARTITIONS", "STATE", "GPUS FREE/TOTAL", "GPU", "SWITCH", "FABRIC", "FEATURES", "REASON")
+    emit_table(f"{len(views)} nodes", cols, rows)
+
+
+@cli.command()
+@click.option("--me", is_flag=True, help="Only the caller's own jobs.")
+@click.option("-u", "--user", help="Only this user's jobs.")
+@click.option("-p", "--partition", "partitions", multiple=True, help="Only jobs in this partition.")
+@click.option("-t", "--state", "states", multiple=True, help="Only jobs in this state (PENDING, RUNNING, ...).")
+@click.option("-j", "--job", "job_ids", multiple=True, help="Only these job ids.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def ps(me: bool, user: str | None, partitions: tuple[str, ...], states: tuple[str, ...],
+       job_ids: tuple[str, ...], as_json: bool) -> None:  # fmt: skip
+    """Jobs with hpcserve's tag, GPUs, nodes, reason and wait time. Needs no site config."""
+    from hpcserve.inventory import job_record
+    from hpcserve.slurm.cli_backend import CliSlurmClient
+    from hpcserve.slurm.protocol import JobFilter
+
+    filt = JobFilter(user=getpass.getuser() if me else user, states=states, partitions=partitions, job_ids=job_ids)
+    jobs = CliSlurmClient().jobs(filt)
+    now = datetime.now(UTC)
+    if as_json:
+        from hpcserve.cli.output import emit_json
+
+        emit_json([job_record(j, now) for j in jobs])
+        return
+    _print_jobs(jobs, now)
+
+
+def _print_jobs(jobs: list[Job], now: datetime) -> None:
+    from hpcserve.cli.output import emit_table, human_seconds
+    from hpcserve.hostlists import collect
+
+    rows = [(j.id, j.name, j.user, j.partition, j.state.value, j.gpus, j.num_nodes, collect(j.nodes) if j.nodes else "",
+             j.tag, j.reason, human_seconds(j.wait_s(now))) for j in jobs]  # fmt: skip
+    cols = ("JOBID", "NAME", "USER", "PARTITION", "STATE", "GPUS", "N", "NODES", "TAG", "REASON", "WAIT")
+    emit_table(f"{len(jobs)} jobs", cols, rows)
+
+
+@cli.command()
+@click.argument("job_ids", nargs=-1, required=True)
+@click.option("-s", "--signal", help="Send this signal (e.g. USR2) instead of ending the job.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def cancel(job_ids: tuple[str, ...], signal: str | None, as_json: bool) -> None:
+    """Cancel jobs (scancel), or signal them with --signal."""
+    from hpcserve.slurm.cli_backend import CliSlurmClient
+
+    CliSlurmClient().cancel(job_ids, signal=signal)
+    verb = f"signalled {signal}" if signal else "cancelled"
+    if as_json:
+        from hpcserve.cli.output import emit_json
+
+        emit_json({"job_ids": list(job_ids), "action": verb})
+    else:
+        click.echo(f"{verb}: {' '.join(job_ids)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI. Errors print one line on stderr, with no traceback, and exit non-zero."""
+    try:
+        cli.main(args=argv, prog_name="hpcserve", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()} (see {_command_path(exc)} --help)", err=True)
+        sys.exit(exc.exit_code)
+    except HpcserveError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug: still one line, with a way to get the traceback
+        if os.environ.get("HPCSERVE_DEBUG"):
+            raise
+        click.echo(f"error: internal error {type(exc).__name__}: {exc} (rerun with HPCSERVE_DEBUG=1 "
+                   "for the traceback, and report it)", err=True)  # fmt: skip
+        sys.exit(70)
+
+
+def _command_path(exc: click.ClickException) -> str:
+    ctx = getattr(exc, "ctx", None)
+    return ctx.command_path if isinstance(ctx, click.Context) else "hpcserve"

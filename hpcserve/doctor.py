@@ -1,0 +1,134 @@
+"""``hpcserve doctor``: is everything hpcserve depends on reachable and valid? Each check says ok or fail,
+and a failure carries the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hpcserve.errors import HpcserveError, SlurmCommandError
+from hpcserve.slurm.cli_backend import CliSlurmClient
+from hpcserve.slurm.runner import CommandRunner
+
+if TYPE_CHECKING:
+    from hpcserve.config import SiteConfig
+
+CHECK_TIMEOUT_S = 15.0
+LOCAL_START = "scripts/minicluster.sh start (local cluster)"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DoctorInput:
+    runner: CommandRunner
+    site_path: Path | None
+    policy_path: Path | None
+
+
+def run_checks(inp: DoctorInput) -> list[Check]:
+    site, config_check = _check_config(inp.site_path, inp.policy_path)
+    cluster = site.cluster if site else None
+    return [
+        _check_slurm(inp.runner),
+        _check_munge(inp.runner),
+        _check_accounting(inp.runner, cluster),
+        config_check,
+        _check_database(site),
+    ]
+
+
+def _guard(name: str, fix: str, body: Callable[[], Check]) -> Check:
+    """Run one check; any hpcserve error becomes a failed check with the given fix."""
+    try:
+        return body()
+    except SlurmCommandError as exc:
+        return Check(name, False, exc.stderr.splitlines()[0] if exc.stderr else str(exc), fix)
+    except HpcserveError as exc:
+        return Check(name, False, str(exc), fix)
+
+
+def _check_slurm(runner: CommandRunner) -> Check:
+    ping = CliSlurmClient(runner, timeout=CHECK_TIMEOUT_S).ping()
+    fix = f"start slurmctld ({LOCAL_START}) and point SLURM_CONF at its slurm.conf"
+    return Check("slurm", ping.ok, ping.detail.splitlines()[0] if ping.detail else "no answer", "" if ping.ok else fix)
+
+
+def _check_munge(runner: CommandRunner) -> Check:
+    def body() -> Check:
+        cred = runner(["munge", "-n"], timeout=CHECK_TIMEOUT_S).stdout
+        runner(["unmunge"], timeout=CHECK_TIMEOUT_S, stdin=cred)
+        return Check("munge", True, "a credential made by munge -n decodes with unmunge")
+
+    return _guard("munge", f"start munged with the cluster's /etc/munge/munge.key ({LOCAL_START})", body)
+
+
+def _check_accounting(runner: CommandRunner, cluster: str | None) -> Check:
+    fix = f"start slurmdbd ({LOCAL_START}); register the cluster with sacctmgr add cluster NAME"
+
+    def body() -> Check:
+        out = runner(["sacctmgr", "-n", "-P", "show", "cluster", "format=cluster"], timeout=CHECK_TIMEOUT_S)
+        names = out.stdout.split()
+        if cluster and cluster not in names:
+            return Check("accounting", False, f"cluster {cluster!r} is not registered in slurmdbd", fix)
+        return Check("accounting", True, f"slurmdbd answers; clusters: {', '.join(names) or 'none'}")
+
+    return _guard("accounting", fix, body)
+
+
+def _check_config(site_path: Path | None, policy_path: Path | None) -> tuple[SiteConfig | None, Check]:
+    from hpcserve.config import check_policy, load_policy, load_site_config
+
+    if site_path is None:
+        return None, Check("config", False, "no site config", "pass --site FILE or set HPCSERVE_SITE")
+    try:
+        site = load_site_config(site_path)
+        if policy_path is None:
+            return site, Check("config", False, f"{site_path} is valid; no policy",
+                               "pass --policy FILE or set HPCSERVE_POLICY")  # fmt: skip
+        check_policy(load_policy(policy_path), site, policy_path)
+    except HpcserveError as exc:
+        return None, Check("config", False, str(exc), "edit the file as the message says")
+    return site, Check("config", True, f"{site_path} and {policy_path} are valid")
+
+
+def _check_database(site: SiteConfig | None) -> Check:
+    if site is None:
+        return Check("database", False, "no valid site config to read database.url from", "fix the config first")
+    url = site.database_url()
+    fix = "check database.url in the site config (SQLite: a writable directory; Postgres: server up, user allowed)"
+    try:
+        _ping_database(url)
+    except Exception as exc:  # the driver's own error types vary; all mean "unreachable"
+        return Check("database", False, f"{_redact(url)}: {str(exc).splitlines()[0]}", fix)
+    return Check("database", True, f"{_redact(url)} answers")
+
+
+def _ping_database(url: str) -> None:
+    import sqlalchemy
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+    finally:
+        engine.dispose()
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a database URL."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"

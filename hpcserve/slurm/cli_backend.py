@@ -1,0 +1,129 @@
+"""The complete Slurm backend: Slurm's own commands, run as argv lists by an injected runner.
+
+Each method builds an argv list, runs it once through the runner and hands the text to a pure parser
+(hpcserve.slurm.parsers). A snapshot is four cheap reads: squeue, sinfo, two scontrol calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+
+from hpcserve.errors import SlurmCommandError, ValidationError
+from hpcserve.slurm import parsers
+from hpcserve.slurm.models import AccountingRecord, ClusterSnapshot, Job, Node, Partition, Topology, with_switches
+from hpcserve.slurm.protocol import JobFilter, Ping
+from hpcserve.slurm.runner import CommandRunner, SubprocessRunner
+
+DEFAULT_TIMEOUT_S = 30.0
+_SIGNALS = frozenset({"HUP", "INT", "QUIT", "KILL", "USR1", "USR2", "TERM", "CONT", "STOP"})
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def check_job_ids(job_ids: Iterable[str]) -> tuple[str, ...]:
+    """Job ids as Slurm accepts them: ``123``, ``123_4`` or ``123_[1-5]``; anything else is refused."""
+    ids = tuple(str(j).strip() for j in job_ids)
+    bad = [j for j in ids if not parsers.is_job_id(j)]
+    if bad:
+        raise ValidationError(f"job id {bad[0]!r} is not a Slurm job id (use 123 or 123_4)")
+    if not ids:
+        raise ValidationError("no job id given (pass one or more job ids, e.g. 123 124_3)")
+    return ids
+
+
+class CliSlurmClient:
+    """SlurmClient over squeue, sinfo, scontrol, sacct, sbatch and scancel."""
+
+    def __init__(
+        self,
+        runner: CommandRunner | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self._runner: CommandRunner = runner or SubprocessRunner()
+        self._timeout = timeout
+        self._clock = clock
+
+    def _run(self, argv: Sequence[str], stdin: str | None = None) -> str:
+        return self._runner(argv, timeout=self._timeout, stdin=stdin).stdout
+
+    # ---------------------------------------------------------------------------------------- reads
+    def ping(self) -> Ping:
+        try:
+            out = self._run(["scontrol", "ping"]).strip()
+        except SlurmCommandError as exc:
+            return Ping(False, exc.stderr or str(exc))
+        return Ping("DOWN" not in out, out)
+
+    def jobs(self, filt: JobFilter | None = None) -> list[Job]:
+        argv = jobs_argv(filt or JobFilter())
+        try:
+            return parsers.parse_squeue(self._run(argv))
+        except SlurmCommandError as exc:
+            if "Invalid job id" in exc.stderr:  # asked for ids that slurmctld no longer holds
+                return []
+            raise
+
+    def nodes(self) -> list[Node]:
+        return parsers.parse_sinfo_json(self._run(["sinfo", "--json"]))
+
+    def partitions(self) -> list[Partition]:
+        return parsers.parse_partitions(self._run(["scontrol", "show", "partition", "-o"]))
+
+    def topology(self) -> Topology:
+        try:
+            return parsers.parse_topology(self._run(["scontrol", "show", "topology"]))
+        except SlurmCommandError as exc:
+            if "No topology" in exc.stderr or "topology/none" in exc.stderr:
+                return Topology()
+            raise
+
+    def snapshot(self) -> ClusterSnapshot:
+        at = self._clock()
+        topology = self.topology()
+        return ClusterSnapshot(
+            at=at,
+            nodes=with_switches(self.nodes(), topology),
+            jobs=tuple(self.jobs()),
+            partitions=tuple(self.partitions()),
+            topology=topology,
+        )
+
+    def accounting(self, job_ids: Iterable[str]) -> list[AccountingRecord]:
+        """Jobs as slurmdbd records them (about 0.5 s behind slurmctld)."""
+        ids = check_job_ids(job_ids)
+        argv = ["sacct", "-n", "-X", "--parsable2", f"--delimiter={parsers.SEP}",
+                f"--format={','.join(parsers.SACCT_FIELDS)}", f"--jobs={','.join(ids)}"]  # fmt: skip
+        return parsers.parse_sacct(self._run(argv))
+
+    # ---------------------------------------------------------------------------------------- writes
+    def submit(self, script: str, sbatch_args: Sequence[str] = ()) -> str:
+        """``sbatch --parsable ARGS`` with the script on stdin; returns the job id."""
+        return parsers.parse_sbatch(self._run(["sbatch", "--parsable", *sbatch_args], stdin=script))
+
+    def cancel(self, job_ids: Iterable[str], *, signal: str | None = None) -> None:
+        ids = check_job_ids(job_ids)
+        argv = ["scancel"]
+        if signal is not None:
+            if signal.upper().removeprefix("SIG") not in _SIGNALS:
+                raise ValidationError(f"signal {signal!r} is not supported (use one of {', '.join(sorted(_SIGNALS))})")
+            argv.append(f"--signal={signal.upper().removeprefix('SIG')}")
+        self._run([*argv, *ids])
+
+
+def jobs_argv(filt: JobFilter) -> list[str]:
+    """squeue argv for a filter: -r lists array tasks one per line, -a includes hidden partitions."""
+    argv = ["squeue", "-h", "-a", "-r", "-O", parsers.squeue_format()]
+    if filt.user:
+        argv.append(f"--user={filt.user}")
+    if filt.states:
+        argv.append(f"--states={','.join(filt.states)}")
+    if filt.partitions:
+        argv.append(f"--partition={','.join(filt.partitions)}")
+    if filt.job_ids:
+        argv.append(f"--jobs={','.join(check_job_ids(filt.job_ids))}")
+    return argv

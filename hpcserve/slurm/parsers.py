@@ -1,0 +1,246 @@
+"""Pure parsers for Slurm 22.05's output, tested on output recorded from the real cluster (tests/data/).
+
+Which output, and why:
+- jobs: ``squeue -O`` with a unit-separator (0x1f) suffix after every field. Unlike ``squeue --json`` it
+  honours -j/-t/-u/-p, takes ~0.1 s instead of ~2 s at 10k jobs, and a 0x1f never occurs in names.
+  ``tres-alloc`` gives the job's total GPUs both when pending (requested) and running (allocated).
+- nodes: ``sinfo --json``. One record per node with state flags as a list (no ``idle*`` / ``drng``
+  decoding); its size grows with nodes, not jobs, so the 22.05 "ignores filters" caveat costs nothing.
+- partitions and topology: ``scontrol show ... -o`` key=value lines (scontrol has no --json in 22.05).
+- accounting: ``sacct --parsable2`` with the same 0x1f delimiter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+
+from hpcserve.errors import SlurmParseError
+from hpcserve.hostlists import expand
+from hpcserve.slurm.models import AccountingRecord, Job, JobState, Node, Partition, Switch, Topology
+from hpcserve.slurm.timefmt import parse_duration, parse_timestamp
+
+SEP = "\x1f"
+_NULL = frozenset({"", "(null)", "N/A", "None"})
+
+SQUEUE_FIELDS = (
+    "JobID", "JobArrayID", "Name", "UserName", "Account", "Partition", "QOS", "State", "NumNodes",
+    "NodeList", "tres-alloc", "SubmitTime", "StartTime", "TimeLimit", "Reason", "Comment",
+)  # fmt: skip
+SACCT_FIELDS = (
+    "JobIDRaw", "JobName", "User", "Account", "Partition", "State", "ExitCode", "NodeList", "AllocTRES",
+    "Submit", "Start", "End", "ElapsedRaw",
+)  # fmt: skip
+
+
+def squeue_format() -> str:
+    """The ``squeue -O`` argument: every field unpadded, followed by the separator; Comment last."""
+    return ",".join(f"{f}:{SEP}" for f in SQUEUE_FIELDS[:-1]) + f",{SQUEUE_FIELDS[-1]}:"
+
+
+def _clean(value: str) -> str:
+    value = value.strip()
+    return "" if value in _NULL else value
+
+
+def gpus_from_tres(tres: str) -> int:
+    """``cpu=2,mem=2G,node=2,billing=2,gres/gpu=4`` -> 4 (typed entries like gres/gpu:h100=4 ignored)."""
+    for item in tres.split(","):
+        key, _, value = item.partition("=")
+        if key == "gres/gpu" and value.isdigit():
+            return int(value)
+    return 0
+
+
+def _duration(text: str) -> int | None:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        return None
+
+
+def parse_squeue(text: str) -> list[Job]:
+    """Parse the output of ``squeue -h -r -O <squeue_format()>``."""
+    jobs = []
+    width = len(SQUEUE_FIELDS)
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        cols = line.split(SEP, width - 1)
+        if len(cols) != width:
+            raise SlurmParseError(f"squeue: expected {width} fields, got {len(cols)} in {line[:120]!r}")
+        jobs.append(_job_from_columns(cols))
+    return jobs
+
+
+def _job_from_columns(c: list[str]) -> Job:
+    raw_id = c[0].strip()
+    if not raw_id.isdigit():
+        raise SlurmParseError(f"squeue: job id {raw_id!r} is not numeric")
+    return Job(
+        id=c[1].strip() or raw_id,
+        job_id=int(raw_id),
+        name=c[2],
+        user=c[3].strip(),
+        account=_clean(c[4]),
+        partition=c[5].strip(),
+        qos=_clean(c[6]),
+        state=JobState.parse(c[7]),
+        num_nodes=int(c[8]) if c[8].strip().isdigit() else 0,
+        nodes=expand(c[9]),
+        gpus=gpus_from_tres(c[10]),
+        submit=parse_timestamp(c[11]),
+        start=parse_timestamp(c[12]),
+        time_limit_s=_duration(c[13]),
+        reason=_clean(c[14]),
+        comment=_clean(c[15]),
+    )
+
+
+def split_outside_parens(text: str, sep: str = ",") -> Iterator[str]:
+    """``gpu:h100:2(IDX:0-1,3),nic:1`` -> ``gpu:h100:2(IDX:0-1,3)``, ``nic:1``."""
+    depth, start = 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if ch == sep and depth == 0:
+            yield text[start:i]
+            start = i + 1
+    if text[start:]:
+        yield text[start:]
+
+
+def parse_gpu_gres(gres: str | None) -> tuple[int, str | None]:
+    """``gpu:h100:4(S:0-1)`` -> (4, "h100"); ``gpu:2`` -> (2, None); summed over several gpu entries."""
+    total, gpu_type = 0, None
+    for item in split_outside_parens(gres or ""):
+        parts = item.split("(", 1)[0].split(":")
+        if parts[0] != "gpu" or len(parts) < 2 or not parts[-1].isdigit():
+            continue
+        total += int(parts[-1])
+        if len(parts) == 3:
+            gpu_type = parts[1]
+    return total, gpu_type
+
+
+def parse_sinfo_json(text: str) -> list[Node]:
+    """Parse ``sinfo --json`` (OpenAPI v0.0.38 in Slurm 22.05)."""
+    try:
+        data = json.loads(text)
+        records = data["nodes"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SlurmParseError(f"sinfo --json: unexpected output ({exc})") from exc
+    return [_node_from_json(r) for r in records]
+
+
+def _node_from_json(r: dict[str, object]) -> Node:
+    gpus_total, gpu_type = parse_gpu_gres(str(r.get("gres") or ""))
+    features = str(r.get("active_features") or r.get("features") or "")
+    flags = r.get("state_flags") or []
+    return Node(
+        name=str(r["name"]),
+        state=str(r.get("state", "unknown")).lower(),
+        flags=frozenset(str(f).upper() for f in flags) if isinstance(flags, list) else frozenset(),
+        partitions=tuple(str(p) for p in r.get("partitions") or ()),  # type: ignore[attr-defined]
+        gpus_total=gpus_total,
+        gpus_alloc=gpus_from_tres(str(r.get("tres_used") or "")),
+        gpu_type=gpu_type,
+        features=tuple(f for f in features.split(",") if f),
+        cpus_total=_int(r.get("cpus")),
+        cpus_alloc=_int(r.get("alloc_cpus")),
+        memory_mb=_int(r.get("real_memory")),
+        memory_alloc_mb=_int(r.get("alloc_memory")),
+        address=str(r.get("address") or ""),
+        reason=str(r.get("reason") or ""),
+    )
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else int(str(value)) if str(value).isdigit() else 0
+
+
+_KV = re.compile(r"(?:^|\s)([A-Za-z][\w/:.]*)=")
+
+
+def parse_kv_line(line: str) -> dict[str, str]:
+    """One ``scontrol show ... -o`` line -> {key: value}. Values may contain spaces (``OS=Linux 6.1 #1``):
+    a value runs until the next `` Key=``."""
+    matches = list(_KV.finditer(line))
+    out: dict[str, str] = {}
+    for m, nxt in zip(matches, [*matches[1:], None], strict=True):
+        end = nxt.start() if nxt else len(line)
+        out[m.group(1)] = line[m.end() : end].strip()
+    return out
+
+
+def parse_partitions(text: str) -> list[Partition]:
+    """Parse ``scontrol show partition -o``."""
+    return [_partition(parse_kv_line(line)) for line in text.splitlines() if line.startswith("PartitionName=")]
+
+
+def _partition(kv: dict[str, str]) -> Partition:
+    return Partition(
+        name=kv["PartitionName"],
+        nodes=expand(kv.get("Nodes", "")),
+        state=kv.get("State", "UP"),
+        default=kv.get("Default") == "YES",
+        max_time_s=_duration(kv.get("MaxTime", "UNLIMITED")),
+        default_time_s=_duration(kv["DefaultTime"]) if _clean(kv.get("DefaultTime", "")) else None,
+        priority_tier=int(kv.get("PriorityTier", "1") or 1),
+        preempt_mode=kv.get("PreemptMode", ""),
+        total_gpus=gpus_from_tres(kv.get("TRES", "")),
+    )
+
+
+def parse_topology(text: str) -> Topology:
+    """Parse ``scontrol show topology`` (topology/tree)."""
+    switches = []
+    for line in text.splitlines():
+        if not line.startswith("SwitchName="):
+            continue
+        kv = parse_kv_line(line)
+        switches.append(
+            Switch(
+                name=kv["SwitchName"],
+                level=int(kv.get("Level", "0") or 0),
+                nodes=expand(kv.get("Nodes", "")),
+                switches=expand(kv.get("Switches", "")),
+            )
+        )
+    return Topology(tuple(switches))
+
+
+def parse_sacct(text: str) -> list[AccountingRecord]:
+    """Parse ``sacct -n -X --parsable2 --delimiter=0x1f -o <SACCT_FIELDS>``."""
+    records = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        c = line.split(SEP)
+        if len(c) != len(SACCT_FIELDS):
+            raise SlurmParseError(f"sacct: expected {len(SACCT_FIELDS)} fields, got {len(c)}: {line[:120]!r}")
+        records.append(
+            AccountingRecord(
+                job_id=c[0], name=c[1], user=c[2], account=c[3], partition=c[4], state=JobState.parse(c[5]),
+                exit_code=c[6], nodes=expand(c[7]) if c[7] != "None assigned" else (),
+                gpus=gpus_from_tres(c[8]), submit=parse_timestamp(c[9]), start=parse_timestamp(c[10]),
+                end=parse_timestamp(c[11]), elapsed_s=int(c[12]) if c[12].isdigit() else 0,
+            )
+        )
+    return records
+
+
+def parse_sbatch(text: str) -> str:
+    """``sbatch --parsable`` prints ``<jobid>`` or ``<jobid>;<cluster>``."""
+    job_id = text.strip().split(";", 1)[0]
+    if not job_id.isdigit():
+        raise SlurmParseError(f"sbatch: no job id in output {text.strip()[:120]!r}")
+    return job_id
+
+
+_JOB_ID = re.compile(r"^\d+(_(\d+|\[[\d,\-%]+\]))?$")
+
+
+def is_job_id(text: str) -> bool:
+    """``123``, ``123_4`` and ``123_[1-5]`` are job ids; anything else (flags, words, globs) is not."""
+    return bool(_JOB_ID.match(text))

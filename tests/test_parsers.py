@@ -1,0 +1,137 @@
+"""Parsers against output recorded from the real Slurm 22.05 cluster (tests/data/README.md)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from hpcserve.errors import SlurmParseError
+from hpcserve.slurm import parsers
+from hpcserve.slurm.models import Job, JobState
+
+DATA = Path(__file__).parent / "data"
+
+
+def read(name: str) -> str:
+    return (DATA / name).read_text()
+
+
+@pytest.fixture(scope="module")
+def jobs() -> dict[str, Job]:
+    return {j.id: j for j in parsers.parse_squeue(read("squeue_jobs.txt"))}
+
+
+def test_squeue_running_two_node_job(jobs: dict[str, Job]) -> None:
+    job = jobs["10731000"]
+    assert job.name == "two node|x"  # the separator is 0x1f, so "|" in a name is harmless
+    assert (job.state, job.partition, job.user, job.account) == (JobState.RUNNING, "train", "root", "hpcserve")
+    assert job.nodes == ("node1", "node2") and job.num_nodes == 2
+    assert job.gpus == 4  # --gres=gpu:2 on 2 nodes: tres-alloc counts the whole job
+    assert job.tag == "hpcserve:train:demo"
+    assert job.time_limit_s == 600
+    assert job.start is not None and job.submit is not None and job.wait_s(job.start) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("job_id", "gpus"),
+    [("10731001", 3), ("10731002", 2), ("10731003", 1), ("10731005", 1), ("10731004_2", 0)],
+)
+def test_squeue_gpus_for_every_request_style(jobs: dict[str, Job], job_id: str, gpus: int) -> None:
+    # --gpus-per-node=3, --gpus=2 (a per-job request %b does not show), held --gres=gpu:h100:1, held --gpus=1
+    assert jobs[job_id].gpus == gpus
+
+
+def test_squeue_pending_array_tasks_and_long_fields(jobs: dict[str, Job]) -> None:
+    tasks = [j for j in jobs.values() if j.job_id == 10731004]
+    assert sorted(j.id for j in tasks) == [f"10731004_{i}" for i in range(4)]
+    held = jobs["10731005"]
+    assert held.state.is_pending and held.start is None and held.nodes == ()
+    assert held.reason == "JobHeldUser"
+    assert held.name == "a-very-long-job-name-that-exceeds-twenty-characters-for-sure"
+    assert held.tag == "hpcserve:replica:llama-3-8b-instruct-with-long-name:17"
+    assert jobs["10731001"].tag is None and jobs["10731001"].comment == ""
+    now = datetime(2026, 11, 22, 22, 0, 0, tzinfo=UTC)
+    assert held.wait_s(now) == pytest.approx((now - datetime(2026, 11, 22, 21, 53, 41, tzinfo=UTC)).total_seconds())
+
+
+def test_squeue_rejects_wrong_field_count() -> None:
+    with pytest.raises(SlurmParseError, match="expected 16 fields"):
+        parsers.parse_squeue("123\x1fonly-two\n")
+
+
+def test_sinfo_json_nodes() -> None:
+    nodes = {n.name: n for n in parsers.parse_sinfo_json(read("sinfo_nodes.json"))}
+    assert len(nodes) == 8
+    assert all(n.gpus_total == 4 for n in nodes.values())
+    assert (nodes["node1"].gpu_type, nodes["node8"].gpu_type) == ("h100", "l40s")
+    assert nodes["node1"].gpus_alloc == 2 and nodes["node1"].gpus_free == 2
+    assert nodes["node5"].gpus_alloc == 3 and nodes["node7"].gpus_alloc == 0
+    assert nodes["node1"].partitions == ("train", "all")
+    assert nodes["node5"].features == ("roce", "nvme", "l40s")
+    drained = nodes["node4"]
+    assert drained.flags == {"DRAIN"} and drained.reason == "nccl probe slow"
+    assert not drained.available and drained.gpus_free == 0 and drained.display_state == "drained"
+    assert nodes["node3"].available and nodes["node3"].display_state == "idle"
+
+
+def test_sinfo_json_garbage_is_a_parse_error() -> None:
+    with pytest.raises(SlurmParseError, match="sinfo --json"):
+        parsers.parse_sinfo_json("sinfo: error: something")
+
+
+def test_partitions() -> None:
+    parts = {p.name: p for p in parsers.parse_partitions(read("scontrol_partitions.txt"))}
+    assert set(parts) == {"train", "infer", "all"}
+    train = parts["train"]
+    assert train.default and train.nodes == ("node1", "node2", "node3", "node4")
+    assert (train.max_time_s, train.default_time_s, train.priority_tier) == (7 * 86400, 3600, 10)
+    assert train.total_gpus == 16 and parts["all"].total_gpus == 32
+    assert parts["all"].priority_tier == 1 and parts["all"].max_time_s == 86400
+
+
+def test_topology() -> None:
+    topo = parsers.parse_topology(read("scontrol_topology.txt"))
+    assert [s.name for s in topo.leaves] == ["leaf1", "leaf2"]
+    assert topo.leaf_of("node3") == "leaf1" and topo.leaf_of("node8") == "leaf2"
+    spine = next(s for s in topo.switches if s.name == "spine")
+    assert spine.level == 1 and spine.switches == ("leaf1", "leaf2")
+
+
+def test_sacct_records() -> None:
+    recs = {r.job_id: r for r in parsers.parse_sacct(read("sacct_jobs.txt"))}
+    two = recs["10731000"]
+    assert two.state is JobState.CANCELLED  # "CANCELLED by 0"
+    assert (two.nodes, two.gpus, two.elapsed_s) == (("node1", "node2"), 4, 326)
+    never_ran = recs["10731003"]
+    assert never_ran.nodes == () and never_ran.start is None and never_ran.end is not None
+
+
+def test_kv_line_values_with_spaces() -> None:
+    line = "NodeName=node1 OS=Linux 6.1.0 #1 SMP PREEMPT_DYNAMIC  RealMemory=16000 Reason=slow nic [root@12:00]"
+    kv = parsers.parse_kv_line(line)
+    assert kv["OS"] == "Linux 6.1.0 #1 SMP PREEMPT_DYNAMIC"
+    assert kv["RealMemory"] == "16000" and kv["Reason"] == "slow nic [root@12:00]"
+
+
+@pytest.mark.parametrize(
+    ("gres", "expected"),
+    [("gpu:h100:4", (4, "h100")), ("gpu:2", (2, None)), ("gpu:a100:4(S:0-1),nic:1", (4, "a100")),
+     ("gpu:h100:2(IDX:0-1,3)", (2, "h100")), ("(null)", (0, None)), ("", (0, None))],
+)  # fmt: skip
+def test_gpu_gres(gres: str, expected: tuple[int, str | None]) -> None:
+    assert parsers.parse_gpu_gres(gres) == expected
+
+
+@pytest.mark.parametrize(("text", "ok"), [("123", True), ("123_4", True), ("123_[1-5]", True),
+                                          ("-1", False), ("abc", False), ("123;rm", False), ("", False)])  # fmt: skip
+def test_job_id_syntax(text: str, ok: bool) -> None:
+    assert parsers.is_job_id(text) is ok
+
+
+def test_sbatch_output() -> None:
+    assert parsers.parse_sbatch("10731000\n") == "10731000"
+    assert parsers.parse_sbatch("10731000;hpcmini\n") == "10731000"
+    with pytest.raises(SlurmParseError):
+        parsers.parse_sbatch("sbatch: error: Batch job submission failed")
