@@ -59,7 +59,9 @@ def _guard(name: str, fix: str, body: Callable[[], Check]) -> Check:
 def _check_slurm(runner: CommandRunner) -> Check:
     ping = CliSlurmClient(runner, timeout=CHECK_TIMEOUT_S).ping()
     fix = f"start slurmctld ({LOCAL_START}) and point SLURM_CONF at its slurm.conf"
-    return Check("slurm", ping.ok, ping.detail.splitlines()[0] if ping.detail else "no answer", "" if ping.ok else fix)
+    return Check(
+        "slurm", ping.ok, ping.detail.splitlines()[0] if ping.detail else "no answer", "" if ping.ok else fix
+    )
 
 
 def _check_munge(runner: CommandRunner) -> Check:
@@ -102,9 +104,11 @@ def _check_config(site_path: Path | None, policy_path: Path | None) -> tuple[Sit
 
 def _check_database(site: SiteConfig | None) -> Check:
     if site is None:
-        return Check("database", False, "no valid site config to read database.url from", "fix the config first")
+        return Check(
+            "database", False, "no valid site config to read database.url from", "fix the config first"
+        )
     url = site.database_url()
-    fix = "check database.url in the site config (SQLite: a writable directory; Postgres: server up, user allowed)"
+    fix = "check database.url (SQLite: a writable folder; Postgres: server up, user known)"
     try:
         _ping_database(url)
     except Exception as exc:  # the driver's own error types vary; all mean "unreachable"

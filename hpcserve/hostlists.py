@@ -21,5 +21,6 @@ def expand(text: str) -> tuple[str, ...]:
 
 
 def collect(names: Iterable[str]) -> str:
-    """("node1", "node2", "node4") -> ``node[1-2,4]``."""
-    return str(hostlist.collect_hostlist(list(names)))
+    """("node1", "node2", "node4") -> ``node[1-2,4]``; no names -> ""."""
+    names = list(names)
+    return str(hostlist.collect_hostlist(names)) if names else ""

@@ -26,7 +26,12 @@ def jobs() -> dict[str, Job]:
 def test_squeue_running_two_node_job(jobs: dict[str, Job]) -> None:
     job = jobs["10731000"]
     assert job.name == "two node|x"  # the separator is 0x1f, so "|" in a name is harmless
-    assert (job.state, job.partition, job.user, job.account) == (JobState.RUNNING, "train", "root", "hpcserve")
+    assert (job.state, job.partition, job.user, job.account) == (
+        JobState.RUNNING,
+        "train",
+        "root",
+        "hpcserve",
+    )
     assert job.nodes == ("node1", "node2") and job.num_nodes == 2
     assert job.gpus == 4  # --gres=gpu:2 on 2 nodes: tres-alloc counts the whole job
     assert job.tag == "hpcserve:train:demo"
@@ -53,7 +58,9 @@ def test_squeue_pending_array_tasks_and_long_fields(jobs: dict[str, Job]) -> Non
     assert held.tag == "hpcserve:replica:llama-3-8b-instruct-with-long-name:17"
     assert jobs["10731001"].tag is None and jobs["10731001"].comment == ""
     now = datetime(2026, 11, 22, 22, 0, 0, tzinfo=UTC)
-    assert held.wait_s(now) == pytest.approx((now - datetime(2026, 11, 22, 21, 53, 41, tzinfo=UTC)).total_seconds())
+    assert held.wait_s(now) == pytest.approx(
+        (now - datetime(2026, 11, 22, 21, 53, 41, tzinfo=UTC)).total_seconds()
+    )
 
 
 def test_squeue_rejects_wrong_field_count() -> None:
@@ -109,7 +116,9 @@ def test_sacct_records() -> None:
 
 
 def test_kv_line_values_with_spaces() -> None:
-    line = "NodeName=node1 OS=Linux 6.1.0 #1 SMP PREEMPT_DYNAMIC  RealMemory=16000 Reason=slow nic [root@12:00]"
+    line = (
+        "NodeName=node1 OS=Linux 6.1.0 #1 SMP PREEMPT_DYNAMIC  RealMemory=16000 Reason=slow nic [root@12:00]"
+    )
     kv = parsers.parse_kv_line(line)
     assert kv["OS"] == "Linux 6.1.0 #1 SMP PREEMPT_DYNAMIC"
     assert kv["RealMemory"] == "16000" and kv["Reason"] == "slow nic [root@12:00]"
@@ -124,8 +133,11 @@ def test_gpu_gres(gres: str, expected: tuple[int, str | None]) -> None:
     assert parsers.parse_gpu_gres(gres) == expected
 
 
-@pytest.mark.parametrize(("text", "ok"), [("123", True), ("123_4", True), ("123_[1-5]", True),
-                                          ("-1", False), ("abc", False), ("123;rm", False), ("", False)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [("123", True), ("123_4", True), ("123_[1-5]", True), ("-1", False), ("abc", False), ("123;rm", False),
+     ("", False)],
+)  # fmt: skip
 def test_job_id_syntax(text: str, ok: bool) -> None:
     assert parsers.is_job_id(text) is ok
 

@@ -53,8 +53,12 @@ path_option = click.Path(dir_okay=False, path_type=Path)
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="hpcserve")
-@click.option("--site", type=path_option, envvar="HPCSERVE_SITE", help="Site config YAML [env HPCSERVE_SITE].")
-@click.option("--policy", type=path_option, envvar="HPCSERVE_POLICY", help="Policy YAML [env HPCSERVE_POLICY].")
+@click.option(
+    "--site", type=path_option, envvar="HPCSERVE_SITE", help="Site config YAML [env HPCSERVE_SITE]."
+)
+@click.option(
+    "--policy", type=path_option, envvar="HPCSERVE_POLICY", help="Policy YAML [env HPCSERVE_POLICY]."
+)
 @click.pass_context
 def cli(ctx: click.Context, site: Path | None, policy: Path | None) -> None:
     """hpcserve: training and LLM inference on one Slurm GPU cluster."""
@@ -90,13 +94,14 @@ def nodes(ctx: Context, partitions: tuple[str, ...], as_json: bool) -> None:
     """Nodes with partitions, state, GPUs free/total, leaf switch and fabric."""
     from hpcserve.cli.output import emit_json, emit_table
     from hpcserve.inventory import node_views
-    from hpcserve.slurm.models import to_jsonable
-
     from hpcserve.slurm.factory import make_client
+    from hpcserve.slurm.models import to_jsonable
 
     site = ctx.load_site(required=False)
     snapshot = make_client(site).snapshot()
-    views = [v for v in node_views(snapshot.nodes, site) if not partitions or set(partitions) & set(v.partitions)]
+    views = [
+        v for v in node_views(snapshot.nodes, site) if not partitions or set(partitions) & set(v.partitions)
+    ]
     if as_json:
         emit_json(to_jsonable(views))
         return
@@ -110,7 +115,9 @@ def nodes(ctx: Context, partitions: tuple[str, ...], as_json: bool) -> None:
 @click.option("--me", is_flag=True, help="Only the caller's own jobs.")
 @click.option("-u", "--user", help="Only this user's jobs.")
 @click.option("-p", "--partition", "partitions", multiple=True, help="Only jobs in this partition.")
-@click.option("-t", "--state", "states", multiple=True, help="Only jobs in this state (PENDING, RUNNING, ...).")
+@click.option(
+    "-t", "--state", "states", multiple=True, help="Only jobs in this state (PENDING, RUNNING, ...)."
+)
 @click.option("-j", "--job", "job_ids", multiple=True, help="Only these job ids.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def ps(me: bool, user: str | None, partitions: tuple[str, ...], states: tuple[str, ...],
@@ -120,7 +127,9 @@ def ps(me: bool, user: str | None, partitions: tuple[str, ...], states: tuple[st
     from hpcserve.slurm.cli_backend import CliSlurmClient
     from hpcserve.slurm.protocol import JobFilter
 
-    filt = JobFilter(user=getpass.getuser() if me else user, states=states, partitions=partitions, job_ids=job_ids)
+    filt = JobFilter(
+        user=getpass.getuser() if me else user, states=states, partitions=partitions, job_ids=job_ids
+    )
     jobs = CliSlurmClient().jobs(filt)
     now = datetime.now(UTC)
     if as_json:
@@ -135,7 +144,7 @@ def _print_jobs(jobs: list[Job], now: datetime) -> None:
     from hpcserve.cli.output import emit_table, human_seconds
     from hpcserve.hostlists import collect
 
-    rows = [(j.id, j.name, j.user, j.partition, j.state.value, j.gpus, j.num_nodes, collect(j.nodes) if j.nodes else "",
+    rows = [(j.id, j.name, j.user, j.partition, j.state.value, j.gpus, j.num_nodes, collect(j.nodes),
              j.tag, j.reason, human_seconds(j.wait_s(now))) for j in jobs]  # fmt: skip
     cols = ("JOBID", "NAME", "USER", "PARTITION", "STATE", "GPUS", "N", "NODES", "TAG", "REASON", "WAIT")
     emit_table(f"{len(jobs)} jobs", cols, rows)

@@ -30,8 +30,8 @@ class Frozen(BaseModel):
 
 
 def nodes_text(names: list[str] | tuple[str, ...]) -> str:
-    """("node5",) -> "node node5"; more -> "nodes node[5-6]" (for messages)."""
-    return f"node {names[0]}" if len(names) == 1 else f"nodes {hostlists.collect(names)}"
+    """Node names for a message, compacted: ("node5", "node6") -> "node[5-6]"."""
+    return hostlists.collect(names)
 
 
 def _expand_hostlist(value: object) -> tuple[str, ...]:

@@ -11,7 +11,15 @@ from datetime import UTC, datetime
 
 from hpcserve.errors import SlurmCommandError, ValidationError
 from hpcserve.slurm import parsers
-from hpcserve.slurm.models import AccountingRecord, ClusterSnapshot, Job, Node, Partition, Topology, with_switches
+from hpcserve.slurm.models import (
+    AccountingRecord,
+    ClusterSnapshot,
+    Job,
+    Node,
+    Partition,
+    Topology,
+    with_switches,
+)
 from hpcserve.slurm.protocol import JobFilter, Ping
 from hpcserve.slurm.runner import CommandRunner, SubprocessRunner
 
@@ -110,7 +118,9 @@ class CliSlurmClient:
         argv = ["scancel"]
         if signal is not None:
             if signal.upper().removeprefix("SIG") not in _SIGNALS:
-                raise ValidationError(f"signal {signal!r} is not supported (use one of {', '.join(sorted(_SIGNALS))})")
+                raise ValidationError(
+                    f"signal {signal!r} is not supported (use one of {', '.join(sorted(_SIGNALS))})"
+                )
             argv.append(f"--signal={signal.upper().removeprefix('SIG')}")
         self._run([*argv, *ids])
 

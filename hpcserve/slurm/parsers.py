@@ -175,7 +175,9 @@ def parse_kv_line(line: str) -> dict[str, str]:
 
 def parse_partitions(text: str) -> list[Partition]:
     """Parse ``scontrol show partition -o``."""
-    return [_partition(parse_kv_line(line)) for line in text.splitlines() if line.startswith("PartitionName=")]
+    return [
+        _partition(parse_kv_line(line)) for line in text.splitlines() if line.startswith("PartitionName=")
+    ]
 
 
 def _partition(kv: dict[str, str]) -> Partition:
@@ -221,10 +223,19 @@ def parse_sacct(text: str) -> list[AccountingRecord]:
             raise SlurmParseError(f"sacct: expected {len(SACCT_FIELDS)} fields, got {len(c)}: {line[:120]!r}")
         records.append(
             AccountingRecord(
-                job_id=c[0], name=c[1], user=c[2], account=c[3], partition=c[4], state=JobState.parse(c[5]),
-                exit_code=c[6], nodes=expand(c[7]) if c[7] != "None assigned" else (),
-                gpus=gpus_from_tres(c[8]), submit=parse_timestamp(c[9]), start=parse_timestamp(c[10]),
-                end=parse_timestamp(c[11]), elapsed_s=int(c[12]) if c[12].isdigit() else 0,
+                job_id=c[0],
+                name=c[1],
+                user=c[2],
+                account=c[3],
+                partition=c[4],
+                state=JobState.parse(c[5]),
+                exit_code=c[6],
+                nodes=expand(c[7]) if c[7] != "None assigned" else (),
+                gpus=gpus_from_tres(c[8]),
+                submit=parse_timestamp(c[9]),
+                start=parse_timestamp(c[10]),
+                end=parse_timestamp(c[11]),
+                elapsed_s=int(c[12]) if c[12].isdigit() else 0,
             )
         )
     return records

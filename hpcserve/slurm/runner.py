@@ -21,9 +21,7 @@ class CommandResult:
 class CommandRunner(Protocol):
     """Runs one argv list. Injected into clients so tests of pure logic can swap it."""
 
-    def __call__(
-        self, argv: Sequence[str], *, timeout: float, stdin: str | None = None
-    ) -> CommandResult: ...
+    def __call__(self, argv: Sequence[str], *, timeout: float, stdin: str | None = None) -> CommandResult: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +34,13 @@ class SubprocessRunner:
     def __call__(self, argv: Sequence[str], *, timeout: float, stdin: str | None = None) -> CommandResult:
         try:
             proc = subprocess.run(
-                list(argv), input=stdin, capture_output=True, text=True, timeout=timeout,
-                env=dict(self.env) if self.env is not None else None, check=False,
+                list(argv),
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=dict(self.env) if self.env is not None else None,
+                check=False,
             )
         except subprocess.TimeoutExpired as exc:
             raise SlurmCommandError(argv, None, f"no answer after {timeout:g}s") from exc

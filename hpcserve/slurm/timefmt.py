@@ -24,7 +24,7 @@ def parse_duration(text: str) -> int | None:
     if len(parts) > 3:
         raise ValueError(f"not a Slurm duration: {text!r} (use D-HH:MM:SS, HH:MM:SS or MM)")
     if days:
-        h, m, s = (parts + [0, 0])[:3]
+        h, m, s = [*parts, 0, 0][:3]
         return int(days) * 86400 + h * 3600 + m * 60 + s
     if len(parts) == 1:
         return parts[0] * 60

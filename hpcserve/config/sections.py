@@ -1,0 +1,201 @@
+"""The sections of a site config, each validated on its own (cross-section rules live in site.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from hpcserve.config.base import Frozen, HostList, Invalid, Name, nodes_text
+
+FabricKind = Literal["infiniband", "roce", "tcp"]
+DEFAULT_DATABASE_URL = "sqlite:///~/.local/state/hpcserve/hpcserve.db"
+
+
+class SlurmSettings(Frozen):
+    """How hpcserve talks to Slurm."""
+
+    backend: Literal["cli", "pyslurm"] = "cli"
+    command_timeout_s: float = Field(default=30.0, gt=0)
+    slurm_conf: Path | None = None  # when set, the CLI backend exports SLURM_CONF
+
+
+class NodeGroup(Frozen):
+    """Nodes that share a GPU count and type."""
+
+    names: HostList
+    gpus: int = Field(ge=0)
+    gpu_type: str | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> NodeGroup:
+        if not self.names:
+            raise Invalid("names", "no nodes in this group", "write the group's nodes like node[1-4]")
+        return self
+
+
+class Partition(Frozen):
+    """A Slurm partition and the nodes it starts with."""
+
+    name: Name
+    nodes: HostList
+
+
+class Partitions(Frozen):
+    """Role -> Slurm partition; ``shared`` spans both sides and is optional."""
+
+    training: Partition
+    inference: Partition
+    shared: Partition | None = None
+
+    def by_role(self) -> dict[str, Partition]:
+        roles = {"training": self.training, "inference": self.inference, "shared": self.shared}
+        return {role: part for role, part in roles.items() if part is not None}
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> Partitions:
+        if self.training.name == self.inference.name:
+            raise Invalid(
+                "inference.name",
+                f"same Slurm partition {self.training.name!r} as training",
+                "give training and inference their own Slurm partitions",
+            )
+        return self
+
+
+class ManagedPool(Frozen):
+    """Nodes hpcserve may move between training and inference, listed under the side each starts on."""
+
+    training: HostList = ()
+    inference: HostList = ()
+
+    def sides(self) -> dict[str, tuple[str, ...]]:
+        return {"training": self.training, "inference": self.inference}
+
+    @model_validator(mode="after")
+    def _one_side_each(self) -> ManagedPool:
+        inference = set(self.inference)
+        both = [node for node in self.training if node in inference]
+        if both:
+            verb = "is" if len(both) == 1 else "are"
+            raise Invalid(
+                "",
+                f"{nodes_text(both)} {verb} on both sides",
+                "list each node under training or inference, not both",
+            )
+        return self
+
+
+class Fabric(Frozen):
+    """A network fabric: what NCCL needs to use it."""
+
+    kind: FabricKind
+    hcas: tuple[str, ...] = ()
+    gid_index: int | None = Field(default=None, ge=0)
+    socket_ifname: str | None = None
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> Fabric:
+        if self.kind == "tcp" and self.hcas:
+            raise Invalid(
+                "hcas", "a tcp fabric has no HCAs", "remove `hcas` or set kind to infiniband or roce"
+            )
+        if self.kind != "tcp" and not self.hcas:
+            raise Invalid(
+                "hcas", f"{self.kind} fabrics need HCAs", "add `hcas`, e.g. [mlx5_0]; ibv_devices lists them"
+            )
+        if self.kind == "roce" and self.gid_index is None:
+            raise Invalid(
+                "gid_index", "a roce fabric needs gid_index", "add `gid_index`; 3 is RoCE v2 on most sites"
+            )
+        if self.kind != "roce" and self.gid_index is not None:
+            raise Invalid("gid_index", "only roce fabrics take gid_index", "remove `gid_index`")
+        return self
+
+
+class Switch(Frozen):
+    """A leaf switch (``nodes`` and ``fabric``) or an upper switch (``switches``)."""
+
+    nodes: HostList = ()
+    switches: tuple[str, ...] = ()
+    fabric: str | None = None
+
+    @property
+    def is_leaf(self) -> bool:
+        return bool(self.nodes)
+
+    @model_validator(mode="after")
+    def _leaf_or_upper(self) -> Switch:
+        if bool(self.nodes) == bool(self.switches):
+            raise Invalid(
+                "", "a switch needs either nodes or switches", "give a leaf `nodes`, an upper one `switches`"
+            )
+        if self.nodes and self.fabric is None:
+            raise Invalid(
+                "fabric", "a leaf switch needs a fabric", "add `fabric`, one of the names under `fabrics`"
+            )
+        if self.switches and self.fabric is not None:
+            raise Invalid(
+                "fabric", "only leaf switches carry a fabric", "remove `fabric` from this upper switch"
+            )
+        return self
+
+
+class StorageTier(Frozen):
+    """A directory for model weights; ``{node}`` in the path stands for the node's name."""
+
+    path: str
+
+    def path_for(self, node: str) -> Path:
+        return Path(self.path.format(node=node))
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_with_node_only(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise Invalid("", f"{path!r} is not an absolute path", "start the path with /")
+        try:
+            path.format(node="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise Invalid("", f"bad placeholder in {path!r}", "use only {node} inside braces") from exc
+        return path
+
+
+class Storage(Frozen):
+    """Where model weights live: a shared cold tier and an optional node-local warm tier."""
+
+    cold: StorageTier
+    warm: StorageTier | None = None
+
+    @model_validator(mode="after")
+    def _cold_is_shared(self) -> Storage:
+        if "{node}" in self.cold.path:
+            raise Invalid(
+                "cold.path", "the shared tier cannot depend on the node", "remove {node} from the path"
+            )
+        return self
+
+
+class DatabaseSettings(Frozen):
+    """hpcserve's own history database (SQLAlchemy URL)."""
+
+    url: str = DEFAULT_DATABASE_URL
+
+    @field_validator("url")
+    @classmethod
+    def _known_backend(cls, url: str) -> str:
+        if not url.startswith(("sqlite", "postgresql")):
+            raise Invalid(
+                "",
+                f"unsupported database URL {url!r}",
+                "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB",
+            )
+        return url
+
+    def resolved_url(self) -> str:
+        """The URL with ``~`` expanded in a sqlite path."""
+        prefix = "sqlite:///"
+        if self.url.startswith(prefix + "~"):
+            return prefix + str(Path(self.url.removeprefix(prefix)).expanduser())
+        return self.url

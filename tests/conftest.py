@@ -1,0 +1,82 @@
+"""Shared fixtures. Tests marked ``cluster`` run against the real local Slurm cluster that
+``scripts/minicluster.sh start`` brings up (README command (b) starts it); they fail, not skip, without it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hpcserve.slurm.cli_backend import CliSlurmClient
+
+REPO = Path(__file__).resolve().parent.parent
+PREFIX = Path(os.environ.get("MINICLUSTER_PREFIX", "/tmp/hpcserve-mc"))
+SITE = REPO / "site_configs" / "minicluster.yaml"
+POLICY = REPO / "policies" / "default.yaml"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that stop the cluster run last, so every other cluster test sees it up."""
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("SLURM_CONF", str(PREFIX / "etc" / "slurm.conf"))
+    os.environ["SLURM_CONF"] = env["SLURM_CONF"]
+    return env
+
+
+@pytest.fixture(scope="session")
+def slurm(slurm_env: dict[str, str]) -> CliSlurmClient:
+    client = CliSlurmClient(timeout=30)
+    ping = client.ping()
+    if not ping.ok:
+        pytest.fail(f"the local Slurm cluster is not up ({ping.detail}); run scripts/minicluster.sh start")
+    return client
+
+
+@pytest.fixture
+def hpcserve(slurm_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run the real ``hpcserve`` CLI in a subprocess, as a user would."""
+
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "hpcserve", *args], capture_output=True, text=True, timeout=120,
+            env={**slurm_env, **(env or {})}, check=False,
+        )  # fmt: skip
+
+    return run
+
+
+@pytest.fixture
+def job_dir() -> Path:
+    """A fresh folder that every node can write (the nodes share this machine's filesystem)."""
+    path = PREFIX / "jobs" / f"pytest-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    path.chmod(0o1777)
+    return path
+
+
+@pytest.fixture
+def submitted(slurm: CliSlurmClient) -> Iterator[list[str]]:
+    """Job ids a test submitted; whatever is left is cancelled afterwards (only these jobs)."""
+    ids: list[str] = []
+    yield ids
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, check=False)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.2) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
