@@ -1,3 +1,3 @@
-from hpcserve.cli.main import main
+from hpcserve.cli.entry import main
 
 main()

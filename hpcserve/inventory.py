@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from hpcserve.slurm.models import Job, Node
 
 if TYPE_CHECKING:
@@ -48,12 +50,20 @@ def _natural(name: str) -> tuple[str, int]:
 
 
 def job_record(job: Job, now: datetime) -> dict[str, Any]:
-    """One job as ``hpcserve ps --json`` prints it. Built by hand: this runs 10,000 times per call."""
+    """One job as ``hpcserve ps --json`` prints it: the fields of ``Job`` plus ``tag`` and ``wait_s``.
+    Datetimes and enums stay typed (orjson writes ISO 8601 and the enum's value). Written out as one dict
+    literal because it runs 10,000 times per call."""
+    (id_, job_id, name, user, account, partition, state, num_nodes, nodes, gpus, qos, submit, start,
+     time_limit_s, reason, comment) = job  # fmt: skip
+    wait = job.wait_s(now)
     return {
-        "id": job.id, "job_id": job.job_id, "name": job.name, "user": job.user, "account": job.account,
-        "partition": job.partition, "qos": job.qos, "state": job.state.value, "gpus": job.gpus,
-        "num_nodes": job.num_nodes, "nodes": list(job.nodes), "tag": job.tag, "reason": job.reason,
-        "submit": job.submit.isoformat() if job.submit else None,
-        "start": job.start.isoformat() if job.start else None,
-        "time_limit_s": job.time_limit_s, "wait_s": job.wait_s(now),
+        "id": id_, "job_id": job_id, "name": name, "user": user, "account": account, "partition": partition,
+        "state": state, "num_nodes": num_nodes, "nodes": nodes, "gpus": gpus, "qos": qos, "submit": submit,
+        "start": start, "time_limit_s": time_limit_s, "reason": reason, "comment": comment, "tag": job.tag,
+        "wait_s": None if wait is None else round(wait, 1),
     }  # fmt: skip
+
+
+def jobs_json(jobs: Iterable[Job], now: datetime) -> bytes:
+    """A JSON array of job records, encoded by orjson in C (the stdlib encoder was the slowest step)."""
+    return orjson.dumps([job_record(j, now) for j in jobs])

@@ -60,6 +60,9 @@ def test_two_node_gpu_job_shows_in_ps_with_nodes_and_gpus(
     assert job["gpus"] == 4 and job["tag"] == "hpcserve:test:two-node" and job["partition"] == "train"
     assert job["wait_s"] is not None and job["wait_s"] >= 0
 
+    # unfiltered `ps --json` takes the path where squeue starts before the CLI loads
+    assert job_id in {str(j["job_id"]) for j in ps_json(hpcserve)}
+
     table = hpcserve("ps", "--me")
     assert table.returncode == 0, table.stderr
     row = next(line for line in table.stdout.splitlines() if job_id in line)

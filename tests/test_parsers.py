@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from hpcserve.errors import SlurmParseError
+from hpcserve.inventory import jobs_json
 from hpcserve.slurm import parsers
+from hpcserve.slurm.commands import is_job_id
 from hpcserve.slurm.models import Job, JobState
 
 DATA = Path(__file__).parent / "data"
@@ -64,7 +67,7 @@ def test_squeue_pending_array_tasks_and_long_fields(jobs: dict[str, Job]) -> Non
 
 
 def test_squeue_rejects_wrong_field_count() -> None:
-    with pytest.raises(SlurmParseError, match="expected 16 fields"):
+    with pytest.raises(SlurmParseError, match="expected 16 fields starting with a job id"):
         parsers.parse_squeue("123\x1fonly-two\n")
 
 
@@ -139,7 +142,7 @@ def test_gpu_gres(gres: str, expected: tuple[int, str | None]) -> None:
      ("", False)],
 )  # fmt: skip
 def test_job_id_syntax(text: str, ok: bool) -> None:
-    assert parsers.is_job_id(text) is ok
+    assert is_job_id(text) is ok
 
 
 def test_sbatch_output() -> None:
@@ -147,3 +150,16 @@ def test_sbatch_output() -> None:
     assert parsers.parse_sbatch("10731000;hpcmini\n") == "10731000"
     with pytest.raises(SlurmParseError):
         parsers.parse_sbatch("sbatch: error: Batch job submission failed")
+
+
+def test_ps_json_records_from_recorded_squeue(jobs: dict[str, Job]) -> None:
+    now = datetime(2026, 11, 22, 22, 0, 0, tzinfo=UTC)
+    records = {r["id"]: r for r in json.loads(jobs_json(jobs.values(), now))}
+    assert len(records) == len(jobs) == 9
+    two = records["10731000"]
+    assert two["nodes"] == ["node1", "node2"] and two["gpus"] == 4 and two["state"] == "RUNNING"
+    assert two["tag"] == "hpcserve:train:demo" and two["wait_s"] == 1.0
+    assert two["submit"] == "2026-11-22T21:53:31+00:00" and two["time_limit_s"] == 600
+    held = records["10731005"]
+    assert held["start"] is None and held["wait_s"] == 379.0 and held["reason"] == "JobHeldUser"
+    assert set(held) == {*Job._fields, "tag", "wait_s"}

@@ -6,6 +6,7 @@ Start time matters (``hpcserve ps`` runs in scripts and loops): only click is im
 
 from __future__ import annotations
 
+import gc
 import getpass
 import os
 import sys
@@ -25,14 +26,25 @@ JSON_HELP = "Print machine-readable JSON instead of a table."
 if TYPE_CHECKING:
     from hpcserve.config import SiteConfig
     from hpcserve.slurm.models import Job
+    from hpcserve.slurm.runner import SubprocessRunner
 
 
 class Context:
-    """What every command shares: where the config lives. Nothing is loaded until a command asks."""
+    """What every command shares: where the config lives and the command runner. Nothing is loaded until a
+    command asks."""
 
-    def __init__(self, site: Path | None, policy: Path | None) -> None:
+    def __init__(self, site: Path | None, policy: Path | None, runner: SubprocessRunner | None) -> None:
         self.site_path = site or (DEFAULT_SITE if DEFAULT_SITE.exists() else None)
         self.policy_path = policy or (DEFAULT_POLICY if DEFAULT_POLICY.exists() else None)
+        self._runner = runner
+
+    @property
+    def runner(self) -> SubprocessRunner:
+        if self._runner is None:
+            from hpcserve.slurm.runner import SubprocessRunner
+
+            self._runner = SubprocessRunner()
+        return self._runner
 
     def load_site(self, required: bool = True) -> SiteConfig | None:
         from hpcserve.config import load_site_config
@@ -62,7 +74,7 @@ path_option = click.Path(dir_okay=False, path_type=Path)
 @click.pass_context
 def cli(ctx: click.Context, site: Path | None, policy: Path | None) -> None:
     """hpcserve: training and LLM inference on one Slurm GPU cluster."""
-    ctx.obj = Context(site, policy)
+    ctx.obj = Context(site, policy, ctx.meta.get("hpcserve.runner"))
 
 
 @cli.command()
@@ -71,9 +83,8 @@ def cli(ctx: click.Context, site: Path | None, policy: Path | None) -> None:
 def doctor(ctx: Context, as_json: bool) -> None:
     """Check Slurm, munge, accounting, the config and the database; print the fix for each failure."""
     from hpcserve.doctor import DoctorInput, run_checks
-    from hpcserve.slurm.runner import SubprocessRunner
 
-    checks = run_checks(DoctorInput(SubprocessRunner(), ctx.site_path, ctx.policy_path))
+    checks = run_checks(DoctorInput(ctx.runner, ctx.site_path, ctx.policy_path))
     if as_json:
         from hpcserve.cli.output import emit_json
 
@@ -120,24 +131,25 @@ def nodes(ctx: Context, partitions: tuple[str, ...], as_json: bool) -> None:
 )
 @click.option("-j", "--job", "job_ids", multiple=True, help="Only these job ids.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
-def ps(me: bool, user: str | None, partitions: tuple[str, ...], states: tuple[str, ...],
+@pass_ctx
+def ps(ctx: Context, me: bool, user: str | None, partitions: tuple[str, ...], states: tuple[str, ...],
        job_ids: tuple[str, ...], as_json: bool) -> None:  # fmt: skip
     """Jobs with hpcserve's tag, GPUs, nodes, reason and wait time. Needs no site config."""
-    from hpcserve.inventory import job_record
     from hpcserve.slurm.cli_backend import CliSlurmClient
     from hpcserve.slurm.protocol import JobFilter
 
     filt = JobFilter(
         user=getpass.getuser() if me else user, states=states, partitions=partitions, job_ids=job_ids
     )
-    jobs = CliSlurmClient().jobs(filt)
+    jobs = CliSlurmClient(ctx.runner).iter_jobs(filt)  # squeue runs while the rest loads
     now = datetime.now(UTC)
     if as_json:
-        from hpcserve.cli.output import emit_json
+        from hpcserve.inventory import jobs_json
 
-        emit_json([job_record(j, now) for j in jobs])
+        gc.disable()  # a short-lived process building 10,000 records: the cycle collector only costs time
+        sys.stdout.buffer.write(jobs_json(jobs, now) + b"\n")
         return
-    _print_jobs(jobs, now)
+    _print_jobs(list(jobs), now)
 
 
 def _print_jobs(jobs: list[Job], now: datetime) -> None:
@@ -154,11 +166,12 @@ def _print_jobs(jobs: list[Job], now: datetime) -> None:
 @click.argument("job_ids", nargs=-1, required=True)
 @click.option("-s", "--signal", help="Send this signal (e.g. USR2) instead of ending the job.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
-def cancel(job_ids: tuple[str, ...], signal: str | None, as_json: bool) -> None:
+@pass_ctx
+def cancel(ctx: Context, job_ids: tuple[str, ...], signal: str | None, as_json: bool) -> None:
     """Cancel jobs (scancel), or signal them with --signal."""
     from hpcserve.slurm.cli_backend import CliSlurmClient
 
-    CliSlurmClient().cancel(job_ids, signal=signal)
+    CliSlurmClient(ctx.runner).cancel(job_ids, signal=signal)
     verb = f"signalled {signal}" if signal else "cancelled"
     if as_json:
         from hpcserve.cli.output import emit_json
@@ -168,10 +181,12 @@ def cancel(job_ids: tuple[str, ...], signal: str | None, as_json: bool) -> None:
         click.echo(f"{verb}: {' '.join(job_ids)}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, runner: SubprocessRunner | None = None) -> None:
     """Run the CLI. Errors print one line on stderr, with no traceback, and exit non-zero."""
     try:
-        cli.main(args=argv, prog_name="hpcserve", standalone_mode=False)
+        with cli.make_context("hpcserve", list(sys.argv[1:] if argv is None else argv)) as ctx:
+            ctx.meta["hpcserve.runner"] = runner
+            cli.invoke(ctx)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:

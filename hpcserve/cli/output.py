@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, separators=(",", ":"), default=str))
-    sys.stdout.write("\n")
+    import orjson
+
+    sys.stdout.buffer.write(orjson.dumps(data, default=str) + b"\n")
 
 
 def emit_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -6,11 +6,12 @@ Each method builds an argv list, runs it once through the runner and hands the t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 
 from hpcserve.errors import SlurmCommandError, ValidationError
 from hpcserve.slurm import parsers
+from hpcserve.slurm.commands import check_job_ids, sacct_argv, squeue_argv
 from hpcserve.slurm.models import (
     AccountingRecord,
     ClusterSnapshot,
@@ -21,25 +22,13 @@ from hpcserve.slurm.models import (
     with_switches,
 )
 from hpcserve.slurm.protocol import JobFilter, Ping
-from hpcserve.slurm.runner import CommandRunner, SubprocessRunner
+from hpcserve.slurm.runner import DEFAULT_TIMEOUT_S, CommandRunner, SubprocessRunner
 
-DEFAULT_TIMEOUT_S = 30.0
 _SIGNALS = frozenset({"HUP", "INT", "QUIT", "KILL", "USR1", "USR2", "TERM", "CONT", "STOP"})
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def check_job_ids(job_ids: Iterable[str]) -> tuple[str, ...]:
-    """Job ids as Slurm accepts them: ``123``, ``123_4`` or ``123_[1-5]``; anything else is refused."""
-    ids = tuple(str(j).strip() for j in job_ids)
-    bad = [j for j in ids if not parsers.is_job_id(j)]
-    if bad:
-        raise ValidationError(f"job id {bad[0]!r} is not a Slurm job id (use 123 or 123_4)")
-    if not ids:
-        raise ValidationError("no job id given (pass one or more job ids, e.g. 123 124_3)")
-    return ids
 
 
 class CliSlurmClient:
@@ -68,13 +57,12 @@ class CliSlurmClient:
         return Ping("DOWN" not in out, out)
 
     def jobs(self, filt: JobFilter | None = None) -> list[Job]:
-        argv = jobs_argv(filt or JobFilter())
-        try:
-            return parsers.parse_squeue(self._run(argv))
-        except SlurmCommandError as exc:
-            if "Invalid job id" in exc.stderr:  # asked for ids that slurmctld no longer holds
-                return []
-            raise
+        return list(self.iter_jobs(filt))
+
+    def iter_jobs(self, filt: JobFilter | None = None) -> Iterator[Job]:
+        """Start squeue now; parse its lines as it prints them."""
+        lines = self._runner.lines(squeue_argv(filt), timeout=self._timeout)
+        return _tolerate_unknown_ids(parsers.iter_squeue(lines))
 
     def nodes(self) -> list[Node]:
         return parsers.parse_sinfo_json(self._run(["sinfo", "--json"]))
@@ -103,10 +91,7 @@ class CliSlurmClient:
 
     def accounting(self, job_ids: Iterable[str]) -> list[AccountingRecord]:
         """Jobs as slurmdbd records them (about 0.5 s behind slurmctld)."""
-        ids = check_job_ids(job_ids)
-        argv = ["sacct", "-n", "-X", "--parsable2", f"--delimiter={parsers.SEP}",
-                f"--format={','.join(parsers.SACCT_FIELDS)}", f"--jobs={','.join(ids)}"]  # fmt: skip
-        return parsers.parse_sacct(self._run(argv))
+        return parsers.parse_sacct(self._run(sacct_argv(job_ids)))
 
     # ---------------------------------------------------------------------------------------- writes
     def submit(self, script: str, sbatch_args: Sequence[str] = ()) -> str:
@@ -125,15 +110,10 @@ class CliSlurmClient:
         self._run([*argv, *ids])
 
 
-def jobs_argv(filt: JobFilter) -> list[str]:
-    """squeue argv for a filter: -r lists array tasks one per line, -a includes hidden partitions."""
-    argv = ["squeue", "-h", "-a", "-r", "-O", parsers.squeue_format()]
-    if filt.user:
-        argv.append(f"--user={filt.user}")
-    if filt.states:
-        argv.append(f"--states={','.join(filt.states)}")
-    if filt.partitions:
-        argv.append(f"--partition={','.join(filt.partitions)}")
-    if filt.job_ids:
-        argv.append(f"--jobs={','.join(check_job_ids(filt.job_ids))}")
-    return argv
+def _tolerate_unknown_ids(jobs: Iterator[Job]) -> Iterator[Job]:
+    """squeue -j with ids that slurmctld no longer holds exits 1 ("Invalid job id"): that is no jobs."""
+    try:
+        yield from jobs
+    except SlurmCommandError as exc:
+        if "Invalid job id" not in exc.stderr:
+            raise

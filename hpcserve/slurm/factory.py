@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hpcserve.slurm.cli_backend import DEFAULT_TIMEOUT_S, CliSlurmClient
+from hpcserve.slurm.cli_backend import CliSlurmClient
 from hpcserve.slurm.protocol import SlurmReader
+from hpcserve.slurm.runner import DEFAULT_TIMEOUT_S
 
 if TYPE_CHECKING:
     from hpcserve.config import SiteConfig

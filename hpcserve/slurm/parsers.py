@@ -14,29 +14,22 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
 
 from hpcserve.errors import SlurmParseError
 from hpcserve.hostlists import expand
+from hpcserve.slurm.commands import SACCT_FIELDS, SEP, SQUEUE_FIELDS
 from hpcserve.slurm.models import AccountingRecord, Job, JobState, Node, Partition, Switch, Topology
 from hpcserve.slurm.timefmt import parse_duration, parse_timestamp
 
-SEP = "\x1f"
 _NULL = frozenset({"", "(null)", "N/A", "None"})
-
-SQUEUE_FIELDS = (
-    "JobID", "JobArrayID", "Name", "UserName", "Account", "Partition", "QOS", "State", "NumNodes",
-    "NodeList", "tres-alloc", "SubmitTime", "StartTime", "TimeLimit", "Reason", "Comment",
-)  # fmt: skip
-SACCT_FIELDS = (
-    "JobIDRaw", "JobName", "User", "Account", "Partition", "State", "ExitCode", "NodeList", "AllocTRES",
-    "Submit", "Start", "End", "ElapsedRaw",
-)  # fmt: skip
-
-
-def squeue_format() -> str:
-    """The ``squeue -O`` argument: every field unpadded, followed by the separator; Comment last."""
-    return ",".join(f"{f}:{SEP}" for f in SQUEUE_FIELDS[:-1]) + f",{SQUEUE_FIELDS[-1]}:"
+_WIDTH = len(SQUEUE_FIELDS)
+# A queue repeats the same few strings (submit second, time limit, TRES request) thousands of times:
+# parse each distinct one once. Bounded, so a long-running service does not grow.
+_timestamp = lru_cache(maxsize=8192)(parse_timestamp)
+_expand = lru_cache(maxsize=8192)(expand)
+_state = lru_cache(maxsize=256)(JobState.parse)
 
 
 def _clean(value: str) -> str:
@@ -44,6 +37,7 @@ def _clean(value: str) -> str:
     return "" if value in _NULL else value
 
 
+@lru_cache(maxsize=4096)
 def gpus_from_tres(tres: str) -> int:
     """``cpu=2,mem=2G,node=2,billing=2,gres/gpu=4`` -> 4 (typed entries like gres/gpu:h100=4 ignored)."""
     for item in tres.split(","):
@@ -53,6 +47,7 @@ def gpus_from_tres(tres: str) -> int:
     return 0
 
 
+@lru_cache(maxsize=1024)
 def _duration(text: str) -> int | None:
     try:
         return parse_duration(text)
@@ -62,40 +57,39 @@ def _duration(text: str) -> int | None:
 
 def parse_squeue(text: str) -> list[Job]:
     """Parse the output of ``squeue -h -r -O <squeue_format()>``."""
-    jobs = []
-    width = len(SQUEUE_FIELDS)
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        cols = line.split(SEP, width - 1)
-        if len(cols) != width:
-            raise SlurmParseError(f"squeue: expected {width} fields, got {len(cols)} in {line[:120]!r}")
-        jobs.append(_job_from_columns(cols))
-    return jobs
+    return list(iter_squeue(text.splitlines()))
 
 
-def _job_from_columns(c: list[str]) -> Job:
-    raw_id = c[0].strip()
-    if not raw_id.isdigit():
-        raise SlurmParseError(f"squeue: job id {raw_id!r} is not numeric")
+def iter_squeue(lines: Iterable[str]) -> Iterator[Job]:
+    """Parse squeue's lines one by one, e.g. while squeue is still printing them."""
+    for line in lines:
+        if line.strip():
+            yield parse_squeue_line(line)
+
+
+def parse_squeue_line(line: str) -> Job:
+    c = line.rstrip("\n").split(SEP, _WIDTH - 1)
+    if len(c) != _WIDTH or not c[0].isdigit():
+        raise SlurmParseError(f"squeue: expected {_WIDTH} fields starting with a job id, got {line[:120]!r}")
+    null = _NULL  # -O prints fields unpadded: only Slurm's "no value" words need cleaning
     return Job(
-        id=c[1].strip() or raw_id,
-        job_id=int(raw_id),
-        name=c[2],
-        user=c[3].strip(),
-        account=_clean(c[4]),
-        partition=c[5].strip(),
-        qos=_clean(c[6]),
-        state=JobState.parse(c[7]),
-        num_nodes=int(c[8]) if c[8].strip().isdigit() else 0,
-        nodes=expand(c[9]),
-        gpus=gpus_from_tres(c[10]),
-        submit=parse_timestamp(c[11]),
-        start=parse_timestamp(c[12]),
-        time_limit_s=_duration(c[13]),
-        reason=_clean(c[14]),
-        comment=_clean(c[15]),
-    )
+        c[1] or c[0],
+        int(c[0]),
+        c[2],
+        c[3],
+        "" if c[4] in null else c[4],
+        c[5],
+        _state(c[7]),
+        int(c[8]) if c[8].isdigit() else 0,
+        _expand(c[9]) if c[9] else (),
+        gpus_from_tres(c[10]),
+        "" if c[6] in null else c[6],
+        _timestamp(c[11]),
+        _timestamp(c[12]),
+        _duration(c[13]),
+        "" if c[14] in null else c[14],
+        "" if c[15] in null else c[15],
+    )  # positional and inline: this runs 10,000 times per call; the order is Job's field order
 
 
 def split_outside_parens(text: str, sep: str = ",") -> Iterator[str]:
@@ -247,11 +241,3 @@ def parse_sbatch(text: str) -> str:
     if not job_id.isdigit():
         raise SlurmParseError(f"sbatch: no job id in output {text.strip()[:120]!r}")
     return job_id
-
-
-_JOB_ID = re.compile(r"^\d+(_(\d+|\[[\d,\-%]+\]))?$")
-
-
-def is_job_id(text: str) -> bool:
-    """``123``, ``123_4`` and ``123_[1-5]`` are job ids; anything else (flags, words, globs) is not."""
-    return bool(_JOB_ID.match(text))

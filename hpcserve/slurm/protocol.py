@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from hpcserve.slurm.models import AccountingRecord, ClusterSnapshot, Job, Node, Partition, Topology
+if TYPE_CHECKING:
+    from hpcserve.slurm.models import AccountingRecord, ClusterSnapshot, Job, Node, Partition, Topology
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,6 @@ or in CI, where ``slurm.backend: cli`` is used. Attributes verified in PySlurm/p
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -188,7 +187,7 @@ def jobs_from_pyslurm(objs: Iterable[Any]) -> list[Job]:
         job = job_from_pyslurm(obj)
         waiting = _text(obj.array_tasks_waiting) if obj.array_id else ""
         tasks = array_task_ids(waiting) if waiting else ()
-        jobs += [dataclasses.replace(job, id=f"{obj.array_id}_{t}") for t in tasks] or [job]
+        jobs += [job._replace(id=f"{obj.array_id}_{t}") for t in tasks] or [job]
     return jobs
 
 

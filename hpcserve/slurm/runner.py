@@ -1,17 +1,22 @@
-"""The only place hpcserve runs Slurm's commands. Commands are argv lists; nothing goes through a shell."""
+"""The only place hpcserve runs Slurm's commands. Commands are argv lists; nothing goes through a shell.
+
+Light on imports on purpose (no dataclasses, no hpcserve models): the console entry point uses it to start
+``squeue`` before the CLI framework loads (see hpcserve/cli/entry.py).
+"""
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple, Protocol
 
 from hpcserve.errors import SlurmCommandError
 
+DEFAULT_TIMEOUT_S = 30.0
 
-@dataclass(frozen=True, slots=True)
-class CommandResult:
+
+class CommandResult(NamedTuple):
     argv: tuple[str, ...]
     returncode: int
     stdout: str
@@ -19,33 +24,79 @@ class CommandResult:
 
 
 class CommandRunner(Protocol):
-    """Runs one argv list. Injected into clients so tests of pure logic can swap it."""
+    """Runs argv lists. Injected into clients, so the process layer is swappable."""
 
     def __call__(self, argv: Sequence[str], *, timeout: float, stdin: str | None = None) -> CommandResult: ...
 
+    def lines(self, argv: Sequence[str], *, timeout: float) -> Iterator[str]: ...
 
-@dataclass(frozen=True, slots=True)
+
 class SubprocessRunner:
-    """Runs commands with subprocess; a non-zero exit, a timeout or a missing program raise
+    """Runs commands with subprocess. A non-zero exit, a timeout or a missing program raise
     :class:`SlurmCommandError` carrying the command, the return code and stderr."""
 
-    env: Mapping[str, str] | None = None
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self._env = dict(env) if env is not None else None
+        self._started: dict[tuple[str, ...], Iterator[str]] = {}
 
     def __call__(self, argv: Sequence[str], *, timeout: float, stdin: str | None = None) -> CommandResult:
         try:
             proc = subprocess.run(
-                list(argv),
-                input=stdin,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env=dict(self.env) if self.env is not None else None,
+                list(argv), input=stdin, capture_output=True, text=True, timeout=timeout, env=self._env,
                 check=False,
-            )
+            )  # fmt: skip
         except subprocess.TimeoutExpired as exc:
             raise SlurmCommandError(argv, None, f"no answer after {timeout:g}s") from exc
         except FileNotFoundError as exc:
-            raise SlurmCommandError(argv, 127, f"{argv[0]}: command not found (is Slurm installed?)") from exc
+            raise _not_found(argv) from exc
         if proc.returncode != 0:
             raise SlurmCommandError(argv, proc.returncode, proc.stderr)
         return CommandResult(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
+
+    def prestart(self, argv: Sequence[str], *, timeout: float) -> None:
+        """Start a command now whose output will be asked for later with the same argv."""
+        self._started[tuple(argv)] = self.lines(argv, timeout=timeout)
+
+    def lines(self, argv: Sequence[str], *, timeout: float) -> Iterator[str]:
+        """Start the command (unless prestarted) and yield its stdout lines as they arrive, so the caller
+        works while the command still runs. The exit status is checked when the output ends."""
+        started = self._started.pop(tuple(argv), None)
+        if started is not None:
+            return started
+        try:
+            proc = subprocess.Popen(
+                list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1 << 16,
+                env=self._env,
+            )  # fmt: skip
+        except FileNotFoundError as exc:
+            raise _not_found(argv) from exc
+        return _stream(proc, argv, timeout)
+
+
+def _stream(proc: subprocess.Popen[str], argv: Sequence[str], timeout: float) -> Iterator[str]:
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        proc.kill()
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.start()
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        yield from proc.stdout
+        stderr = proc.stderr.read()
+        returncode = proc.wait()
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:  # the caller stopped early
+            proc.kill()
+            proc.wait()
+    if expired.is_set():
+        raise SlurmCommandError(argv, None, f"no answer after {timeout:g}s")
+    if returncode != 0:
+        raise SlurmCommandError(argv, returncode, stderr)
+
+
+def _not_found(argv: Sequence[str]) -> SlurmCommandError:
+    return SlurmCommandError(argv, 127, f"{argv[0]}: command not found (is Slurm installed?)")

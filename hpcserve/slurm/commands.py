@@ -1,0 +1,69 @@
+"""Slurm command lines, built purely as argv lists (never a shell string).
+
+Kept free of heavy imports: ``hpcserve ps`` starts squeue from here before it loads anything else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from hpcserve.errors import ValidationError
+
+if TYPE_CHECKING:
+    from hpcserve.slurm.protocol import JobFilter
+
+SEP = "\x1f"  # unit separator: never in a job name, comment or reason
+SQUEUE_FIELDS = (
+    "JobID", "JobArrayID", "Name", "UserName", "Account", "Partition", "QOS", "State", "NumNodes",
+    "NodeList", "tres-alloc", "SubmitTime", "StartTime", "TimeLimit", "Reason", "Comment",
+)  # fmt: skip
+SACCT_FIELDS = (
+    "JobIDRaw", "JobName", "User", "Account", "Partition", "State", "ExitCode", "NodeList", "AllocTRES",
+    "Submit", "Start", "End", "ElapsedRaw",
+)  # fmt: skip
+_JOB_ID = re.compile(r"^\d+(_(\d+|\[[\d,\-%]+\]))?$")
+
+
+def is_job_id(text: str) -> bool:
+    """``123``, ``123_4`` and ``123_[1-5]`` are job ids; anything else (flags, words, globs) is not."""
+    return bool(_JOB_ID.match(text))
+
+
+def check_job_ids(job_ids: Iterable[str]) -> tuple[str, ...]:
+    """Job ids as Slurm accepts them; anything else is refused before a command runs."""
+    ids = tuple(str(j).strip() for j in job_ids)
+    bad = [j for j in ids if not is_job_id(j)]
+    if bad:
+        raise ValidationError(f"job id {bad[0]!r} is not a Slurm job id (use 123 or 123_4)")
+    if not ids:
+        raise ValidationError("no job id given (pass one or more job ids, e.g. 123 124_3)")
+    return ids
+
+
+def squeue_format() -> str:
+    """The ``squeue -O`` argument: every field unpadded and followed by the separator; Comment last."""
+    return ",".join(f"{f}:{SEP}" for f in SQUEUE_FIELDS[:-1]) + f",{SQUEUE_FIELDS[-1]}:"
+
+
+def squeue_argv(filt: JobFilter | None) -> list[str]:
+    """-r lists array tasks one per line, -a includes hidden partitions; filters are squeue's own."""
+    argv = ["squeue", "-h", "-a", "-r", "-O", squeue_format()]
+    if filt is None:
+        return argv
+    if filt.user:
+        argv.append(f"--user={filt.user}")
+    if filt.states:
+        argv.append(f"--states={','.join(filt.states)}")
+    if filt.partitions:
+        argv.append(f"--partition={','.join(filt.partitions)}")
+    if filt.job_ids:
+        argv.append(f"--jobs={','.join(check_job_ids(filt.job_ids))}")
+    return argv
+
+
+def sacct_argv(job_ids: Iterable[str]) -> list[str]:
+    ids = check_job_ids(job_ids)
+    return ["sacct", "-n", "-X", "--parsable2", f"--delimiter={SEP}", f"--format={','.join(SACCT_FIELDS)}",
+            f"--jobs={','.join(ids)}"]  # fmt: skip
