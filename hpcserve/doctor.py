@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from hpcserve.config import SiteConfig
 
 CHECK_TIMEOUT_S = 15.0
-LOCAL_START = "scripts/minicluster.sh start (local cluster)"
+LOCAL_START = "on the local cluster: scripts/minicluster.sh start"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,7 @@ def _guard(name: str, fix: str, body: Callable[[], Check]) -> Check:
 
 def _check_slurm(runner: CommandRunner) -> Check:
     ping = CliSlurmClient(runner, timeout=CHECK_TIMEOUT_S).ping()
-    fix = f"start slurmctld ({LOCAL_START}) and point SLURM_CONF at its slurm.conf"
+    fix = f"start slurmctld and point SLURM_CONF at its slurm.conf; {LOCAL_START}"
     return Check(
         "slurm", ping.ok, ping.detail.splitlines()[0] if ping.detail else "no answer", "" if ping.ok else fix
     )
@@ -70,11 +70,11 @@ def _check_munge(runner: CommandRunner) -> Check:
         runner(["unmunge"], timeout=CHECK_TIMEOUT_S, stdin=cred)
         return Check("munge", True, "a credential made by munge -n decodes with unmunge")
 
-    return _guard("munge", f"start munged with the cluster's /etc/munge/munge.key ({LOCAL_START})", body)
+    return _guard("munge", f"start munged with the cluster's /etc/munge/munge.key; {LOCAL_START}", body)
 
 
 def _check_accounting(runner: CommandRunner, cluster: str | None) -> Check:
-    fix = f"start slurmdbd ({LOCAL_START}); register the cluster with sacctmgr add cluster NAME"
+    fix = f"start slurmdbd and register the cluster (sacctmgr add cluster NAME); {LOCAL_START}"
 
     def body() -> Check:
         out = runner(["sacctmgr", "-n", "-P", "show", "cluster", "format=cluster"], timeout=CHECK_TIMEOUT_S)

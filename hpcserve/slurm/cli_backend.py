@@ -52,8 +52,8 @@ class CliSlurmClient:
     def ping(self) -> Ping:
         try:
             out = self._run(["scontrol", "ping"]).strip()
-        except SlurmCommandError as exc:
-            return Ping(False, exc.stderr or str(exc))
+        except SlurmCommandError as exc:  # scontrol prints "... is DOWN" on stdout and exits 1
+            return Ping(False, exc.stderr or "slurmctld does not answer `scontrol ping`")
         return Ping("DOWN" not in out, out)
 
     def jobs(self, filt: JobFilter | None = None) -> list[Job]:
