@@ -8,7 +8,6 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
 fi
-# compat mode: a plain path entry, not an import hook that every Python start would pay ~15 ms for
-.venv/bin/python -m pip install -q -e '.[dev,postgres]' --config-settings editable_mode=compat
+.venv/bin/python -m pip install -q -e '.[dev,postgres]'
 .venv/bin/python -m compileall -q hpcserve   # as an install would; the CLI's start time counts
 bash scripts/minicluster.sh start
