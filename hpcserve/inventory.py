@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import orjson
+import msgspec
 
 from hpcserve.slurm.models import Job, Node
 
@@ -49,21 +48,7 @@ def _natural(name: str) -> tuple[str, int]:
     return stem, int(digits) if digits else -1
 
 
-def job_record(job: Job, now: datetime) -> dict[str, Any]:
-    """One job as ``hpcserve ps --json`` prints it: the fields of ``Job`` plus ``tag`` and ``wait_s``.
-    Datetimes and enums stay typed (orjson writes ISO 8601 and the enum's value). Written out as one dict
-    literal because it runs 10,000 times per call."""
-    (id_, job_id, name, user, account, partition, state, num_nodes, nodes, gpus, qos, submit, start,
-     time_limit_s, reason, comment) = job  # fmt: skip
-    wait = job.wait_s(now)
-    return {
-        "id": id_, "job_id": job_id, "name": name, "user": user, "account": account, "partition": partition,
-        "state": state, "num_nodes": num_nodes, "nodes": nodes, "gpus": gpus, "qos": qos, "submit": submit,
-        "start": start, "time_limit_s": time_limit_s, "reason": reason, "comment": comment, "tag": job.tag,
-        "wait_s": None if wait is None else round(wait, 1),
-    }  # fmt: skip
-
-
-def jobs_json(jobs: Iterable[Job], now: datetime) -> bytes:
-    """A JSON array of job records, encoded by orjson in C (the stdlib encoder was the slowest step)."""
-    return orjson.dumps([job_record(j, now) for j in jobs])
+def jobs_json(jobs: Iterable[Job]) -> bytes:
+    """A JSON array of jobs (every field of ``Job``), encoded by msgspec in C: at 10,000 jobs the stdlib
+    encoder, and building a dict per job, were the slowest steps of ``hpcserve ps --json``."""
+    return msgspec.json.encode(list(jobs))

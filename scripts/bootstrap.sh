@@ -1,13 +1,29 @@
 #!/usr/bin/env bash
 # bootstrap.sh - what both README commands need on a fresh Debian machine (root):
 #   a virtualenv in .venv with hpcserve and its test tools, and the local Slurm cluster, started.
-# Idempotent; about 30-60 s the first time, a few seconds after that.
+# Idempotent; about 30-60 s the first time, a few seconds after that. PYTHON=... picks the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The distribution's Python first: Debian builds it with PGO and LTO, and the CLI ran 15-20% faster on it
+# than on a default source build (pyenv). Any CPython >= 3.11 works.
+pick_python() {
+  local c
+  for c in ${PYTHON:-} /usr/bin/python3 python3; do
+    "$c" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null && { echo "$c"; return; }
+  done
+  echo "bootstrap: no Python >= 3.11 found (set PYTHON=...)" >&2; exit 1
+}
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+  py=$(pick_python)
+  if ! "$py" -m venv .venv 2>/dev/null; then   # Debian splits venv support out of the interpreter
+    rm -rf .venv
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    "$py" -m venv .venv
+  fi
   .venv/bin/python -m pip install -q --upgrade pip
 fi
-.venv/bin/python -m pip install -q -e '.[dev,postgres]'
-.venv/bin/python -m compileall -q hpcserve   # as an install would; the CLI's start time counts
+# strict editable mode: a link tree under build/ on a plain path entry. The default mode installs an import
+# hook that every Python start in the venv pays for (~15-30 ms here); an edit shows at once, a new module
+# after the next run of this script.
+.venv/bin/python -m pip install -q -e '.[dev,postgres]' --config-settings editable_mode=strict
 bash scripts/minicluster.sh start

@@ -30,6 +30,7 @@ from hpcserve.slurm.pyslurm_backend import (
 )
 
 T0 = 1795384161  # epoch seconds, as pyslurm's submit_time/start_time return them
+NOW = datetime.fromtimestamp(T0 + 600, UTC)  # when the test "observes" the jobs
 
 
 def ps_job(**overrides: Any) -> SimpleNamespace:
@@ -71,19 +72,19 @@ def test_running_two_node_gpu_job() -> None:
         id=200, state="RUNNING", state_reason="None", num_nodes=2, allocated_nodes="node[1-2]",
         start_time=T0 + 30, gres_per_node={"gres/gpu:h100": 4}, comment="hpcserve:replica:llama:0",
     )  # fmt: skip
-    job = job_from_pyslurm(obj)
+    job = job_from_pyslurm(obj, NOW)
     assert job.id == "200" and job.job_id == 200
     assert job.state is JobState.RUNNING and job.nodes == ("node1", "node2") and job.num_nodes == 2
     assert job.gpus == 8  # gres_per_node is per node
     assert job.reason == ""  # pyslurm says "None" for no reason, as squeue does
-    assert job.submit == datetime.fromtimestamp(T0, UTC) and job.wait_s(job.submit) == 30
+    assert job.submit == datetime.fromtimestamp(T0, UTC) and job.wait_s == 30  # started 30 s after submit
     assert job.time_limit_s == 3600 and job.tag == "hpcserve:replica:llama:0"
 
 
 def test_pending_array_task_zero_and_split_task() -> None:
     # pyslurm's u32_parse maps array_task_id 0 to None
-    task0 = job_from_pyslurm(ps_job(id=301, array_id=300, array_task_id=None, gres_per_node={"gpu": 1}))
-    task4 = job_from_pyslurm(ps_job(id=305, array_id=300, array_task_id=4, state_reason="Resources"))
+    task0 = job_from_pyslurm(ps_job(id=301, array_id=300, array_task_id=None, gres_per_node={"gpu": 1}), NOW)
+    task4 = job_from_pyslurm(ps_job(id=305, array_id=300, array_task_id=4, state_reason="Resources"), NOW)
     assert (task0.id, task0.job_id, task0.gpus) == ("300_0", 301, 1)
     assert (task4.id, task4.state, task4.reason) == ("300_4", JobState.PENDING, "Resources")
     assert task4.start is None and task4.nodes == ()
@@ -91,8 +92,8 @@ def test_pending_array_task_zero_and_split_task() -> None:
 
 def test_pending_array_meta_record_expands_like_squeue_r() -> None:
     meta = ps_job(id=300, array_id=300, array_tasks_waiting="1-3,8")
-    assert job_from_pyslurm(meta).id == "300_[1-3,8]"
-    jobs = jobs_from_pyslurm([meta, ps_job(id=400)])
+    assert job_from_pyslurm(meta, NOW).id == "300_[1-3,8]"
+    jobs = jobs_from_pyslurm([meta, ps_job(id=400)], NOW)
     assert [j.id for j in jobs] == ["300_1", "300_2", "300_3", "300_8", "400"]
     assert {j.job_id for j in jobs[:4]} == {300}
 
@@ -105,7 +106,7 @@ def test_job_unlimited_time_and_unknown_uid() -> None:
 
     fields = vars(ps_job(time_limit=None, user_id=4242))
     del fields["user_name"]  # the property above stands in for it
-    job = job_from_pyslurm(UnknownUid(**fields))
+    job = job_from_pyslurm(UnknownUid(**fields), NOW)
     assert job.user == "4242" and job.time_limit_s is None
 
 

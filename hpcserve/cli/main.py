@@ -10,7 +10,6 @@ import gc
 import getpass
 import os
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -142,22 +141,21 @@ def ps(ctx: Context, me: bool, user: str | None, partitions: tuple[str, ...], st
         user=getpass.getuser() if me else user, states=states, partitions=partitions, job_ids=job_ids
     )
     jobs = CliSlurmClient(ctx.runner).iter_jobs(filt)  # squeue runs while the rest loads
-    now = datetime.now(UTC)
     if as_json:
         from hpcserve.inventory import jobs_json
 
         gc.disable()  # a short-lived process building 10,000 records: the cycle collector only costs time
-        sys.stdout.buffer.write(jobs_json(jobs, now) + b"\n")
+        sys.stdout.buffer.write(jobs_json(jobs) + b"\n")
         return
-    _print_jobs(list(jobs), now)
+    _print_jobs(list(jobs))
 
 
-def _print_jobs(jobs: list[Job], now: datetime) -> None:
+def _print_jobs(jobs: list[Job]) -> None:
     from hpcserve.cli.output import emit_table, human_seconds
     from hpcserve.hostlists import collect
 
     rows = [(j.id, j.name, j.user, j.partition, j.state.value, j.gpus, j.num_nodes, collect(j.nodes),
-             j.tag, j.reason, human_seconds(j.wait_s(now))) for j in jobs]  # fmt: skip
+             j.tag, j.reason, human_seconds(j.wait_s)) for j in jobs]  # fmt: skip
     cols = ("JOBID", "NAME", "USER", "PARTITION", "STATE", "GPUS", "N", "NODES", "TAG", "REASON", "WAIT")
     emit_table(f"{len(jobs)} jobs", cols, rows)
 

@@ -8,9 +8,9 @@ from typing import Any
 
 
 def emit_json(data: Any) -> None:
-    import orjson
+    import msgspec
 
-    sys.stdout.buffer.write(orjson.dumps(data, default=str) + b"\n")
+    sys.stdout.buffer.write(msgspec.json.encode(data) + b"\n")
 
 
 def emit_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -62,7 +62,7 @@ class CliSlurmClient:
     def iter_jobs(self, filt: JobFilter | None = None) -> Iterator[Job]:
         """Start squeue now; parse its lines as it prints them."""
         lines = self._runner.lines(squeue_argv(filt), timeout=self._timeout)
-        return _tolerate_unknown_ids(parsers.iter_squeue(lines))
+        return _tolerate_unknown_ids(parsers.iter_squeue(lines, self._clock()))
 
     def nodes(self) -> list[Node]:
         return parsers.parse_sinfo_json(self._run(["sinfo", "--json"]))

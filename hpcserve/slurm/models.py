@@ -11,7 +11,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any
+
+import msgspec
 
 TAG_PREFIX = "hpcserve:"
 
@@ -136,9 +138,10 @@ class Node:
         return base + ("*" if "NOT_RESPONDING" in self.flags else "")
 
 
-class Job(NamedTuple):
-    """One job (or array task). A NamedTuple, not a dataclass: ``hpcserve ps`` builds 10,000 of these per
-    call, and a frozen dataclass takes five times as long to construct."""
+class Job(msgspec.Struct, frozen=True):
+    """One job (or array task) as seen at one moment. A frozen msgspec Struct, not a dataclass:
+    ``hpcserve ps`` builds 10,000 of these per call, and a Struct is built 20x faster than a frozen
+    dataclass and encoded to JSON in C."""
 
     id: str  # as Slurm prints it: "123", or "123_4" for an array task
     job_id: int  # the unique numeric id (scancel, sacct, scontrol accept it)
@@ -156,18 +159,21 @@ class Job(NamedTuple):
     time_limit_s: int | None = None  # None: UNLIMITED
     reason: str = ""
     comment: str = ""
+    tag: str | None = None  # hpcserve's own marker from the comment: see tag_of()
+    wait_s: float | None = None  # seconds queued when observed: until start, or until then if pending
 
-    @property
-    def tag(self) -> str | None:
-        """hpcserve's own marker, carried in ``--comment`` (``hpcserve:replica:<deployment>:<n>``)."""
-        return self.comment if self.comment.startswith(TAG_PREFIX) else None
 
-    def wait_s(self, now: datetime) -> float | None:
-        """Seconds spent queued: until start for started jobs, until ``now`` for pending ones."""
-        if self.submit is None:
-            return None
-        end = self.start if self.start is not None and not self.state.is_pending else now
-        return max((end - self.submit).total_seconds(), 0.0)
+def tag_of(comment: str) -> str | None:
+    """hpcserve's marker, carried in ``--comment`` (``hpcserve:replica:<deployment>:<n>``), or None."""
+    return comment if comment.startswith(TAG_PREFIX) else None
+
+
+def wait_of(state: JobState, submit: datetime | None, start: datetime | None, now: datetime) -> float | None:
+    """Seconds a job spent queued as of ``now``: until it started, or until ``now`` while it waits."""
+    if submit is None:
+        return None
+    end = start if start is not None and not state.is_pending else now
+    return round(max((end - submit).total_seconds(), 0.0), 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,8 +256,8 @@ def to_jsonable(obj: Any) -> Any:
     """Plain JSON-ready data for ``--json`` output: dataclasses, enums, datetimes, sets, tuples."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Job):
-        return {**to_jsonable(obj._asdict()), "tag": obj.tag}
+    if isinstance(obj, msgspec.Struct):
+        return msgspec.to_builtins(obj)
     if isinstance(obj, StrEnum):
         return obj.value
     if isinstance(obj, datetime):

@@ -15,12 +15,23 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from functools import lru_cache
 
 from hpcserve.errors import SlurmParseError
 from hpcserve.hostlists import expand
 from hpcserve.slurm.commands import SACCT_FIELDS, SEP, SQUEUE_FIELDS
-from hpcserve.slurm.models import AccountingRecord, Job, JobState, Node, Partition, Switch, Topology
+from hpcserve.slurm.models import (
+    AccountingRecord,
+    Job,
+    JobState,
+    Node,
+    Partition,
+    Switch,
+    Topology,
+    tag_of,
+    wait_of,
+)  # fmt: skip
 from hpcserve.slurm.timefmt import parse_duration, parse_timestamp
 
 _NULL = frozenset({"", "(null)", "N/A", "None"})
@@ -55,23 +66,25 @@ def _duration(text: str) -> int | None:
         return None
 
 
-def parse_squeue(text: str) -> list[Job]:
-    """Parse the output of ``squeue -h -r -O <squeue_format()>``."""
-    return list(iter_squeue(text.splitlines()))
+def parse_squeue(text: str, now: datetime) -> list[Job]:
+    """Parse the output of ``squeue -h -r -O <squeue_format()>``, observed at ``now``."""
+    return list(iter_squeue(text.splitlines(), now))
 
 
-def iter_squeue(lines: Iterable[str]) -> Iterator[Job]:
+def iter_squeue(lines: Iterable[str], now: datetime) -> Iterator[Job]:
     """Parse squeue's lines one by one, e.g. while squeue is still printing them."""
     for line in lines:
         if line.strip():
-            yield parse_squeue_line(line)
+            yield parse_squeue_line(line, now)
 
 
-def parse_squeue_line(line: str) -> Job:
+def parse_squeue_line(line: str, now: datetime) -> Job:
     c = line.rstrip("\n").split(SEP, _WIDTH - 1)
     if len(c) != _WIDTH or not c[0].isdigit():
         raise SlurmParseError(f"squeue: expected {_WIDTH} fields starting with a job id, got {line[:120]!r}")
     null = _NULL  # -O prints fields unpadded: only Slurm's "no value" words need cleaning
+    state, submit, start = _state(c[7]), _timestamp(c[11]), _timestamp(c[12])
+    comment = "" if c[15] in null else c[15]
     return Job(
         c[1] or c[0],
         int(c[0]),
@@ -79,16 +92,18 @@ def parse_squeue_line(line: str) -> Job:
         c[3],
         "" if c[4] in null else c[4],
         c[5],
-        _state(c[7]),
+        state,
         int(c[8]) if c[8].isdigit() else 0,
         _expand(c[9]) if c[9] else (),
         gpus_from_tres(c[10]),
         "" if c[6] in null else c[6],
-        _timestamp(c[11]),
-        _timestamp(c[12]),
+        submit,
+        start,
         _duration(c[13]),
         "" if c[14] in null else c[14],
-        "" if c[15] in null else c[15],
+        comment,
+        tag_of(comment),
+        wait_of(state, submit, start, now),
     )  # positional and inline: this runs 10,000 times per call; the order is Job's field order
 
 

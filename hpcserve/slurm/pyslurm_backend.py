@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
+
 from hpcserve.errors import HpcserveError, SlurmParseError
 from hpcserve.hostlists import expand
 from hpcserve.slurm.models import (
@@ -42,6 +44,8 @@ from hpcserve.slurm.models import (
     Node,
     Partition,
     Topology,
+    tag_of,
+    wait_of,
     with_switches,
 )
 from hpcserve.slurm.protocol import JobFilter, Ping, SlurmClient
@@ -145,8 +149,9 @@ def _display_id(obj: Any) -> str:
     return f"{obj.array_id}_{obj.array_task_id or 0}"
 
 
-def job_from_pyslurm(obj: Any) -> Job:
-    num_nodes = _int(obj.num_nodes)
+def job_from_pyslurm(obj: Any, now: datetime) -> Job:
+    num_nodes, state = _int(obj.num_nodes), JobState.parse(_text(obj.state) or "UNKNOWN")
+    submit, start, comment = parse_epoch(obj.submit_time), parse_epoch(obj.start_time), _text(obj.comment)
     return Job(
         id=_display_id(obj),
         job_id=int(obj.id),
@@ -154,16 +159,18 @@ def job_from_pyslurm(obj: Any) -> Job:
         user=_user(obj),
         account=_text(obj.account),
         partition=_text(obj.partition),
-        state=JobState.parse(_text(obj.state) or "UNKNOWN"),
+        state=state,
         num_nodes=num_nodes,
         nodes=expand(_text(obj.allocated_nodes)),
         gpus=gpu_count(obj.gres_per_node) * max(num_nodes, 1),
         qos=_text(obj.qos),
-        submit=parse_epoch(obj.submit_time),
-        start=parse_epoch(obj.start_time),
+        submit=submit,
+        start=start,
         time_limit_s=_minutes_to_s(obj.time_limit),
         reason=_text(obj.state_reason),
-        comment=_text(obj.comment),
+        comment=comment,
+        tag=tag_of(comment),
+        wait_s=wait_of(state, submit, start, now),
     )
 
 
@@ -180,14 +187,14 @@ def array_task_ids(text: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def jobs_from_pyslurm(objs: Iterable[Any]) -> list[Job]:
+def jobs_from_pyslurm(objs: Iterable[Any], now: datetime) -> list[Job]:
     """One Job per array task, as ``squeue -r`` lists them (the CLI backend does the same)."""
     jobs = []
     for obj in objs:
-        job = job_from_pyslurm(obj)
+        job = job_from_pyslurm(obj, now)
         waiting = _text(obj.array_tasks_waiting) if obj.array_id else ""
         tasks = array_task_ids(waiting) if waiting else ()
-        jobs += [job._replace(id=f"{obj.array_id}_{t}") for t in tasks] or [job]
+        jobs += [msgspec.structs.replace(job, id=f"{obj.array_id}_{t}") for t in tasks] or [job]
     return jobs
 
 
@@ -270,7 +277,7 @@ class PyslurmClient:
         return Ping(bool(resp.is_responding), f"{resp.hostname} answered in {resp.latency} ms (pyslurm)")
 
     def jobs(self, filt: JobFilter | None = None) -> list[Job]:
-        return filter_jobs(jobs_from_pyslurm(self._load("Jobs")), filt or JobFilter())
+        return filter_jobs(jobs_from_pyslurm(self._load("Jobs"), self._clock()), filt or JobFilter())
 
     def nodes(self) -> list[Node]:
         return [node_from_pyslurm(n) for n in self._load("Nodes")]
