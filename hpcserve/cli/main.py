@@ -45,12 +45,11 @@ class Context:
             self._runner = SubprocessRunner()
         return self._runner
 
-    def load_site(self, required: bool = True) -> SiteConfig | None:
+    def load_site(self) -> SiteConfig | None:
+        """The site config, when one is given; it also names SLURM_CONF if the environment does not."""
         from hpcserve.config import load_site_config
 
         if self.site_path is None:
-            if required:
-                raise HpcserveError("no site config (fix: pass --site FILE or set HPCSERVE_SITE)")
             return None
         site = load_site_config(self.site_path)
         if site.slurm.slurm_conf and "SLURM_CONF" not in os.environ:
@@ -105,15 +104,14 @@ def nodes(ctx: Context, partitions: tuple[str, ...], as_json: bool) -> None:
     from hpcserve.cli.output import emit_json, emit_table
     from hpcserve.inventory import node_views
     from hpcserve.slurm.factory import make_client
-    from hpcserve.slurm.models import to_jsonable
 
-    site = ctx.load_site(required=False)
+    site = ctx.load_site()
     snapshot = make_client(site).snapshot()
     views = [
         v for v in node_views(snapshot.nodes, site) if not partitions or set(partitions) & set(v.partitions)
     ]
     if as_json:
-        emit_json(to_jsonable(views))
+        emit_json(views)
         return
     rows = [(v.name, ",".join(v.partitions), v.state, f"{v.gpus_free}/{v.gpus_total}", v.gpu_type, v.switch,
              v.fabric, ",".join(v.features), v.reason) for v in views]  # fmt: skip

@@ -7,11 +7,10 @@ per call, and the CLI must start fast. Times are timezone-aware UTC datetimes; d
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
 
 import msgspec
 
@@ -250,22 +249,3 @@ def with_switches(nodes: Iterable[Node], topology: Topology) -> tuple[Node, ...]
     """Nodes with their leaf switch filled in from the topology."""
     leaf = topology.leaf_map()
     return tuple(dataclasses.replace(n, switch=leaf.get(n.name, n.switch)) for n in nodes)
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Plain JSON-ready data for ``--json`` output: dataclasses, enums, datetimes, sets, tuples."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, msgspec.Struct):
-        return msgspec.to_builtins(obj)
-    if isinstance(obj, StrEnum):
-        return obj.value
-    if isinstance(obj, datetime):
-        return obj.isoformat()
-    if isinstance(obj, frozenset | set):
-        return sorted(to_jsonable(v) for v in obj)
-    if isinstance(obj, list | tuple):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    return obj
