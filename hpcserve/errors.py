@@ -34,9 +34,15 @@ class SlurmCommandError(HpcserveError):
 
     def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str) -> None:
         self.argv, self.returncode, self.stderr = tuple(argv), returncode, stderr.strip()
-        first = self.stderr.splitlines()[0] if self.stderr else "no error output"
-        status = "timed out" if returncode is None else f"exited {returncode}"
-        super().__init__(f"`{shlex.join(self.argv)}` {status}: {first}")
+        lines = self.stderr.splitlines() or ["no error output"]
+        first = next((line for line in lines if "error" in line.lower()), lines[0])
+        status = {None: "timed out", 0: "reported an error"}.get(returncode, f"exited {returncode}")
+        super().__init__(f"`{_short_command(self.argv)}` {status}: {first}")
+
+
+def _short_command(argv: Sequence[str], width: int = 40) -> str:
+    """The command for a message: long arguments (squeue's format string) cut to ``width`` characters."""
+    return shlex.join(a if len(a) <= width else a[: width - 3] + "..." for a in argv)
 
 
 class SlurmParseError(HpcserveError):

@@ -142,3 +142,12 @@ def test_doctor_passes_on_a_running_cluster(hpcserve: Cli) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     checks = {c["check"]: c["ok"] for c in json.loads(out.stdout)}
     assert checks == {"slurm": True, "munge": True, "accounting": True, "config": True, "database": True}
+
+
+def test_unknown_job_or_user_is_an_error_not_silence(hpcserve: Cli) -> None:
+    # Slurm exits 0 for both; hpcserve reports them as one-line errors
+    cancel = hpcserve("cancel", "1")
+    assert cancel.returncode == 1 and cancel.stdout == ""
+    assert cancel.stderr.count("\n") == 1 and "Invalid job id specified" in cancel.stderr
+    ps = hpcserve("ps", "-u", "no-such-user-hpcserve")
+    assert ps.returncode == 1 and "Invalid user: no-such-user-hpcserve" in ps.stderr

@@ -105,3 +105,19 @@ def test_prestart_runs_before_it_is_asked_for() -> None:
     assert started < asked - 0.5  # the command ran during the sleep, not when asked
     (later,) = [float(x) for x in runner.lines(argv, timeout=10)]  # a second ask starts a new process
     assert later >= asked
+
+
+@pytest.mark.parametrize(
+    ("stderr", "fails"),
+    [("squeue: error: Invalid user: nosuchuser\n", True), ("sbatch: warning: job name truncated\n", False),
+     ("", False)],
+)  # fmt: skip
+def test_slurm_error_line_with_exit_0_is_a_failure(stderr: str, fails: bool) -> None:
+    argv = [PY, "-c", f"import sys; sys.stderr.write({stderr!r})"]
+    if fails:
+        with pytest.raises(SlurmCommandError, match="reported an error: squeue: error: Invalid user"):
+            SubprocessRunner()(argv, timeout=10)
+        with pytest.raises(SlurmCommandError):
+            list(SubprocessRunner().lines(argv, timeout=10))
+    else:
+        assert SubprocessRunner()(argv, timeout=10).returncode == 0

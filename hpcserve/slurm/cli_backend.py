@@ -100,7 +100,7 @@ class CliSlurmClient:
 
     def cancel(self, job_ids: Iterable[str], *, signal: str | None = None) -> None:
         ids = check_job_ids(job_ids)
-        argv = ["scancel"]
+        argv = ["scancel", "--verbose"]  # quiet scancel says nothing about an unknown job id
         if signal is not None:
             if signal.upper().removeprefix("SIG") not in _SIGNALS:
                 raise ValidationError(

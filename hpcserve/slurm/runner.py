@@ -6,6 +6,7 @@ Light on imports on purpose (no dataclasses, no hpcserve models): the console en
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -14,6 +15,13 @@ from typing import NamedTuple, Protocol
 from hpcserve.errors import SlurmCommandError
 
 DEFAULT_TIMEOUT_S = 30.0
+# Slurm's clients sometimes exit 0 after printing "<command>: error: ..." (squeue -u for an unknown user,
+# scancel of an unknown job id): such a line is a failure too. "warning:" lines are not.
+_SLURM_ERROR = re.compile(r"^\S+: error: ", re.MULTILINE)
+
+
+def failed(returncode: int, stderr: str) -> bool:
+    return returncode != 0 or _SLURM_ERROR.search(stderr) is not None
 
 
 class CommandResult(NamedTuple):
@@ -49,7 +57,7 @@ class SubprocessRunner:
             raise SlurmCommandError(argv, None, f"no answer after {timeout:g}s") from exc
         except FileNotFoundError as exc:
             raise _not_found(argv) from exc
-        if proc.returncode != 0:
+        if failed(proc.returncode, proc.stderr):
             raise SlurmCommandError(argv, proc.returncode, proc.stderr)
         return CommandResult(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
 
@@ -94,7 +102,7 @@ def _stream(proc: subprocess.Popen[str], argv: Sequence[str], timeout: float) ->
             proc.wait()
     if expired.is_set():
         raise SlurmCommandError(argv, None, f"no answer after {timeout:g}s")
-    if returncode != 0:
+    if failed(returncode, stderr):
         raise SlurmCommandError(argv, returncode, stderr)
 
 
