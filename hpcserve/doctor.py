@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from hpcserve.errors import HpcserveError, SlurmCommandError
 from hpcserve.slurm.cli_backend import CliSlurmClient
-from hpcserve.slurm.runner import CommandRunner
+from hpcserve.slurm.protocol import CommandRunner
 
 if TYPE_CHECKING:
     from hpcserve.config import SiteConfig

@@ -6,7 +6,6 @@ non-zero; it never shows a traceback for these.
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Sequence
 
 
@@ -42,6 +41,8 @@ class SlurmCommandError(HpcserveError):
 
 def _short_command(argv: Sequence[str], width: int = 40) -> str:
     """The command for a message: long arguments (squeue's format string) cut to ``width`` characters."""
+    import shlex  # only when a message is made: it loads re, and errors.py is on the CLI's start path
+
     return shlex.join(a if len(a) <= width else a[: width - 3] + "..." for a in argv)
 
 

@@ -21,8 +21,8 @@ from hpcserve.slurm.models import (
     Topology,
     with_switches,
 )
-from hpcserve.slurm.protocol import JobFilter, Ping
-from hpcserve.slurm.runner import DEFAULT_TIMEOUT_S, CommandRunner, SubprocessRunner
+from hpcserve.slurm.protocol import CommandRunner, JobFilter, Ping
+from hpcserve.slurm.runner import DEFAULT_TIMEOUT_S, SubprocessRunner
 
 _SIGNALS = frozenset({"HUP", "INT", "QUIT", "KILL", "USR1", "USR2", "TERM", "CONT", "STOP"})
 

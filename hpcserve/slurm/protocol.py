@@ -7,7 +7,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from hpcserve.slurm.models import AccountingRecord, ClusterSnapshot, Job, Node, Partition, Topology
+    from hpcserve.slurm.runner import CommandResult
+
+
+class CommandRunner(Protocol):
+    """Runs argv lists (hpcserve.slurm.runner.SubprocessRunner). Injected into clients, so the process layer
+    is swappable."""
+
+    def __call__(self, argv: Sequence[str], *, timeout: float, stdin: str | None = None) -> CommandResult: ...
+
+    def lines(self, argv: Sequence[str], *, timeout: float) -> Iterator[str]: ...
 
 
 @dataclass(frozen=True, slots=True)

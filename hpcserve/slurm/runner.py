@@ -1,42 +1,45 @@
 """The only place hpcserve runs Slurm's commands. Commands are argv lists; nothing goes through a shell.
 
-Light on imports on purpose (no dataclasses, no hpcserve models): the console entry point uses it to start
-``squeue`` before the CLI framework loads (see hpcserve/cli/entry.py).
+Light on imports on purpose (no typing, dataclasses or models; ``re`` only once a command has run): the
+console entry point uses it to start ``squeue`` before anything else loads (see hpcserve/cli/entry.py).
+The interface clients depend on is ``hpcserve.slurm.protocol.CommandRunner``.
 """
 
 from __future__ import annotations
 
-import re
 import subprocess
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import NamedTuple, Protocol
+from functools import cache
 
 from hpcserve.errors import SlurmCommandError
 
 DEFAULT_TIMEOUT_S = 30.0
-# Slurm's clients sometimes exit 0 after printing "<command>: error: ..." (squeue -u for an unknown user,
-# scancel of an unknown job id): such a line is a failure too. "warning:" lines are not.
-_SLURM_ERROR = re.compile(r"^\S+: error: ", re.MULTILINE)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy treats the name the same way
+if TYPE_CHECKING:
+    import re
 
 
 def failed(returncode: int, stderr: str) -> bool:
-    return returncode != 0 or _SLURM_ERROR.search(stderr) is not None
+    """Slurm's clients sometimes exit 0 after printing ``<command>: error: ...`` (squeue -u for an unknown
+    user, scancel --verbose of an unknown job id): such a line is a failure too; ``warning:`` is not."""
+    return returncode != 0 or (bool(stderr) and _slurm_error().search(stderr) is not None)
 
 
-class CommandResult(NamedTuple):
-    argv: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
+@cache
+def _slurm_error() -> re.Pattern[str]:
+    import re
+
+    return re.compile(r"^\S+: error: ", re.MULTILINE)
 
 
-class CommandRunner(Protocol):
-    """Runs argv lists. Injected into clients, so the process layer is swappable."""
+class CommandResult:
+    """What a command printed. A plain slotted class: typing's NamedTuple would cost an import here."""
 
-    def __call__(self, argv: Sequence[str], *, timeout: float, stdin: str | None = None) -> CommandResult: ...
+    __slots__ = ("argv", "returncode", "stderr", "stdout")
 
-    def lines(self, argv: Sequence[str], *, timeout: float) -> Iterator[str]: ...
+    def __init__(self, argv: tuple[str, ...], returncode: int, stdout: str, stderr: str) -> None:
+        self.argv, self.returncode, self.stdout, self.stderr = argv, returncode, stdout, stderr
 
 
 class SubprocessRunner:
