@@ -1,13 +1,12 @@
 """The ``hpcserve`` console script.
 
-``hpcserve ps`` is run in loops and scripts, and most of its time is slurmctld answering squeue. So for an
-unfiltered ``ps`` the entry point starts squeue first, before click and hpcserve's models load; the command
-then reads the output of the already running squeue through the same runner.
+``hpcserve ps`` is run in loops and scripts, and on a busy cluster most of its time is slurmctld answering
+squeue. So for an unfiltered ``ps`` the entry point starts squeue first, before click and hpcserve's
+models load; the command then reads the output of the already running squeue through the same runner.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 _PRESTART_FLAGS = frozenset({"--json"})
@@ -24,10 +23,4 @@ def main() -> None:
         runner.prestart(squeue_argv(None), timeout=DEFAULT_TIMEOUT_S)
     from hpcserve.cli.main import main as run_cli
 
-    run_cli(args, runner=runner)  # exits through SystemExit on any error
-    if runner is not None:
-        # `ps` has printed everything and holds nothing (no threads, files or connections): skip the
-        # interpreter's teardown of the modules it loaded, about a tenth of the command's time.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    run_cli(args, runner=runner)
