@@ -51,7 +51,7 @@ def _guard(name: str, fix: str, body: Callable[[], Check]) -> Check:
     try:
         return body()
     except SlurmCommandError as exc:
-        return Check(name, False, exc.stderr.splitlines()[0] if exc.stderr else str(exc), fix)
+        return Check(name, False, exc.reason, fix)
     except HpcserveError as exc:
         return Check(name, False, str(exc), fix)
 

@@ -28,15 +28,15 @@ class SlurmCommandError(HpcserveError):
     """A Slurm command failed, timed out or could not be started.
 
     ``returncode`` is the process's exit status, ``None`` when it timed out and 127 when the program
-    was not found.
+    was not found; ``reason`` is the line of stderr that explains the failure.
     """
 
     def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str) -> None:
         self.argv, self.returncode, self.stderr = tuple(argv), returncode, stderr.strip()
         lines = self.stderr.splitlines() or ["no error output"]
-        first = next((line for line in lines if "error" in line.lower()), lines[0])
+        self.reason = next((line for line in lines if "error" in line.lower()), lines[0])
         status = {None: "timed out", 0: "reported an error"}.get(returncode, f"exited {returncode}")
-        super().__init__(f"`{_short_command(self.argv)}` {status}: {first}")
+        super().__init__(f"`{_short_command(self.argv)}` {status}: {self.reason}")
 
 
 def _short_command(argv: Sequence[str], width: int = 40) -> str:

@@ -1,4 +1,4 @@
-"""Read-side views for the CLI: nodes joined with the site's fabric map, jobs with their wait time."""
+"""Read-side views for the CLI: nodes joined with the site's fabric map, and jobs as JSON."""
 
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 
-from hpcserve.errors import SlurmCommandError, ValidationError
+from hpcserve.errors import SlurmCommandError
 from hpcserve.slurm import parsers
-from hpcserve.slurm.commands import check_job_ids, sacct_argv, squeue_argv
+from hpcserve.slurm.commands import sacct_argv, scancel_argv, squeue_argv
 from hpcserve.slurm.models import (
     AccountingRecord,
     ClusterSnapshot,
@@ -23,8 +23,6 @@ from hpcserve.slurm.models import (
 )
 from hpcserve.slurm.protocol import CommandRunner, JobFilter, Ping
 from hpcserve.slurm.runner import DEFAULT_TIMEOUT_S, SubprocessRunner
-
-_SIGNALS = frozenset({"HUP", "INT", "QUIT", "KILL", "USR1", "USR2", "TERM", "CONT", "STOP"})
 
 
 def _utcnow() -> datetime:
@@ -99,15 +97,7 @@ class CliSlurmClient:
         return parsers.parse_sbatch(self._run(["sbatch", "--parsable", *sbatch_args], stdin=script))
 
     def cancel(self, job_ids: Iterable[str], *, signal: str | None = None) -> None:
-        ids = check_job_ids(job_ids)
-        argv = ["scancel", "--verbose"]  # quiet scancel says nothing about an unknown job id
-        if signal is not None:
-            if signal.upper().removeprefix("SIG") not in _SIGNALS:
-                raise ValidationError(
-                    f"signal {signal!r} is not supported (use one of {', '.join(sorted(_SIGNALS))})"
-                )
-            argv.append(f"--signal={signal.upper().removeprefix('SIG')}")
-        self._run([*argv, *ids])
+        self._run(scancel_argv(job_ids, signal))
 
 
 def _tolerate_unknown_ids(jobs: Iterator[Job]) -> Iterator[Job]:

@@ -72,6 +72,22 @@ def squeue_argv(filt: JobFilter | None) -> list[str]:
     return argv
 
 
+SIGNALS = frozenset({"HUP", "INT", "QUIT", "KILL", "USR1", "USR2", "TERM", "CONT", "STOP"})
+
+
+def scancel_argv(job_ids: Iterable[str], signal: str | None = None) -> list[str]:
+    """--verbose: a quiet scancel says nothing about an unknown job id; verbose prints an ``error:`` line."""
+    argv = ["scancel", "--verbose"]
+    if signal is not None:
+        name = signal.upper().removeprefix("SIG")
+        if name not in SIGNALS:
+            raise ValidationError(
+                f"signal {signal!r} is not supported (use one of {', '.join(sorted(SIGNALS))})"
+            )
+        argv.append(f"--signal={name}")
+    return [*argv, *check_job_ids(job_ids)]
+
+
 def sacct_argv(job_ids: Iterable[str]) -> list[str]:
     ids = check_job_ids(job_ids)
     return ["sacct", "-n", "-X", "--parsable2", f"--delimiter={SEP}", f"--format={','.join(SACCT_FIELDS)}",

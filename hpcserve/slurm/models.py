@@ -1,7 +1,8 @@
 """Typed snapshot of a Slurm cluster, shared by every backend and every decision function.
 
-These are frozen dataclasses with slots, not pydantic models: ``hpcserve ps`` builds thousands of them
-per call, and the CLI must start fast. Times are timezone-aware UTC datetimes; durations are seconds.
+Frozen dataclasses with slots, and a frozen msgspec Struct for ``Job`` (``hpcserve ps`` builds 10,000 per
+call); not pydantic, which the CLI would pay for at start. Times are timezone-aware UTC datetimes;
+durations are seconds.
 """
 
 from __future__ import annotations
@@ -57,10 +58,6 @@ class JobState(StrEnum):
     def is_pending(self) -> bool:
         return self in _WAITING
 
-    @property
-    def holds_resources(self) -> bool:
-        return self in _HOLDING
-
     @classmethod
     def parse(cls, text: str) -> JobState:
         """``CANCELLED by 0`` -> CANCELLED; unknown words -> UNKNOWN (Slurm adds states over time)."""
@@ -86,18 +83,6 @@ _TERMINAL = frozenset(
     }
 )
 _WAITING = frozenset({JobState.PENDING, JobState.REQUEUED, JobState.REQUEUE_HOLD, JobState.REQUEUE_FED})
-_HOLDING = frozenset(
-    {
-        JobState.RUNNING,
-        JobState.SUSPENDED,
-        JobState.COMPLETING,
-        JobState.CONFIGURING,
-        JobState.RESIZING,
-        JobState.SIGNALING,
-        JobState.STAGE_OUT,
-        JobState.STOPPED,
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,16 +33,6 @@ def parse_duration(text: str) -> int | None:
     return parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
-def format_duration(seconds: int | None) -> str:
-    """Seconds -> ``D-HH:MM:SS`` (or ``HH:MM:SS``); None -> ``UNLIMITED``."""
-    if seconds is None:
-        return "UNLIMITED"
-    days, rem = divmod(int(seconds), 86400)
-    h, rem = divmod(rem, 3600)
-    m, s = divmod(rem, 60)
-    return f"{days}-{h:02d}:{m:02d}:{s:02d}" if days else f"{h:02d}:{m:02d}:{s:02d}"
-
-
 def parse_timestamp(text: str) -> datetime | None:
     """``2026-11-22T21:53:31`` (slurmctld's local time) -> aware UTC datetime; N/A, Unknown -> None."""
     text = text.strip()
