@@ -25,5 +25,8 @@ fi
 # strict editable mode: a link tree under build/ on a plain path entry. The default mode installs an import
 # hook that every Python start in the venv pays for (~15-30 ms here); an edit shows at once, a new module
 # after the next run of this script.
-.venv/bin/python -m pip install -q -e '.[dev,postgres]' --config-settings editable_mode=strict
+# torch 2.13.0 first: it is the CPU build on this machine's disk; the `train` extra's range then adds nothing
+# (a bare `torch` requirement would fetch a CUDA build of several GB).
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e '.[dev,postgres,train]' --config-settings editable_mode=strict
 bash scripts/minicluster.sh start

@@ -1,0 +1,1 @@
+"""Job submission: templates (sbatch), Python callables (submitit), the policy check, the torch env."""

@@ -1,0 +1,97 @@
+"""What a submission asks for (``JobRequest``) and what it becomes once policy and placement have decided
+(``ResolvedJob``). Both are plain values: the template path and the submitit path share them."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from hpcserve.config.policy import JobClassName
+from hpcserve.slurm.models import TAG_PREFIX
+
+
+def seconds_to_slurm(seconds: int) -> str:
+    """Seconds -> ``D-HH:MM:SS``, the form sbatch --time takes."""
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def make_tag(kind: str, name: str) -> str:
+    """hpcserve's marker for ``--comment``: ``hpcserve:<kind>:<name>``; unsafe characters become ``_``."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:64] or "job"
+    return f"{TAG_PREFIX}{kind}:{safe}"
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """A user's request, before policy and placement. ``None`` means "use the class default"."""
+
+    job_class: JobClassName
+    name: str
+    user: str
+    partition: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int | None = None
+    time_s: int | None = None
+    array: str | None = None  # sbatch --array syntax, e.g. "0-9" or "0-99%10"
+    account: str | None = None
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the whole job holds (per array task)."""
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedJob:
+    """A request after the policy check and placement: everything sbatch needs, nothing left to decide."""
+
+    request: JobRequest
+    partition: str
+    qos: str
+    time_s: int
+    preemptible: bool
+    grace_s: int
+    tag: str
+    nodelist: tuple[str, ...] = ()  # chosen by placement, or empty to let Slurm choose
+    switches: str | None = None  # sbatch --switches value, e.g. "1@00:10:00"
+    constraint: str | None = None  # sbatch --constraint, e.g. the fabric island's feature
+    env: Mapping[str, str] = field(default_factory=dict)  # exported in the job, e.g. the NCCL settings
+
+    def sbatch_args(self) -> list[str]:
+        """The sbatch options as argv items (``--opt=value``: no shell ever sees them)."""
+        from hpcserve import hostlists
+
+        req = self.request
+        args = [
+            f"--job-name={req.name}",
+            f"--partition={self.partition}",
+            f"--qos={self.qos}",
+            f"--nodes={req.nodes}",
+            f"--ntasks-per-node={req.tasks_per_node}",
+            f"--time={seconds_to_slurm(self.time_s)}",
+            f"--comment={self.tag}",
+        ]
+        if req.gpus_per_node:
+            args.append(f"--gres=gpu:{req.gpus_per_node}")
+        if req.cpus_per_task:
+            args.append(f"--cpus-per-task={req.cpus_per_task}")
+        if req.account:
+            args.append(f"--account={req.account}")
+        if req.array:
+            args.append(f"--array={req.array}")
+        if self.nodelist:
+            args.append(f"--nodelist={hostlists.collect(self.nodelist)}")
+        if self.switches:
+            args.append(f"--switches={self.switches}")
+        if self.constraint:
+            args.append(f"--constraint={self.constraint}")
+        if self.preemptible:
+            # The batch shell gets USR2 grace_s before the end, checkpoints, and the job is requeued.
+            args += [f"--signal=B:USR2@{self.grace_s}", "--requeue"]
+        return args
