@@ -177,6 +177,16 @@ def cancel(ctx: Context, job_ids: tuple[str, ...], signal: str | None, as_json: 
         click.echo(f"{verb}: {' '.join(job_ids)}")
 
 
+def _add_job_commands() -> None:
+    from hpcserve.cli.jobs_cmds import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_add_job_commands()
+
+
 def main(argv: list[str] | None = None, runner: SubprocessRunner | None = None) -> None:
     """Run the CLI. Errors print one line on stderr, with no traceback, and exit non-zero."""
     try:

@@ -1,0 +1,138 @@
+"""Submission: request -> policy -> placement -> sbatch (templates) or submitit (callables).
+
+``plan`` is pure (a request, the policy, a snapshot and the fabric topology in; a ``ResolvedJob`` out).
+``Submitter`` is the edge: it reads the cluster once, then plans and submits many jobs against that view,
+counting what it submitted toward each user's GPU limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hpcserve.jobs.policy import array_size, gpus_in_use, resolve
+from hpcserve.jobs.spec import JobRequest, ResolvedJob
+from hpcserve.placement import FabricTopology, PlacementRequest, build_fabric_topology, select_nodes
+
+if TYPE_CHECKING:
+    import submitit
+
+    from hpcserve.config import Policy, SiteConfig
+    from hpcserve.jobs.templates import Template
+    from hpcserve.slurm.models import ClusterSnapshot
+    from hpcserve.slurm.protocol import SlurmClient
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedJob:
+    """A job ready for sbatch: the resolved options, why its nodes were chosen, and the script if any."""
+
+    job: ResolvedJob
+    placement: str  # a sentence: which nodes and why, or why Slurm chooses
+    script: str | None = None
+
+    def sbatch_args(self) -> list[str]:
+        return self.job.sbatch_args()
+
+
+def place(job: ResolvedJob, snapshot: ClusterSnapshot, topology: FabricTopology) -> tuple[ResolvedJob, str]:
+    """Choose nodes for a multi-node job (same leaf, one fabric island, best fit) and its NCCL env.
+
+    A one-node job needs no network between nodes, so Slurm's own best fit chooses its node.
+    """
+    req = job.request
+    if req.nodes < 2:
+        return job, "one node: Slurm chooses it"
+    partition = snapshot.partition(job.partition)
+    candidates = frozenset(partition.nodes) if partition is not None else None
+    placement = select_nodes(
+        PlacementRequest(nodes=req.nodes, gpus_per_node=req.gpus_per_node, candidates=candidates),
+        snapshot,
+        topology,
+    )
+    placed = dataclasses.replace(
+        job,
+        nodelist=placement.nodes,
+        switches=placement.switches,
+        constraint=placement.constraint,
+        env={**placement.env, **job.env},
+    )
+    return placed, placement.reason
+
+
+def plan(
+    request: JobRequest,
+    policy: Policy,
+    snapshot: ClusterSnapshot,
+    topology: FabricTopology,
+    *,
+    kind: str,
+    gpus_used: int | None = None,
+) -> tuple[ResolvedJob, str]:
+    """Policy, then placement. ``gpus_used`` defaults to the user's live jobs in the snapshot."""
+    used = gpus_in_use(snapshot.jobs, request.user) if gpus_used is None else gpus_used
+    return place(resolve(request, policy, used, kind=kind), snapshot, topology)
+
+
+class Submitter:
+    """Plans and submits jobs against one view of the cluster, read on first use."""
+
+    def __init__(self, client: SlurmClient, site: SiteConfig, policy: Policy) -> None:
+        self._client, self._site, self._policy = client, site, policy
+        self._view: tuple[ClusterSnapshot, FabricTopology] | None = None
+        self._submitted_gpus: dict[str, int] = defaultdict(int)
+
+    def view(self) -> tuple[ClusterSnapshot, FabricTopology]:
+        if self._view is None:
+            snapshot = self._client.snapshot()
+            self._view = snapshot, build_fabric_topology(snapshot.topology, self._site)
+        return self._view
+
+    def plan(self, request: JobRequest, *, kind: str) -> tuple[ResolvedJob, str]:
+        snapshot, topology = self.view()
+        used = gpus_in_use(snapshot.jobs, request.user) + self._submitted_gpus[request.user]
+        return plan(request, self._policy, snapshot, topology, kind=kind, gpus_used=used)
+
+    def plan_template(self, template: Template, values: Mapping[str, str], request: JobRequest) -> PlannedJob:
+        """The exact script and sbatch options a template submission would use."""
+        from hpcserve.jobs.templates import render, validate_params
+
+        checked = validate_params(template, values)
+        job, reason = self.plan(request, kind="template")
+        return PlannedJob(job, reason, render(template, checked, env=job.env))
+
+    def submit(self, planned: PlannedJob) -> str:
+        """sbatch the planned script; returns the job id."""
+        if planned.script is None:
+            raise ValueError("only template jobs carry a script; use submit_callable for callables")
+        job_id = self._client.submit(planned.script, planned.sbatch_args())
+        self._count(planned.job.request)
+        return job_id
+
+    def submit_callable(
+        self,
+        request: JobRequest,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        folder: Path,
+        sweep: Sequence[tuple[Any, ...]] | None = None,
+    ) -> tuple[list[submitit.Job[Any]], PlannedJob]:
+        """Submit ``fn(*args)`` through submitit, or ``fn(*a)`` for each ``a`` in ``sweep`` as one array."""
+        from hpcserve.jobs.callables import submit_array, submit_resolved
+
+        if sweep is not None:
+            request = dataclasses.replace(request, array=f"0-{len(sweep) - 1}")
+        job, reason = self.plan(request, kind="train")
+        if sweep is not None:
+            jobs = submit_array(job, fn, list(sweep), folder)
+        else:
+            jobs = [submit_resolved(job, fn, *args, folder=folder)]
+        self._count(request)
+        return jobs, PlannedJob(job, reason)
+
+    def _count(self, request: JobRequest) -> None:
+        self._submitted_gpus[request.user] += request.gpus * array_size(request.array)
