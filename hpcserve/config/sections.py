@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +12,7 @@ from hpcserve.config.base import Frozen, HostList, Invalid, Name, nodes_text
 
 FabricKind = Literal["infiniband", "roce", "tcp"]
 DEFAULT_DATABASE_URL = "sqlite:///~/.local/state/hpcserve/hpcserve.db"
+_FEATURE_CHARS = frozenset(string.ascii_letters + string.digits + "_.:-")
 
 
 class SlurmSettings(Frozen):
@@ -94,6 +96,15 @@ class Fabric(Frozen):
     hcas: tuple[str, ...] = ()
     gid_index: int | None = Field(default=None, ge=0)
     socket_ifname: str | None = None
+    feature: str | None = None  # a Slurm node feature every node of this fabric carries (for --constraint)
+
+    @field_validator("feature")
+    @classmethod
+    def _plain_feature(cls, feature: str | None) -> str | None:
+        if feature is not None and not (feature and set(feature) <= _FEATURE_CHARS):
+            problem = f"{feature!r} is not a plain feature name"
+            raise Invalid("", problem, "write one name like ib, as slurm.conf's Features= has it")
+        return feature
 
     @model_validator(mode="after")
     def _fits_kind(self) -> Fabric:

@@ -48,7 +48,7 @@ def submit_callable(
     loaded_site, loaded_policy = _load(site, policy)
     request = JobRequest(
         job_class=JobClassName(job_class),
-        name=name or getattr(fn, "__name__", type(fn).__name__),
+        name=name or str(getattr(fn, "__name__", type(fn).__name__)),
         user=getpass.getuser(),
         nodes=nodes,
         gpus_per_node=gpus_per_node,
