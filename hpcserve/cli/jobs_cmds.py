@@ -41,6 +41,7 @@ class JobOptions:
     job_name: str | None
     account: str | None
     array: str | None
+    output: str | None
 
 
 _JOB_FLAGS = [
@@ -54,6 +55,7 @@ _JOB_FLAGS = [
     click.option("-J", "--job-name", help="Job name."),
     click.option("-A", "--account", help="Slurm account to charge."),
     click.option("-a", "--array", help="Job array, e.g. 0-9 or 0-99%10."),
+    click.option("-o", "--output", help="sbatch --output file pattern, e.g. logs/%x-%j.out."),
 ]
 
 
@@ -86,6 +88,7 @@ def build_request(opts: JobOptions, defaults: SbatchDefaults, job_class: str, na
         time_s=time_option(time_text) if time_text else None,
         array=opts.array or defaults.array,
         account=opts.account,
+        output=opts.output,
     )
 
 
@@ -173,7 +176,7 @@ def _param_json(param: Any) -> dict[str, Any]:
 @job_flags
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.pass_obj
-def render(ctx: Context, template: str, sets: tuple[str, ...], as_json: bool, **kw: Any) -> None:
+def render(ctx: Context, /, template: str, sets: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Print the exact script (and sbatch options) that `submit` would send; submits nothing."""
     planned = _plan_template(_submitter(ctx), template, sets, kw)
     if as_json:
@@ -190,7 +193,7 @@ def render(ctx: Context, template: str, sets: tuple[str, ...], as_json: bool, **
 @job_flags
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.pass_obj
-def submit(ctx: Context, template: str, sets: tuple[str, ...], as_json: bool, **kw: Any) -> None:
+def submit(ctx: Context, /, template: str, sets: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Submit a job template with parameters, policy checks and topology-aware placement."""
     submitter = _submitter(ctx)
     planned = _plan_template(submitter, template, sets, kw)
@@ -213,7 +216,7 @@ def submit(ctx: Context, template: str, sets: tuple[str, ...], as_json: bool, **
 @click.option("--wait", is_flag=True, help="Wait for the result(s) and print them.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.pass_obj
-def train(ctx: Context, target: str, args: tuple[str, ...], sweep: str | None, folder: Path, wait: bool,
+def train(ctx: Context, /, target: str, args: tuple[str, ...], sweep: str | None, folder: Path, wait: bool,
           as_json: bool, **kw: Any) -> None:  # fmt: skip
     """Run a Python function as a Slurm job through submitit (torch.distributed env, requeue if preempted)."""
     from hpcserve.jobs.callables import resolve_callable

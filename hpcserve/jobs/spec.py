@@ -40,6 +40,7 @@ class JobRequest:
     time_s: int | None = None
     array: str | None = None  # sbatch --array syntax, e.g. "0-9" or "0-99%10"
     account: str | None = None
+    output: str | None = None  # sbatch --output pattern, e.g. "logs/%x-%j.out"
 
     @property
     def gpus(self) -> int:
@@ -85,6 +86,8 @@ class ResolvedJob:
             args.append(f"--account={req.account}")
         if req.array:
             args.append(f"--array={req.array}")
+        if req.output:
+            args.append(f"--output={req.output}")
         if self.nodelist:
             args.append(f"--nodelist={hostlists.collect(self.nodelist)}")
         if self.switches:
