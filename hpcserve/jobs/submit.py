@@ -39,10 +39,14 @@ class PlannedJob:
         return self.job.sbatch_args()
 
 
-def place(job: ResolvedJob, snapshot: ClusterSnapshot, topology: FabricTopology) -> tuple[ResolvedJob, str]:
-    """Choose nodes for a multi-node job (same leaf, one fabric island, best fit) and its NCCL env.
-
-    A one-node job needs no network between nodes, so Slurm's own best fit chooses its node.
+def place(
+    job: ResolvedJob,
+    snapshot: ClusterSnapshot,
+    topology: FabricTopology,
+    degraded: frozenset[str] = frozenset(),
+) -> tuple[ResolvedJob, str]:
+    """Choose nodes for a multi-node job (same leaf, one fabric island, best fit, no degraded node) and
+    its NCCL env. A one-node job needs no network between nodes, so Slurm's own best fit chooses its node.
     """
     req = job.request
     if req.nodes < 2:
@@ -50,7 +54,9 @@ def place(job: ResolvedJob, snapshot: ClusterSnapshot, topology: FabricTopology)
     partition = snapshot.partition(job.partition)
     candidates = frozenset(partition.nodes) if partition is not None else None
     placement = select_nodes(
-        PlacementRequest(nodes=req.nodes, gpus_per_node=req.gpus_per_node, candidates=candidates),
+        PlacementRequest(
+            nodes=req.nodes, gpus_per_node=req.gpus_per_node, candidates=candidates, degraded=degraded
+        ),
         snapshot,
         topology,
     )
@@ -72,17 +78,21 @@ def plan(
     *,
     kind: str,
     gpus_used: int | None = None,
+    degraded: frozenset[str] = frozenset(),
 ) -> tuple[ResolvedJob, str]:
     """Policy, then placement. ``gpus_used`` defaults to the user's live jobs in the snapshot."""
     used = gpus_in_use(snapshot.jobs, request.user) if gpus_used is None else gpus_used
-    return place(resolve(request, policy, used, kind=kind), snapshot, topology)
+    return place(resolve(request, policy, used, kind=kind), snapshot, topology, degraded)
 
 
 class Submitter:
-    """Plans and submits jobs against one view of the cluster, read on first use."""
+    """Plans and submits jobs against one view of the cluster, read on first use. ``degraded`` nodes (the
+    last NCCL probe's verdict, see ``hpcserve.jobs.probe``) are never placed on."""
 
-    def __init__(self, client: SlurmClient, site: SiteConfig, policy: Policy) -> None:
-        self._client, self._site, self._policy = client, site, policy
+    def __init__(
+        self, client: SlurmClient, site: SiteConfig, policy: Policy, degraded: frozenset[str] = frozenset()
+    ) -> None:
+        self._client, self._site, self._policy, self._degraded = client, site, policy, degraded
         self._view: tuple[ClusterSnapshot, FabricTopology] | None = None
         self._submitted_gpus: dict[str, int] = defaultdict(int)
 
@@ -95,7 +105,9 @@ class Submitter:
     def plan(self, request: JobRequest, *, kind: str) -> tuple[ResolvedJob, str]:
         snapshot, topology = self.view()
         used = gpus_in_use(snapshot.jobs, request.user) + self._submitted_gpus[request.user]
-        return plan(request, self._policy, snapshot, topology, kind=kind, gpus_used=used)
+        return plan(
+            request, self._policy, snapshot, topology, kind=kind, gpus_used=used, degraded=self._degraded
+        )
 
     def plan_template(self, template: Template, values: Mapping[str, str], request: JobRequest) -> PlannedJob:
         """The exact script and sbatch options a template submission would use."""
