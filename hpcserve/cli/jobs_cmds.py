@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 CLASSES = ("training", "batch", "inference", "interactive")
 JSON_HELP = "Print machine-readable JSON instead of text."
+PROBE_DEFAULT = "~/.local/state/hpcserve/probe.json"  # the same as hpcserve.jobs.probe.DEFAULT_PATH
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,7 @@ def _first(*values: int | None) -> int:
 
 def _submitter(ctx: Context) -> Submitter:
     from hpcserve.errors import ValidationError
+    from hpcserve.jobs import probe
     from hpcserve.jobs.submit import Submitter
     from hpcserve.slurm.factory import make_client
 
@@ -109,7 +113,12 @@ def _submitter(ctx: Context) -> Submitter:
 
     policy = load_policy(ctx.policy_path)
     check_policy(policy, site, ctx.policy_path)
-    return Submitter(make_client(site), site, policy)
+    degraded = probe.load_degraded(_probe_path(), datetime.now(UTC))
+    return Submitter(make_client(site), site, policy, degraded)
+
+
+def _probe_path() -> Path:
+    return Path(os.environ.get("HPCSERVE_PROBE_FILE") or PROBE_DEFAULT)
 
 
 def _parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -250,4 +259,28 @@ def _sweep(text: str | None) -> list[tuple[Any, ...]] | None:
     return [tuple(item) if isinstance(item, list) else (item,) for item in items]
 
 
-COMMANDS = (templates, render, submit, train)
+@click.command("probe")
+@click.argument("output", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--fraction", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="A node below this share of the median node's bandwidth is degraded.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def probe_cmd(output: Path, fraction: float, as_json: bool) -> None:
+    """Record an nccl-probe job's output: its degraded nodes are kept out of placement."""
+    from dataclasses import asdict
+
+    from hpcserve.jobs import probe
+
+    found = probe.verdict(output.read_text(errors="replace"), datetime.now(UTC), fraction)
+    probe.save(_probe_path(), found)
+    if as_json:
+        from hpcserve.cli.output import emit_json
+
+        emit_json(asdict(found))
+        return
+    for node in found.nodes:
+        mark = "  DEGRADED" if node.node in found.degraded else ""
+        click.echo(f"{node.node}: p2p {node.p2p_gbps:.3f} GB/s, busbw {node.busbw_gbps:.3f} GB/s{mark}")
+    click.echo(f"degraded: {', '.join(found.degraded) or 'none'} (kept out of placement; {_probe_path()})")
+
+
+COMMANDS = (templates, render, submit, train, probe_cmd)
