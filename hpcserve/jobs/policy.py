@@ -47,6 +47,16 @@ def array_size(spec: str | None) -> int:
     return total
 
 
+def check_name(name: str) -> None:
+    """Job names go to sbatch as one argv item, so quotes, ``;`` and ``$( )`` are harmless; control
+    characters are not: squeue and sacct print one job per line, and a newline would forge a second one."""
+    if not name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValidationError(
+            f"-J/--job-name: {name!r} is empty or holds a control character such as a newline "
+            "(fix: use one line of printable text)"
+        )
+
+
 def gpus_in_use(jobs: Iterable[Job], user: str) -> int:
     """GPUs a user's queued and running jobs hold or ask for."""
     return sum(j.gpus for j in jobs if j.user == user and not j.state.is_terminal)
@@ -58,6 +68,7 @@ def resolve(request: JobRequest, policy: Policy, gpus_used: int = 0, kind: str =
     ``gpus_used`` is what the user already holds or waits for (see ``gpus_in_use``); ``kind`` goes into
     hpcserve's tag (``hpcserve:<kind>:<name>``).
     """
+    check_name(request.name)
     rules = policy.for_class(request.job_class)
     name = request.job_class.value
     _check_partition(request, rules, name)
