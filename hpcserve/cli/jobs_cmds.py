@@ -45,6 +45,7 @@ class JobOptions:
     account: str | None
     array: str | None
     output: str | None
+    hold: bool
 
 
 _JOB_FLAGS = [
@@ -59,6 +60,7 @@ _JOB_FLAGS = [
     click.option("-A", "--account", help="Slurm account to charge."),
     click.option("-a", "--array", help="Job array, e.g. 0-9 or 0-99%10."),
     click.option("-o", "--output", help="sbatch --output file pattern, e.g. logs/%x-%j.out."),
+    click.option("-H", "--hold", is_flag=True, help="Submit held; `scontrol release JOBID` starts it."),
 ]
 
 
@@ -92,6 +94,7 @@ def build_request(opts: JobOptions, defaults: SbatchDefaults, job_class: str, na
         array=opts.array or defaults.array,
         account=opts.account,
         output=opts.output,
+        hold=opts.hold,
     )
 
 

@@ -41,6 +41,7 @@ class JobRequest:
     array: str | None = None  # sbatch --array syntax, e.g. "0-9" or "0-99%10"
     account: str | None = None
     output: str | None = None  # sbatch --output pattern, e.g. "logs/%x-%j.out"
+    hold: bool = False  # submit held (scontrol release starts it)
 
     @property
     def gpus(self) -> int:
@@ -78,8 +79,8 @@ class ResolvedJob:
             f"--time={seconds_to_slurm(self.time_s)}",
             f"--comment={self.tag}",
         ]
-        if req.gpus_per_node:
-            args.append(f"--gres=gpu:{req.gpus_per_node}")
+        # "none" overrides a script's own #SBATCH --gres, so a job never holds GPUs the policy did not count
+        args.append(f"--gres=gpu:{req.gpus_per_node}" if req.gpus_per_node else "--gres=none")
         if req.cpus_per_task:
             args.append(f"--cpus-per-task={req.cpus_per_task}")
         if req.account:
@@ -88,6 +89,8 @@ class ResolvedJob:
             args.append(f"--array={req.array}")
         if req.output:
             args.append(f"--output={req.output}")
+        if req.hold:
+            args.append("--hold")
         if self.nodelist:
             args.append(f"--nodelist={hostlists.collect(self.nodelist)}")
         if self.switches:

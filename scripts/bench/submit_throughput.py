@@ -5,7 +5,8 @@ Run from the repo root: scripts/bench/submit_throughput [--n 1000] [--callable-n
 Every job is submitted HELD under one unique name and cancelled by that name at the end.
 
 (a) raw ``sbatch --parsable --hold ... --wrap true``, one process per job;
-(b) hpcserve's template path: ``CliSlurmClient.submit(script, resolved.sbatch_args())`` (hpcserve_submit);
+(b) against a raw ``sbatch --hold ... jobtemplates/model-stage.sbatch`` loop: hpcserve's whole template
+    path through its API (policy, placement, validation, rendering, sbatch; hpcserve_submit);
 (c) on --callable-n jobs: hpcserve's callable path (CallableSubmitter.submit), submitit's own per-job
     ``Executor.submit()`` in a loop (with the time split into its throttle sleep, sbatch and the rest), and
     submitit's ``batch()`` (one array per block); raw sbatch runs again in this phase as its reference.
@@ -29,12 +30,19 @@ from typing import Any
 
 import submitit
 
+from hpcserve.config import load_policy, load_site_config
 from hpcserve.config.policy import JobClassName
 from hpcserve.jobs.callables import CallableSubmitter, executor_parameters
 from hpcserve.jobs.spec import JobRequest, ResolvedJob
+from hpcserve.jobs.submit import Submitter
+from hpcserve.jobs.templates import load_template
 from hpcserve.slurm.cli_backend import CliSlurmClient
 
 RATIO_GOAL = 1.2
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATES = REPO / "jobtemplates"
+TEMPLATE = "model-stage"  # a one-node template; the jobs are held, so it never runs
+SITE, POLICY = "site_configs/minicluster.yaml", "policies/default.yaml"
 SCRIPT = "#!/bin/bash\ntrue\n"
 Method = Callable[[int], None]  # submits k held jobs
 
@@ -78,16 +86,34 @@ def raw_sbatch(name: str, partition: str) -> Method:
     return submit
 
 
-def hpcserve_submit(name: str, partition: str) -> Method:
-    """hpcserve's template submission, one job per call. Integration hook: the ResolvedJob is built directly
-    because this benchmark measures the submission path; to measure the whole API (policy check, placement,
-    template rendering), replace the body of ``submit`` with a ``Submitter.submit(planned)`` call."""
-    client, job = CliSlurmClient(), resolved(name, partition)
-    args = [*job.sbatch_args(), "--hold", "--output=/dev/null"]
+def raw_template(name: str, partition: str) -> Method:
+    """Plain sbatch of the template file, as a user would without hpcserve."""
+    argv = ["sbatch", "--parsable", "--hold", "-J", name, "-p", partition, "-t", "5", "-o", "/dev/null",
+            str(TEMPLATES / f"{TEMPLATE}.sbatch")]  # fmt: skip
 
     def submit(k: int) -> None:
         for _ in range(k):
-            client.submit(SCRIPT, args)
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"sbatch failed: {proc.stderr.strip()}")
+
+    return submit
+
+
+def hpcserve_submit(name: str, partition: str) -> Method:
+    """``hpcserve submit`` through its API, one job per call, each paying the whole path: the policy
+    check (with the user's GPUs counted), placement, parameter validation, rendering and sbatch.
+    The cluster is read once (``Submitter`` keeps its view), as one CLI call or service tick would."""
+    site, policy = load_site_config(REPO / SITE), load_policy(REPO / POLICY)
+    submitter = Submitter(CliSlurmClient(), site, policy)
+    template = load_template(TEMPLATE, TEMPLATES)
+    request = JobRequest(job_class=JobClassName.BATCH, name=name, user="bench", partition=partition,
+                         time_s=300, output="/dev/null", hold=True)  # fmt: skip
+    submitter.view()
+
+    def submit(k: int) -> None:
+        for _ in range(k):
+            submitter.submit(submitter.plan_template(template, {"MODEL": "bench"}, request))
 
     return submit
 
@@ -156,7 +182,7 @@ def row(label: str, n: int, per_job: float, raw: float, note: str = "") -> None:
 
 def template_phase(args: argparse.Namespace, name: str) -> float:
     print(f"\n(a)/(b) {args.n} jobs each, blocks of {args.block}:")
-    methods = {"raw": raw_sbatch(name, args.partition), "hpcserve": hpcserve_submit(name, args.partition)}
+    methods = {"raw": raw_template(name, args.partition), "hpcserve": hpcserve_submit(name, args.partition)}
     for submit in methods.values():
         submit(1)  # warm-up: also checks that it works
     got = rounds(methods, args.n, args.block)
