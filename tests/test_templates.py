@@ -57,7 +57,7 @@ GOLDEN_CASES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
 
 
 def bash_env(script: str) -> dict[str, str]:
-    """The environment after bash sources ``script`` (and nothing else): argv only, no shell=True."""
+    """The environment after bash sources ``script`` (and nothing else); bash gets an argv list."""
     out = subprocess.run(
         ["bash", "-c", 'source /dev/stdin && exec env -0'], input=script.encode(), capture_output=True,
         env={"PATH": os.environ["PATH"]}, check=True, timeout=30,
