@@ -182,12 +182,17 @@ def _param_json(param: Any) -> dict[str, Any]:
             "choices": list(param.choices or ())}  # fmt: skip
 
 
+def template_command(func: F) -> F:
+    """The arguments `render` and `submit` share: a template, its parameters, sbatch-style flags, --json."""
+    func = click.pass_obj(func)
+    func = click.option("--json", "as_json", is_flag=True, help=JSON_HELP)(func)
+    func = job_flags(func)
+    func = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Set a parameter.")(func)
+    return click.argument("template")(func)
+
+
 @click.command()
-@click.argument("template")
-@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Set a template parameter.")
-@job_flags
-@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
-@click.pass_obj
+@template_command
 def render(ctx: Context, /, template: str, sets: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Print the exact script (and sbatch options) that `submit` would send; submits nothing."""
     planned = _plan_template(_submitter(ctx), template, sets, kw)
@@ -200,11 +205,7 @@ def render(ctx: Context, /, template: str, sets: tuple[str, ...], as_json: bool,
 
 
 @click.command()
-@click.argument("template")
-@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Set a template parameter.")
-@job_flags
-@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
-@click.pass_obj
+@template_command
 def submit(ctx: Context, /, template: str, sets: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Submit a job template with parameters, policy checks and topology-aware placement."""
     submitter = _submitter(ctx)

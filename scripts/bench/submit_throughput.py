@@ -73,9 +73,22 @@ def resolved(name: str, partition: str) -> ResolvedJob:
     )  # fmt: skip
 
 
-def raw_sbatch(name: str, partition: str) -> Method:
-    argv = ["sbatch", "--parsable", "--hold", "-J", name, "-p", partition, "-t", "5", "-o", "/dev/null",
-            "--wrap", "true"]  # fmt: skip
+def sbatch_loop(name: str, partition: str, *what: str) -> Method:
+    """One plain sbatch process per held job, as a shell loop would run it."""
+    argv = [
+        "sbatch",
+        "--parsable",
+        "--hold",
+        "-J",
+        name,
+        "-p",
+        partition,
+        "-t",
+        "5",
+        "-o",
+        "/dev/null",
+        *what,
+    ]
 
     def submit(k: int) -> None:
         for _ in range(k):
@@ -84,20 +97,15 @@ def raw_sbatch(name: str, partition: str) -> Method:
                 raise RuntimeError(f"sbatch failed: {proc.stderr.strip()}")
 
     return submit
+
+
+def raw_sbatch(name: str, partition: str) -> Method:
+    return sbatch_loop(name, partition, "--wrap", "true")
 
 
 def raw_template(name: str, partition: str) -> Method:
     """Plain sbatch of the template file, as a user would without hpcserve."""
-    argv = ["sbatch", "--parsable", "--hold", "-J", name, "-p", partition, "-t", "5", "-o", "/dev/null",
-            str(TEMPLATES / f"{TEMPLATE}.sbatch")]  # fmt: skip
-
-    def submit(k: int) -> None:
-        for _ in range(k):
-            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(f"sbatch failed: {proc.stderr.strip()}")
-
-    return submit
+    return sbatch_loop(name, partition, str(TEMPLATES / f"{TEMPLATE}.sbatch"))
 
 
 def hpcserve_submit(name: str, partition: str) -> Method:
