@@ -182,7 +182,7 @@ def _param_json(param: Any) -> dict[str, Any]:
             "choices": list(param.choices or ())}  # fmt: skip
 
 
-def template_command(func: F) -> F:
+def template_command(func: Callable[..., Any]) -> Callable[..., Any]:
     """The arguments `render` and `submit` share: a template, its parameters, sbatch-style flags, --json."""
     func = click.pass_obj(func)
     func = click.option("--json", "as_json", is_flag=True, help=JSON_HELP)(func)
