@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,22 @@ def test_unknown_job_or_user_is_an_error_not_silence(hpcserve: Cli) -> None:
     assert cancel.stderr.count("\n") == 1 and "Invalid job id specified" in cancel.stderr
     ps = hpcserve("ps", "-u", "no-such-user-hpcserve")
     assert ps.returncode == 1 and "Invalid user: no-such-user-hpcserve" in ps.stderr
+
+
+def test_fast_ps_json_matches_the_click_command(
+    slurm: CliSlurmClient, slurm_env: dict[str, str], submitted: list[str]
+) -> None:
+    """Exactly `hpcserve ps --json` skips click (hpcserve/cli/fast_ps.py); it must print what the click
+    command prints."""
+    variants = [("fast ps", ["--comment=hpcserve:test:fast"]), ("arr", ["--array=0-2"])]
+    ids = [slurm.submit("#!/bin/bash\ntrue\n", ["--hold", "-p", "all", "-t", "5", "-J", name, *extra])
+           for name, extra in variants]  # fmt: skip
+    submitted.extend(ids)
+
+    def ours(argv: list[str]) -> dict[str, dict[str, Any]]:
+        out = subprocess.run(argv, capture_output=True, text=True, env=slurm_env, timeout=60, check=True)
+        return {j["id"]: {**j, "wait_s": None} for j in json.loads(out.stdout) if str(j["job_id"]) in ids}
+
+    fast = ours([sys.executable, "-m", "hpcserve", "ps", "--json"])
+    click_path = ours([sys.executable, "-c", "from hpcserve.cli.main import main; main(['ps', '--json'])"])
+    assert fast == click_path and len(fast) >= 2

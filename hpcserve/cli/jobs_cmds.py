@@ -285,6 +285,3 @@ def probe_cmd(output: Path, fraction: float, as_json: bool) -> None:
         mark = "  DEGRADED" if node.node in found.degraded else ""
         click.echo(f"{node.node}: p2p {node.p2p_gbps:.3f} GB/s, busbw {node.busbw_gbps:.3f} GB/s{mark}")
     click.echo(f"degraded: {', '.join(found.degraded) or 'none'} (kept out of placement; {_probe_path()})")
-
-
-COMMANDS = (templates, render, submit, train, probe_cmd)

@@ -58,10 +58,42 @@ class Context:
 
 
 pass_ctx = click.make_pass_decorator(Context)
+
+# Commands that live in their own modules, imported only when run (or listed by --help): ``hpcserve ps``
+# must not pay for the training side's imports.
+LAZY_COMMANDS = {
+    "templates": "hpcserve.cli.jobs_cmds:templates",
+    "render": "hpcserve.cli.jobs_cmds:render",
+    "submit": "hpcserve.cli.jobs_cmds:submit",
+    "train": "hpcserve.cli.jobs_cmds:train",
+    "probe": "hpcserve.cli.jobs_cmds:probe_cmd",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose ``LAZY_COMMANDS`` are imported on first use (click's documented lazy-loading shape)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = LAZY_COMMANDS.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        import importlib
+
+        module, _, attr = target.partition(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
 path_option = click.Path(dir_okay=False, path_type=Path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(__version__, prog_name="hpcserve")
 @click.option(
     "--site", type=path_option, envvar="HPCSERVE_SITE", help="Site config YAML [env HPCSERVE_SITE]."
@@ -175,16 +207,6 @@ def cancel(ctx: Context, job_ids: tuple[str, ...], signal: str | None, as_json: 
         emit_json({"job_ids": list(job_ids), "action": verb})
     else:
         click.echo(f"{verb}: {' '.join(job_ids)}")
-
-
-def _add_job_commands() -> None:
-    from hpcserve.cli.jobs_cmds import COMMANDS
-
-    for command in COMMANDS:
-        cli.add_command(command)
-
-
-_add_job_commands()
 
 
 def main(argv: list[str] | None = None, runner: SubprocessRunner | None = None) -> None:

@@ -16,7 +16,8 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, partial
+from typing import Protocol
 
 from hpcserve.errors import SlurmParseError
 from hpcserve.hostlists import expand
@@ -33,6 +34,11 @@ from hpcserve.slurm.models import (
     wait_of,
 )  # fmt: skip
 from hpcserve.slurm.timefmt import parse_duration, parse_timestamp
+
+
+class WaitFn(Protocol):
+    def __call__(self, state: JobState, submit: datetime | None, start: datetime | None) -> float | None: ...
+
 
 _NULL = frozenset({"", "(null)", "N/A", "None"})
 _WIDTH = len(SQUEUE_FIELDS)
@@ -73,12 +79,14 @@ def parse_squeue(text: str, now: datetime) -> list[Job]:
 
 def iter_squeue(lines: Iterable[str], now: datetime) -> Iterator[Job]:
     """Parse squeue's lines one by one, e.g. while squeue is still printing them."""
+    # Jobs submitted in the same second wait equally long: compute each distinct wait once per call.
+    wait = lru_cache(maxsize=8192)(partial(wait_of, now=now))
     for line in lines:
         if line.strip():
-            yield parse_squeue_line(line, now)
+            yield parse_squeue_line(line, now, wait)
 
 
-def parse_squeue_line(line: str, now: datetime) -> Job:
+def parse_squeue_line(line: str, now: datetime, wait: WaitFn | None = None) -> Job:
     c = line.rstrip("\n").split(SEP, _WIDTH - 1)
     if len(c) != _WIDTH or not c[0].isdigit():
         raise SlurmParseError(f"squeue: expected {_WIDTH} fields starting with a job id, got {line[:120]!r}")
@@ -93,7 +101,8 @@ def parse_squeue_line(line: str, now: datetime) -> Job:
         _expand(c[9]) if c[9] else (), gpus_from_tres(c[10]),   # nodes, gpus
         "" if c[6] in null else c[6], submit, start,            # qos, submit, start
         _duration(c[13]), "" if c[14] in null else c[14],       # time_limit_s, reason
-        comment, tag_of(comment), wait_of(state, submit, start, now),  # comment, tag, wait_s
+        comment, tag_of(comment),                               # comment, tag
+        (wait or partial(wait_of, now=now))(state, submit, start),  # wait_s
     )  # fmt: skip
 
 
