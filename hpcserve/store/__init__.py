@@ -1,0 +1,1 @@
+"""hpcserve's own database: history samples, deployments and replicas, rebalance plans, usage."""
