@@ -210,3 +210,22 @@ class DatabaseSettings(Frozen):
         if self.url.startswith(prefix + "~"):
             return prefix + str(Path(self.url.removeprefix(prefix)).expanduser())
         return self.url
+
+
+class ServingSettings(Frozen):
+    """Where users reach the gateway, and where replica jobs keep their files (a folder every node sees)."""
+
+    gateway_url: str = "http://127.0.0.1:8000"
+    replica_dir: str = "~/.local/state/hpcserve/replicas"
+    controller_interval_s: float = Field(default=2.0, gt=0)  # the service's reconcile/autoscale tick
+    ready_timeout_s: float = Field(default=900.0, gt=0)  # engine start (weights load) before a replica is dead
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise Invalid("", f"{url!r} is not an http(s) URL", "write e.g. http://login1:8000")
+        return url.rstrip("/")
+
+    def replica_path(self) -> Path:
+        return Path(self.replica_dir).expanduser()

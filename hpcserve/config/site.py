@@ -13,6 +13,7 @@ from hpcserve.config.sections import (
     ManagedPool,
     NodeGroup,
     Partitions,
+    ServingSettings,
     SlurmSettings,
     Storage,
     Switch,
@@ -32,6 +33,7 @@ class SiteConfig(Frozen):
     switches: dict[str, Switch] = Field(default_factory=dict)
     storage: Storage
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
     admins: tuple[str, ...] = ()
 
     _group: dict[str, NodeGroup] = PrivateAttr(default_factory=dict)

@@ -129,7 +129,7 @@ def executor_parameters(
     (``{"hold": True}`` -> ``#SBATCH --hold``). ``request.output`` is not used: submitit owns the logs."""
     req = job.request
     additional: dict[str, object] = {"time": seconds_to_slurm(job.time_s), **_placement(job)}
-    if job.preemptible:
+    if job.preemptible or job.requeue:
         additional["requeue"] = True
     params: dict[str, Any] = {
         "job_name": req.name,

@@ -64,6 +64,7 @@ class ResolvedJob:
     switches: str | None = None  # sbatch --switches value, e.g. "1@00:10:00"
     constraint: str | None = None  # sbatch --constraint, e.g. the fabric island's feature
     env: Mapping[str, str] = field(default_factory=dict)  # exported in the job, e.g. the NCCL settings
+    requeue: bool = False  # requeue after a node failure even if not preemptible (serving replicas)
 
     def sbatch_args(self) -> list[str]:
         """The sbatch options as argv items (``--opt=value``: no shell ever sees them)."""
@@ -99,5 +100,7 @@ class ResolvedJob:
             args.append(f"--constraint={self.constraint}")
         if self.preemptible:
             # The batch shell gets USR2 grace_s before the end, checkpoints, and the job is requeued.
-            args += [f"--signal=B:USR2@{self.grace_s}", "--requeue"]
+            args.append(f"--signal=B:USR2@{self.grace_s}")
+        if self.preemptible or self.requeue:
+            args.append("--requeue")
         return args

@@ -132,13 +132,19 @@ class Submitter:
         args: Sequence[Any],
         folder: Path,
         sweep: Sequence[tuple[Any, ...]] | None = None,
+        *,
+        kind: str = "train",
+        tag: str | None = None,
+        requeue: bool = False,
     ) -> tuple[list[submitit.Job[Any]], PlannedJob]:
-        """Submit ``fn(*args)`` through submitit, or ``fn(*a)`` for each ``a`` in ``sweep`` as one array."""
+        """Submit ``fn(*args)`` through submitit, or ``fn(*a)`` for each ``a`` in ``sweep`` as one array.
+        ``tag`` replaces hpcserve's default ``hpcserve:<kind>:<name>`` marker."""
         from hpcserve.jobs.callables import submit_array, submit_resolved
 
         if sweep is not None:
             request = dataclasses.replace(request, array=f"0-{len(sweep) - 1}")
-        job, reason = self.plan(request, kind="train")
+        job, reason = self.plan(request, kind=kind)
+        job = dataclasses.replace(job, tag=tag or job.tag, requeue=requeue or job.requeue)
         if sweep is not None:
             jobs = submit_array(job, fn, list(sweep), folder)
         else:

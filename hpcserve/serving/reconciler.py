@@ -1,0 +1,156 @@
+"""The replica reconciler: desired replicas against the actual ones (the Slurm jobs tagged with the
+deployment), as a pure function that returns actions. The controller applies them (sbatch, scancel, the
+database) and calls it again next tick, so a crash between two actions is repaired by the next pass.
+
+Replica lifecycle: ``starting`` (job queued or engine loading) -> ``ready`` (announced and healthy; the
+gateway routes to it) -> ``draining`` (no new requests; cancelled once nothing is in flight) -> gone.
+A replica whose job ended, or that never became ready in time, is dropped and, if still wanted, replaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from hpcserve.serving.replica import Announcement
+from hpcserve.slurm.models import Job, JobState
+
+
+class ReplicaState(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+
+    @property
+    def counts_as_capacity(self) -> bool:
+        return self is not ReplicaState.DRAINING
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    """A replica as the database knows it."""
+
+    index: int
+    job_id: str
+    state: ReplicaState
+    started_at: datetime
+    url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    index: int
+    job_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetState:
+    index: int
+    state: ReplicaState
+    url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    index: int
+    job_id: str
+
+
+Action = Launch | Cancel | SetState | Forget | Adopt
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """What the controller saw this tick: live jobs by replica index, announcements, in-flight requests."""
+
+    jobs: Mapping[int, Job]
+    announced: Mapping[int, Announcement]
+    inflight: Mapping[int, int]
+
+
+def reconcile(
+    desired: int, replicas: Sequence[ReplicaView], seen: Observed, now: datetime, ready_timeout_s: float
+) -> list[Action]:
+    """Actions that move the replicas toward ``desired``; empty when they are there."""
+    actions: list[Action] = []
+    alive: list[ReplicaView] = []
+    for replica in replicas:
+        step = _check(replica, seen, now, ready_timeout_s)
+        actions += step
+        if not any(isinstance(a, Forget | Cancel) for a in step):
+            alive.append(replica)
+    known = {r.index for r in replicas}
+    orphans = [(i, job) for i, job in sorted(seen.jobs.items()) if i not in known]
+    actions += [Adopt(i, job.id) for i, job in orphans]
+    alive += [ReplicaView(i, job.id, ReplicaState.STARTING, now) for i, job in orphans]
+    return actions + _resize(desired, alive, seen, known | set(seen.jobs))
+
+
+def _check(replica: ReplicaView, seen: Observed, now: datetime, timeout_s: float) -> list[Action]:
+    job = seen.jobs.get(replica.index)
+    if job is None or job.job_id != int(replica.job_id.split("_")[0]) or job.state.is_terminal:
+        return [Forget(replica.index, "its Slurm job ended")]
+    if replica.state is ReplicaState.DRAINING:
+        if seen.inflight.get(replica.index, 0) == 0:
+            return [Cancel(replica.index, replica.job_id, "drained")]
+        return []
+    note = seen.announced.get(replica.index)
+    if note is not None and _current(note, job) and replica.state is ReplicaState.STARTING:
+        return [SetState(replica.index, ReplicaState.READY, note.url)]
+    waited = (now - replica.started_at).total_seconds()
+    if replica.state is ReplicaState.STARTING and job.state == JobState.RUNNING and waited > timeout_s:
+        return [Cancel(replica.index, replica.job_id, f"not ready after {timeout_s:g}s")]
+    return []
+
+
+def _current(note: Announcement, job: Job) -> bool:
+    """The announcement is from this job's current run (a requeued job keeps its id but starts again)."""
+    if note.job_id and note.job_id.split("_")[0] != str(job.job_id):
+        return False
+    return job.start is None or datetime.fromisoformat(note.ready_at) >= job.start
+
+
+def _resize(desired: int, alive: list[ReplicaView], seen: Observed, used: set[int]) -> list[Action]:
+    capacity = [r for r in alive if r.state.counts_as_capacity]
+    if len(capacity) < desired:
+        return [Launch(i) for i in _free_indices(used, desired - len(capacity))]
+    surplus = len(capacity) - desired
+    return [_shrink(r, seen) for r in sorted(capacity, key=lambda r: _shrink_order(r, seen))[:surplus]]
+
+
+def _shrink_order(replica: ReplicaView, seen: Observed) -> tuple[int, int, int]:
+    """Cheapest first: queued jobs, then loading engines, then ready ones with the fewest requests."""
+    job = seen.jobs.get(replica.index)
+    queued = job is not None and job.state.is_pending
+    rank = 0 if queued else (1 if replica.state is ReplicaState.STARTING else 2)
+    return rank, seen.inflight.get(replica.index, 0), -replica.index
+
+
+def _shrink(replica: ReplicaView, seen: Observed) -> Action:
+    if replica.state is ReplicaState.READY:
+        return SetState(replica.index, ReplicaState.DRAINING)  # stop routing first; cancel once empty
+    return Cancel(replica.index, replica.job_id, "not needed")
+
+
+def _free_indices(used: set[int], count: int) -> list[int]:
+    free: list[int] = []
+    candidate = 0
+    while len(free) < count:
+        if candidate not in used:
+            free.append(candidate)
+        candidate += 1
+    return free
