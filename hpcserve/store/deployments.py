@@ -1,0 +1,141 @@
+"""Deployments (desired state, owned by a Unix user) and their replicas.
+
+Changes go through one guarded UPDATE (``WHERE owner = user`` unless the user is an admin), so the
+ownership check and the change cannot be split by another writer. A deleted deployment whose replicas still
+run keeps its row (``deleted_at`` set, desired 0) until the reconciler removes its last replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, delete, exists, func, update
+
+from hpcserve.errors import ValidationError
+from hpcserve.store.errors import DeploymentExists, NotFound, NotOwner
+from hpcserve.store.records import REPLICA_STATES, Deployment, Replica, ReplicaFields, check_state
+from hpcserve.store.schema import DeploymentRow, ReplicaRow
+from hpcserve.store.sql import dialect_insert, select_record, to_records
+
+D, R = DeploymentRow, ReplicaRow
+REPLICA_FIELDS = frozenset(ReplicaFields.__optional_keys__)
+
+
+def create(
+    conn: Connection, name: str, owner: str, spec: Mapping[str, Any], desired: int, now: datetime
+) -> Deployment:
+    values = {"name": name, "owner": owner, "spec": dict(spec), "generation": 1}
+    values |= {"desired_replicas": _count(desired), "created_at": now, "updated_at": now, "deleted_at": None}
+    inserted = dialect_insert(conn, D).values(values).on_conflict_do_nothing().returning(D.name)
+    if conn.execute(inserted).scalar_one_or_none() is None:  # (an INSERT's rowcount is not portable)
+        raise DeploymentExists(name, stopping=_get(conn, name).deleted)
+    return _get(conn, name)
+
+
+def get(conn: Connection, name: str) -> Deployment | None:
+    rows = to_records(conn.execute(select_record(D, Deployment).where(D.name == name)), Deployment)
+    return rows[0] if rows else None
+
+
+def list_all(conn: Connection) -> list[Deployment]:
+    return to_records(conn.execute(select_record(D, Deployment).order_by(D.name)), Deployment)
+
+
+def set_desired(conn: Connection, name: str, replicas: int, user: str, admin: bool, now: datetime) -> None:
+    _change(conn, name, user, admin, {"desired_replicas": _count(replicas), "updated_at": now})
+
+
+def update_spec(
+    conn: Connection, name: str, spec: Mapping[str, Any], user: str, admin: bool, now: datetime
+) -> None:
+    _change(conn, name, user, admin, {"spec": dict(spec), "generation": D.generation + 1, "updated_at": now})
+
+
+def delete_deployment(conn: Connection, name: str, user: str, admin: bool, now: datetime) -> bool:
+    """Mark the deployment deleted (desired 0); remove its row at once when it has no replicas left.
+    True when the row is gone."""
+    changes = {"desired_replicas": 0, "deleted_at": func.coalesce(D.deleted_at, now), "updated_at": now}
+    _change(conn, name, user, admin, changes, live_only=False)
+    return purge_if_done(conn, name)
+
+
+def purge_if_done(conn: Connection, name: str) -> bool:
+    """Remove a deleted deployment that has no replicas left; whether it was removed."""
+    no_replicas = ~exists().where(R.deployment == name)
+    stmt = delete(D).where(D.name == name, D.deleted_at.is_not(None), no_replicas)
+    return conn.execute(stmt).rowcount > 0
+
+
+def _change(
+    conn: Connection, name: str, user: str, admin: bool, values: dict[str, Any], live_only: bool = True
+) -> None:
+    stmt = update(D).where(D.name == name).values(values)
+    if live_only:
+        stmt = stmt.where(D.deleted_at.is_(None))
+    if not admin:
+        stmt = stmt.where(D.owner == user)
+    if conn.execute(stmt).rowcount == 0:
+        raise _refusal(conn, name, user, live_only)
+
+
+def _refusal(conn: Connection, name: str, user: str, live_only: bool) -> Exception:
+    found = get(conn, name)
+    if found is None or (live_only and found.deleted):
+        return _missing(name)
+    return NotOwner(name, found.owner, user)
+
+
+def _get(conn: Connection, name: str) -> Deployment:
+    found = get(conn, name)
+    if found is None:
+        raise _missing(name)
+    return found
+
+
+def _missing(name: str) -> NotFound:
+    return NotFound(f"no deployment {name!r}: `hpcserve deployments` lists them")
+
+
+def _count(replicas: int) -> int:
+    if replicas < 0:
+        raise ValidationError(f"replicas: {replicas} is negative; use 0 or more")
+    return replicas
+
+
+def upsert_replica(
+    conn: Connection, deployment: str, index: int, fields: ReplicaFields, now: datetime
+) -> Replica:
+    """Insert the replica or update the fields given (the rest keep their values)."""
+    unknown = set(fields) - REPLICA_FIELDS
+    if unknown:
+        raise ValidationError(f"unknown replica fields {sorted(unknown)}: use {sorted(REPLICA_FIELDS)}")
+    if "state" in fields:
+        check_state("replica state", fields["state"], REPLICA_STATES)
+    _get(conn, deployment)
+    insert = dialect_insert(conn, R).values(
+        {"state": "pending", **fields, "deployment": deployment, "index": index, "updated_at": now}
+    )
+    changed = [*fields, "updated_at"]
+    upsert = insert.on_conflict_do_update(
+        index_elements=["deployment", "index"], set_={k: insert.excluded[k] for k in changed}
+    )
+    conn.execute(upsert)
+    return replicas(conn, deployment, index)[0]
+
+
+def replicas(conn: Connection, deployment: str | None, index: int | None = None) -> list[Replica]:
+    stmt = select_record(R, Replica).order_by(R.deployment, R.index)
+    if deployment is not None:
+        stmt = stmt.where(R.deployment == deployment)
+    if index is not None:
+        stmt = stmt.where(R.index == index)
+    return to_records(conn.execute(stmt), Replica)
+
+
+def remove_replica(conn: Connection, deployment: str, index: int) -> bool:
+    """Forget a replica (its job has ended); a deleted deployment goes with its last replica."""
+    removed = conn.execute(delete(R).where(R.deployment == deployment, R.index == index)).rowcount > 0
+    purge_if_done(conn, deployment)
+    return removed

@@ -1,0 +1,178 @@
+"""What the store takes and returns: plain frozen records, never ORM objects.
+
+States are plain strings checked against the tuples below, so a caller's ``StrEnum`` (``serving`` and
+``rebalance`` keep their own, with their groupings) passes straight through without this layer knowing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, TypedDict
+
+from hpcserve.errors import ValidationError
+
+REPLICA_STATES = ("pending", "starting", "ready", "draining", "dead")
+STEP_KINDS = ("drain", "signal", "wait", "move", "resume")
+STEP_STATES = ("todo", "done", "failed")
+PLAN_STATES = ("pending", "running", "done", "failed", "aborted")
+
+QUEUE_FIELDS = ("pending_jobs", "pending_gpus", "running_gpus", "idle_gpus", "total_gpus")
+ENGINE_FIELDS = ("waiting", "running", "kv_usage", "ttft_p50", "ttft_p95", "tokens_per_s", "gateway_waiting")
+
+
+def check_state(what: str, value: str, allowed: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``allowed``; a ValidationError that lists them otherwise."""
+    if value not in allowed:
+        raise ValidationError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
+    return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSample:
+    at: datetime
+    partition: str
+    pending_jobs: int
+    pending_gpus: int
+    running_gpus: int
+    idle_gpus: int
+    total_gpus: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSample:
+    """A replica's engine metrics; with ``replica=None``, the gateway's buffer for the deployment."""
+
+    at: datetime
+    deployment: str
+    replica: int | None
+    waiting: int | None = None
+    running: int | None = None
+    kv_usage: float | None = None
+    ttft_p50: float | None = None
+    ttft_p95: float | None = None
+    tokens_per_s: float | None = None
+    gateway_waiting: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rollup:
+    """Samples of one key (partition or deployment) in ``[bucket_start, bucket_start + bucket_s)``.
+
+    ``avg`` and ``max`` map each field to its mean and maximum over the samples that had a value (None when
+    none had). After late samples are merged into a bucket, means are weighted by ``samples``.
+    """
+
+    key: str
+    bucket_start: datetime
+    bucket_s: int
+    samples: int
+    avg: dict[str, float | None]
+    max: dict[str, float | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    name: str
+    owner: str
+    spec: dict[str, Any]
+    generation: int  # bumped by every spec change
+    desired_replicas: int
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None  # set while the replicas of a deleted deployment stop
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
+
+
+class ReplicaFields(TypedDict, total=False):
+    """The replica columns ``upsert_replica`` may set; those left out keep their value."""
+
+    generation: int | None
+    job_id: str | None
+    state: str
+    url: str | None
+    host: str | None
+    port: int | None
+    started_at: datetime | None
+    ready_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    deployment: str
+    index: int
+    generation: int | None
+    job_id: str | None
+    state: str
+    url: str | None
+    host: str | None
+    port: int | None
+    started_at: datetime | None
+    ready_at: datetime | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewStep:
+    """A step as the planner writes it; the store numbers steps 0, 1, ... in the order given."""
+
+    node: str
+    src: str
+    dst: str
+    kind: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    plan_id: int
+    seq: int
+    node: str
+    src: str
+    dst: str
+    kind: str
+    state: str
+    started_at: datetime | None  # set by start_step; with state "todo", the step may be half done
+    finished_at: datetime | None
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    id: int
+    created_at: datetime
+    updated_at: datetime
+    state: str
+    reason: str
+    moves: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    key_id: str
+    model: str
+    day: date
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaStatus:
+    current: str | None  # None: no hpcserve tables yet
+    head: str
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.current == self.head
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionResult:
+    queue_rolled: int  # raw rows folded into rollups and deleted
+    engine_rolled: int
+    queue_rollups_deleted: int
+    engine_rollups_deleted: int

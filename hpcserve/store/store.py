@@ -1,0 +1,249 @@
+"""``HistoryStore``: hpcserve's database behind one object that owns its engine.
+
+The constructor does no I/O: the engine (and, for SQLite, the database's folder) is made on first use.
+Every method is one transaction, committed before it returns; writes on SQLite take the write lock up front
+(see ``engine.py``). Timestamps are aware UTC datetimes both ways. Rows come back as the frozen records of
+``hpcserve.store.records``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, date, datetime
+from types import TracebackType
+from typing import Any, Unpack
+
+from sqlalchemy import Connection, Engine
+
+from hpcserve.store import counters, deployments, migrate, plans, retention, samples
+from hpcserve.store.engine import make_engine, parse_url, writer
+from hpcserve.store.errors import reported
+from hpcserve.store.records import (
+    Deployment,
+    EngineSample,
+    NewStep,
+    Plan,
+    QueueSample,
+    Replica,
+    ReplicaFields,
+    RetentionResult,
+    Rollup,
+    SchemaStatus,
+    Step,
+    Usage,
+)
+from hpcserve.store.schema import EngineSampleRow, QueueSampleRow
+
+PENDING = "pending"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class HistoryStore:
+    """Samples and rollups, deployments and replicas, rebalance plans, usage counters and leases.
+
+    ``admins`` may change any deployment; everyone else only their own. ``clock`` stamps created/updated
+    times (tests pass a fixed one).
+    """
+
+    def __init__(
+        self, url: str, *, admins: Iterable[str] = (), clock: Callable[[], datetime] = utc_now
+    ) -> None:
+        self.url = parse_url(url)
+        self.admins = frozenset(admins)
+        self._clock = clock
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.url)
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def __enter__(self) -> HistoryStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with writer(self.engine).begin() as conn:
+            yield conn
+
+    # schema
+
+    def upgrade(self, target: str = "head") -> str | None:
+        """Run the migrations up to ``target``; the revision the database is at afterwards."""
+        with reported(self.url.render_as_string(hide_password=False)):
+            return migrate.upgrade(self.engine, target)
+
+    def schema_status(self) -> SchemaStatus:
+        with reported(self.url.render_as_string(hide_password=False)):
+            return migrate.schema_status(self.engine)
+
+    # samples
+
+    def add_queue_samples(self, rows: Iterable[QueueSample]) -> int:
+        with self._write() as conn:
+            return samples.add_samples(conn, QueueSampleRow, rows)
+
+    def queue_samples(
+        self, partition: str | None = None, since: datetime | None = None, until: datetime | None = None
+    ) -> list[QueueSample]:
+        """Raw samples in ``[since, until)``, oldest first."""
+        with self._read() as conn:
+            return samples.queue_samples(conn, partition, since, until)
+
+    def add_engine_samples(self, rows: Iterable[EngineSample]) -> int:
+        with self._write() as conn:
+            return samples.add_samples(conn, EngineSampleRow, rows)
+
+    def engine_samples(
+        self, deployment: str, since: datetime | None = None, until: datetime | None = None
+    ) -> list[EngineSample]:
+        """Raw samples in ``[since, until)``, oldest first; at one instant the gateway's (replica None)
+        comes first."""
+        with self._read() as conn:
+            return samples.engine_samples(conn, deployment, since, until)
+
+    def queue_rollups(self, partition: str | None = None, since: datetime | None = None) -> list[Rollup]:
+        with self._read() as conn:
+            return samples.queue_rollups(conn, partition, since)
+
+    def engine_rollups(self, deployment: str | None = None, since: datetime | None = None) -> list[Rollup]:
+        with self._read() as conn:
+            return samples.engine_rollups(conn, deployment, since)
+
+    def apply_retention(
+        self, now: datetime, raw_days: float = 7, rollup_days: float = 180, bucket_s: int = 3600
+    ) -> RetentionResult:
+        """Fold raw samples older than ``raw_days`` (whole buckets) into rollups and delete them; delete
+        rollups older than ``rollup_days``. Safe to repeat: nothing is counted twice."""
+        return retention.apply_retention(self.engine, now, raw_days, rollup_days, bucket_s)
+
+    # deployments and replicas
+
+    def create_deployment(self, name: str, owner: str, spec: Mapping[str, Any], desired: int) -> Deployment:
+        """Store a new deployment; ``DeploymentExists`` if the name is taken."""
+        with self._write() as conn:
+            return deployments.create(conn, name, owner, spec, desired, self._clock())
+
+    def get_deployment(self, name: str) -> Deployment | None:
+        with self._read() as conn:
+            return deployments.get(conn, name)
+
+    def list_deployments(self) -> list[Deployment]:
+        """All deployments by name, those being deleted included (``Deployment.deleted``)."""
+        with self._read() as conn:
+            return deployments.list_all(conn)
+
+    def set_desired(self, name: str, replicas: int, *, user: str) -> Deployment:
+        """Set the replica count; ``NotOwner`` unless ``user`` owns the deployment or is an admin."""
+        return self._change(deployments.set_desired, name, replicas, user)
+
+    def update_spec(self, name: str, spec: Mapping[str, Any], *, user: str) -> Deployment:
+        """Replace the spec and bump ``generation``; the same ownership rule as ``set_desired``."""
+        return self._change(deployments.update_spec, name, spec, user)
+
+    def _change(self, change: Callable[..., None], name: str, value: Any, user: str) -> Deployment:
+        with self._write() as conn:
+            change(conn, name, value, user, user in self.admins, self._clock())
+            found = deployments.get(conn, name)
+        assert found is not None
+        return found
+
+    def delete_deployment(self, name: str, *, user: str) -> bool:
+        """Delete (desired 0); the row stays, marked, until its last replica is removed. True when the row
+        is already gone (it had no replicas)."""
+        with self._write() as conn:
+            return deployments.delete_deployment(conn, name, user, user in self.admins, self._clock())
+
+    def upsert_replica(self, deployment: str, index: int, **fields: Unpack[ReplicaFields]) -> Replica:
+        """Create replica ``index`` (state "pending" unless given) or update the fields given."""
+        with self._write() as conn:
+            return deployments.upsert_replica(conn, deployment, index, fields, self._clock())
+
+    def replicas(self, deployment: str | None = None) -> list[Replica]:
+        """The deployment's replicas by index (all deployments' when None)."""
+        with self._read() as conn:
+            return deployments.replicas(conn, deployment)
+
+    def remove_replica(self, deployment: str, index: int) -> bool:
+        with self._write() as conn:
+            return deployments.remove_replica(conn, deployment, index)
+
+    # rebalance plans
+
+    def create_plan(
+        self, reason: str, moves: Sequence[Mapping[str, Any]], steps: Sequence[NewStep], state: str = PENDING
+    ) -> int:
+        """Store a plan and its steps (numbered 0, 1, ... in order, all "todo"); the plan's id."""
+        with self._write() as conn:
+            return plans.create_plan(conn, reason, moves, steps, state, self._clock())
+
+    def plans(self, state: str | None = None) -> list[Plan]:
+        with self._read() as conn:
+            return plans.plans(conn, state)
+
+    def plan(self, plan_id: int) -> Plan | None:
+        with self._read() as conn:
+            found = plans.plans(conn, None, plan_id)
+        return found[0] if found else None
+
+    def steps(self, plan_id: int) -> list[Step]:
+        with self._read() as conn:
+            return plans.steps(conn, plan_id)
+
+    def start_step(self, plan_id: int, seq: int) -> Step:
+        """Record that a step began (``started_at``); committed before the step acts."""
+        with self._write() as conn:
+            return plans.start_step(conn, plan_id, seq, self._clock())
+
+    def mark_step(self, plan_id: int, seq: int, state: str, detail: str = "") -> Step:
+        """Set a step's state ("done"/"failed" also set ``finished_at``); committed at once."""
+        with self._write() as conn:
+            return plans.mark_step(conn, plan_id, seq, state, detail, self._clock())
+
+    def set_plan_state(self, plan_id: int, state: str) -> None:
+        with self._write() as conn:
+            plans.set_plan_state(conn, plan_id, state, self._clock())
+
+    # usage and leases
+
+    def add_usage(
+        self, key_id: str, model: str, day: date, requests: int, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        """Add to the day's counters of ``key_id`` and ``model`` (an atomic upsert)."""
+        row = Usage(key_id, model, day, requests, prompt_tokens, completion_tokens)
+        with self._write() as conn:
+            counters.add_usage(conn, row)
+
+    def usage(self, key_id: str | None = None, since: date | None = None) -> list[Usage]:
+        with self._read() as conn:
+            return counters.usage(conn, key_id, since)
+
+    def try_lock(self, name: str, holder: str, ttl_s: float, now: datetime) -> bool:
+        """Take the lease ``name`` until ``now + ttl_s`` if it is free, expired or already ``holder``'s
+        (then it is renewed); whether ``holder`` has it now."""
+        with self._write() as conn:
+            return counters.try_lock(conn, name, holder, ttl_s, now)
+
+    def release_lock(self, name: str, holder: str) -> bool:
+        with self._write() as conn:
+            return counters.release_lock(conn, name, holder)
