@@ -23,9 +23,10 @@ DEFAULT_POLICY = Path("/etc/hpcserve/policy.yaml")
 JSON_HELP = "Print machine-readable JSON instead of a table."
 
 if TYPE_CHECKING:
-    from hpcserve.config import SiteConfig
+    from hpcserve.config import Policy, SiteConfig
     from hpcserve.slurm.models import Job
     from hpcserve.slurm.runner import SubprocessRunner
+    from hpcserve.store import HistoryStore
 
 
 class Context:
@@ -56,6 +57,33 @@ class Context:
             os.environ["SLURM_CONF"] = str(site.slurm.slurm_conf)
         return site
 
+    def require_site(self) -> SiteConfig:
+        from hpcserve.errors import ValidationError
+
+        site = self.load_site()
+        if site is None:
+            raise ValidationError("no site config (fix: pass --site or set HPCSERVE_SITE)")
+        return site
+
+    def load_policy(self, site: SiteConfig) -> Policy:
+        from hpcserve.config import check_policy, load_policy
+        from hpcserve.errors import ValidationError
+
+        if self.policy_path is None:
+            raise ValidationError("no policy (fix: pass --policy or set HPCSERVE_POLICY)")
+        policy = load_policy(self.policy_path)
+        check_policy(policy, site, self.policy_path)
+        return policy
+
+    def store(self, site: SiteConfig, extra_admins: tuple[str, ...] = ()) -> HistoryStore:
+        """hpcserve's database (HPCSERVE_DATABASE_URL overrides the site's), migrated to the latest schema."""
+        from hpcserve.store import HistoryStore
+
+        url = os.environ.get("HPCSERVE_DATABASE_URL") or site.database.resolved_url()
+        store = HistoryStore(url, admins=(*site.admins, *extra_admins))
+        store.upgrade()
+        return store
+
 
 pass_ctx = click.make_pass_decorator(Context)
 
@@ -67,6 +95,15 @@ LAZY_COMMANDS = {
     "submit": "hpcserve.cli.jobs_cmds:submit",
     "train": "hpcserve.cli.jobs_cmds:train",
     "probe": "hpcserve.cli.jobs_cmds:probe_cmd",
+    "engine-sim": "hpcserve.cli.engine_cmd:engine_sim",
+    "gateway": "hpcserve.cli.gateway_cmd:gateway",
+    "db": "hpcserve.cli.db_cmd:db",
+    "serve": "hpcserve.cli.serve_cmds:serve",
+    "deployments": "hpcserve.cli.serve_cmds:deployments",
+    "scale": "hpcserve.cli.serve_cmds:scale",
+    "rm": "hpcserve.cli.serve_cmds:rm",
+    "logs": "hpcserve.cli.serve_cmds:logs",
+    "service": "hpcserve.cli.service_cmd:service",
 }
 
 
@@ -74,7 +111,11 @@ class LazyGroup(click.Group):
     """A group whose ``LAZY_COMMANDS`` are imported on first use (click's documented lazy-loading shape)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+        import importlib.util
+
+        lazy = [name for name, target in LAZY_COMMANDS.items()
+                if importlib.util.find_spec(target.partition(":")[0]) is not None]  # fmt: skip
+        return sorted([*super().list_commands(ctx), *lazy])
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         target = LAZY_COMMANDS.get(cmd_name)

@@ -80,6 +80,7 @@ class Observed:
     jobs: Mapping[int, Job]
     announced: Mapping[int, Announcement]
     inflight: Mapping[int, int]
+    reserved: frozenset[int] = frozenset()  # indices still held by cancelled replicas' jobs: not reused
 
 
 def reconcile(
@@ -97,7 +98,7 @@ def reconcile(
     orphans = [(i, job) for i, job in sorted(seen.jobs.items()) if i not in known]
     actions += [Adopt(i, job.id) for i, job in orphans]
     alive += [ReplicaView(i, job.id, ReplicaState.STARTING, now) for i, job in orphans]
-    return actions + _resize(desired, alive, seen, known | set(seen.jobs))
+    return actions + _resize(desired, alive, seen, known | set(seen.jobs) | seen.reserved)
 
 
 def _check(replica: ReplicaView, seen: Observed, now: datetime, timeout_s: float) -> list[Action]:

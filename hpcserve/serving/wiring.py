@@ -1,0 +1,67 @@
+"""Builds the serving controller from the config, and runs its tick under the database's leader lock, so
+``hpcserve service`` and ``hpcserve serve --wait`` never both act on the same deployments."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import socket
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from hpcserve.serving.controller import ServingController
+
+if TYPE_CHECKING:
+    from hpcserve.config import Policy, SiteConfig
+    from hpcserve.serving.engine_stats import EngineStats
+    from hpcserve.slurm.protocol import SlurmClient
+    from hpcserve.store import HistoryStore
+
+log = logging.getLogger("hpcserve.serving")
+LOCK = "serving-controller"
+
+
+def scrape_metrics(url: str) -> EngineStats | None:
+    """The engine's /metrics, parsed; None when it does not answer within a second."""
+    import httpx
+
+    from hpcserve.serving.engine_stats import EngineMetricsError, parse_engine_metrics
+
+    try:
+        response = httpx.get(f"{url}/metrics", timeout=1.0)
+        response.raise_for_status()
+        return parse_engine_metrics(response.text)
+    except (httpx.HTTPError, EngineMetricsError) as exc:
+        log.warning("cannot scrape %s/metrics: %s", url, exc)
+        return None
+
+
+def make_controller(
+    site: SiteConfig, policy: Policy, store: HistoryStore, client: SlurmClient | None = None
+) -> ServingController:
+    from hpcserve.jobs.submit import Submitter
+    from hpcserve.slurm.factory import make_client
+
+    slurm = client or make_client(site)
+    return ServingController(
+        store=store,
+        client=slurm,
+        submitter=lambda: Submitter(slurm, site, policy),
+        replica_dir=site.serving.replica_path(),
+        ready_timeout_s=site.serving.ready_timeout_s,
+        scrape=scrape_metrics,
+        service_user=getpass.getuser(),
+    )
+
+
+def holder_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def tick_as_leader(controller: ServingController, store: HistoryStore, ttl_s: float) -> bool:
+    """One controller tick if this process holds (or takes) the leader lock; False when another does."""
+    if not store.try_lock(LOCK, holder_id(), ttl_s, datetime.now(UTC)):
+        return False
+    controller.tick()
+    return True
