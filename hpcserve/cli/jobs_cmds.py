@@ -6,7 +6,6 @@ comes from the template's ``#SBATCH`` lines, then from the job class in the poli
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 from collections.abc import Callable
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+
+from hpcserve.identity import current_user
 
 if TYPE_CHECKING:
     from hpcserve.cli.main import Context
@@ -84,7 +85,7 @@ def build_request(opts: JobOptions, defaults: SbatchDefaults, job_class: str, na
     return JobRequest(
         job_class=JobClassName(opts.job_class or job_class),
         name=opts.job_name or defaults.job_name or name,
-        user=getpass.getuser(),
+        user=current_user(),
         partition=opts.partition or defaults.partition,
         nodes=_first(opts.nodes, defaults.nodes, 1),
         gpus_per_node=_first(opts.gpus_per_node, defaults.gpus_per_node, 0),

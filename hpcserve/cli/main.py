@@ -7,7 +7,6 @@ Start time matters (``hpcserve ps`` runs in scripts and loops): only click is im
 from __future__ import annotations
 
 import gc
-import getpass
 import os
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import click
 
 from hpcserve import __version__
 from hpcserve.errors import HpcserveError
+from hpcserve.identity import current_user
 
 DEFAULT_SITE = Path("/etc/hpcserve/site.yaml")
 DEFAULT_POLICY = Path("/etc/hpcserve/policy.yaml")
@@ -209,7 +209,7 @@ def ps(ctx: Context, me: bool, user: str | None, partitions: tuple[str, ...], st
     from hpcserve.slurm.protocol import JobFilter
 
     filt = JobFilter(
-        user=getpass.getuser() if me else user, states=states, partitions=partitions, job_ids=job_ids
+        user=current_user() if me else user, states=states, partitions=partitions, job_ids=job_ids
     )
     jobs = CliSlurmClient(ctx.runner).iter_jobs(filt)  # squeue runs while the rest loads
     if as_json:

@@ -8,12 +8,13 @@ submitted without waiting for the service; ``--wait`` keeps ticking (under the l
 
 from __future__ import annotations
 
-import getpass
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from hpcserve.identity import current_user
 
 if TYPE_CHECKING:
     from hpcserve.cli.main import Context
@@ -98,7 +99,7 @@ def serve(ctx: Context, /, model: str | None, spec_file: Path | None, engine_arg
     spec = build_deployment(values, base)
     resolve(replica_request(spec, 0), policy)  # refuse what the policy refuses before anything is stored
     store = ctx.store(site)
-    store.create_deployment(spec.name, getpass.getuser(), spec.model_dump(mode="json"), spec.min_replicas)
+    store.create_deployment(spec.name, current_user(), spec.model_dump(mode="json"), spec.min_replicas)
     controller = make_controller(site, policy, store)
     tick_as_leader(controller, store, ttl_s=30)
     if wait:
@@ -196,7 +197,7 @@ def scale(ctx: Context, /, name: str, replicas: int | None, min_replicas: int | 
     from hpcserve.store import NotFound
 
     site = ctx.require_site()
-    store, user = ctx.store(site), getpass.getuser()
+    store, user = ctx.store(site), current_user()
     deployment = store.get_deployment(name)
     if deployment is None:
         raise NotFound(f"no deployment {name!r} (see: hpcserve deployments)")
@@ -223,7 +224,7 @@ def rm(ctx: Context, /, name: str, as_json: bool) -> None:
     store = ctx.store(site)
     if store.get_deployment(name) is None:
         raise NotFound(f"no deployment {name!r} (see: hpcserve deployments)")
-    gone = store.delete_deployment(name, user=getpass.getuser())
+    gone = store.delete_deployment(name, user=current_user())
     if as_json:
         from hpcserve.cli.output import emit_json
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from hpcserve.identity import current_user
+
 if TYPE_CHECKING:
     from hpcserve.cli.main import Context
 
@@ -63,6 +65,5 @@ def service(ctx: Context, /, once: bool) -> None:
 
 
 def _me() -> str:
-    import getpass
 
-    return getpass.getuser()
+    return current_user()

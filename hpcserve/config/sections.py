@@ -218,7 +218,9 @@ class ServingSettings(Frozen):
     gateway_url: str = "http://127.0.0.1:8000"
     replica_dir: str = "~/.local/state/hpcserve/replicas"
     controller_interval_s: float = Field(default=2.0, gt=0)  # the service's reconcile/autoscale tick
-    ready_timeout_s: float = Field(default=900.0, gt=0)  # engine start (weights load) before a replica is dead
+    ready_timeout_s: float = Field(
+        default=900.0, gt=0
+    )  # engine start (weights load) before a replica is dead
 
     @field_validator("gateway_url")
     @classmethod

@@ -3,13 +3,13 @@ placement. The config is loaded here, explicitly, from the arguments or HPCSERVE
 
 from __future__ import annotations
 
-import getpass
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpcserve.errors import ValidationError
+from hpcserve.identity import current_user
 
 if TYPE_CHECKING:
     import submitit
@@ -49,7 +49,7 @@ def submit_callable(
     request = JobRequest(
         job_class=JobClassName(job_class),
         name=name or str(getattr(fn, "__name__", type(fn).__name__)),
-        user=getpass.getuser(),
+        user=current_user(),
         nodes=nodes,
         gpus_per_node=gpus_per_node,
         tasks_per_node=tasks_per_node,

@@ -7,11 +7,11 @@ fails. The policy's inference class decides partition, QoS and limits, like any 
 
 from __future__ import annotations
 
-import getpass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcserve.config.policy import JobClassName
+from hpcserve.identity import current_user
 from hpcserve.jobs.spec import JobRequest
 from hpcserve.serving.replica import ReplicaMain
 from hpcserve.slurm.models import TAG_PREFIX
@@ -41,7 +41,7 @@ def replica_request(spec: DeploymentSpec, index: int, user: str | None = None) -
     return JobRequest(
         job_class=JobClassName.INFERENCE,
         name=f"{spec.name}-r{index}",
-        user=user or getpass.getuser(),
+        user=user or current_user(),
         partition=spec.partition,
         nodes=spec.nodes_per_replica,
         gpus_per_node=spec.gpus_per_replica,

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import getpass
 import logging
 import os
 import socket
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from hpcserve.identity import current_user
 from hpcserve.serving.controller import ServingController
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def make_controller(
         replica_dir=site.serving.replica_path(),
         ready_timeout_s=site.serving.ready_timeout_s,
         scrape=scrape_metrics,
-        service_user=getpass.getuser(),
+        service_user=current_user(),
     )
 
 
