@@ -1,0 +1,238 @@
+"""``DeploymentSpec``: one model served as Slurm jobs (replicas) behind the gateway, and how it scales.
+
+Read from YAML with ``load_deployment(path)`` (examples: tests/data/deployments/) or built from CLI flags
+with ``build_deployment(values)``. Every problem is one line naming the field and the fix.
+
+Fields (``s`` = seconds):
+- ``name``: the deployment's name, DNS-safe (lowercase letters, digits and ``-``, at most 63 characters).
+- ``model``: what the engine loads: a path on the shared filesystem or a hub id such as ``org/model``.
+- ``served_model_name``: the name clients ask for in ``/v1/*`` requests; defaults to ``name``.
+- ``engine``: ``vllm`` (``vllm serve``) or ``simulator`` (hpcserve's engine simulator, no GPU needed).
+- ``gpus_per_replica``: GPUs per node of one replica = vLLM's tensor parallel size (at least 1 for vllm).
+- ``nodes_per_replica``: nodes of one replica = vLLM's pipeline parallel size (default 1).
+- ``min_replicas`` / ``max_replicas``: bounds the autoscaler never leaves; ``max_replicas`` >= max(1, min).
+- ``target_waiting_per_replica``: queued requests one replica may hold before the autoscaler adds one
+  (default 4). The queue is the engines' waiting requests plus those buffered at the gateway.
+- ``scale_up_window_s``: how long the queue must stay above target before a scale-up (default 10; 0 = at
+  once). A deployment at zero replicas starts one at once when the gateway buffers a request.
+- ``scale_down_window_s``: how long fewer replicas must have been enough before a scale-down (default 300).
+- ``idle_to_zero_s``: with ``min_replicas: 0``, the last replica stops after this long without any
+  request (arriving, queued, running or streaming); default 600. ``0`` disables scaling to zero: the
+  deployment still starts at zero and wakes on its first request, but then keeps one replica. With
+  ``min_replicas`` >= 1 it has no effect.
+- ``engine_args``: extra ``vllm serve`` flags, ``{flag: value}`` without the dashes (``max-model-len: 8192``;
+  ``max_model_len`` works too). ``true`` passes ``--flag``, ``false`` passes ``--no-flag`` where vLLM has
+  one and nothing otherwise. Checked against vLLM's recorded flags (hpcserve/serving/vllm_flags.py); the
+  flags hpcserve sets itself (model, host, port, served model name, parallel sizes) are refused.
+  The simulator honours ``max-model-len`` and ignores the rest.
+- ``warm_tier``: a node-local folder to copy the weights to before the engine starts (``{node}`` stands
+  for the node's name), or none to load from ``model`` directly.
+- ``partition``: none = the policy's inference class partition.
+- ``time_limit``: each replica job's Slurm time limit (``D-HH:MM:SS``); none = the policy's inference
+  default. UNLIMITED is refused: it blocks maintenance reservations.
+- ``simulator``: settings of the engine simulator, allowed only with ``engine: simulator``:
+  ``startup_delay_s``, ``prefill_tokens_per_s``, ``decode_ms_per_token``, ``max_num_seqs``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Annotated, Any
+
+import pydantic
+from pydantic import Field, field_validator, model_validator
+
+from hpcserve.config.base import Frozen, Invalid
+from hpcserve.config.loader import describe, read_mapping, to_config_error
+from hpcserve.config.policy import Duration
+from hpcserve.errors import ConfigError, ValidationError
+from hpcserve.serving.vllm_cmd import engine_arg_problem, normalize_engine_arg
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+EXAMPLES = "tests/data/deployments/"
+VLLM_DEFAULT_MAX_NUM_SEQS = 256  # `vllm serve` on GPUs below 70 GiB (vLLM 0.32); larger GPUs get 1024
+
+
+def _scalar(value: object) -> object:
+    if not isinstance(value, str | int | float | bool):
+        raise Invalid(
+            "", f"expected text, a number or true/false, got {value!r}", "give one value (JSON as a string)"
+        )
+    return value
+
+
+EngineArg = Annotated[str | int | float | bool, pydantic.BeforeValidator(_scalar)]
+
+
+class Engine(StrEnum):
+    VLLM = "vllm"
+    SIMULATOR = "simulator"
+
+
+def _one_word(value: str) -> str:
+    if not value or any(c.isspace() or ord(c) < 32 for c in value):
+        raise Invalid("", f"{value!r} is empty or holds spaces", "write it as one word, like org/model")
+    return value
+
+
+Word = Annotated[str, pydantic.AfterValidator(_one_word)]
+
+
+class SimulatorSettings(Frozen):
+    """How the engine simulator behaves (only with ``engine: simulator``)."""
+
+    startup_delay_s: float = Field(default=0.0, ge=0)  # "loading weights" before /health answers
+    prefill_tokens_per_s: float = Field(default=8000.0, ge=1)
+    decode_ms_per_token: float = Field(default=10.0, ge=0)  # one decode step of a lone sequence
+    max_num_seqs: int = Field(default=32, ge=1)  # requests running at once; the rest wait
+
+
+class DeploymentSpec(Frozen):
+    """One served model; see the module docstring for every field."""
+
+    name: str
+    model: Word
+    served_model_name: Word
+    engine: Engine = Engine.VLLM
+    gpus_per_replica: int = Field(default=1, ge=0)
+    nodes_per_replica: int = Field(default=1, ge=1)
+    min_replicas: int = Field(default=0, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_waiting_per_replica: float = Field(default=4.0, gt=0)
+    scale_up_window_s: float = Field(default=10.0, ge=0)
+    scale_down_window_s: float = Field(default=300.0, ge=0)
+    idle_to_zero_s: float = Field(default=600.0, ge=0)
+    engine_args: dict[str, EngineArg] = Field(default_factory=dict)
+    warm_tier: str | None = None
+    partition: str | None = None
+    time_limit: Duration | None = None
+    simulator: SimulatorSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _served_name_defaults_to_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("served_model_name") is None and "name" in data:
+            return {**data, "served_model_name": data["name"]}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _dns_safe(cls, name: str) -> str:
+        if not _DNS_LABEL.match(name):
+            raise Invalid(
+                "",
+                f"{name!r} is not DNS-safe",
+                "use lowercase letters, digits and '-', start and end with a letter or digit, at most 63",
+            )
+        return name
+
+    @field_validator("engine_args")
+    @classmethod
+    def _known_flags(cls, args: dict[str, EngineArg]) -> dict[str, EngineArg]:
+        flags: dict[str, EngineArg] = {}
+        for key, value in args.items():
+            problem = engine_arg_problem(key)
+            if problem is not None:
+                raise Invalid(key, *problem)
+            flag = normalize_engine_arg(key)
+            if flag in flags:
+                raise Invalid(key, f"{flag} is given twice", "keep one spelling of it")
+            flags[flag] = value
+        return flags
+
+    @field_validator("warm_tier")
+    @classmethod
+    def _absolute(cls, path: str | None) -> str | None:
+        if path is None:
+            return None
+        if not path.startswith("/"):
+            raise Invalid("", f"{path!r} is not an absolute path", "start the path with /")
+        try:
+            path.format(node="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise Invalid("", f"bad placeholder in {path!r}", "use only {node} inside braces") from exc
+        return path
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeploymentSpec:
+        if self.max_replicas < self.min_replicas:
+            raise Invalid(
+                "max_replicas",
+                f"{self.max_replicas} is below min_replicas ({self.min_replicas})",
+                f"raise max_replicas to at least {self.min_replicas} or lower min_replicas",
+            )
+        if self.engine is Engine.VLLM and self.gpus_per_replica < 1:
+            raise Invalid(
+                "gpus_per_replica", "vllm needs at least one GPU", "set gpus_per_replica: 1 or more"
+            )
+        if self.engine is Engine.VLLM and self.simulator is not None:
+            raise Invalid(
+                "simulator", "simulator settings with engine vllm", "set engine: simulator, or drop simulator"
+            )
+        return self
+
+    @property
+    def sim(self) -> SimulatorSettings:
+        """The simulator's settings, defaults filled in."""
+        return self.simulator or SimulatorSettings()
+
+    @property
+    def scales_to_zero(self) -> bool:
+        """Whether an idle deployment stops its last replica (after ``idle_to_zero_s``)."""
+        return self.min_replicas == 0 and self.idle_to_zero_s > 0
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Requests one replica runs at once: the simulator's setting, vLLM's flag, or vLLM's default."""
+        if self.engine is Engine.SIMULATOR:
+            return self.sim.max_num_seqs
+        value = str(self.engine_args.get("max-num-seqs", ""))
+        return int(value) if value.isdigit() and int(value) > 0 else VLLM_DEFAULT_MAX_NUM_SEQS
+
+
+def load_deployment(path: str | os.PathLike[str]) -> DeploymentSpec:
+    """Read and validate a deployment YAML; every problem raises one ``ConfigError`` line."""
+    try:
+        data = read_mapping(path)
+    except ConfigError as exc:
+        if exc.problem != "no such file":
+            raise
+        raise ConfigError(
+            str(path), "", "no such file", f"check the path; examples are in {EXAMPLES}"
+        ) from exc
+    try:
+        return DeploymentSpec.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise to_config_error(str(path), DeploymentSpec, exc) from exc
+
+
+def build_deployment(values: Mapping[str, object], base: DeploymentSpec | None = None) -> DeploymentSpec:
+    """A spec from CLI flags (``None`` = not given), over ``base`` (e.g. a loaded YAML) when there is one.
+
+    ``engine_args`` given here are added to the base's. Problems raise ``ValidationError`` naming the flag.
+    """
+    given = {key: value for key, value in values.items() if value is not None}
+    data: dict[str, Any] = base.model_dump(mode="json") if base else {}
+    renamed = base is not None and "name" in given and "served_model_name" not in given
+    if renamed and data["served_model_name"] == data["name"]:  # it was the default: follow the new name
+        del data["served_model_name"]
+    extra_args = given.pop("engine_args", None)
+    data.update(given)
+    if isinstance(extra_args, Mapping):
+        extra = {normalize_engine_arg(str(key)): value for key, value in extra_args.items()}
+        data["engine_args"] = {**data.get("engine_args", {}), **extra}
+    try:
+        return DeploymentSpec.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise _flag_error(exc) from exc
+
+
+def _flag_error(exc: pydantic.ValidationError) -> ValidationError:
+    errors = exc.errors(include_url=False)
+    field, problem, fix = describe(DeploymentSpec, errors[0])
+    top, _, rest = field.partition(".")
+    flag = "--" + top.replace("_", "-") + (f" {rest}" if rest else "")
+    return ValidationError(f"{flag}: {' '.join(problem.split())} (fix: {' '.join(fix.split())})")
