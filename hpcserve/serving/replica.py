@@ -74,14 +74,29 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> N
     raise HpcserveError(f"the engine was not healthy within {timeout_s:g}s")
 
 
-def engine_argv(spec: Any, host: str, port: int) -> list[str]:
-    """The engine's command: ``vllm serve ...`` or hpcserve's engine simulator, with this Python."""
+def engine_argv(spec: Any, host: str, port: int, rank: int = 0, head: str = "") -> list[str]:
+    """The engine's command: ``vllm serve ...`` or hpcserve's engine simulator, with this Python.
+
+    A replica over several nodes (pipeline parallel) runs one ``vllm serve`` per node, in vLLM's
+    multi-node mode: rank 0 serves the API, the others join it ``--headless``.
+    """
     from hpcserve.serving.vllm_cmd import simulator_argv, vllm_serve_argv
 
-    argv = vllm_serve_argv(spec, host, port) if spec.engine == "vllm" else simulator_argv(spec, host, port)
-    if argv[0] in ("python", "python3"):
-        argv[0] = sys.executable
+    if spec.engine != "vllm":
+        return simulator_argv(spec, host, port, python=sys.executable)
+    argv = vllm_serve_argv(spec, host, port)
+    if spec.nodes_per_replica > 1:
+        argv += ["--nnodes", str(spec.nodes_per_replica), "--node-rank", str(rank), "--master-addr", head]
+        argv += ["--headless"] if rank else []
     return argv
+
+
+def job_rank() -> tuple[int, str]:
+    """This task's rank in the replica job and the job's first node (where rank 0 runs)."""
+    from hpcserve.hostlists import expand
+
+    nodes = expand(os.environ.get("SLURM_JOB_NODELIST", "")) or [socket.gethostname()]
+    return int(os.environ.get("SLURM_PROCID", "0")), nodes[0]
 
 
 class ReplicaMain:
@@ -96,10 +111,18 @@ class ReplicaMain:
 
         spec = DeploymentSpec.model_validate(self.spec)
         spec = _staged(spec)
+        rank, head = job_rank()
+        if rank and spec.engine != "vllm":  # the simulator is one process: other nodes only hold theirs
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            signal.sigwait({signal.SIGTERM})
+            return 0
         host, port = socket.gethostname(), free_port()
         url = f"http://{host}:{port}"
-        proc = subprocess.Popen(engine_argv(spec, "0.0.0.0", port))  # noqa: S104 (the gateway connects)
+        argv = engine_argv(spec, "0.0.0.0", port, rank, head)  # noqa: S104 (the gateway connects)
+        proc = subprocess.Popen(argv)
         _forward_sigterm(proc)
+        if rank:  # a headless vLLM rank: no API of its own
+            return proc.wait()
         wait_healthy(url, proc, self.ready_timeout_s)
         self._announce(spec.name, host, port, url)
         return proc.wait()
