@@ -56,6 +56,7 @@ class ServingController:
     service_user: str
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     scaler_states: dict[str, Any] = field(default_factory=dict)
+    autoscaler: Callable[..., tuple[int, Any]] | None = None  # default: hpcserve.serving.scaling.autoscale
 
     def tick(self) -> None:
         now = self.clock()
@@ -97,7 +98,7 @@ class ServingController:
             return 0
         from hpcserve.serving.scaling import autoscale
 
-        desired, state = autoscale(
+        desired, state = (self.autoscaler or autoscale)(
             deployment, replicas, stats, self._gateway_waiting(deployment.name, now),
             self.scaler_states.get(deployment.name), now,
         )  # fmt: skip

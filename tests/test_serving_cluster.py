@@ -1,0 +1,168 @@
+"""Serving on the real cluster: replicas of the engine simulator as Slurm jobs on the inference partition,
+behind the real gateway, driven by the real service (controller + autoscaler), all as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from hpcserve.serving.gateway.keys import hash_key
+from hpcserve.slurm.cli_backend import CliSlurmClient
+from tests.conftest import POLICY, PREFIX, REPO, SITE, wait_until
+
+pytestmark = pytest.mark.cluster
+KEY = "sk-test-" + uuid.uuid4().hex
+TRACE = REPO.parent / "shared" / "traces" / "azure_llm_2023_code.csv"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Serving:
+    """A site config of its own (fast controller tick, own replica folder, own database), a gateway and a
+    service, and the CLI pointed at them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.env = {**os.environ, "HPCSERVE_SITE": str(root / "site.yaml"), "HPCSERVE_POLICY": str(POLICY),
+                    "HPCSERVE_DATABASE_URL": f"sqlite:///{root / 'hpcserve.db'}",
+                    "SLURM_CONF": str(PREFIX / "etc" / "slurm.conf")}  # fmt: skip
+        site = yaml.safe_load(SITE.read_text())
+        site["serving"] = {"gateway_url": f"http://127.0.0.1:{self.port}", "controller_interval_s": 0.5,
+                           "replica_dir": str(root / "replicas"), "ready_timeout_s": 120}  # fmt: skip
+        (root / "site.yaml").write_text(yaml.safe_dump(site))
+        keys = {"keys": [{"id": "test", "owner": "root", "sha256": hash_key(KEY)}]}
+        (root / "keys.yaml").write_text(yaml.safe_dump(keys))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.names: list[str] = []
+        self.suffix = uuid.uuid4().hex[:6]
+
+    def name(self, base: str) -> str:
+        """A deployment name of this test only (replica jobs are found by it at cleanup)."""
+        self.names.append(f"{base}-{self.suffix}")
+        return self.names[-1]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hpcserve", *args], capture_output=True, text=True,
+                              env=self.env, timeout=300, check=False)  # fmt: skip
+
+    def start(self, *args: str, log: str) -> None:
+        out = (self.root / log).open("wb")
+        self.procs.append(subprocess.Popen([sys.executable, "-m", "hpcserve", *args], env=self.env,
+                                           stdout=out, stderr=subprocess.STDOUT))  # fmt: skip
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        out = self.cli("deployments", "--json")
+        assert out.returncode == 0, out.stderr
+        return next(d for d in json.loads(out.stdout) if d["name"] == name)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def serving(tmp_path_factory: pytest.TempPathFactory, slurm: CliSlurmClient) -> Iterator[Serving]:
+    root = tmp_path_factory.mktemp("serving")
+    root.chmod(0o755)
+    s = Serving(root)
+    assert s.cli("db", "upgrade").returncode == 0
+    s.start("gateway", "--port", str(s.port), "--keys", str(root / "keys.yaml"), log="gateway.log")
+    s.start("service", log="service.log")
+    wait_until(lambda: _up(s.url("/health")), timeout=30)
+    yield s
+    s.stop()
+    tags = tuple(f"hpcserve:replica:{name}:" for name in s.names)
+    leftovers = [j.id for j in slurm.jobs() if j.tag and j.tag.startswith(tags)]
+    if leftovers:
+        slurm.cancel(leftovers)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def chat(
+    s: Serving, model: str, stream: bool = False, max_tokens: int = 8, timeout: float = 120
+) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hello from the test"}],
+            "max_tokens": max_tokens, "stream": stream}  # fmt: skip
+    return httpx.post(s.url("/v1/chat/completions"), json=body, timeout=timeout,
+                      headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+
+
+def serve(s: Serving, name: str, *flags: str) -> dict[str, Any]:
+    out = s.cli("serve", name, "--engine", "simulator", "--gpus-per-replica", "1", *flags, "--json")
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout)[0])
+
+
+def test_serve_starts_gpu_replicas_behind_the_gateway(serving: Serving, slurm: CliSlurmClient) -> None:
+    name = serving.name("tiny")
+    got = serve(serving, name, "--min-replicas", "1", "--max-replicas", "2", "--wait", "--timeout", "120")
+    assert got["ready"] == 1 and got["endpoint"] == serving.url("/v1")
+    (replica,) = got["replicas"]
+    (job,) = [j for j in slurm.jobs() if j.id == replica["job_id"]]
+    assert job.partition == "infer" and job.gpus == 1 and job.tag == f"hpcserve:replica:{name}:0"
+
+    plain = chat(serving, name)
+    assert plain.status_code == 200, plain.text
+    assert (
+        plain.json()["choices"][0]["message"]["content"] and plain.json()["usage"]["completion_tokens"] == 8
+    )
+    streamed = chat(serving, name, stream=True)
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]"), streamed.text
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: {")]  # fmt: skip
+    assert sum(bool(c["choices"] and c["choices"][0]["delta"].get("content")) for c in chunks) == 8
+
+
+def test_another_user_cannot_scale_or_remove(serving: Serving) -> None:
+    name = serving.name("mine")
+    serve(serving, name, "--min-replicas", "0", "--max-replicas", "1")
+    db = serving.root / "hpcserve.db"
+    for path in [serving.root, *serving.root.glob("hpcserve.db*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)
+    nobody = [
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        sys.executable,
+        "-m",
+        "hpcserve",
+    ]
+    env = {**serving.env, "USER": "root", "LOGNAME": "root", "HOME": str(serving.root)}  # a lie: ignored
+    for args in (["scale", name, "1"], ["rm", name]):
+        out = subprocess.run(
+            [*nobody, *args], capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+        assert out.returncode != 0 and "owner" in out.stderr.lower(), out.stderr
+    assert db.exists() and serving.deployment(name)["owner"] == "root"
