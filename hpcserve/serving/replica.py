@@ -24,7 +24,7 @@ from typing import Any
 
 from hpcserve.errors import HpcserveError
 
-HEALTH_POLL_S = 0.25
+HEALTH_POLL_S = 0.05  # the engine is up a moment after it binds: poll often, it costs nothing
 
 
 @dataclass(frozen=True, slots=True)
