@@ -3,11 +3,14 @@ behind the real gateway, driven by the real service (controller + autoscaler), a
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,3 +169,97 @@ def test_another_user_cannot_scale_or_remove(serving: Serving) -> None:
         )
         assert out.returncode != 0 and "owner" in out.stderr.lower(), out.stderr
     assert db.exists() and serving.deployment(name)["owner"] == "root"
+
+
+def spec_file(s: Serving, name: str, **fields: Any) -> str:
+    spec = {"name": name, "model": "sim-model", "engine": "simulator", "gpus_per_replica": 1, **fields}
+    path = s.root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def burst_offsets(count: int, span_s: float) -> list[float]:
+    """The arrival pattern of the busiest minute of the Azure code trace, squeezed into ``span_s``."""
+    with TRACE.open() as f:
+        times = [float(row["arrival_time_s"]) for row in csv.DictReader(f)]
+    start = max(range(0, int(times[-1]) - 60, 10), key=lambda t: sum(t <= x < t + 60 for x in times))
+    window = [x - start for x in times if start <= x < start + 60][:count]
+    return [x * span_s / max(window[-1], 1e-9) for x in window]
+
+
+def replica_count(s: Serving, name: str) -> int:
+    d = s.deployment(name)
+    return int(d["ready"]) + int(d["starting"])
+
+
+def test_burst_scales_up_then_down_then_to_zero(serving: Serving) -> None:
+    name = serving.name("burst")
+    spec = spec_file(serving, name, min_replicas=0, max_replicas=3, target_waiting_per_replica=2,
+                     scale_up_window_s=0, scale_down_window_s=6, idle_to_zero_s=16,
+                     simulator={"decode_ms_per_token": 40, "max_num_seqs": 2})  # fmt: skip
+    assert serving.cli("serve", "-f", spec).returncode == 0
+    assert replica_count(serving, name) == 0
+
+    first = time.monotonic()
+    at_zero = chat(serving, name, max_tokens=4)  # buffered at the gateway until a replica is ready
+    assert at_zero.status_code == 200, at_zero.text
+    assert time.monotonic() - first > 0.3  # it really waited for a replica to start
+
+    counts: list[int] = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            counts.append(replica_count(serving, name))
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    statuses: list[int] = []
+    senders = [threading.Timer(t, lambda: statuses.append(chat(serving, name, max_tokens=20).status_code))
+               for t in burst_offsets(48, 8.0)]  # fmt: skip
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    wait_until(lambda: len(statuses) == len(senders), timeout=180)
+    wait_until(lambda: replica_count(serving, name) == 0, timeout=120, interval=1)
+    watching.set()
+    watcher.join()
+    assert statuses == [200] * len(senders)
+    peak = max(counts)
+    after_peak = counts[counts.index(peak) :]
+    assert peak >= 2, counts  # scaled up for the burst
+    assert any(0 < c < peak for c in after_peak), counts  # down after the window, before zero
+    assert after_peak[-1] == 0
+
+
+def test_killed_replica_fails_the_stream_cleanly_and_is_replaced(
+    serving: Serving, slurm: CliSlurmClient
+) -> None:
+    name = serving.name("kill")
+    spec = spec_file(serving, name, min_replicas=1, max_replicas=1, simulator={"decode_ms_per_token": 50})
+    assert serving.cli("serve", "-f", spec, "--wait", "--timeout", "120").returncode == 0
+    (old,) = serving.deployment(name)["replicas"]
+    body = {"model": name, "messages": [{"role": "user", "content": "a long answer"}], "max_tokens": 400,
+            "stream": True}  # fmt: skip
+    lines: list[str] = []
+    with httpx.stream("POST", serving.url("/v1/chat/completions"), json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:  # fmt: skip
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            lines.append(line)
+            if len(lines) == 3:
+                killed = time.monotonic()
+                slurm.cancel([old["job_id"]], signal="KILL")  # the job dies; no drain
+        ended = time.monotonic()
+    data = [line for line in lines if line.startswith("data: ")]
+    assert ended - killed < 5, f"the stream ended {ended - killed:.1f} s after the kill"
+    assert "error" in data[-1] and "[DONE]" not in data[-1], data[-3:]
+
+    def replaced() -> bool:
+        replicas = serving.deployment(name)["replicas"]
+        return any(r["state"] == "ready" and r["job_id"] != old["job_id"] for r in replicas)
+
+    wait_until(replaced, timeout=120, interval=1)
+    assert chat(serving, name).status_code == 200

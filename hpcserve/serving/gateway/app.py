@@ -1,0 +1,150 @@
+"""The gateway's aiohttp app: one stable OpenAI-compatible endpoint in front of every deployment's replicas.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (proxy.py), ``GET /v1/models`` (the known
+model names; needs a key), ``GET /health`` and ``GET /metrics`` (no key). Background tasks, started with
+the app: the routes source every ``refresh_interval_s``, ``report`` every ``report_interval_s``,
+``usage_sink`` every ``usage_flush_interval_s`` (and once at shutdown). Each runs in a worker thread, so a
+source or sink may block (a database read); a failure is logged and the next tick tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from hpcserve.serving.gateway.client import UpstreamPool
+from hpcserve.serving.gateway.config import GatewayConfig
+from hpcserve.serving.gateway.keys import ApiKey
+from hpcserve.serving.gateway.metrics import CONTENT_TYPE
+from hpcserve.serving.gateway.proxy import UNAUTHORIZED, Proxy, error_response
+from hpcserve.serving.gateway.routes import Refresh
+from hpcserve.serving.gateway.state import GatewayState
+from hpcserve.serving.gateway.stats import NO_KEY, Report, UsageSink, no_report, no_usage_sink
+
+log = logging.getLogger(__name__)
+STATE = web.AppKey("hpcserve.gateway.state", GatewayState)
+_encode = msgspec.json.Encoder().encode
+
+
+class Gateway:
+    """The app's lifecycle (client session, background loops) and its small handlers."""
+
+    def __init__(self, state: GatewayState, source: Refresh, report: Report, usage_sink: UsageSink) -> None:
+        self.state, self.source, self.report, self.usage_sink = state, source, report, usage_sink
+        self.config = state.config
+        self._pool: UpstreamPool | None = None
+        self.proxy = Proxy(state, self.pool)
+
+    def pool(self) -> UpstreamPool:
+        assert self._pool is not None, "the gateway app is not started"
+        return self._pool
+
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup context: first routes before serving, loops while serving, last flush after."""
+        cfg = self.config
+        self._pool = UpstreamPool(cfg.upstream_connections, cfg.connect_timeout_s, cfg.read_timeout_s)
+        await _guarded(self.refresh, "refresh")
+        tasks = [
+            asyncio.create_task(_every(cfg.refresh_interval_s, self.refresh, "refresh")),
+            asyncio.create_task(_every(cfg.report_interval_s, self.tick, "report")),
+            asyncio.create_task(_every(cfg.usage_flush_interval_s, self.flush, "usage flush")),
+        ]
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _guarded(self.flush, "usage flush")
+        self._pool.close()
+
+    async def refresh(self) -> None:
+        routes = await _in_thread(self.source)
+        self.state.apply(routes)
+        self.pool().sweep()
+
+    async def tick(self) -> None:
+        state = self.state
+        samples = state.stats.tick(state.clock(), datetime.now(UTC), state.deployments, state.buffer.depth)
+        await _in_thread(self.report, samples)
+
+    async def flush(self) -> None:
+        rows = self.state.stats.flush(datetime.now(UTC))
+        self.state.prune()
+        if rows:
+            await _in_thread(self.usage_sink, rows)
+
+    async def models(self, request: web.Request) -> web.Response:
+        if self.state.keyring.find(request.headers.get("Authorization")) is None:
+            self.state.stats.count("_unknown", NO_KEY, 401)
+            return error_response(UNAUTHORIZED)
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "hpcserve"}
+            for name in sorted(self.state.routes)
+        ]
+        return _json({"object": "list", "data": data})
+
+    async def health(self, request: web.Request) -> web.Response:
+        state = self.state
+        ready = sum(len(r.ready()) for r in state.deployments.values())
+        buffered = sum(state.buffer.depth(d) for d in state.buffer.waiting())
+        return _json(
+            {
+                "status": "ok",
+                "deployments": len(state.deployments),
+                "ready_replicas": ready,
+                "buffered": buffered,
+            }
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _json(data: object) -> web.Response:
+    return web.Response(body=_encode(data), headers={"Content-Type": "application/json"})
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def _guarded(step: Callable[[], Awaitable[None]], what: str) -> None:
+    try:
+        await step()
+    except Exception:
+        log.exception("gateway %s failed; trying again next tick", what)
+
+
+async def _every(interval: float, step: Callable[[], Awaitable[None]], what: str) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        await _guarded(step, what)
+
+
+def make_app(
+    config: GatewayConfig,
+    source: Refresh,
+    *,
+    keys: Sequence[ApiKey],
+    report: Report = no_report,
+    usage_sink: UsageSink = no_usage_sink,
+    clock: Callable[[], float] = time.monotonic,
+) -> web.Application:
+    """The gateway app (see the module docstring); run it with ``web.run_app`` or an ``AppRunner``."""
+    state = GatewayState(config, keys, clock)
+    gateway = Gateway(state, source, report, usage_sink)
+    app = web.Application(client_max_size=config.max_body_bytes)
+    app[STATE] = state
+    app.cleanup_ctx.append(gateway.lifecycle)
+    app.router.add_post("/v1/chat/completions", gateway.proxy.handle)
+    app.router.add_post("/v1/completions", gateway.proxy.handle)
+    app.router.add_get("/v1/models", gateway.models)
+    app.router.add_get("/health", gateway.health)
+    app.router.add_get("/metrics", gateway.metrics)
+    return app

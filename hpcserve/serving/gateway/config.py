@@ -1,0 +1,27 @@
+"""The gateway's settings: plain values, validated by the CLI's option ranges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """Timings in seconds; ``None`` caps mean no cap unless the deployment or the key sets one."""
+
+    refresh_interval_s: float = 0.5  # how often the routes source is polled
+    report_interval_s: float = 1.0  # how often report(samples) is called
+    usage_flush_interval_s: float = 10.0  # how often usage_sink(rows) is called
+    buffer_max: int = 256  # requests waiting per deployment with no ready replica; more get 503
+    buffer_timeout_s: float = 120.0  # how long one waits before 503
+    retry_after_s: int = 10  # Retry-After on 503 answers
+    max_prompt_tokens: int | None = None  # estimated prompt tokens above this get 413
+    max_tokens: int | None = None  # max_tokens is clamped to this (and to the key's cap)
+    chars_per_token: float = 4.0  # prompt-size estimate: characters per token
+    affinity_chars: int = 0  # prefix affinity on the first N characters of the prompt; 0 = off
+    affinity_slack: int = 4  # the preferred replica may have this many more requests than the least busy
+    upstream_connections: int = 8192  # connection pool size towards the replicas (kept alive)
+    connect_timeout_s: float = 3.0  # connecting to a replica; a failure is retried once elsewhere
+    read_timeout_s: float = 600.0  # longest silence from a replica (before headers or between chunks)
+    eject_s: float = 2.0  # a replica that refused a connection gets no requests this long, if others can
+    max_body_bytes: int = 16 * 1024 * 1024  # request bodies above this get 413

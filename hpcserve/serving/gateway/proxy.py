@@ -1,0 +1,246 @@
+"""One request's way through the gateway: key, admission, rate limit, buffer, replica, relay, accounting.
+
+Answers the gateway makes itself (all OpenAI-style ``{"error": {"message", "type", "code"}}``):
+401 no or unknown key; 400/404/413 from admission; 429 over the key's token rate (Retry-After: when the
+bucket will hold the request); 503 no replica ready (buffer full, or none within ``buffer_timeout_s``;
+Retry-After: ``retry_after_s``); 502 no replica reachable (a refused connection is retried once on another
+replica) or the replica broke mid-answer; 504 the replica was silent past ``read_timeout_s``. A clamped or
+set max_tokens is announced in ``X-Hpcserve-Max-Tokens``; ``X-Hpcserve-Replica`` names the replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from hpcserve.serving.gateway.admission import Admitted, Rejection, admit
+from hpcserve.serving.gateway.buffer import BufferFull
+from hpcserve.serving.gateway.client import ReadTimeout, Response, UpstreamError, UpstreamPool
+from hpcserve.serving.gateway.keys import ApiKey
+from hpcserve.serving.gateway.routes import Endpoint
+from hpcserve.serving.gateway.state import GatewayState
+from hpcserve.serving.gateway.stats import NO_KEY, UNKNOWN
+from hpcserve.serving.gateway.upstream import SseRelay, error_body, error_event, read_usage
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+UNAUTHORIZED = Rejection(
+    401, "no valid API key: send 'Authorization: Bearer <key>' with a key from the gateway's keys file",
+    "invalid_api_key", "authentication_error",
+)  # fmt: skip
+
+
+def error_response(rejection: Rejection) -> web.Response:
+    headers = {"Content-Type": "application/json"}
+    if rejection.retry_after is not None:
+        headers["Retry-After"] = str(rejection.retry_after)
+    body = error_body(rejection.message, rejection.code, rejection.type)
+    return web.Response(body=body, status=rejection.status, headers=headers)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened to one admitted request, for the counters and the key's bucket."""
+
+    started: float
+    status: int = 200
+    ttft: float | None = None
+    usage: tuple[int, int] | None = None  # (prompt, completion) tokens a replica spent
+
+
+class Proxy:
+    def __init__(self, state: GatewayState, pool: Callable[[], UpstreamPool]) -> None:
+        self.state, self.config, self.clock = state, state.config, state.clock
+        self._pool = pool
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions and /v1/completions."""
+        started = self.clock()
+        key = self.state.keyring.find(request.headers.get("Authorization"))
+        if key is None:
+            return self._reject(UNAUTHORIZED, NO_KEY)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._reject(Rejection(413, "the request body is too large", "body_too_large"), key.id)
+        decision = admit(raw, self.state.routes, key, self.config)
+        if isinstance(decision, Rejection):
+            return self._reject(decision, key.id)
+        wait = self.state.keyring.take(key, decision.cost, started)
+        if wait:
+            return self._reject(_rate_limited(key, decision, wait), key.id)
+        exchange = Exchange(started)
+        try:
+            return await self._dispatch(request, decision, exchange)
+        finally:
+            self._account(key, decision, exchange)
+
+    def _reject(self, rejection: Rejection, key_id: str) -> web.Response:
+        self.state.stats.count(rejection.deployment or UNKNOWN, key_id, rejection.status)
+        return error_response(rejection)
+
+    def _account(self, key: ApiKey, request: Admitted, exchange: Exchange) -> None:
+        name, now, state = request.route.name, self.clock(), self.state
+        state.stats.count(name, key.id, exchange.status)
+        state.metrics.observe(name, exchange.ttft, now - exchange.started)
+        used = 0
+        if exchange.usage is not None:
+            state.stats.use(key.id, key.owner, name, *exchange.usage)
+            used = sum(exchange.usage)
+        state.keyring.settle(key, request.cost, used, now)
+
+    async def _dispatch(self, request: web.Request, adm: Admitted, ex: Exchange) -> web.StreamResponse:
+        name = adm.route.name
+        if not self.state.ready(name):
+            refusal = await self._wait_for_replica(name)
+            if refusal is not None:
+                ex.status = refusal.status
+                return error_response(refusal)
+        self.state.stats.begin(name)
+        try:
+            sent = await self._send(adm, request.path)
+            if isinstance(sent, Rejection):
+                ex.status = sent.status
+                return error_response(sent)
+            endpoint, upstream = sent
+            try:
+                return await self._relay(request, adm, endpoint, upstream, ex)
+            finally:
+                upstream.release()
+                self.state.release(endpoint)
+        finally:
+            self.state.stats.end(name)
+
+    async def _wait_for_replica(self, name: str) -> Rejection | None:
+        retry = self.config.retry_after_s
+        try:
+            outcome = await self.state.buffer.wait(name, self.config.buffer_timeout_s)
+        except BufferFull:
+            message = (
+                f"{name} has no ready replica and {self.config.buffer_max} requests already wait for one"
+            )
+            return Rejection(503, message, "buffer_full", "service_unavailable", retry, name)
+        if outcome == "ready":
+            return None
+        if outcome == "gone":
+            return Rejection(404, f"the model {name!r} was removed", "model_not_found", deployment=name)
+        message = (
+            f"no replica of {name} became ready within {self.config.buffer_timeout_s:g} s; it is starting"
+        )
+        return Rejection(503, message, "no_replica_ready", "service_unavailable", retry, name)
+
+    async def _send(self, adm: Admitted, path: str) -> tuple[Endpoint, Response] | Rejection:
+        """POST to a replica; a connection that fails before any answer is retried once on another."""
+        tried: list[str] = []
+        problem = "no ready replica"
+        for _ in range(2):
+            endpoint = self.state.pick(adm, tried)
+            if endpoint is None:
+                break
+            self.state.acquire(endpoint)
+            try:
+                return endpoint, await self._pool().post(endpoint.url, path, adm.body)
+            except UpstreamError as err:
+                self.state.release(endpoint)
+                if not err.retryable:
+                    return _upstream_failure(adm, err)
+                if err.connect:
+                    self.state.eject(endpoint)
+                problem = f"replica {endpoint.replica} ({endpoint.url}): {err}"
+                tried.append(endpoint.url)
+        message = f"no replica of {adm.route.name} could be reached: {problem}"
+        return Rejection(502, message, "upstream_unreachable", "upstream_error", deployment=adm.route.name)
+
+    async def _relay(
+        self, request: web.Request, adm: Admitted, endpoint: Endpoint, upstream: Response, ex: Exchange
+    ) -> web.StreamResponse:
+        headers = {"X-Hpcserve-Replica": f"{endpoint.deployment}/{endpoint.replica}"}
+        if adm.clamped:
+            headers["X-Hpcserve-Max-Tokens"] = f"{adm.max_tokens}; clamped"
+        ex.status = upstream.status
+        if adm.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
+            return await self._relay_stream(request, adm, upstream, headers, ex)
+        return await self._relay_body(adm, upstream, headers, ex)
+
+    async def _relay_body(
+        self, adm: Admitted, upstream: Response, headers: dict[str, str], ex: Exchange
+    ) -> web.Response:
+        try:
+            body = await upstream.read()
+        except UpstreamError as err:
+            upstream.close()
+            refusal = _upstream_failure(adm, err)
+            ex.status = refusal.status
+            return error_response(refusal)
+        ex.usage = read_usage(body) if upstream.status == 200 else None
+        ex.ttft = self.clock() - ex.started
+        headers["Content-Type"] = upstream.headers.get("content-type", "application/json")
+        return web.Response(body=body, status=upstream.status, headers=headers)
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        adm: Admitted,
+        upstream: Response,
+        headers: dict[str, str],
+        ex: Exchange,
+    ) -> web.StreamResponse:
+        out = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
+        relay = SseRelay(strip_usage=not adm.client_usage)
+        try:
+            await out.prepare(request)
+            broken = await self._pump(upstream, relay, out, ex)
+            if broken is not None:
+                ex.status = 502
+                upstream.close()
+                await out.write(
+                    error_event(f"the replica of {adm.route.name} broke off the stream: {broken}")
+                )
+            await out.write_eof()
+        except ConnectionResetError:  # the client went away: stop the replica's work too
+            ex.status = 499
+            upstream.close()
+        ex.usage = relay.usage or (adm.prompt_tokens, relay.completion_tokens())
+        return out
+
+    async def _pump(
+        self, upstream: Response, relay: SseRelay, out: web.StreamResponse, ex: Exchange
+    ) -> str | None:
+        """Copy whole events as they arrive; None when the stream ended with [DONE], else what broke it."""
+        while True:
+            try:
+                chunk = await upstream.readany()
+            except UpstreamError as err:
+                return str(err)
+            if not chunk:
+                break
+            data = relay.feed(chunk)
+            if data:
+                if ex.ttft is None:
+                    ex.ttft = self.clock() - ex.started
+                await out.write(data)
+        tail = relay.close()
+        if tail:
+            await out.write(tail)
+        return None if relay.done else "it ended without [DONE]"
+
+
+def _upstream_failure(adm: Admitted, err: UpstreamError) -> Rejection:
+    name = adm.route.name
+    if isinstance(err, ReadTimeout):
+        return Rejection(
+            504,
+            f"the replica of {name} did not answer in time",
+            "upstream_timeout",
+            "upstream_error",
+            deployment=name,
+        )
+    message = f"the replica of {name} failed: {err}"
+    return Rejection(502, message, "upstream_error", "upstream_error", deployment=name)
+
+
+def _rate_limited(key: ApiKey, adm: Admitted, wait: int) -> Rejection:
+    rate = f"{key.rate:g} tokens/s" if key.rate else "rate"
+    message = f"key {key.id} is over its {rate}; this request needs ~{adm.cost} tokens; retry in {wait} s"
+    return Rejection(429, message, "rate_limit_exceeded", "rate_limit_error", wait, adm.route.name)
