@@ -89,8 +89,9 @@ class Serving:
 
 
 @pytest.fixture
-def serving(tmp_path_factory: pytest.TempPathFactory, slurm: CliSlurmClient) -> Iterator[Serving]:
-    root = tmp_path_factory.mktemp("serving")
+def serving(slurm: CliSlurmClient) -> Iterator[Serving]:
+    root = PREFIX / "jobs" / f"serving-{uuid.uuid4().hex[:8]}"  # every node and every user can reach it
+    root.mkdir(parents=True)
     root.chmod(0o755)
     s = Serving(root)
     assert s.cli("db", "upgrade").returncode == 0

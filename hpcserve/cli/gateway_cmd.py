@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from hpcserve.cli.main import Context
+    from hpcserve.serving.gateway import ApiKey, GatewayConfig
 
 GATEWAY_HELP = """Run the gateway: /v1/chat/completions, /v1/completions and /v1/models for every deployment,
 routed to its ready replicas (least outstanding requests), SSE streamed through, API keys with token-rate
@@ -20,6 +28,7 @@ file_option = click.Path(dir_okay=False, path_type=Path)
 
 
 @click.command("gateway", help=GATEWAY_HELP, short_help="Run the OpenAI-compatible gateway.")
+@click.pass_obj
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to bind.")  # noqa: S104
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to bind.")
 @click.option("--keys", "keys_path", type=file_option, help="API keys file (YAML or JSON).")
@@ -95,6 +104,8 @@ file_option = click.Path(dir_okay=False, path_type=Path)
     help="Print the sha256 of the key read from stdin, for the keys file; exit.",
 )
 def gateway(
+    ctx: Context,
+    /,
     host: str, port: int, keys_path: Path | None, routes_path: Path | None, buffer_max: int,
     buffer_timeout: float, retry_after: int, max_prompt_tokens: int | None, max_tokens: int | None,
     chars_per_token: float, affinity_chars: int, affinity_slack: int, connections: int, read_timeout: float,
@@ -108,19 +119,34 @@ def gateway(
     if print_hash:
         click.echo(hash_key(sys.stdin.read().strip()))
         return
-    if keys_path is None or routes_path is None:
-        raise click.UsageError(
-            "give --keys FILE and --routes FILE (the formats are in `hpcserve gateway --help`)"
-        )
+    if keys_path is None:
+        raise click.UsageError("give --keys FILE (the format is in `hpcserve gateway --help`)")
     config = GatewayConfig(
         buffer_max=buffer_max, buffer_timeout_s=buffer_timeout, retry_after_s=retry_after,
         max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, chars_per_token=chars_per_token,
         affinity_chars=affinity_chars, affinity_slack=affinity_slack, upstream_connections=connections,
         read_timeout_s=read_timeout,
     )  # fmt: skip
-    keys, source = load_keys(keys_path), routes_from_file(routes_path)  # HpcserveError: one line from main
+    keys = load_keys(keys_path)  # HpcserveError: one line from main
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    click.echo(
-        f"hpcserve gateway on http://{host}:{port} ({len(keys)} keys, routes from {routes_path})", err=True
-    )
-    run_gateway(make_app(config, source, keys=keys), host, port)
+    if routes_path is not None:
+        app, origin = make_app(config, routes_from_file(routes_path), keys=keys), str(routes_path)
+    else:
+        app, origin = _app_on_database(ctx, config, keys)
+    click.echo(f"hpcserve gateway on http://{host}:{port} ({len(keys)} keys, routes from {origin})", err=True)
+    run_gateway(app, host, port)
+
+
+def _app_on_database(
+    ctx: Context, config: GatewayConfig, keys: Sequence[ApiKey]
+) -> tuple[web.Application, str]:
+    """Routes from hpcserve's database (the replicas the service marked ready); the gateway's buffered
+    requests and per-key usage go back into it."""
+    from hpcserve.serving.gateway import make_app
+    from hpcserve.serving.gateway_store import report_to_store, routes_from_store, usage_to_store
+
+    site = ctx.require_site()
+    store = ctx.store(site)
+    app = make_app(config, routes_from_store(store), keys=keys, report=report_to_store(store),
+                   usage_sink=usage_to_store(store))  # fmt: skip
+    return app, f"the database of site {site.name}"
