@@ -8,7 +8,7 @@
 #   topology/tree: leaf1=node[1-4] (ib), leaf2=node[5-8] (roce), spine above both
 #   partitions: train=node[1-4] (default), infer=node[5-8], all=node[1-8] (low tier, preemptible)
 #
-# start is idempotent and waits until every node is exactly "idle"; stop ends only what start started
+# start is idempotent and waits until every node is exactly "idle" (or busy with jobs, if it was up); stop ends only what start started
 # (pid files in $PREFIX/run/owned, checked against /proc/PID/comm). Knobs (environment):
 #   PREFIX (/tmp/hpcserve-mc)  NNODES (8)  GPUS_PER_NODE (4)  CPUS_PER_NODE (8)  MEM_PER_NODE (16000)
 #   RESET=1 (wipe controller state, accounting DB and job folders first)  WAIT_TIMEOUT (120)  PURGE=1 (stop: rm PREFIX)
@@ -315,8 +315,10 @@ start_slurmds() {
   done
 }
 
-all_idle() { # exactly "idle": right after a (re)start or RESUME a node shows "idle*" (not responding)
-  [ "$(sinfo -h -N -p all -o '%N %t' | awk '$2 == "idle"' | sort -u | wc -l)" -ge "$NNODES" ]
+all_idle() { # exactly "idle" (right after a (re)start or RESUME a node shows "idle*", not responding);
+  # on a cluster that was already up, a node running jobs ("mix", "alloc") is ready too
+  [ "$(sinfo -h -N -p all -o '%N %t' | awk '$2 == "idle" || $2 == "mix" || $2 == "alloc"' | sort -u | wc -l)" \
+    -ge "$NNODES" ]
 }
 
 do_start() {
@@ -330,7 +332,7 @@ do_start() {
   start_slurmdbd
   start_slurmctld
   start_slurmds
-  if ! wait_for "$WAIT_TIMEOUT" all_idle; then sinfo -N -l; die "nodes not idle after ${WAIT_TIMEOUT}s"; fi
+  if ! wait_for "$WAIT_TIMEOUT" all_idle; then sinfo -N -l; die "nodes not ready after ${WAIT_TIMEOUT}s"; fi
   log "minicluster up: $(sinfo -h -o '%P=%N' | tr '\n' ' ')"
   echo "To use it:   source $PREFIX/env.sh    (sets SLURM_CONF; /etc/slurm/slurm.conf links there too)"
   echo "Then:        sinfo; hpcserve --site site_configs/minicluster.yaml nodes"
