@@ -153,6 +153,17 @@ class Switch(Frozen):
         return self
 
 
+def check_node_path(path: str) -> str:
+    """An absolute path in which ``{node}`` (the node's name) is the only placeholder."""
+    if not path.startswith("/"):
+        raise Invalid("", f"{path!r} is not an absolute path", "start the path with /")
+    try:
+        path.format(node="x")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise Invalid("", f"bad placeholder in {path!r}", "use only {node} inside braces") from exc
+    return path
+
+
 class StorageTier(Frozen):
     """A directory for model weights; ``{node}`` in the path stands for the node's name."""
 
@@ -164,13 +175,7 @@ class StorageTier(Frozen):
     @field_validator("path")
     @classmethod
     def _absolute_with_node_only(cls, path: str) -> str:
-        if not path.startswith("/"):
-            raise Invalid("", f"{path!r} is not an absolute path", "start the path with /")
-        try:
-            path.format(node="x")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise Invalid("", f"bad placeholder in {path!r}", "use only {node} inside braces") from exc
-        return path
+        return check_node_path(path)
 
 
 class Storage(Frozen):

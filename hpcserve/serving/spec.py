@@ -48,6 +48,7 @@ from pydantic import Field, field_validator, model_validator
 from hpcserve.config.base import Frozen, Invalid
 from hpcserve.config.loader import describe, read_mapping, to_config_error
 from hpcserve.config.policy import Duration
+from hpcserve.config.sections import check_node_path
 from hpcserve.errors import ConfigError, ValidationError
 from hpcserve.serving.vllm_cmd import engine_arg_problem, normalize_engine_arg
 
@@ -146,15 +147,7 @@ class DeploymentSpec(Frozen):
     @field_validator("warm_tier")
     @classmethod
     def _absolute(cls, path: str | None) -> str | None:
-        if path is None:
-            return None
-        if not path.startswith("/"):
-            raise Invalid("", f"{path!r} is not an absolute path", "start the path with /")
-        try:
-            path.format(node="x")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise Invalid("", f"bad placeholder in {path!r}", "use only {node} inside braces") from exc
-        return path
+        return None if path is None else check_node_path(path)
 
     @model_validator(mode="after")
     def _consistent(self) -> DeploymentSpec:
