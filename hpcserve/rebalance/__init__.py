@@ -1,0 +1,1 @@
+"""Rebalancing nodes between the training and inference partitions: forecast, planner (pure), executor."""
