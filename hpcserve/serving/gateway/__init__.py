@@ -4,7 +4,8 @@
 ``refresh() -> Mapping[str, DeploymentRoute]`` (``StaticRoutes``, ``routes_from_file``, or the database).
 Modules: routes (snapshot types, sources), routing (pure replica choice), admission (pure request checks),
 keys (API keys, token buckets), buffer (scale-from-zero wait), stats and metrics (counters, callbacks,
-Prometheus), upstream and proxy (relaying), state, app.
+Prometheus), client, response and chunked (the HTTP/1.1 hop to replicas), upstream and proxy (relaying),
+state, app (``make_app``), serve (``run_gateway``: uvloop, file limits).
 """
 
 from hpcserve.serving.gateway.app import make_app

@@ -34,7 +34,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 class Gateway:
-    """The app's lifecycle (client session, background loops) and its small handlers."""
+    """The app's lifecycle (connection pool, background loops) and its small handlers."""
 
     def __init__(self, state: GatewayState, source: Refresh, report: Report, usage_sink: UsageSink) -> None:
         self.state, self.source, self.report, self.usage_sink = state, source, report, usage_sink

@@ -11,11 +11,12 @@ Families (all ``hpcserve_gateway_*``):
 
 from __future__ import annotations
 
-import contextlib
+from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterator
+from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from hpcserve.serving.gateway.stats import UNKNOWN, Stats
@@ -40,15 +41,18 @@ class _StatsCollector(Collector):
         requests = CounterMetricFamily(
             PREFIX + "requests", "Requests answered", labels=["model", "key", "code"]
         )
-        for (model, key, code), n in sorted(self.stats.requests.items()):
-            requests.add_metric([model, key, code], n)
+        ledgers = sorted(self.stats.ledgers.items())
+        for (key, model), entry in ledgers:
+            for code, n in sorted(entry.codes.items()):
+                requests.add_metric([model, key, code], n)
         prompt = CounterMetricFamily(PREFIX + "prompt_tokens", "Prompt tokens used", labels=["model", "key"])
         completion = CounterMetricFamily(
             PREFIX + "completion_tokens", "Completion tokens generated", labels=["model", "key"]
         )
-        for (key, model), u in sorted(self.stats.usage.items()):
-            prompt.add_metric([model, key], u.prompt)
-            completion.add_metric([model, key], u.completion)
+        for (key, model), entry in ledgers:
+            if entry.requests:
+                prompt.add_metric([model, key], entry.prompt)
+                completion.add_metric([model, key], entry.completion)
         return iter((requests, prompt, completion))
 
     def _gauges(self) -> Iterator[Metric]:
@@ -71,42 +75,62 @@ class _StatsCollector(Collector):
             yield family
 
 
+class Buckets:
+    """One histogram's counts. ``observe`` is a bisect and two additions: prometheus_client's Histogram
+    takes a lock and scans its buckets in Python for every observation, a cost on every request here."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        edges = [*(repr(float(b)) for b in self.bounds), "+Inf"]
+        return list(zip(edges, accumulate(self.counts), strict=True))
+
+
 class GatewayMetrics:
-    """The registry, the two latency histograms and the rendering of /metrics."""
+    """The registry, the two latency histograms per model and the rendering of /metrics."""
 
     def __init__(
         self, stats: Stats, deployments: Callable[[], Collection[str]], buffered: Callable[[str], int]
     ):
         self.registry = CollectorRegistry()
-        self.ttft = Histogram(
-            PREFIX + "ttft_seconds",
-            "Time to first byte sent",
-            ["model"],
-            registry=self.registry,
-            buckets=TTFT_BUCKETS,
-        )
-        self.latency = Histogram(
-            PREFIX + "request_seconds", "End-to-end request time", ["model"], registry=self.registry,
-            buckets=LATENCY_BUCKETS,
-        )  # fmt: skip
         self.registry.register(_StatsCollector(stats, deployments, buffered))
-        self._observed: dict[str, tuple[Histogram, Histogram]] = {}  # model -> its (ttft, latency) children
+        self.histograms: dict[str, tuple[Buckets, Buckets]] = {}  # model -> (ttft, latency)
+        self.registry.register(_HistogramCollector(self.histograms))
 
     def observe(self, model: str, ttft: float | None, total: float) -> None:
-        children = self._observed.get(model)
-        if children is None:
-            children = self._observed[model] = (self.ttft.labels(model), self.latency.labels(model))
+        pair = self.histograms.get(model)
+        if pair is None:
+            pair = self.histograms[model] = (Buckets(TTFT_BUCKETS), Buckets(LATENCY_BUCKETS))
         if ttft is not None:
-            children[0].observe(ttft)
-        children[1].observe(total)
+            pair[0].observe(ttft)
+        pair[1].observe(total)
 
     def prune(self, deployments: Collection[str]) -> None:
         """Drop the histograms of deployments that are gone."""
-        for model in [m for m in self._observed if m not in deployments and m != UNKNOWN]:
-            del self._observed[model]
-            for histogram in (self.ttft, self.latency):
-                with contextlib.suppress(KeyError):
-                    histogram.remove(model)
+        for model in [m for m in self.histograms if m not in deployments and m != UNKNOWN]:
+            del self.histograms[model]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _HistogramCollector(Collector):
+    def __init__(self, histograms: dict[str, tuple[Buckets, Buckets]]) -> None:
+        self.histograms = histograms
+
+    def collect(self) -> Iterator[Metric]:
+        names = (("ttft_seconds", "Time to first byte sent"), ("request_seconds", "End-to-end request time"))
+        for i, (name, doc) in enumerate(names):
+            family = HistogramMetricFamily(PREFIX + name, doc, labels=["model"])
+            for model, pair in sorted(self.histograms.items()):
+                family.add_metric([model], pair[i].cumulative(), pair[i].total)
+            yield family

@@ -41,15 +41,28 @@ def pick_endpoint(
     avoid: Collection[str] = (),
 ) -> Endpoint | None:
     """The endpoint for the next request, or None when no candidate is left (see the module docstring)."""
-    candidates = [e for e in ready if e.url not in exclude]
+    candidates = [e for e in ready if e.url not in exclude] if exclude else ready
     if avoid:
         candidates = [e for e in candidates if e.url not in avoid] or candidates
     if not candidates:
         return None
-    least = min(outstanding.get(e.url, 0) for e in candidates)
+    least, idle = _least_loaded(candidates, outstanding)
     if affinity is not None:
         preferred = max(candidates, key=lambda e: _rendezvous(affinity, e.url))
         if outstanding.get(preferred.url, 0) <= least + slack:
             return preferred
-    idle = [e for e in candidates if outstanding.get(e.url, 0) == least]
     return idle[turn % len(idle)]
+
+
+def _least_loaded(
+    candidates: Sequence[Endpoint], outstanding: Mapping[str, int]
+) -> tuple[int, list[Endpoint]]:
+    """The fewest outstanding requests, and the candidates that have that many (in their order)."""
+    least, idle = -1, []
+    for endpoint in candidates:
+        load = outstanding.get(endpoint.url, 0)
+        if load < least or least < 0:
+            least, idle = load, [endpoint]
+        elif load == least:
+            idle.append(endpoint)
+    return least, idle

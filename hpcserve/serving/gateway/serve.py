@@ -4,6 +4,7 @@ streams (two sockets each), a deep accept backlog, no access log (it would cost 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 
@@ -11,6 +12,7 @@ from aiohttp import web
 
 log = logging.getLogger(__name__)
 BACKLOG = 4096
+GC_THRESHOLD = 20_000  # allocations between young-generation collections (Python's default: 700)
 
 
 def raise_open_files_limit() -> int:
@@ -26,7 +28,7 @@ def raise_open_files_limit() -> int:
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A uvloop loop when uvloop is installed (about twice the proxy throughput), else asyncio's."""
+    """A uvloop loop when uvloop is installed (~15% less gateway CPU per request), else asyncio's."""
     try:
         import uvloop
     except ImportError:
@@ -35,10 +37,25 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def run_gateway(app: web.Application, host: str, port: int) -> None:
-    """Serve ``app`` until SIGINT or SIGTERM (then requests in flight get ``shutdown_timeout`` to end)."""
+    """Serve ``app`` until SIGINT or SIGTERM (then requests in flight get ``shutdown_timeout`` to end).
+
+    ``handler_cancellation``: a client that goes away cancels its request, and the gateway closes the
+    replica's connection, so the replica stops generating for nobody. Run the app with it elsewhere too.
+    """
     files = raise_open_files_limit()
     if files < 8192:
         log.warning("only %d open files allowed: about %d concurrent streams at most", files, files // 2)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
-    web.run_app(app, host=host, port=port, access_log=None, backlog=BACKLOG, shutdown_timeout=30.0, loop=loop)
+    gc.freeze()  # what was loaded at start is never garbage: spare the collector scanning it
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
+    web.run_app(
+        app,
+        handler_cancellation=True,
+        host=host,
+        port=port,
+        access_log=None,
+        backlog=BACKLOG,
+        shutdown_timeout=30.0,
+        loop=loop,
+    )

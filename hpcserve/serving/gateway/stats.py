@@ -13,7 +13,7 @@ Both are called from a worker thread, one call at a time; an exception is logged
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -22,9 +22,7 @@ NO_KEY = "_none"
 CODES = frozenset({200, 400, 401, 404, 408, 413, 422, 429, 499, 500, 502, 503, 504})
 
 
-def code_label(status: int) -> str:
-    """A bounded label for a status code: itself when listed in CODES, else its class (``4xx``)."""
-    return str(status) if status in CODES else f"{status // 100}xx"
+_LABELS = {code: str(code) for code in CODES}  # a code not listed counts under its class, such as "4xx"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,31 +57,52 @@ def no_usage_sink(rows: Sequence[UsageRow]) -> None:
     """The default usage sink: drop the rows."""
 
 
-class _Usage:
-    __slots__ = ("completion", "owner", "prompt", "requests", "sent")
+class Ledger:
+    """What one key did on one deployment: answers by status label, and what replicas spent on it
+    (``requests`` counts answers a replica gave with usage)."""
+
+    __slots__ = ("codes", "completion", "owner", "prompt", "requests", "sent")
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
+        self.codes: dict[str, int] = {}
         self.requests = self.prompt = self.completion = 0
-        self.sent = (0, 0, 0)  # the totals already handed to the sink
+        self.sent = (0, 0, 0)  # the usage totals already handed to the sink
+
+    def count(self, status: int) -> None:
+        label = _LABELS.get(status) or f"{status // 100}xx"
+        self.codes[label] = self.codes.get(label, 0) + 1
+
+    def use(self, prompt: int, completion: int) -> None:
+        self.requests += 1
+        self.prompt += prompt
+        self.completion += completion
+
+    def unsent(self) -> bool:
+        return (self.requests, self.prompt, self.completion) != self.sent
 
 
 class Stats:
-    """Request, usage, in-flight and rate counters (see the module docstring)."""
+    """Ledgers per key and deployment, in-flight and rate counters (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str], int] = {}  # (model, key, code) -> total
-        self.usage: dict[tuple[str, str], _Usage] = {}  # (key, deployment)
+        self.ledgers: dict[tuple[str, str], Ledger] = {}  # (key id, deployment)
         self.inflight: dict[str, int] = {}
-        self._started: dict[str, int] = {}  # since the last tick
-        self._tokens: dict[str, int] = {}  # completion tokens since the last tick
+        self._started: dict[str, int] = {}  # requests sent to replicas since the last tick
+        self._completion: dict[str, int] = {}  # completion tokens per deployment at the last tick
         self.requests_per_s: dict[str, float] = {}
         self.tokens_per_s: dict[str, float] = {}
         self._tick_at: float | None = None
 
-    def count(self, model: str, key_id: str, status: int) -> None:
-        label = (model, key_id, code_label(status))
-        self.requests[label] = self.requests.get(label, 0) + 1
+    def ledger(self, key_id: str, owner: str, deployment: str) -> Ledger:
+        entry = self.ledgers.get((key_id, deployment))
+        if entry is None:
+            entry = self.ledgers[(key_id, deployment)] = Ledger(owner)
+        return entry
+
+    def count(self, deployment: str, key_id: str, status: int) -> None:
+        """Count an answer the gateway gave itself."""
+        self.ledger(key_id, "", deployment).count(status)
 
     def begin(self, deployment: str) -> None:
         self.inflight[deployment] = self.inflight.get(deployment, 0) + 1
@@ -96,25 +115,18 @@ class Stats:
         else:
             self.inflight.pop(deployment, None)
 
-    def use(self, key_id: str, owner: str, deployment: str, prompt: int, completion: int) -> None:
-        """Account one request a replica answered."""
-        entry = self.usage.get((key_id, deployment))
-        if entry is None:
-            entry = self.usage[(key_id, deployment)] = _Usage(owner)
-        entry.requests += 1
-        entry.prompt += prompt
-        entry.completion += completion
-        self._tokens[deployment] = self._tokens.get(deployment, 0) + completion
-
     def tick(
         self, now: float, at: datetime, deployments: Collection[str], buffered: Callable[[str], int]
     ) -> list[GatewaySample]:
         """Rates since the last tick, and one sample per known deployment."""
         elapsed = now - self._tick_at if self._tick_at is not None else 0.0
         self._tick_at = now
-        self.requests_per_s = _rates(self._started, elapsed)
-        self.tokens_per_s = _rates(self._tokens, elapsed)
-        self._started, self._tokens = {}, {}
+        completion: dict[str, int] = {}
+        for (_, deployment), entry in self.ledgers.items():
+            completion[deployment] = completion.get(deployment, 0) + entry.completion
+        generated = {d: n - self._completion.get(d, 0) for d, n in completion.items()}
+        self.requests_per_s, self.tokens_per_s = _rates(self._started, elapsed), _rates(generated, elapsed)
+        self._started, self._completion = {}, completion
         return [
             GatewaySample(at, d, buffered(d), self.inflight.get(d, 0), self.requests_per_s.get(d, 0.0))
             for d in sorted(deployments)
@@ -123,35 +135,26 @@ class Stats:
     def flush(self, at: datetime) -> list[UsageRow]:
         """Usage since the last flush, one row per key and deployment that used anything."""
         rows = []
-        for (key_id, deployment), u in self.usage.items():
-            total = (u.requests, u.prompt, u.completion)
-            if total != u.sent:
-                delta = [now - before for now, before in zip(total, u.sent, strict=True)]
-                rows.append(UsageRow(at, key_id, u.owner, deployment, *delta))
-                u.sent = total
+        for (key_id, deployment), entry in self.ledgers.items():
+            if entry.unsent():
+                total = (entry.requests, entry.prompt, entry.completion)
+                delta = [now - before for now, before in zip(total, entry.sent, strict=True)]
+                rows.append(UsageRow(at, key_id, entry.owner, deployment, *delta))
+                entry.sent = total
         return rows
 
     def prune(self, deployments: Collection[str], key_ids: Collection[str]) -> None:
         """Forget deployments and keys that are gone (usage not yet flushed stays until it is)."""
-        self.requests = {
-            label: n
-            for label, n in self.requests.items()
-            if label[0] in deployments or label[0] == UNKNOWN
-            if label[1] in key_ids or label[1] == NO_KEY
-        }
-        self.usage = {
-            label: u
-            for label, u in self.usage.items()
-            if (label[1] in deployments and label[0] in key_ids)
-            or (u.requests, u.prompt, u.completion) != u.sent
+        self.ledgers = {
+            (key_id, deployment): entry
+            for (key_id, deployment), entry in self.ledgers.items()
+            if (
+                (deployment in deployments or deployment == UNKNOWN)
+                and (key_id in key_ids or key_id == NO_KEY)
+            )
+            or entry.unsent()
         }
 
 
 def _rates(counts: Mapping[str, int], elapsed: float) -> dict[str, float]:
     return {d: n / elapsed for d, n in counts.items()} if elapsed > 0 else {}
-
-
-def usage_totals(stats: Stats) -> Iterator[tuple[str, str, int, int]]:
-    """(key, deployment, prompt tokens, completion tokens) for every usage entry."""
-    for (key_id, deployment), u in stats.usage.items():
-        yield key_id, deployment, u.prompt, u.completion

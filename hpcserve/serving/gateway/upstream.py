@@ -9,12 +9,11 @@ one ``data: {"error": ...}`` event, written as soon as the break is seen.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from aiohttp import ClientResponse
 
 DONE = b"data: [DONE]\n\n"
 _encode = msgspec.json.Encoder().encode
@@ -43,13 +42,23 @@ def error_event(message: str, code: str = "upstream_broken") -> bytes:
     return b"data: " + error_body(message, code, "upstream_error") + b"\n\n"
 
 
+_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+
+
 def read_usage(body: bytes) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from a JSON answer's ``usage``, or None when it has none."""
-    try:
-        event = _decode_event(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    """(prompt, completion) tokens from a JSON answer's ``usage``, or None when it has none.
+
+    Without decoding the answer: ``"usage"`` followed by ``"`` can only be a key (a quote inside a JSON
+    string is escaped), and it is the last key of an OpenAI answer, after the generated text.
+    """
+    at = body.rfind(b'"usage"')
+    if at < 0:
         return None
-    return (event.usage.prompt_tokens, event.usage.completion_tokens) if event.usage else None
+    prompt, completion = _PROMPT.search(body, at), _COMPLETION.search(body, at)
+    if prompt is None or completion is None:
+        return None
+    return int(prompt.group(1)), int(completion.group(1))
 
 
 @dataclass(slots=True)
@@ -107,8 +116,3 @@ def _parse_event(event: bytes) -> _Event | None:
         return _decode_event(event[6:])
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-
-
-def passthrough_headers(resp: ClientResponse, extra: Mapping[str, str]) -> dict[str, str]:
-    """The headers of a relayed answer: the replica's content type plus the gateway's own."""
-    return {"Content-Type": resp.headers.get("Content-Type", "application/json"), **extra}
