@@ -90,10 +90,51 @@ class JobClass(Frozen):
         return self
 
 
+class RebalanceRules(Frozen):
+    """How the rebalancer splits the site's managed pool between training and inference.
+
+    Node counts (``min_*``/``max_*``) are whole sides: the nodes that never move count too."""
+
+    horizon_s: int = Field(default=1800, gt=0)  # look this far ahead; longer than a move takes
+    headroom: float = Field(default=0.2, ge=0)  # inference gets its forecast GPUs x (1 + headroom)
+    min_training_nodes: int = Field(default=0, ge=0)
+    max_training_nodes: int | None = Field(default=None, ge=0)  # None: no limit
+    min_inference_nodes: int = Field(default=0, ge=0)
+    max_inference_nodes: int | None = Field(default=None, ge=0)
+    hysteresis_cycles: int = Field(default=3, ge=1)  # a change must be wanted this many cycles in a row,
+    hysteresis_nodes: int = Field(default=2, ge=1)  # unless it is at least this many nodes
+    cooldown_s: int = Field(default=1800, ge=0)  # a node that moved does not move again for this long
+    max_moves_per_cycle: int = Field(default=2, ge=1)
+    release_window_s: int = Field(default=1800, ge=0)  # inference keeps what it needed this recently
+    spare_ending_within_s: int = Field(default=900, ge=0)  # a job ending this soon is waited for
+    profile_slot_s: int = Field(default=1800, gt=0)  # the forecast's time-of-day resolution
+    ewma_halflife_s: int = Field(default=3600, gt=0)  # the forecast's fast level: the present
+    baseline_halflife_s: int = Field(default=86400, gt=0)  # its slow level: where the present fades to
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RebalanceRules:
+        for side in ("training", "inference"):
+            low, high = getattr(self, f"min_{side}_nodes"), getattr(self, f"max_{side}_nodes")
+            if high is not None and high < low:
+                raise Invalid(
+                    f"max_{side}_nodes",
+                    f"{high} is below min_{side}_nodes ({low})",
+                    "raise it or lower the min",
+                )
+        if 86400 % self.profile_slot_s:
+            raise Invalid(
+                "profile_slot_s",
+                f"{self.profile_slot_s} s does not divide a day",
+                "use a divisor of 86400, e.g. 600, 1800 or 3600",
+            )
+        return self
+
+
 class Policy(Frozen):
-    """Job classes -> their rules; all four classes are required."""
+    """Job classes -> their rules (all four are required), and the rebalancer's rules."""
 
     classes: dict[JobClassName, JobClass]
+    rebalance: RebalanceRules = Field(default_factory=RebalanceRules)
 
     @model_validator(mode="after")
     def _all_classes(self) -> Policy:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpcserve.serving.launcher import launch_replica, parse_replica_tag
+from hpcserve.serving.launcher import launch_replica
 from hpcserve.serving.reconciler import (
     Action,
     Adopt,
@@ -32,6 +32,7 @@ from hpcserve.serving.reconciler import (
     reconcile,
 )
 from hpcserve.serving.replica import announcement_path, read_announcement
+from hpcserve.serving.tags import parse_replica_tag
 
 if TYPE_CHECKING:
     from hpcserve.jobs.submit import Submitter

@@ -14,25 +14,11 @@ from hpcserve.config.policy import JobClassName
 from hpcserve.identity import current_user
 from hpcserve.jobs.spec import JobRequest
 from hpcserve.serving.replica import ReplicaMain
-from hpcserve.slurm.models import TAG_PREFIX
+from hpcserve.serving.tags import REPLICA_KIND, replica_tag
 
 if TYPE_CHECKING:
     from hpcserve.jobs.submit import Submitter
     from hpcserve.serving.spec import DeploymentSpec
-
-REPLICA_KIND = "replica"
-
-
-def replica_tag(deployment: str, index: int) -> str:
-    return f"{TAG_PREFIX}{REPLICA_KIND}:{deployment}:{index}"
-
-
-def parse_replica_tag(tag: str | None) -> tuple[str, int] | None:
-    """``hpcserve:replica:<deployment>:<index>`` -> (deployment, index); anything else -> None."""
-    if not tag or not tag.startswith(f"{TAG_PREFIX}{REPLICA_KIND}:"):
-        return None
-    deployment, _, index = tag.removeprefix(f"{TAG_PREFIX}{REPLICA_KIND}:").rpartition(":")
-    return (deployment, int(index)) if deployment and index.isdigit() else None
 
 
 def replica_request(spec: DeploymentSpec, index: int, user: str | None = None) -> JobRequest:
