@@ -28,5 +28,5 @@ fi
 # torch 2.13.0 first: it is the CPU build on this machine's disk; the `train` extra's range then adds nothing
 # (a bare `torch` requirement would fetch a CUDA build of several GB).
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[dev,postgres,train]' --config-settings editable_mode=strict
+.venv/bin/python -m pip install -q -e '.[dev,postgres,train,plot]' --config-settings editable_mode=strict
 bash scripts/minicluster.sh start

@@ -96,7 +96,7 @@ def serving(slurm: CliSlurmClient) -> Iterator[Serving]:
     s = Serving(root)
     assert s.cli("db", "upgrade").returncode == 0
     s.start("gateway", "--port", str(s.port), "--keys", str(root / "keys.yaml"), log="gateway.log")
-    s.start("service", log="service.log")
+    s.start("service", "--rebalance-interval", "0", "--metrics-port", "0", log="service.log")
     wait_until(lambda: _up(s.url("/health")), timeout=30)
     yield s
     s.stop()

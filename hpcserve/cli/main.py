@@ -104,6 +104,8 @@ LAZY_COMMANDS = {
     "rm": "hpcserve.cli.serve_cmds:rm",
     "logs": "hpcserve.cli.serve_cmds:logs",
     "service": "hpcserve.cli.service_cmd:service",
+    "rebalance": "hpcserve.cli.rebalance_cmd:rebalance",
+    "history": "hpcserve.cli.history_cmd:history",
 }
 
 

@@ -1,14 +1,22 @@
 """``hpcserve service``: hpcserve's scheduler process (APScheduler).
 
 Each job is one tick of load -> decide -> apply -> record; an error is logged and the next tick runs as
-planned, it never reaches the scheduler. Only the process holding the database's leader lock acts, so
-two services (or a service and ``hpcserve serve --wait``) never both submit or cancel.
+planned, it never reaches the scheduler. A database that went away (a PostgreSQL restart) is one log line
+per tick until it is back; the engine checks pooled connections before use (``pool_pre_ping``), so the
+next tick reconnects. Only the process holding a job's database lease acts (the serving controller's,
+and "rebalance", shared with ``hpcserve rebalance --apply`` from cron), so two processes never both act.
+
+Jobs: serving (reconcile + autoscale), sampler (queue samples), rebalance (finish crashed plans, re-assert
+the split, plan and move nodes), retention. ``--metrics-port`` serves their counters on /metrics.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -17,53 +25,145 @@ from hpcserve.identity import current_user
 
 if TYPE_CHECKING:
     from hpcserve.cli.main import Context
+    from hpcserve.cli.service_metrics import ServiceMetrics
+    from hpcserve.config import Policy, SiteConfig
+    from hpcserve.store import HistoryStore
 
 log = logging.getLogger("hpcserve.service")
+Jobs = dict[str, tuple[Callable[[], object], float]]
 
 
-def _guarded(name: str, func: object) -> object:
-    """``func`` with its errors logged instead of raised into the scheduler."""
+def _guarded(
+    name: str, func: Callable[[], object], metrics: ServiceMetrics | None = None
+) -> Callable[[], None]:
+    """``func`` with its errors logged instead of raised into the scheduler (and counted)."""
+    from sqlalchemy.exc import DBAPIError
+
+    from hpcserve.store import DatabaseUnavailable
 
     def run() -> None:
+        if metrics is not None:
+            metrics.ticked(name)
         try:
-            func()  # type: ignore[operator]
+            func()
+        except (DatabaseUnavailable, DBAPIError) as exc:
+            _count(metrics, name)
+            first = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
+            log.warning("%s: database unavailable (%s); the next tick retries", name, first[0])
         except Exception:
+            _count(metrics, name)
             log.exception("%s failed; the next tick runs as planned", name)
 
     return run
 
 
+def _count(metrics: ServiceMetrics | None, name: str) -> None:
+    if metrics is not None:
+        metrics.failed(name)
+
+
 @click.command()
 @click.option("--once", is_flag=True, help="Run each job once and exit (for cron and tests).")
+@click.option("--sample-interval", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds between queue samples (0: no sampler).")  # fmt: skip
+@click.option("--rebalance-interval", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds between rebalance rounds (0: no rebalancing).")  # fmt: skip
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=9464, show_default=True,
+              help="Port of the Prometheus /metrics endpoint (0: none).")  # fmt: skip
 @click.pass_obj
-def service(ctx: Context, /, once: bool) -> None:
-    """Run hpcserve's scheduler: serving controller (reconcile + autoscale) and history retention."""
-    from apscheduler.schedulers.blocking import BlockingScheduler  # type: ignore[import-untyped]
-
-    from hpcserve.serving.wiring import make_controller, tick_as_leader
+def service(ctx: Context, /, once: bool, sample_interval: float, rebalance_interval: float,
+            metrics_port: int) -> None:  # fmt: skip
+    """Run hpcserve's scheduler: serving controller, queue sampler, rebalancer and history retention."""
+    from hpcserve.cli.service_metrics import ServiceMetrics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     site = ctx.require_site()
     policy = ctx.load_policy(site)
     store = ctx.store(site, extra_admins=(_me(),))
-    interval = site.serving.controller_interval_s
-    controller = make_controller(site, policy, store)
-    jobs = {
-        "serving": (lambda: tick_as_leader(controller, store, ttl_s=max(10 * interval, 10)), interval),
-        "retention": (lambda: store.apply_retention(datetime.now(UTC)), 3600.0),
-    }
+    metrics = ServiceMetrics()
+    jobs = _serving_jobs(site, policy, store)
+    if sample_interval > 0:
+        jobs["sampler"] = (_sampler_tick(site, store, metrics), sample_interval)
+    if rebalance_interval > 0:
+        jobs["rebalance"] = (
+            _rebalance_tick(ctx, site, policy, store, metrics, rebalance_interval),
+            rebalance_interval,
+        )
     if once:
         for name, (func, _) in jobs.items():
-            _guarded(name, func)()  # type: ignore[operator]
+            _guarded(name, func, metrics)()
         return
+    if metrics_port:
+        _serve_metrics(metrics, metrics_port)
+    _schedule(jobs, metrics)
+
+
+def _serve_metrics(metrics: ServiceMetrics, port: int) -> None:
+    """/metrics on ``port``; a port already taken (another service) costs the metrics, not the service."""
+    try:
+        metrics.serve(port)
+    except OSError as exc:
+        log.warning("no /metrics: cannot listen on port %d (%s); pass --metrics-port", port, exc.strerror)
+        return
+    log.info("metrics on http://0.0.0.0:%d/metrics", port)
+
+
+def _schedule(jobs: Jobs, metrics: ServiceMetrics) -> None:
+    from apscheduler.schedulers.blocking import BlockingScheduler  # type: ignore[import-untyped]
+
     scheduler = BlockingScheduler(timezone=UTC)
     for name, (func, seconds) in jobs.items():
-        scheduler.add_job(_guarded(name, func), "interval", seconds=seconds, id=name, max_instances=1,
-                          coalesce=True, next_run_time=datetime.now(UTC))  # fmt: skip
+        scheduler.add_job(_guarded(name, func, metrics), "interval", seconds=seconds, id=name,
+                          max_instances=1, coalesce=True, next_run_time=datetime.now(UTC))  # fmt: skip
     log.info("hpcserve service: %s", ", ".join(f"{n} every {s:g}s" for n, (_, s) in jobs.items()))
     scheduler.start()
 
 
-def _me() -> str:
+def _serving_jobs(site: SiteConfig, policy: Policy, store: HistoryStore) -> Jobs:
+    from hpcserve.serving.wiring import make_controller, tick_as_leader
 
+    interval = site.serving.controller_interval_s
+    controller = make_controller(site, policy, store)
+    return {
+        "serving": (lambda: tick_as_leader(controller, store, ttl_s=max(10 * interval, 10)), interval),
+        "retention": (lambda: store.apply_retention(datetime.now(UTC)), 3600.0),
+    }
+
+
+def _sampler_tick(site: SiteConfig, store: HistoryStore, metrics: ServiceMetrics) -> Callable[[], None]:
+    from hpcserve.rebalance.sampler import Sampler
+    from hpcserve.slurm.factory import make_client
+
+    sampler = Sampler(make_client(site), store)
+
+    def tick() -> None:
+        try:
+            sampler.tick()
+        finally:
+            metrics.sampled(sampler)
+
+    return tick
+
+
+def _rebalance_tick(ctx: Context, site: SiteConfig, policy: Policy, store: HistoryStore,
+                    metrics: ServiceMetrics, interval: float) -> Callable[[], None]:  # fmt: skip
+    from hpcserve.rebalance.control import Rebalancer, default_plan_fn
+    from hpcserve.rebalance.planning import DEFAULT_STATE_FILE
+    from hpcserve.slurm.cli_backend import CliSlurmClient
+
+    client = CliSlurmClient(ctx.runner, timeout=site.slurm.command_timeout_s)
+    state = Path(os.environ.get("HPCSERVE_REBALANCE_STATE") or DEFAULT_STATE_FILE)
+    ttl_s = max(3 * interval, 120.0)
+    rebalancer = Rebalancer(client, store, site, policy, default_plan_fn(), state_path=state, ttl_s=ttl_s)
+
+    def tick() -> None:
+        report = rebalancer.round()
+        if report.locked:
+            log.info("rebalance: another process holds the lock; skipped")
+        metrics.rebalanced(report)
+
+    return tick
+
+
+def _me() -> str:
     return current_user()

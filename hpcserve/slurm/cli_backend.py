@@ -11,7 +11,16 @@ from datetime import UTC, datetime
 
 from hpcserve.errors import SlurmCommandError
 from hpcserve.slurm import parsers
-from hpcserve.slurm.commands import sacct_argv, scancel_argv, squeue_argv
+from hpcserve.slurm.commands import (
+    batch_script_argv,
+    requeue_argv,
+    sacct_argv,
+    scancel_argv,
+    signal_argv,
+    squeue_argv,
+    update_nodes_argv,
+    update_partition_argv,
+)
 from hpcserve.slurm.models import (
     AccountingRecord,
     ClusterSnapshot,
@@ -30,7 +39,7 @@ def _utcnow() -> datetime:
 
 
 class CliSlurmClient:
-    """SlurmClient over squeue, sinfo, scontrol, sacct, sbatch and scancel."""
+    """SlurmClient (and SlurmOperator) over squeue, sinfo, scontrol, sacct, sbatch and scancel."""
 
     def __init__(
         self,
@@ -63,7 +72,13 @@ class CliSlurmClient:
         return _tolerate_unknown_ids(parsers.iter_squeue(lines, self._clock()))
 
     def nodes(self) -> list[Node]:
-        return parsers.parse_sinfo_json(self._run(["sinfo", "--json"]))
+        text = self._run(["sinfo", "--json"])
+        nodes = parsers.parse_sinfo_json(text)
+        if not nodes and _reported_errors(text):
+            # sinfo --json exits 0 with no nodes and an "errors" list when slurmctld does not answer
+            problem = "sinfo: error: Unable to contact slurm controller (sinfo --json listed only errors)"
+            raise SlurmCommandError(["sinfo", "--json"], 1, problem)
+        return nodes
 
     def partitions(self) -> list[Partition]:
         return parsers.parse_partitions(self._run(["scontrol", "show", "partition", "-o"]))
@@ -98,6 +113,42 @@ class CliSlurmClient:
 
     def cancel(self, job_ids: Iterable[str], *, signal: str | None = None) -> None:
         self._run(scancel_argv(job_ids, signal))
+
+    # ------------------------------------------------------------------------ operator writes (admin)
+    def update_partition_nodes(self, partition: str, nodes: Iterable[str]) -> None:
+        """Set the partition's whole node list (lost on ``scontrol reconfigure``: re-assert it)."""
+        self._run(update_partition_argv(partition, nodes))
+
+    def drain(self, nodes: Iterable[str], reason: str) -> None:
+        """DRAIN: running jobs go on, nothing new starts. Draining a drained node again is fine."""
+        self._run(update_nodes_argv(nodes, "DRAIN", reason))
+
+    def resume(self, nodes: Iterable[str]) -> None:
+        """RESUME drained nodes; a node that is not drained is left as it is (Slurm refuses it)."""
+        try:
+            self._run(update_nodes_argv(nodes, "RESUME"))
+        except SlurmCommandError as exc:
+            if "Invalid node state specified" not in exc.stderr:
+                raise
+
+    def requeue(self, job_ids: Iterable[str]) -> None:
+        self._run(requeue_argv(job_ids))
+
+    def signal(self, job_ids: Iterable[str], signal: str, *, batch: bool) -> None:
+        """Send ``signal`` to the jobs' steps, or (``batch``) to their batch shells only."""
+        self._run(signal_argv(job_ids, signal, batch=batch))
+
+    def batch_script(self, job_id: str) -> str:
+        return self._run(batch_script_argv(job_id))
+
+
+def _reported_errors(text: str) -> bool:
+    import json
+
+    try:
+        return bool(json.loads(text).get("errors"))
+    except (ValueError, AttributeError):
+        return False
 
 
 def _tolerate_unknown_ids(jobs: Iterator[Job]) -> Iterator[Job]:

@@ -92,3 +92,52 @@ def sacct_argv(job_ids: Iterable[str]) -> list[str]:
     ids = check_job_ids(job_ids)
     return ["sacct", "-n", "-X", "--parsable2", f"--delimiter={SEP}", f"--format={','.join(SACCT_FIELDS)}",
             f"--jobs={','.join(ids)}"]  # fmt: skip
+
+
+def _plain_name(what: str, name: str) -> str:
+    """A node or partition name as one ``Key=Value`` word: no spaces, ``=``, commas or brackets."""
+    if not name or any(ch in name for ch in " \t\n=,[]\"'"):
+        raise ValidationError(f"{what} {name!r} is not a plain Slurm name (fix: e.g. node5, train)")
+    return name
+
+
+def update_partition_argv(partition: str, nodes: Iterable[str]) -> list[str]:
+    """``scontrol update PartitionName=P Nodes=node[1-4]``: the partition's whole node list (empty: none)."""
+    from hpcserve.hostlists import collect
+
+    names = [_plain_name("node", n) for n in nodes]
+    return ["scontrol", "update", f"PartitionName={_plain_name('partition', partition)}",
+            f"Nodes={collect(sorted(set(names)))}"]  # fmt: skip
+
+
+def update_nodes_argv(nodes: Iterable[str], state: str, reason: str | None = None) -> list[str]:
+    """``scontrol update NodeName=... State=DRAIN|RESUME [Reason=...]``; the reason is one argv item."""
+    from hpcserve.hostlists import collect
+
+    names = sorted({_plain_name("node", n) for n in nodes})
+    if not names:
+        raise ValidationError("no node given (fix: name one or more nodes, e.g. node5)")
+    if state.upper() not in ("DRAIN", "RESUME"):
+        raise ValidationError(f"node state {state!r} is not supported (use DRAIN or RESUME)")
+    argv = ["scontrol", "update", f"NodeName={collect(names)}", f"State={state.upper()}"]
+    if reason is not None:
+        if not reason.strip() or "\n" in reason:
+            raise ValidationError("a drain reason must be one non-empty line")
+        argv.append(f"Reason={reason}")
+    return argv
+
+
+def requeue_argv(job_ids: Iterable[str]) -> list[str]:
+    """``scontrol requeue 12,13``: the jobs go back to pending (checked ids only)."""
+    return ["scontrol", "requeue", ",".join(check_job_ids(job_ids))]
+
+
+def signal_argv(job_ids: Iterable[str], signal: str, *, batch: bool) -> list[str]:
+    """scancel --signal to the jobs' steps (``batch=False``, Slurm's default) or only to the batch shell."""
+    argv = scancel_argv(job_ids, signal)
+    return [*argv[:3], "--batch", *argv[3:]] if batch else argv
+
+
+def batch_script_argv(job_id: str) -> list[str]:
+    """``scontrol write batch_script ID -``: the job's batch script on stdout."""
+    return ["scontrol", "write", "batch_script", check_job_ids([job_id])[0], "-"]
