@@ -21,6 +21,17 @@ SITE = REPO / "site_configs" / "minicluster.yaml"
 POLICY = REPO / "policies" / "default.yaml"
 
 
+def _traces_dir() -> Path:
+    """The shared public traces (never shipped with hpcserve): $HPCSERVE_TRACES, else shared/traces beside
+    the checkout, else this workplace's copy."""
+    candidates = [os.environ.get("HPCSERVE_TRACES"), REPO.parent / "shared" / "traces", "/work/shared/traces"]
+    found = [Path(c) for c in candidates if c and Path(c).is_dir()]
+    return found[0] if found else REPO.parent / "shared" / "traces"
+
+
+TRACES = _traces_dir()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that stop the cluster run last, so every other cluster test sees it up."""
     items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)

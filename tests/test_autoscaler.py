@@ -8,7 +8,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ from hypothesis import strategies as st
 from hpcserve.serving.autoscaler import Observation, ReplicaLoad, ScaleDecision, ScalerState, decide
 from hpcserve.serving.reconciler import ReplicaState
 from hpcserve.serving.spec import DeploymentSpec, build_deployment
+from tests.conftest import TRACES
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 READY, STARTING, DRAINING = ReplicaState.READY, ReplicaState.STARTING, ReplicaState.DRAINING
@@ -282,7 +282,7 @@ def test_decide_is_deterministic(spec: DeploymentSpec, history: list[tuple[int, 
 
 # The Azure LLM inference trace (code, 2023) lives in the shared folder beside the repository; hpcserve
 # does not ship it. Columns: arrival_time_s, prompt_tokens, output_tokens, timestamp_orig.
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "azure_llm_2023_code.csv"
+TRACE = TRACES / "azure_llm_2023_code.csv"
 WINDOW_START_S, WINDOW_S, COMPRESS = 540, 900, 1.5  # a busy quarter hour (~4 req/s), played 1.5x faster
 LEAD_S, TAIL_S = 60, 1500  # quiet before and after the burst
 SLOTS, SERVICE_S, STARTUP_S = 16, 8, 30  # per replica: 16 at once, 8 s each (2 req/s); 30 s to start

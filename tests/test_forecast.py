@@ -10,7 +10,6 @@ import csv
 import math
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -29,8 +28,9 @@ from hpcserve.rebalance.forecast import (
 )
 from hpcserve.rebalance.types import Demand
 from hpcserve.store import QueueSample
+from tests.conftest import TRACES
 
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "servegen_total_rate_10min.csv"
+TRACE = TRACES / "servegen_total_rate_10min.csv"
 MONDAY = datetime(2025, 6, 2, tzinfo=UTC)
 FOLDS = range(7, 14)  # fit on days [0, k), forecast day k
 HOUR = 3600

@@ -22,11 +22,11 @@ import yaml
 
 from hpcserve.serving.gateway.keys import hash_key
 from hpcserve.slurm.cli_backend import CliSlurmClient
-from tests.conftest import POLICY, PREFIX, REPO, SITE, wait_until
+from tests.conftest import POLICY, PREFIX, SITE, TRACES, wait_until
 
 pytestmark = pytest.mark.cluster
 KEY = "sk-test-" + uuid.uuid4().hex
-TRACE = REPO.parent / "shared" / "traces" / "azure_llm_2023_code.csv"
+TRACE = TRACES / "azure_llm_2023_code.csv"
 
 
 def free_port() -> int:
