@@ -104,6 +104,7 @@ LAZY_COMMANDS = {
     "rm": "hpcserve.cli.serve_cmds:rm",
     "logs": "hpcserve.cli.serve_cmds:logs",
     "service": "hpcserve.cli.service_cmd:service",
+    "simulate": "hpcserve.cli.simulate_cmd:simulate",
     "rebalance": "hpcserve.cli.rebalance_cmd:rebalance",
     "history": "hpcserve.cli.history_cmd:history",
 }

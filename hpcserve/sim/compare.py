@@ -1,0 +1,111 @@
+"""Run several split policies on one scenario: the entry point the CLI and the benchmark share.
+
+``run_policies`` replays each policy on the same inputs. With ``workers`` > 1 the policies run in
+separate processes, each building the scenario itself from the same inputs (the results are the same:
+the replay is deterministic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcserve.config import Policy, SiteConfig
+from hpcserve.errors import ValidationError
+from hpcserve.sim.engine import Replay
+from hpcserve.sim.metrics import PolicyResult
+from hpcserve.sim.planned import Forecaster, Foresight, PlannerPolicy, demand_now
+from hpcserve.sim.policies import IdealSplit, SplitPolicy, StaticPolicy
+from hpcserve.sim.scenario import Scenario, SimSettings, load_scenario
+
+POLICIES = ("static", "reactive", "predictive", "oracle")
+EXTRA = ("ideal",)  # not run by default: the planner-free bound (``IdealSplit``)
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """Everything a comparison replays: the site, the job classes and rebalance rules, both traces."""
+
+    site: SiteConfig
+    policy: Policy
+    training_trace: Path
+    inference_trace: Path
+    settings: SimSettings
+
+    def scenario(self) -> Scenario:
+        return load_scenario(self.site, self.policy, self.training_trace, self.inference_trace, self.settings)
+
+
+def static_nodes(scenario: Scenario) -> int:
+    """Inference nodes for the replay's inference peak (what a fixed split must give it)."""
+    return scenario.need_nodes(0.0, scenario.settings.span_s)
+
+
+def make_policy(name: str, scenario: Scenario, policy: Policy) -> SplitPolicy:
+    """One of ``POLICIES`` or ``EXTRA``, set up for ``scenario``."""
+    site, horizon = scenario.site, policy.rebalance.horizon_s
+    if name == "static":
+        return StaticPolicy(static_nodes(scenario))
+    if name == "reactive":
+        return PlannerPolicy(name, policy, site, demand_now)
+    if name == "predictive":
+        return PlannerPolicy(name, policy, site, Forecaster(policy))
+    if name == "oracle":
+        truth = Foresight(scenario.need_gpus, scenario.training.gpus_submitted, horizon)
+        return PlannerPolicy(name, policy, site, truth)
+    if name == "ideal":
+        s = scenario.settings
+        return IdealSplit(
+            scenario.need_nodes,
+            lead_s=scenario.grace_s + s.move_delay_s + s.replica_startup_s + 2 * s.rebalance_interval_s,
+            behind_s=scenario.serving.spec.scale_down_window_s,
+            hold_s=policy.rebalance.release_window_s,
+        )
+    raise ValidationError(f"unknown policy {name!r} (fix: use one of {', '.join(POLICIES + EXTRA)})")
+
+
+def check_names(names: Sequence[str]) -> None:
+    unknown = [name for name in names if name not in POLICIES + EXTRA]
+    if unknown:
+        raise ValidationError(
+            f"unknown policy {unknown[0]!r} (fix: use one of {', '.join(POLICIES + EXTRA)})"
+        )
+
+
+def replay(scenario: Scenario, name: str, policy: Policy) -> PolicyResult:
+    return Replay(scenario, make_policy(name, scenario, policy)).run()
+
+
+def _replay_inputs(inputs: Inputs, name: str) -> PolicyResult:
+    return replay(inputs.scenario(), name, inputs.policy)
+
+
+def run_policies(
+    inputs: Inputs,
+    names: Sequence[str] = POLICIES,
+    *,
+    workers: int = 1,
+    progress: Callable[[PolicyResult], None] | None = None,
+    scenario: Scenario | None = None,
+) -> list[PolicyResult]:
+    """Each named policy's figures, in the order given; ``progress`` sees each as it is done.
+    ``scenario``: ``inputs.scenario()`` when already built (used when the policies run in this process)."""
+    check_names(names)
+    if workers <= 1 or len(names) <= 1:
+        scenario = scenario or inputs.scenario()
+        results = []
+        for name in names:
+            results.append(replay(scenario, name, inputs.policy))
+            if progress is not None:
+                progress(results[-1])
+        return results
+    with ProcessPoolExecutor(max_workers=min(workers, len(names))) as pool:
+        futures = [pool.submit(_replay_inputs, inputs, name) for name in names]
+        done = []
+        for future in futures:
+            done.append(future.result())
+            if progress is not None:
+                progress(done[-1])
+        return done

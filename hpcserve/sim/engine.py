@@ -1,0 +1,224 @@
+"""The replay: one event heap drives the training side, node moves and the split policy; the inference
+side advances in fixed steps up to each event's time.
+
+Events at the same instant run in this order: the end of the warm-up (the figures start from zero), job
+ends and kills, node arrivals, submissions, samples, rebalance ticks; then one scheduling pass. A node move:
+- training -> inference: the node takes no new jobs; the jobs on it get their signal and are killed
+  ``grace_s`` later (a preemption); once it is empty it arrives after ``move_delay_s``;
+- inference -> training: its replicas are relaunched elsewhere (they stay wanted); it arrives after
+  ``replica_drain_s`` (if it hosted any) + ``move_delay_s``.
+The policy's initial plan at time 0 is applied at once and is not counted as moves.
+A decision that names moves (the planner's) is carried out as named, with the grace each move gives;
+invalid ones (a node outside the pool, or not on the move's source side) are skipped. A decision that
+names a target count lets the replay pick the pool nodes: to inference, free nodes first, then those
+whose jobs lose the least work; to training, nodes without replicas first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from datetime import datetime, timedelta
+
+from hpcserve.rebalance.types import Demand, Side
+from hpcserve.sim.inference import InferenceSide, Waits
+from hpcserve.sim.metrics import PolicyResult, training_figures
+from hpcserve.sim.policies import SplitDecision, SplitPolicy, SplitView
+from hpcserve.sim.scenario import AT0, Scenario
+from hpcserve.sim.snapshot import build_snapshot
+from hpcserve.sim.traces import DAY_S
+from hpcserve.sim.training import TrainingSide
+
+WARMUP, END, KILL, ARRIVE, SUBMIT, SAMPLE, REBALANCE = range(7)
+Event = tuple[float, int, int, str, int, int]  # (time, kind, sequence, node, job, run token)
+
+
+class Replay:
+    """One policy on one scenario; ``run`` once."""
+
+    def __init__(self, scenario: Scenario, policy: SplitPolicy) -> None:
+        s = self.scenario = scenario
+        self.policy, self.settings = policy, s.settings
+        self.side: dict[str, Side] = dict(s.start_side)
+        self.transit: dict[str, Side] = {}  # moving nodes -> where they go
+        self.training = TrainingSide(
+            s.training.jobs, self._settled(Side.TRAINING), s.gpus, s.topology,
+            checkpoint_s=self.settings.checkpoint_interval_s, depth=self.settings.backfill_depth, at0=AT0,
+        )  # fmt: skip
+        self.inference = InferenceSide(s.serving, s.arrivals, self._settled(Side.INFERENCE))
+        self.history: list[tuple[datetime, Demand]] = []
+        self.events: list[Event] = []
+        self._seq = 0
+        self.moves = 0
+        self._clock = 0.0
+        self.train_gpu_s = self.inference_node_s = 0.0
+
+    def _settled(self, side: Side) -> list[str]:
+        return [n for n, s in self.side.items() if s is side]
+
+    def _push(self, at: float, kind: int, node: str = "", job: int = -1, token: int = 0) -> None:
+        self._seq += 1
+        heapq.heappush(self.events, (at, kind, self._seq, node, job, token))
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> PolicyResult:
+        started = time.perf_counter()
+        span = self.settings.span_s
+        self._initial_split()
+        self.inference.warm_start()
+        for job in self.scenario.training.jobs:
+            self._push(job.submit, SUBMIT, job=job.id)
+        self._push(0.0, SAMPLE)
+        self._push(self.settings.rebalance_interval_s, REBALANCE)
+        self._push(self.settings.warmup_s, WARMUP)
+        while self.events and self.events[0][0] <= span:
+            now = self.events[0][0]
+            self._advance(now)
+            while self.events and self.events[0][0] == now:
+                self._handle(heapq.heappop(self.events))
+            for start in self.training.schedule(now):
+                self._push(start.end, END, job=start.job, token=start.token)
+            self._moved_off_training(now)
+        self._advance(span)
+        self.inference.finish()
+        return self._result(time.perf_counter() - started)
+
+    def _advance(self, now: float) -> None:
+        elapsed = now - self._clock
+        self.train_gpu_s += self.training.busy_gpus * elapsed
+        self.inference_node_s += len(self.inference.nodes) * elapsed
+        self._clock = now
+        self.inference.advance_to(now)
+
+    def _handle(self, event: Event) -> None:
+        now, kind, _, node, job, token = event
+        if kind == WARMUP:
+            self._reset_figures()
+        elif kind == END:
+            self.training.finish(job, token, now)
+        elif kind == KILL:
+            self.training.kill(job, now)
+        elif kind == ARRIVE:
+            self._arrive(node)
+        elif kind == SUBMIT:
+            self.training.submit(self.scenario.training.jobs[job], now)
+        elif kind == SAMPLE:
+            self.history.append((AT0 + timedelta(seconds=now), self._demand()))
+            self._push(now + self.settings.sample_interval_s, SAMPLE)
+        else:
+            view = self._view(now)
+            self._apply(self.policy.decide(view), view)
+            self._push(now + self.settings.rebalance_interval_s, REBALANCE)
+
+    def _reset_figures(self) -> None:
+        self.moves = 0
+        self.train_gpu_s = self.inference_node_s = 0.0
+        self.training.preemptions, self.training.lost_gpu_s = 0, 0.0
+        self.inference.waits, self.inference.gpu_seconds = Waits(), 0.0
+
+    # --- moves ------------------------------------------------------------------------------------
+
+    def _initial_split(self) -> None:
+        view = self._view(0.0)
+        for node, _ in self._picks(self.policy.decide(view), view):
+            dst = self.side[node].other
+            if dst is Side.INFERENCE:
+                self.training.take_node(node)
+                self.training.pop_drained()
+            else:
+                self.inference.remove_node(node)
+            self.side[node] = dst
+            self._arrive_now(node, dst)
+
+    def _apply(self, decision: SplitDecision, view: SplitView) -> None:
+        for node, grace in self._picks(decision, view):
+            self._move(node, self.side[node].other, view.now, grace)
+
+    def _picks(self, decision: SplitDecision, view: SplitView) -> list[tuple[str, float | None]]:
+        """The nodes to move and their grace: the decision's own moves that are valid now (with the grace
+        they name), else the replay's choice (with the default grace)."""
+        if decision.moves:
+            managed = self.scenario.pool
+            valid = [m for m in decision.moves if m.node in managed and self.side.get(m.node) is m.src]
+            return [(m.node, float(m.grace_s) if m.preempt else None) for m in valid]
+        if decision.inference_nodes is None:
+            return []
+        delta = view.clamp(decision.inference_nodes) - view.inference_nodes
+        pool = self.scenario.pool_order
+        if delta > 0:
+            training = [n for n in pool if self.side.get(n) is Side.TRAINING]
+            chosen = sorted(training, key=lambda n: self.training.loss_if_taken(n, view.now))[:delta]
+        else:
+            inference = [n for n in pool if self.side.get(n) is Side.INFERENCE]
+            chosen = sorted(inference, key=self.inference.replicas_on)[:-delta]
+        return [(node, None) for node in chosen]
+
+    def _move(self, node: str, dst: Side, now: float, grace: float | None) -> None:
+        """Start moving ``node``: its jobs get ``grace`` (the training class's by default) before they are
+        killed; its replicas ``grace`` (``replica_drain_s`` by default) to finish their requests."""
+        self.moves += 1
+        del self.side[node]
+        self.transit[node] = dst
+        if dst is Side.INFERENCE:
+            for job in self.training.take_node(node):
+                self._push(now + (self.scenario.grace_s if grace is None else grace), KILL, job=job)
+            return
+        hosted = self.inference.remove_node(node)
+        drain = self.settings.replica_drain_s if grace is None else grace
+        self._push(now + (drain if hosted else 0.0) + self.settings.move_delay_s, ARRIVE, node=node)
+
+    def _moved_off_training(self, now: float) -> None:
+        for node in self.training.pop_drained():
+            self._push(now + self.settings.move_delay_s, ARRIVE, node=node)
+
+    def _arrive(self, node: str) -> None:
+        dst = self.transit.pop(node)
+        self.side[node] = dst
+        self._arrive_now(node, dst)
+
+    def _arrive_now(self, node: str, dst: Side) -> None:
+        if dst is Side.INFERENCE:
+            self.inference.add_node(node)
+        else:
+            self.training.add_node(node)
+
+    # --- what policies see ------------------------------------------------------------------------
+
+    def _demand(self) -> Demand:
+        training = self.training.busy_gpus + self.training.pending_gpus()
+        return Demand(training_gpus=float(training), inference_gpus=float(self.inference.demand_gpus()))
+
+    def _view(self, now: float) -> SplitView:
+        s = self.scenario
+        inference = len(self.inference.nodes) + sum(d is Side.INFERENCE for d in self.transit.values())
+        return SplitView(
+            now=now,
+            at=AT0 + timedelta(seconds=now),
+            inference_nodes=inference,
+            min_inference_nodes=s.min_inference_nodes,
+            max_inference_nodes=s.max_inference_nodes,
+            gpus_per_node=s.gpus_per_node,
+            demand=self._demand(),
+            history=self.history,
+            snapshot=lambda: build_snapshot(self, now),
+        )
+
+    # --- figures ----------------------------------------------------------------------------------
+
+    def _result(self, wall_s: float) -> PolicyResult:
+        settings, training = self.settings, self.training
+        span, days = settings.days * DAY_S, settings.days
+        train = training_figures(training.runs.values(), settings.span_s, since=settings.warmup_s)
+        waits = self.inference.waits
+        total_gpus = sum(self.scenario.gpus[n] for n in self.scenario.nodes)
+        return PolicyResult(
+            policy=self.policy.name, days=days, jobs=train.jobs, finished=train.finished,
+            queue_mean_s=train.queue_mean_s, queue_p95_s=train.queue_p95_s, jct_mean_s=train.jct_mean_s,
+            gpu_util=(self.train_gpu_s + self.inference.gpu_seconds) / (total_gpus * span),
+            slo_attainment=waits.share_within(settings.slo_wait_s / settings.step_s),
+            p99_wait_s=waits.quantile(0.99) * settings.step_s, requests=waits.total,
+            moves=self.moves, moves_per_day=self.moves / days, preemptions=training.preemptions,
+            lost_gpu_h=training.lost_gpu_s / 3600, mean_inference_nodes=self.inference_node_s / span,
+            wall_s=wall_s,
+        )  # fmt: skip
