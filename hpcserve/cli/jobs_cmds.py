@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 CLASSES = ("training", "batch", "inference", "interactive")
 JSON_HELP = "Print machine-readable JSON instead of text."
-PROBE_DEFAULT = "~/.local/state/hpcserve/probe.json"  # the same as hpcserve.jobs.probe.DEFAULT_PATH
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,25 +103,20 @@ def _first(*values: int | None) -> int:
 
 
 def _submitter(ctx: Context) -> Submitter:
-    from hpcserve.errors import ValidationError
     from hpcserve.jobs import probe
     from hpcserve.jobs.submit import Submitter
     from hpcserve.slurm.factory import make_client
 
-    site = ctx.load_site()
-    if site is None or ctx.policy_path is None:
-        raise ValidationError("submitting needs a site config and a policy (fix: pass --site and --policy, "
-                              "or set HPCSERVE_SITE and HPCSERVE_POLICY)")  # fmt: skip
-    from hpcserve.config import check_policy, load_policy
-
-    policy = load_policy(ctx.policy_path)
-    check_policy(policy, site, ctx.policy_path)
+    site = ctx.require_site()
+    policy = ctx.load_policy(site)
     degraded = probe.load_degraded(_probe_path(), datetime.now(UTC))
     return Submitter(make_client(site), site, policy, degraded)
 
 
 def _probe_path() -> Path:
-    return Path(os.environ.get("HPCSERVE_PROBE_FILE") or PROBE_DEFAULT)
+    from hpcserve.jobs.probe import DEFAULT_PATH
+
+    return Path(os.environ.get("HPCSERVE_PROBE_FILE") or DEFAULT_PATH)
 
 
 def _parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:

@@ -79,7 +79,7 @@ def service(ctx: Context, /, once: bool, sample_interval: float, rebalance_inter
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     site = ctx.require_site()
     policy = ctx.load_policy(site)
-    store = ctx.store(site, extra_admins=(_me(),))
+    store = ctx.store(site, extra_admins=(current_user(),))
     metrics = ServiceMetrics()
     jobs = _serving_jobs(site, policy, store)
     if sample_interval > 0:
@@ -163,7 +163,3 @@ def _rebalance_tick(ctx: Context, site: SiteConfig, policy: Policy, store: Histo
         metrics.rebalanced(report)
 
     return tick
-
-
-def _me() -> str:
-    return current_user()
