@@ -60,10 +60,10 @@ def slurm() -> FakeSlurm:
     return FakeSlurm()
 
 
-def executor(slurm: FakeSlurm, store: HistoryStore, clock: Clock) -> Executor:
+def executor(slurm: FakeSlurm, store: HistoryStore, clock: Clock, holder: str | None = None) -> Executor:
     kinds = frozenset({"training"})
     options = ExecutorSettings(preemptible_kinds=kinds, settle_s=10, resume_timeout_s=5)
-    return Executor(slurm, store, LAYOUT, options, clock=clock, sleep=clock.sleep)
+    return Executor(slurm, store, LAYOUT, options, clock=clock, sleep=clock.sleep, holder=holder)
 
 
 def to_training(node: str = "node5", grace_s: int = 30, preempt: tuple[str, ...] = ()) -> RebalancePlan:
@@ -240,6 +240,29 @@ def test_slurm_down_leaves_the_plan_running_for_the_next_call(
     assert ex.finish_unfinished() == [plan_id] and store.plans()[0].state == "done"
 
 
+def test_plans_record_the_process_that_ran_them_last_and_when_they_finished(
+    slurm: FakeSlurm, store: HistoryStore, clock: Clock
+) -> None:
+    first = executor(slurm, store, clock, holder="host1:111")
+    plan_id = first.submit(to_training())
+    assert [(p.holder, p.finished_at) for p in store.plans()] == [("host1:111", None)]
+    slurm.fail_on["update-partition"] = SlurmCommandError(
+        ["scontrol"], 1, "Unable to contact slurm controller"
+    )
+    with pytest.raises(SlurmCommandError):
+        first.run(plan_id)
+    clock.sleep(600)
+    assert executor(slurm, store, clock, holder="host2:222").finish_unfinished() == [plan_id]
+    (plan,) = store.plans()
+    assert (plan.state, plan.holder, plan.finished_at) == ("done", "host2:222", clock.now)
+    assert plan.finished_at == store.steps(plan_id)[-1].finished_at
+
+    site, policy = load_site_config(SITE), load_policy(POLICY)
+    rebalancer = Rebalancer(slurm, store, site, policy, clock=clock, sleep=clock.sleep)
+    assert rebalancer.round({"node6": Side.TRAINING}).state == "done"
+    assert store.plans()[-1].holder == rebalancer.lease.holder
+
+
 def test_a_node_an_admin_drained_is_left_alone(slurm: FakeSlurm, store: HistoryStore, clock: Clock) -> None:
     slurm.set_node("node5", flags=frozenset({"DRAIN"}), reason="bad DIMM")
     ex = executor(slurm, store, clock)
@@ -391,7 +414,7 @@ def test_the_store_reconnects_after_postgres_drops_its_connections(clock: Clock)
     scratch database loses its connections)."""
     from sqlalchemy import create_engine
 
-    from tests.test_store import PG_SERVER, scratch_database
+    from tests.store_helpers import PG_SERVER, scratch_database
 
     with scratch_database() as url, HistoryStore(url, clock=clock) as store:
         store.upgrade()

@@ -3,12 +3,8 @@ made for the session and dropped after). Migrations against models, every method
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +14,7 @@ import yaml
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect, text
 from sqlalchemy.exc import StatementError
 
 from hpcserve.errors import ValidationError
@@ -33,13 +29,12 @@ from hpcserve.store import (
     QueueSample,
     StoreError,
 )
-from hpcserve.store.migrate import alembic_config
+from hpcserve.store.migrate import alembic_config, head_revision
 from hpcserve.store.retention import aggregate
 from hpcserve.store.schema import Base
+from tests.store_helpers import BACKENDS, empty_database, hpcserve, scratch_database
 
-PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
-BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 T = TypeVar("T")
 
 
@@ -49,21 +44,6 @@ class Clock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-@contextmanager
-def scratch_database() -> Iterator[str]:
-    """A new, empty PostgreSQL database for the caller, dropped afterwards."""
-    name = f"hpcserve_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(f"{PG_SERVER}/test", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG_SERVER}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -77,11 +57,8 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture
 def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database of the test's backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/fresh/hpcserve.db"
-    else:
-        with scratch_database() as url:
-            yield url
+    with empty_database(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture
@@ -309,6 +286,25 @@ def test_plan_steps_persist_as_they_run(store: HistoryStore, clock: Clock) -> No
     assert store.plan(plan_id) == store.plans()[0] and store.plan(999) is None
 
 
+def test_plans_record_their_holder_and_when_they_finished(store: HistoryStore, clock: Clock) -> None:
+    plan_id = store.create_plan("x", [], [], holder="host1:10")
+    assert [(p.holder, p.finished_at) for p in store.plans()] == [("host1:10", None)]
+    store.set_plan_state(plan_id, "running", holder="host2:20")  # resumed by another process
+    store.set_plan_state(plan_id, "running")  # no holder given: the recorded one stays
+    running = store.plan(plan_id)
+    assert running is not None and (running.holder, running.finished_at) == ("host2:20", None)
+    clock.now = T0 + timedelta(minutes=3)
+    store.set_plan_state(plan_id, "failed")
+    clock.now = T0 + timedelta(minutes=9)
+    store.set_plan_state(plan_id, "aborted")  # still final: it finished when it failed
+    done = store.plan(plan_id)
+    assert done is not None and (done.state, done.finished_at, done.updated_at) == (
+        "aborted", T0 + timedelta(minutes=3), clock.now,
+    )  # fmt: skip
+    made_done = store.plan(store.create_plan("y", [], [], state="done"))
+    assert made_done is not None and (made_done.finished_at, made_done.holder) == (clock.now, None)
+
+
 # usage and leases
 
 
@@ -412,21 +408,17 @@ def test_aggregate_is_pure() -> None:
 # CLI
 
 
-def hpcserve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hpcserve", *args], capture_output=True, text=True,
-                          timeout=120, check=False)  # fmt: skip
-
-
 def test_cli_db_upgrade_and_status(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/cli/hpcserve.db"
     status = hpcserve("db", "status", "--url", url, "--json")
     assert (
         status.returncode == 0 and '"current":null' in status.stdout and '"up_to_date":false' in status.stdout
     )
+    head = head_revision()
     done = hpcserve("db", "upgrade", "--url", url)
-    assert done.returncode == 0 and "upgraded from empty to 0001" in done.stdout, done.stderr
+    assert done.returncode == 0 and f"upgraded from empty to {head}" in done.stdout, done.stderr
     again = hpcserve("db", "upgrade", "--url", url, "--json")
-    assert '"from":"0001","to":"0001","changed":false' in again.stdout
+    assert f'"from":"{head}","to":"{head}","changed":false' in again.stdout
     with HistoryStore(url) as store:
         assert store.schema_status().up_to_date
 
@@ -452,6 +444,6 @@ def test_db_group_through_the_main_cli(tmp_path: Path) -> None:
 
     url = f"sqlite:///{tmp_path}/runner.db"
     result = CliRunner().invoke(cli, ["db", "upgrade", "--url", url])
-    assert result.exit_code == 0 and "to 0001" in result.output
+    assert result.exit_code == 0 and f"upgraded from empty to {head_revision()}" in result.output
     with HistoryStore(url) as store, store.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head_revision()

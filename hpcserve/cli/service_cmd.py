@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from hpcserve.cli.main import Context
     from hpcserve.cli.service_metrics import ServiceMetrics
     from hpcserve.config import Policy, SiteConfig
+    from hpcserve.rebalance.control import RoundReport
     from hpcserve.store import HistoryStore
 
 log = logging.getLogger("hpcserve.service")
@@ -39,6 +40,7 @@ def _guarded(
     """``func`` with its errors logged instead of raised into the scheduler (and counted)."""
     from sqlalchemy.exc import DBAPIError
 
+    from hpcserve.errors import SlurmCommandError
     from hpcserve.store import DatabaseUnavailable
 
     def run() -> None:
@@ -50,6 +52,9 @@ def _guarded(
             _count(metrics, name)
             first = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
             log.warning("%s: database unavailable (%s); the next tick retries", name, first[0])
+        except SlurmCommandError as exc:  # slurmctld down or slow: expected in operation, no traceback
+            _count(metrics, name)
+            log.warning("%s: Slurm command failed (%s); the next tick retries", name, exc)
         except Exception:
             _count(metrics, name)
             log.exception("%s failed; the next tick runs as planned", name)
@@ -77,6 +82,7 @@ def service(ctx: Context, /, once: bool, sample_interval: float, rebalance_inter
     from hpcserve.cli.service_metrics import ServiceMetrics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin, each start
     site = ctx.require_site()
     policy = ctx.load_policy(site)
     store = ctx.store(site, extra_admins=(current_user(),))
@@ -158,8 +164,21 @@ def _rebalance_tick(ctx: Context, site: SiteConfig, policy: Policy, store: Histo
 
     def tick() -> None:
         report = rebalancer.round()
-        if report.locked:
-            log.info("rebalance: another process holds the lock; skipped")
+        _log_round(report)
         metrics.rebalanced(report)
 
     return tick
+
+
+def _log_round(report: RoundReport) -> None:
+    """One line for what a round changed (nothing for a round that held)."""
+    if report.locked:
+        log.info("rebalance: another process holds the lock; skipped")
+    for partition, nodes in report.reasserted.items():
+        log.warning("rebalance: %s had drifted from the desired split; set to %s", partition, ",".join(nodes))
+    if report.repaired:
+        log.warning("rebalance: resumed nodes left drained by hpcserve: %s", ", ".join(report.repaired))
+    if report.plan is not None and report.plan_id is not None:
+        moves = ", ".join(f"{m.node} {m.src.value}->{m.dst.value}" for m in report.plan.moves)
+        log.info("rebalance: plan %d %s (%s): %s", report.plan_id, report.state, moves,
+                 "; ".join(report.plan.reasons))  # fmt: skip

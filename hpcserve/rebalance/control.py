@@ -8,8 +8,6 @@ module loads what it needs, and keeps the planner's state between cycles in a fi
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,6 +20,7 @@ from hpcserve.rebalance.executor import Executor, ExecutorSettings, crash_point
 from hpcserve.rebalance.planning import PlanFn, PlanInput, load_state, save_state
 from hpcserve.rebalance.split import Layout, current_side
 from hpcserve.rebalance.types import NodeMove, RebalancePlan, Side
+from hpcserve.store.leases import holder_id, take_lease
 from hpcserve.store.store import utc_now
 
 if TYPE_CHECKING:
@@ -54,10 +53,6 @@ class RoundReport:
         return len(self.plan.moves) if self.plan is not None and self.state == "done" else 0
 
 
-def holder_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 class Lease:
     """The database lease: taken for ``ttl_s``, renewed (at most every ``ttl_s / 4``) while work goes on."""
 
@@ -68,7 +63,7 @@ class Lease:
 
     def take(self) -> bool:
         now = self._clock()
-        held = self._store.try_lock(LOCK, self.holder, self._ttl_s, now)
+        held = take_lease(self._store, LOCK, self.holder, self._ttl_s, now)
         self._renewed = now if held else None
         return held
 
@@ -118,7 +113,8 @@ class Rebalancer:
         self.layout = Layout.from_site(site)
         self.lease = Lease(store, ttl_s, clock)
         self.executor = Executor(client, store, self.layout, executor_settings(policy), clock=clock,
-                                 sleep=sleep, keepalive=self.lease.renew, crash=crash_point())  # fmt: skip
+                                 sleep=sleep, keepalive=self.lease.renew, crash=crash_point(),
+                                 holder=self.lease.holder)  # fmt: skip
 
     def plan(self) -> tuple[RebalancePlan, Mapping[str, Any] | None]:
         """What the planner would do now, and its state for the next cycle (None: no planner). Reads

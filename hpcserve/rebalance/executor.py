@@ -90,7 +90,8 @@ class ExecutorSettings:
 
 class Executor:
     """Runs stored plans against Slurm. ``keepalive`` is called between steps and while waiting (the
-    caller renews its lock there, and raises to stop)."""
+    caller renews its lock there, and raises to stop). ``holder`` ("host:pid", the lease holder) is recorded
+    on the plans this executor submits or runs, so an operator sees which process resumed a plan."""
 
     def __init__(
         self,
@@ -103,8 +104,9 @@ class Executor:
         sleep: Callable[[float], None] = time.sleep,
         keepalive: Callable[[], None] = lambda: None,
         crash: tuple[str, str] | None = None,
+        holder: str | None = None,
     ) -> None:
-        self._client, self._store, self._layout = client, store, layout
+        self._client, self._store, self._layout, self._holder = client, store, layout, holder
         self._settings = settings or ExecutorSettings()
         self._clock, self._sleep, self._keepalive, self._crash = clock, sleep, keepalive, crash
 
@@ -117,18 +119,18 @@ class Executor:
                     f"{move.node} is not in the site's managed pool: hpcserve never moves it"
                 )
         moves = [move_to_json(m) for m in plan.moves]
-        return self._store.create_plan(plan_reason(plan), moves, plan_steps(plan))
+        return self._store.create_plan(plan_reason(plan), moves, plan_steps(plan), holder=self._holder)
 
     def unfinished(self) -> list[Plan]:
         return sorted((p for state in UNFINISHED for p in self._store.plans(state)), key=lambda p: p.id)
 
     def finish_unfinished(self) -> list[int]:
         """Resume every plan a previous run left pending or running, oldest first; their ids."""
-        ids = [plan.id for plan in self.unfinished()]
-        for plan_id in ids:
-            log.info("resuming rebalance plan %d", plan_id)
-            self.run(plan_id)
-        return ids
+        plans = self.unfinished()
+        for plan in plans:
+            log.info("resuming rebalance plan %d (last run by %s)", plan.id, plan.holder or "unknown")
+            self.run(plan.id)
+        return [plan.id for plan in plans]
 
     def run(self, plan_id: int) -> str:
         """Carry the plan out from its first step that is not done; the plan's final state."""
@@ -138,7 +140,7 @@ class Executor:
         if plan.state not in UNFINISHED:
             return plan.state
         moves = {str(m["node"]): move_from_json(m) for m in plan.moves}
-        self._store.set_plan_state(plan_id, "running")
+        self._store.set_plan_state(plan_id, "running", holder=self._holder)
         steps = self._store.steps(plan_id)
         for index, step in enumerate(steps):
             if step.state == "done":

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from hpcserve.identity import current_user
 from hpcserve.serving.controller import ServingController
+from hpcserve.store.leases import holder_id, take_lease
 
 if TYPE_CHECKING:
     from hpcserve.config import Policy, SiteConfig
@@ -55,13 +54,9 @@ def make_controller(
     )
 
 
-def holder_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def tick_as_leader(controller: ServingController, store: HistoryStore, ttl_s: float) -> bool:
     """One controller tick if this process holds (or takes) the leader lock; False when another does."""
-    if not store.try_lock(LOCK, holder_id(), ttl_s, datetime.now(UTC)):
+    if not take_lease(store, LOCK, holder_id(), ttl_s, datetime.now(UTC)):
         return False
     controller.tick()
     return True

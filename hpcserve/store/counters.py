@@ -33,13 +33,17 @@ def usage(conn: Connection, key_id: str | None, since: date | None) -> list[Usag
     return to_records(conn.execute(stmt), Usage)
 
 
-def try_lock(conn: Connection, name: str, holder: str, ttl_s: float, now: datetime) -> bool:
-    """Take or renew the lease: one atomic upsert that only overwrites an expired lease or our own. The
-    re-read in the same transaction tells whether we hold it."""
+def try_lock(
+    conn: Connection, name: str, holder: str, ttl_s: float, now: datetime, stale: str | None = None
+) -> bool:
+    """Take or renew the lease: one atomic upsert that only overwrites an expired lease, our own, or
+    ``stale``'s (a holder known to be dead). The re-read in the same transaction tells whether we hold it."""
     insert = dialect_insert(conn, L).values(
         name=name, holder=holder, expires_at=now + timedelta(seconds=ttl_s)
     )
     takeover = (L.expires_at <= now) | (L.holder == holder)
+    if stale is not None:
+        takeover = takeover | (L.holder == stale)
     conn.execute(
         insert.on_conflict_do_update(
             index_elements=["name"],
@@ -48,6 +52,10 @@ def try_lock(conn: Connection, name: str, holder: str, ttl_s: float, now: dateti
         )
     )
     return conn.execute(select(L.holder).where(L.name == name)).scalar_one() == holder
+
+
+def lock_holder(conn: Connection, name: str) -> str | None:
+    return conn.execute(select(L.holder).where(L.name == name)).scalar_one_or_none()
 
 
 def release_lock(conn: Connection, name: str, holder: str) -> bool:

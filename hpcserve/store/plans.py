@@ -7,11 +7,20 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, update
+from sqlalchemy import Connection, func, insert, literal, update
 
 from hpcserve.store.errors import NotFound
-from hpcserve.store.records import PLAN_STATES, STEP_KINDS, STEP_STATES, NewStep, Plan, Step, check_state
-from hpcserve.store.schema import RebalancePlanRow, RebalanceStepRow
+from hpcserve.store.records import (
+    FINAL_PLAN_STATES,
+    PLAN_STATES,
+    STEP_KINDS,
+    STEP_STATES,
+    NewStep,
+    Plan,
+    Step,
+    check_state,
+)
+from hpcserve.store.schema import RebalancePlanRow, RebalanceStepRow, UtcDateTime
 from hpcserve.store.sql import select_record, to_records
 
 P, S = RebalancePlanRow, RebalanceStepRow
@@ -20,10 +29,12 @@ FINISHED = frozenset({"done", "failed"})
 
 def create_plan(
     conn: Connection, reason: str, moves: Sequence[Mapping[str, Any]], steps: Sequence[NewStep],
-    state: str, now: datetime,
+    state: str, now: datetime, holder: str | None = None,
 ) -> int:  # fmt: skip
-    values = {"reason": reason, "moves": [dict(m) for m in moves], "state": check_state("plan state", state,
-              PLAN_STATES), "created_at": now, "updated_at": now}  # fmt: skip
+    check_state("plan state", state, PLAN_STATES)
+    values = {"reason": reason, "moves": [dict(m) for m in moves], "state": state, "created_at": now,
+              "updated_at": now, "finished_at": now if state in FINAL_PLAN_STATES else None,
+              "holder": holder}  # fmt: skip
     plan_id: int = conn.execute(insert(P).values(values).returning(P.id)).scalar_one()
     if steps:
         conn.execute(insert(S), [_step_row(plan_id, seq, step) for seq, step in enumerate(steps)])
@@ -71,8 +82,18 @@ def _set_step(conn: Connection, plan_id: int, seq: int, values: dict[str, Any], 
     return steps(conn, plan_id, seq)[0]
 
 
-def set_plan_state(conn: Connection, plan_id: int, state: str, now: datetime) -> None:
+def set_plan_state(
+    conn: Connection, plan_id: int, state: str, now: datetime, holder: str | None = None
+) -> None:
+    """Set the state (and ``holder`` unless None). Entering a final state sets ``finished_at``; a plan that
+    was already final keeps its own, and leaving the final states clears it."""
     check_state("plan state", state, PLAN_STATES)
-    stmt = update(P).where(P.id == plan_id).values(state=state, updated_at=now)
+    finished = (
+        func.coalesce(P.finished_at, literal(now, UtcDateTime())) if state in FINAL_PLAN_STATES else None
+    )
+    values: dict[str, Any] = {"state": state, "updated_at": now, "finished_at": finished}
+    if holder is not None:
+        values["holder"] = holder
+    stmt = update(P).where(P.id == plan_id).values(values)
     if conn.execute(stmt).rowcount == 0:
         raise NotFound(f"no rebalance plan {plan_id}")

@@ -16,6 +16,7 @@ REPLICA_STATES = ("pending", "starting", "ready", "draining", "dead")
 STEP_KINDS = ("drain", "signal", "wait", "move", "resume")
 STEP_STATES = ("todo", "done", "failed")
 PLAN_STATES = ("pending", "running", "done", "failed", "aborted")
+FINAL_PLAN_STATES = ("done", "failed", "aborted")  # a plan in one of these never runs again
 
 QUEUE_FIELDS = ("pending_jobs", "pending_gpus", "running_gpus", "idle_gpus", "total_gpus")
 ENGINE_FIELDS = ("waiting", "running", "kv_usage", "ttft_p50", "ttft_p95", "tokens_per_s", "gateway_waiting")
@@ -148,6 +149,8 @@ class Plan:
     state: str
     reason: str
     moves: list[dict[str, Any]]
+    finished_at: datetime | None  # when it reached a final state (done, failed, aborted)
+    holder: str | None  # "host:pid" of the process that last ran it (None: not recorded)
 
 
 @dataclass(frozen=True, slots=True)

@@ -191,6 +191,8 @@ class RebalancePlanRow(Base):
     state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text)
     moves: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())  # set on reaching a final state
+    holder: Mapped[str | None] = mapped_column(String(255))  # "host:pid" of the process that last ran it
 
 
 class RebalanceStepRow(Base):

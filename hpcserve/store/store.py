@@ -191,11 +191,13 @@ class HistoryStore:
     # rebalance plans
 
     def create_plan(
-        self, reason: str, moves: Sequence[Mapping[str, Any]], steps: Sequence[NewStep], state: str = PENDING
-    ) -> int:
-        """Store a plan and its steps (numbered 0, 1, ... in order, all "todo"); the plan's id."""
+        self, reason: str, moves: Sequence[Mapping[str, Any]], steps: Sequence[NewStep], state: str = PENDING,
+        *, holder: str | None = None,
+    ) -> int:  # fmt: skip
+        """Store a plan and its steps (numbered 0, 1, ... in order, all "todo"); the plan's id. ``holder``:
+        the process that made it ("host:pid")."""
         with self._write() as conn:
-            return plans.create_plan(conn, reason, moves, steps, state, self._clock())
+            return plans.create_plan(conn, reason, moves, steps, state, self._clock(), holder)
 
     def plans(self, state: str | None = None) -> list[Plan]:
         with self._read() as conn:
@@ -220,9 +222,11 @@ class HistoryStore:
         with self._write() as conn:
             return plans.mark_step(conn, plan_id, seq, state, detail, self._clock())
 
-    def set_plan_state(self, plan_id: int, state: str) -> None:
+    def set_plan_state(self, plan_id: int, state: str, *, holder: str | None = None) -> None:
+        """Set a plan's state; a final one (done, failed, aborted) also sets ``finished_at``. ``holder``, when
+        given, records the process now running the plan (None keeps the one recorded)."""
         with self._write() as conn:
-            plans.set_plan_state(conn, plan_id, state, self._clock())
+            plans.set_plan_state(conn, plan_id, state, self._clock(), holder)
 
     # usage and leases
 
@@ -238,11 +242,18 @@ class HistoryStore:
         with self._read() as conn:
             return counters.usage(conn, key_id, since)
 
-    def try_lock(self, name: str, holder: str, ttl_s: float, now: datetime) -> bool:
-        """Take the lease ``name`` until ``now + ttl_s`` if it is free, expired or already ``holder``'s
-        (then it is renewed); whether ``holder`` has it now."""
+    def try_lock(
+        self, name: str, holder: str, ttl_s: float, now: datetime, *, stale: str | None = None
+    ) -> bool:
+        """Take the lease ``name`` until ``now + ttl_s`` if it is free, expired, already ``holder``'s (then
+        it is renewed) or still ``stale``'s (a holder the caller knows is dead); whether ``holder`` has it."""
         with self._write() as conn:
-            return counters.try_lock(conn, name, holder, ttl_s, now)
+            return counters.try_lock(conn, name, holder, ttl_s, now, stale)
+
+    def lock_holder(self, name: str) -> str | None:
+        """Who holds (or last held, if it expired) the lease ``name``; None if nobody took it."""
+        with self._read() as conn:
+            return counters.lock_holder(conn, name)
 
     def release_lock(self, name: str, holder: str) -> bool:
         with self._write() as conn:
