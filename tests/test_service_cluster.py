@@ -5,13 +5,16 @@ queue (the policy's rules made eager: ``EAGER_RULES``):
 - an inference burst (more replica-sized jobs than inference's fixed nodes hold) takes a node back: it is
   drained, the preemptible training job on it gets USR2, checkpoints and is requeued, then the node moves;
 - the service killed with SIGKILL at each executor step, then started again: the new process takes the
-  dead one's lease at once, finishes the plan, and no node is left drained.
+  dead one's lease at once, finishes the plan, and no node is left drained;
+- ``scontrol reconfigure`` (slurm.conf's split again) under the service: its next round re-asserts the
+  split, without a new plan.
 
 Each test restores the split (train=node[1-4], infer=node[5-8]) afterwards.
 """
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,3 +144,21 @@ def test_service_killed_at_each_step_restarts_and_converges(
     log = service.log()
     assert "is gone (crashed?); taken over by" in log and f"resuming rebalance plan {plan.id}" in log, log
     assert all("DRAIN" not in node_state(n)[0] for n in ("node5", "node6"))
+
+
+def test_service_reasserts_the_split_after_scontrol_reconfigure(
+    service: Service, slurm_env: dict[str, str], job_dir: Path, submitted: list[str]
+) -> None:
+    waiting = training_backlog(slurm_env, job_dir, submitted, SLEEP)
+    service.start(*EVERY)
+    wait_until(lambda: job_field(waiting, "JobState") == "RUNNING", timeout=90, interval=0.5)
+    assert on_training("node5", "node6")
+
+    subprocess.run(["scontrol", "reconfigure"], check=True, timeout=60)  # back to slurm.conf's split
+
+    wait_until(lambda: on_training("node5", "node6") and members("infer") == ("node7", "node8"), timeout=60)
+    with service.store() as store:
+        assert [p.state for p in store.plans()] == ["done"]  # re-asserted, not planned again
+    log = service.log()
+    assert "partition train drifted from the desired split: setting Nodes=node[1-6]" in log, log
+    assert "partition infer drifted from the desired split: setting Nodes=node[7-8]" in log, log

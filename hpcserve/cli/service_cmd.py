@@ -171,13 +171,10 @@ def _rebalance_tick(ctx: Context, site: SiteConfig, policy: Policy, store: Histo
 
 
 def _log_round(report: RoundReport) -> None:
-    """One line for what a round changed (nothing for a round that held)."""
+    """One line for a plan the round carried out, with its reasons (the executor logs its steps, repairs
+    and re-asserted partitions itself)."""
     if report.locked:
         log.info("rebalance: another process holds the lock; skipped")
-    for partition, nodes in report.reasserted.items():
-        log.warning("rebalance: %s had drifted from the desired split; set to %s", partition, ",".join(nodes))
-    if report.repaired:
-        log.warning("rebalance: resumed nodes left drained by hpcserve: %s", ", ".join(report.repaired))
     if report.plan is not None and report.plan_id is not None:
         moves = ", ".join(f"{m.node} {m.src.value}->{m.dst.value}" for m in report.plan.moves)
         log.info("rebalance: plan %d %s (%s): %s", report.plan_id, report.state, moves,
