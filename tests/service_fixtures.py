@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,19 @@ def policy_file(root: Path, rules: Mapping[str, Any], grace_s: int | None = None
     path = root / "policy.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def terminate(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 30) -> None:
+    """SIGTERM each process still running, then SIGKILL those that outlive ``timeout``."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class Service:
@@ -60,15 +73,7 @@ class Service:
 
     def stop(self) -> None:
         """SIGTERM every service still running (what an operator's systemctl stop does)."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(self.procs)
 
     def store(self) -> HistoryStore:
         return HistoryStore(self.db_url)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import yaml
 from hpcserve.serving.gateway.keys import hash_key
 from hpcserve.slurm.cli_backend import CliSlurmClient
 from tests.conftest import POLICY, PREFIX, SITE, TRACES, wait_until
+from tests.service_fixtures import terminate
 
 pytestmark = pytest.mark.cluster
 KEY = "sk-test-" + uuid.uuid4().hex
@@ -79,13 +79,7 @@ class Serving:
         return next(d for d in json.loads(out.stdout) if d["name"] == name)
 
     def stop(self) -> None:
-        for proc in self.procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        terminate(self.procs, timeout=20)
 
 
 @pytest.fixture
