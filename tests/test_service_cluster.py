@@ -78,6 +78,11 @@ def training_backlog(slurm_env: dict[str, str], job_dir: Path, submitted: list[s
     return waiting
 
 
+def plan_states(service: Service) -> list[str]:
+    with service.store() as store:
+        return [p.state for p in store.plans()]
+
+
 def on_training(*nodes: str) -> bool:
     train, infer = members("train"), members("infer")
     return all(n in train and n not in infer and ready(n) for n in nodes)
@@ -93,9 +98,10 @@ def test_service_lends_idle_inference_nodes_to_a_backlog_and_takes_one_back_for_
     wait_until(lambda: job_field(waiting, "JobState") == "RUNNING", timeout=90, interval=0.5)
     assert expand(job_field(waiting, "NodeList")) == ("node5", "node6")
     assert on_training("node5", "node6") and members("infer") == ("node7", "node8")
+    wait_until(lambda: plan_states(service) == ["done"], timeout=30, interval=0.5)  # its last step checks
     with service.store() as store:
         [lend] = store.plans()
-        assert lend.state == "done" and {m["node"] for m in lend.moves} == {"node5", "node6"}
+        assert {m["node"] for m in lend.moves} == {"node5", "node6"}
         assert "training backlog 8 GPUs (2 node(s))" in lend.reason, lend.reason
 
     # the burst: three 4-GPU jobs on inference, whose fixed nodes (node7, node8) hold two
@@ -109,9 +115,9 @@ def test_service_lends_idle_inference_nodes_to_a_backlog_and_takes_one_back_for_
     assert job_field(waiting, "Restarts") == "1" and job_field(waiting, "JobState") == "PENDING"
     taken = sorted(set(members("infer")) - {"node7", "node8"})
     assert len(taken) == 1 and taken[0] in ("node5", "node6") and ready(taken[0])
+    wait_until(lambda: plan_states(service) == ["done", "done"], timeout=30, interval=0.5)
     with service.store() as store:
         plans = store.plans()
-        assert [p.state for p in plans] == ["done", "done"], [p.reason for p in plans]
         steps = {s.kind: s for s in store.steps(plans[1].id)}
     assert steps["signal"].detail == f"signalled: {waiting} batch"
     assert steps["move"].started_at is not None and steps["signal"].started_at is not None
@@ -137,8 +143,8 @@ def test_service_killed_at_each_step_restarts_and_converges(
 
     wait_until(lambda: on_training("node5", "node6"), timeout=60, interval=0.5)
     wait_until(lambda: job_field(waiting, "JobState") == "RUNNING", timeout=60, interval=0.5)
+    wait_until(lambda: plan_states(service) == ["done"], timeout=30, interval=0.5)  # its last step checks
     with service.store() as store:
-        assert [p.state for p in store.plans()] == ["done"]
         assert all(s.state == "done" for s in store.steps(plan.id))
     assert drained_by_hpcserve() == [] and again.poll() is None
     log = service.log()
@@ -152,13 +158,13 @@ def test_service_reasserts_the_split_after_scontrol_reconfigure(
     waiting = training_backlog(slurm_env, job_dir, submitted, SLEEP)
     service.start(*EVERY)
     wait_until(lambda: job_field(waiting, "JobState") == "RUNNING", timeout=90, interval=0.5)
+    wait_until(lambda: plan_states(service) == ["done"], timeout=30, interval=0.5)
     assert on_training("node5", "node6")
 
     subprocess.run(["scontrol", "reconfigure"], check=True, timeout=60)  # back to slurm.conf's split
 
     wait_until(lambda: on_training("node5", "node6") and members("infer") == ("node7", "node8"), timeout=60)
-    with service.store() as store:
-        assert [p.state for p in store.plans()] == ["done"]  # re-asserted, not planned again
+    assert plan_states(service) == ["done"]  # re-asserted, not planned again
     log = service.log()
     assert "partition train drifted from the desired split: setting Nodes=node[1-6]" in log, log
     assert "partition infer drifted from the desired split: setting Nodes=node[7-8]" in log, log
