@@ -14,7 +14,10 @@ Each test restores the split (train=node[1-4], infer=node[5-8]) afterwards.
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,6 +150,10 @@ def test_service_killed_at_each_step_restarts_and_converges(
     with service.store() as store:
         assert all(s.state == "done" for s in store.steps(plan.id))
     assert drained_by_hpcserve() == [] and again.poll() is None
+    argv = [sys.executable, "-m", "hpcserve", "rebalance", "--plans", "--json"]
+    listed = subprocess.run(argv, capture_output=True, text=True, env=service.env, timeout=60, check=True)
+    [row] = json.loads(listed.stdout)
+    assert row["holder"] == f"{socket.gethostname()}:{again.pid}" and row["finished_at"] is not None, row
     log = service.log()
     assert "is gone (crashed?); taken over by" in log and f"resuming rebalance plan {plan.id}" in log, log
     assert all("DRAIN" not in node_state(n)[0] for n in ("node5", "node6"))

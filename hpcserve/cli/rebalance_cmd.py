@@ -3,11 +3,13 @@
 ``--dry-run`` (the default) prints what the planner would move and why. ``--apply`` takes the database
 lease "rebalance" (a second run at the same time exits 0 and says so: safe from cron), finishes any plan a
 crashed run left, resumes nodes hpcserve left drained, re-asserts the stored split, then persists and
-carries out the new plan. ``--move NODE=SIDE`` replaces the planner with a hand-made plan.
+carries out the new plan. ``--move NODE=SIDE`` replaces the planner with a hand-made plan. ``--plans``
+lists the recent plans (which process last ran each, and when it finished).
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from hpcserve.cli.main import Context
     from hpcserve.rebalance.control import Rebalancer, RoundReport
     from hpcserve.rebalance.types import RebalancePlan
+    from hpcserve.store import Plan
 
 JSON_HELP = "Print machine-readable JSON instead of text."
 
@@ -26,6 +29,8 @@ JSON_HELP = "Print machine-readable JSON instead of text."
 @click.command()
 @click.option("--dry-run", "mode", flag_value="dry-run", default=True, help="Show the plan only (default).")
 @click.option("--apply", "mode", flag_value="apply", help="Carry the plan out (under the rebalance lock).")
+@click.option("--plans", "mode", flag_value="plans",
+              help="List the recent plans: state, who ran them, when they finished.")  # fmt: skip
 @click.option("--move", "moves", multiple=True, metavar="NODE=SIDE",
               help="Move a managed node by hand instead of planning, e.g. node5=training.")  # fmt: skip
 @click.option("--grace-s", type=click.IntRange(0), help="Grace for preemptible jobs on --move nodes.")
@@ -41,6 +46,9 @@ def rebalance(ctx: Context, mode: str, moves: tuple[str, ...], grace_s: int | No
     """Plan (--dry-run) or carry out (--apply) node moves between training and inference."""
     from hpcserve.rebalance.control import parse_moves
 
+    if mode == "plans":
+        _list_plans(ctx, as_json)
+        return
     wanted = parse_moves(moves)
     rebalancer = _rebalancer(ctx, lock_ttl, state_file, manual=bool(wanted))
     if mode == "dry-run":
@@ -122,3 +130,30 @@ def _print_report(report: RoundReport) -> None:
     assert report.plan is not None
     moved = ", ".join(f"{m.node} {m.src}->{m.dst}" for m in report.plan.moves)
     click.echo(f"plan {report.plan_id}: {report.state} ({moved})")
+
+
+RECENT_PLANS = 20
+
+
+def _list_plans(ctx: Context, as_json: bool) -> None:
+    recent = ctx.store(ctx.require_site()).plans()[-RECENT_PLANS:]
+    if as_json:
+        from hpcserve.cli.output import emit_json
+
+        emit_json([stored_plan_json(p) for p in recent])
+        return
+    from hpcserve.cli.output import emit_table
+
+    rows = [(p.id, p.state, _when(p.created_at), _when(p.finished_at), p.holder or "-",
+             ", ".join(f"{m['node']}->{m['dst']}" for m in p.moves)) for p in recent]  # fmt: skip
+    emit_table(f"{len(recent)} plans", ("PLAN", "STATE", "CREATED", "FINISHED", "LAST RUN BY", "MOVES"), rows)
+
+
+def stored_plan_json(plan: Plan) -> dict[str, Any]:
+    return {"id": plan.id, "state": plan.state, "created_at": plan.created_at.isoformat(),
+            "finished_at": plan.finished_at.isoformat() if plan.finished_at else None,
+            "holder": plan.holder, "moves": plan.moves, "reason": plan.reason}  # fmt: skip
+
+
+def _when(at: datetime | None) -> str:
+    return at.isoformat(timespec="seconds") if at is not None else "-"
