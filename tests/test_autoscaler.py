@@ -113,6 +113,75 @@ def test_starting_replicas_count_and_hold_further_scale_ups() -> None:
     assert [d.replicas for d in later] == [3, 3, 8]
 
 
+def test_a_busy_replica_scales_up_before_a_queue_builds() -> None:
+    """Running over 90% of its batch asks for more replicas, queue or not (10 of M = 10 here)."""
+    decisions, _ = run(SPEC, steady(obs(*ready((0, 10))), [0, 5, 10]))
+    assert [d.replicas for d in decisions] == [1, 1, 2] and "over 90%" in decisions[-1].reason
+    calm, _ = run(SPEC, steady(obs(*ready((0, 9))), [0, 5, 10, 20]))  # 9 of 10 fits
+    assert {d.replicas for d in calm} == {1}
+
+
+def test_a_shrinking_queue_restarts_the_scale_up_clock() -> None:
+    """Two full replicas drain their queue (20, 15, 10, 5 waiting each): the replicas there are take care
+    of it. Once it stops shrinking for the window, the load gets more."""
+    queues = {0: 20, 5: 15, 10: 10, 15: 5, 20: 5, 25: 5}
+    ticks = [(s, obs(*ready((q, 10), (q, 10)))) for s, q in queues.items()]
+    decisions, _ = run(SPEC, ticks)
+    assert [d.replicas for d in decisions] == [2, 2, 2, 2, 2, 4]  # (20 + 10) / 9 -> 4 at 25 s
+
+
+def test_a_burst_on_a_small_full_replica_scales_up_at_once() -> None:
+    """The real cluster's burst test: M = 2, T = 2, no scale-up window; one replica runs 2 with 3 waiting."""
+    spec = make_spec(max_replicas=3, target_waiting_per_replica=2, scale_up_window_s=0,
+                     simulator={"max_num_seqs": 2})  # fmt: skip
+    (decision,), _ = run(spec, [(0, obs(*ready((3, 2))))])
+    assert decision.replicas == 3  # (2 + 3) / (0.9 x 2)
+
+
+def serve_rate(
+    spec: DeploymentSpec, rates: Sequence[float], service_s: float, startup_s: int, first: int
+) -> tuple[list[int], list[float]]:
+    """A fluid deployment, second by second: ``rates[t]`` requests arrive; a ready replica runs up to M at
+    once, each for ``service_s``; the rest queue. The autoscaler ticks every 10 s; new replicas are ready
+    ``startup_s`` later. Returns the replica count and the queue per tick."""
+    per_replica, ready_at = spec.max_num_seqs, [0] * first
+    queue = running = 0.0
+    state, counts, queues = ScalerState(), [], []
+    for second, rate in enumerate(rates):
+        live = sum(t <= second for t in ready_at)
+        running -= min(running, live * per_replica) / service_s
+        take = min(queue + rate, live * per_replica - running)
+        running, queue = running + take, queue + rate - take
+        if second % 10:
+            continue
+        waiting, busy = _spread_int(round(queue), live), _spread_int(round(running), live)
+        loads = [ReplicaLoad(i, READY, waiting[i], busy[i]) for i in range(live)]
+        seen = obs(*loads, *starting(len(ready_at) - live, live))
+        decision, state = decide(spec, seen, state, at(second))
+        ready_at = (ready_at + [second + startup_s] * decision.replicas)[: decision.replicas]
+        counts.append(decision.replicas)
+        queues.append(queue)
+    return counts, queues
+
+
+def _spread_int(total: int, count: int) -> list[int]:
+    base, extra = divmod(total, count) if count else (0, 0)
+    return [base + (i < extra) for i in range(count)]
+
+
+def test_the_backlog_of_a_long_start_does_not_ask_for_max_replicas() -> None:
+    """A large deployment: M = 32, 8 s a request (4 req/s a replica), 180 s starts, up to 32 replicas.
+    Its rate steps from 30 to 50 req/s on 10 replicas: 50 req/s keep 16 at 80% (13 at 100%). Sizing the
+    queue by T (ceil(Q / 4)) asked for all 32 at once, and the backlog built during the start asked for
+    them again; now the load asks for what it needs and the replicas drain the backlog."""
+    spec = make_spec(max_replicas=32, min_replicas=1, simulator={"max_num_seqs": 32})
+    counts, queues = serve_rate(spec, [30.0] * 60 + [50.0] * 1740, service_s=8.0, startup_s=180, first=10)
+    assert counts[:6] == [10] * 6 and max(counts[6:9]) > 10  # up within 30 s of the step
+    changes = [b for a, b in pairwise(counts) if a != b]
+    assert changes == [17, 16]  # one step up (its backlog counted at 90%), then down to what it keeps
+    assert queues[-1] == 0  # the 17 drained the backlog of the start
+
+
 def test_scale_down_waits_for_the_whole_window() -> None:
     calm = obs(*ready((0, 3), (0, 2), (0, 0)))  # 5 running: one replica would do
     decisions, _ = run(SPEC, steady(calm, range(0, 301, 10)))

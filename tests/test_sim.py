@@ -1,11 +1,12 @@
 """The trace-driven simulator (hpcserve/sim/): FIFO + EASY backfill on a tiny site, an inference burst under
-fixed and foresighted splits, determinism, the traces' readers and scaling, the CLI, and the four
-policies end to end on a short slice of the shared traces."""
+fixed and foresighted splits, the oracle, what the autoscaler sees, node drains, determinism, the traces'
+readers and scaling, the CLI, and the four policies end to end on a short slice of the shared traces."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,13 @@ from hpcserve.cli.main import Context
 from hpcserve.cli.simulate_cmd import simulate
 from hpcserve.config import SiteConfig
 from hpcserve.rebalance.planner import demand_now
+from hpcserve.rebalance.types import NodeMove, Side
 from hpcserve.sim.compare import POLICIES, Inputs, make_policy, replay, run_policies
 from hpcserve.sim.engine import Replay
-from hpcserve.sim.inference import Waits
+from hpcserve.sim.inference import InferenceSide, Waits
 from hpcserve.sim.metrics import percentile
-from hpcserve.sim.policies import SplitDecision, SplitView, StaticPolicy
+from hpcserve.sim.planned import Foresight, PlannerPolicy
+from hpcserve.sim.policies import IdealSplit, SplitDecision, SplitView, StaticPolicy
 from hpcserve.sim.scenario import Scenario, SimSettings, build_scenario, default_policy
 from hpcserve.sim.traces import (
     InferenceWorkload,
@@ -158,6 +161,61 @@ def test_an_inference_burst_needs_the_pool_static_at_peak_and_the_oracle_meet_th
     assert short.slo_attainment < 0.8 and short.p99_wait_s > 600
     assert oracle.slo_attainment > 0.99
     assert oracle.mean_inference_nodes < 5.5 and oracle.moves >= 2
+
+
+def test_the_oracle_is_the_perfect_foresight_split_and_the_planner_told_the_truth_an_extra() -> None:
+    """The oracle moves nodes like any target-count policy (the replay's moves, delays, drains and
+    preemptions), looking ahead as far as a node taken from training needs before it serves."""
+    scenario = scenario_with([], burst(), days=8 / 24, inference_peak=0.7)
+    policy = default_policy(scenario.site)
+    oracle = make_policy("oracle", scenario, policy)
+    assert isinstance(oracle, IdealSplit) and oracle.name == "oracle"
+    assert oracle.lead_s == 120 + 120 + 180 + 2 * 60  # grace, move, replica start, two rebalance ticks
+    foresight = make_policy("planner-foresight", scenario, policy)
+    assert isinstance(foresight, PlannerPolicy) and isinstance(foresight.ahead, Foresight)
+    result = replay(scenario, "planner-foresight", policy)
+    assert result.policy == "planner-foresight" and result.slo_attainment > 0.99
+
+
+def test_the_autoscaler_sees_the_batches_little_s_law_gives() -> None:
+    """Running requests are those admitted within the last service time (M / mu): with Poisson arrivals
+    the count the autoscaler sees averages rate x M / mu (96 here) and varies as that many requests do
+    (about 10%), not as one second's arrivals scaled up (1 / sqrt(12): 28%), which inflated its count."""
+    scenario = scenario_with([], flat_inference(), noise=True, seed=3, days=0.1, inference_peak=0.5)
+    serving, rate = scenario.serving, scenario.inference.curve.rate(0.0)
+    side = InferenceSide(serving, scenario.arrivals, [f"i{k}" for k in range(1, 7)])
+    side.warm_start()
+    seen = []
+    for second in range(600, 8000, 10):
+        side.advance_to(second)
+        seen.append(side._observation(side.now).running)
+    expected = rate * serving.spec.max_num_seqs / serving.mu
+    assert statistics.mean(seen) == pytest.approx(expected, rel=0.03)
+    assert statistics.pstdev(seen) / expected < 0.2
+
+
+@pytest.mark.parametrize(("grace", "arrives"), [(60, 60 + 30 + 120), (10, 60 + 10 + 120)])
+def test_a_replica_node_drains_for_replica_drain_s_at_most_the_grace(grace: int, arrives: float) -> None:
+    """Every policy pays the same drain: a node's replicas finish their requests in ``replica_drain_s``
+    (30 s); the grace a planner's move names (the inference class's 60 s) only caps it."""
+
+    class ReturnI3:
+        name = "return-i3"
+
+        def decide(self, view: SplitView) -> SplitDecision:
+            if view.now != 60:
+                return SplitDecision()
+            move = NodeMove("i3", Side.INFERENCE, Side.TRAINING, "test", ("r2",), grace)
+            return SplitDecision(moves=(move,))
+
+    sides = []
+    for end in (arrives - 5, arrives + 5):
+        scenario = scenario_with([], flat_inference(), days=end / 86400, inference_peak=0.45)
+        run = Replay(scenario, ReturnI3())
+        run.run()
+        assert run.moves == 1
+        sides.append(run.side.get("i3"))
+    assert sides == [None, Side.TRAINING]  # moving, then arrived
 
 
 def test_waits_histogram_quantiles() -> None:

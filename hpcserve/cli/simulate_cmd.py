@@ -56,7 +56,7 @@ def default_trace(name: str, flag: str) -> Path:
     "--policy",
     "policies",
     multiple=True,
-    type=click.Choice(["static", "reactive", "predictive", "oracle", "ideal"]),
+    type=click.Choice(["static", "reactive", "predictive", "oracle", "planner-foresight"]),  # compare.py's
     help="Split policy to replay (repeat; default: static, reactive, predictive, oracle). Not the job-class "
     "policy file: that is hpcserve --policy FILE.",
 )

@@ -7,10 +7,17 @@ The rules, with T = ``target_waiting_per_replica``, the queue Q = engines' waiti
 requests, R = requests the engines run, M = requests one replica runs at once (``spec.max_num_seqs``, or
 less once a replica was seen queueing at T or more while running fewer):
 - bounds first: below ``min_replicas`` go up to it, above ``max_replicas`` down to it, at once;
-- the queue asks for ceil(Q / T) replicas. From zero, a buffered request starts replicas at once; else
-  the excess must last ``scale_up_window_s``. Starting replicas count as capacity, and while any is
-  starting no further replicas are added, so a queue that grows during a start does not over-provision;
-- the load needs max(ceil(Q / T), ceil((R + Q) / (0.8 M))) replicas, at least 1 while there is traffic.
+- the load asks for ceil((R + Q) / (0.9 M)) replicas: more once they run over 90% of their batches, so a
+  rising load gets replicas before a queue builds up. While nothing runs yet (from zero, or no ready
+  replica reports a request) the queue asks for ceil(Q / T) instead: nothing says yet what a replica
+  takes. So a queue asks for about Q / (0.9 M) more replicas, what new ones run at once, not Q / T: with
+  T much smaller than M, the backlog that built up during a long replica start used to ask a large
+  deployment for many times the replicas its load needs (``max_replicas``);
+- from zero, a buffered request starts replicas at once; else the excess must last
+  ``scale_up_window_s``, and a queue that shrinks restarts that clock (the replicas there are drain it,
+  e.g. the backlog of a start). Starting replicas count as capacity, and while any is starting no
+  further replicas are added, so a queue that grows during a start does not over-provision;
+- the load needs max(up, ceil((R + Q) / (0.8 M))) replicas, at least 1 while there is traffic.
   Only when that stayed below the current count for the whole ``scale_down_window_s`` does the count go
   down, to the most that was needed in the window (never below max(1, ``min_replicas``) this way);
 - zero only with ``min_replicas`` 0 and ``idle_to_zero_s`` > 0, after that long with no request
@@ -33,6 +40,7 @@ if TYPE_CHECKING:
     from hpcserve.serving.spec import DeploymentSpec
 
 DOWN_UTILIZATION = 0.8  # a scale-down must leave the remaining replicas at most this full
+UP_UTILIZATION = 0.9  # a scale-up comes once the replicas run more than this full
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +89,8 @@ class Observation:
 class ScalerState:
     """What ``decide`` remembers between ticks (all explicit; start with ``ScalerState()``)."""
 
-    above_since: datetime | None = None  # the queue has asked for more replicas since then
+    above_since: datetime | None = None  # the load has asked for more replicas since then
+    above_queue: int = 0  # the queue then (or at the last tick it shrank since)
     needed_at: tuple[datetime, ...] = ()  # [k - 1]: the last tick the load needed k replicas or more
     last_scale: datetime | None = None  # the last change of the count
     last_traffic: datetime | None = None  # the last tick with any request (first tick: that tick)
@@ -99,7 +108,7 @@ class ScaleDecision:
 
 @dataclass(frozen=True, slots=True)
 class _Need:
-    up: int  # replicas the queue asks for
+    up: int  # replicas the load asks for (the queue, while nothing runs)
     keep: int  # replicas the load needs (for scaling down)
 
 
@@ -138,7 +147,10 @@ def _remember(spec: DeploymentSpec, obs: Observation, state: ScalerState, now: d
 def _need(spec: DeploymentSpec, obs: Observation, state: ScalerState) -> _Need:
     per_replica = min(spec.max_num_seqs, state.seen_capacity or spec.max_num_seqs)
     queue, load = obs.queue, obs.queue + obs.running
-    up = math.ceil(queue / spec.target_waiting_per_replica)
+    if obs.running:
+        up = math.ceil(load / (per_replica * UP_UTILIZATION))
+    else:
+        up = math.ceil(queue / spec.target_waiting_per_replica)
     keep = max(up, math.ceil(load / (per_replica * DOWN_UTILIZATION)), 1 if obs.has_traffic else 0)
     return _Need(up=min(up, spec.max_replicas), keep=min(keep, spec.max_replicas))
 
@@ -151,7 +163,11 @@ def _track(obs: Observation, state: ScalerState, need: _Need, current: int, now:
     known = state.needed_at + (now,) * (current - len(state.needed_at))
     needed = tuple(now if k <= need.keep else at for k, at in enumerate(known, start=1))
     needed += (now,) * (need.keep - len(needed))
-    return replace(state, above_since=(state.above_since or now) if above else None, needed_at=needed)
+    if not above:
+        return replace(state, above_since=None, above_queue=0, needed_at=needed)
+    if state.above_since is None or obs.queue < state.above_queue:  # a shrinking queue: the clock restarts
+        return replace(state, above_since=now, above_queue=obs.queue, needed_at=needed)
+    return replace(state, needed_at=needed)
 
 
 def _stable_need(spec: DeploymentSpec, state: ScalerState, now: datetime) -> int:
@@ -186,7 +202,10 @@ def _up(
         return max(1, need.up), f"{obs.queue} requests waiting with no replica"
     if state.above_since is None or _seconds(state.above_since, now) < spec.scale_up_window_s:
         return None
-    return need.up, f"queue {obs.queue} above {spec.target_waiting_per_replica:g} per replica"
+    if not obs.running:
+        return need.up, f"queue {obs.queue} above {spec.target_waiting_per_replica:g} per replica"
+    load = obs.running + obs.queue
+    return need.up, f"load {load} (queue {obs.queue}) over {UP_UTILIZATION:.0%} of what {current} run"
 
 
 def _down(spec: DeploymentSpec, state: ScalerState, now: datetime, current: int) -> Step:
@@ -204,7 +223,10 @@ def _hold_reason(
         return f"hold: queue {obs.queue}, waiting for {starting} starting replicas first"
     if state.above_since is not None:
         waited = _seconds(state.above_since, now)
-        return f"hold: queue {obs.queue} above target for {waited:.0f}s of {spec.scale_up_window_s:g}s"
+        return (
+            f"hold: load {obs.running + obs.queue} (queue {obs.queue}) above target for {waited:.0f}s of "
+            f"{spec.scale_up_window_s:g}s"
+        )
     if need.keep < current:
         since = state.needed_at[current - 1]
         waited = _seconds(since, now)

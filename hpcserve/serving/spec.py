@@ -11,10 +11,14 @@ Fields (``s`` = seconds):
 - ``gpus_per_replica``: GPUs per node of one replica = vLLM's tensor parallel size (at least 1 for vllm).
 - ``nodes_per_replica``: nodes of one replica = vLLM's pipeline parallel size (default 1).
 - ``min_replicas`` / ``max_replicas``: bounds the autoscaler never leaves; ``max_replicas`` >= max(1, min).
-- ``target_waiting_per_replica``: queued requests one replica may hold before the autoscaler adds one
-  (default 4). The queue is the engines' waiting requests plus those buffered at the gateway.
-- ``scale_up_window_s``: how long the queue must stay above target before a scale-up (default 10; 0 = at
-  once). A deployment at zero replicas starts one at once when the gateway buffers a request.
+- ``target_waiting_per_replica``: while no replica runs anything yet (from zero, or all starting), the
+  queued requests one replica is added for (default 4). The queue is the engines' waiting requests plus
+  those buffered at the gateway. Once replicas run requests, the autoscaler sizes by load instead: running
+  plus queued requests over 90% of what the replicas run at once (``max_num_seqs``, or what they were
+  seen to hold), so a backlog built up during a long start does not ask for far more replicas than needed.
+- ``scale_up_window_s``: how long that need must stay above the current count before a scale-up
+  (default 10; 0 = at once). A deployment at zero replicas starts one at once when the gateway buffers a
+  request.
 - ``scale_down_window_s``: how long fewer replicas must have been enough before a scale-down (default 300).
 - ``idle_to_zero_s``: with ``min_replicas: 0``, the last replica stops after this long without any
   request (arriving, queued, running or streaming); default 600. ``0`` disables scaling to zero: the

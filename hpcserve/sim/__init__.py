@@ -5,10 +5,13 @@ and compare node-split policies, with the service's own decision code where it e
 
 Modules (imports point down this list):
 - ``compare``: ``run_policies(Inputs, names)`` -> one ``PolicyResult`` per policy (the CLI's and the
-  benchmark's entry point); ``POLICIES`` = static, reactive, predictive, oracle (+ ``ideal`` on request);
+  benchmark's entry point); ``POLICIES`` = static, reactive, predictive, oracle (the perfect-foresight
+  split); ``EXTRA``: planner-foresight (the planner told the true future);
 - ``engine``: ``Replay(scenario, policy).run()``: the event loop, node moves, preemptions, figures;
-- ``planned``: reactive / predictive / oracle = the planner told the demand now / the forecast / the truth;
-- ``policies``: the ``SplitPolicy`` protocol, ``SplitView``, ``SplitDecision``, static and ideal splits;
+- ``planned``: reactive / predictive / planner-foresight = the planner told the demand now / the forecast /
+  the truth;
+- ``policies``: the ``SplitPolicy`` protocol, ``SplitView``, ``SplitDecision``, the static split and the
+  oracle's (``IdealSplit``);
 - ``snapshot``: the replay as a ``ClusterSnapshot`` (what the planner reads);
 - ``training``: FIFO + EASY backfill, placement, preemption with checkpoints;
 - ``inference``: the fluid request model, replicas, the autoscaler;

@@ -1,5 +1,16 @@
 """Run several split policies on one scenario: the entry point the CLI and the benchmark share.
 
+The policies (``POLICIES``; ``hpcserve.sim.policies`` says how each decides):
+- static: a fixed split sized for the replay's inference peak;
+- reactive, predictive: the service's rebalance planner told the demand now, or the forecast;
+- oracle: the perfect-foresight reference, ``IdealSplit``: inference gets exactly the nodes the true
+  load ahead needs, with no planner margins (headroom, hysteresis, cooldown, release only to a backlog),
+  under the same replay mechanics as every policy (node moves take ``move_delay_s``, replicas on a node
+  drain first, training jobs on a node get their grace and lose their work since the last checkpoint,
+  every replica starts for ``replica_startup_s``);
+- extra (``EXTRA``, not run by default): planner-foresight, the planner told the true future demand over
+  its horizon (``Foresight``): predictive against it is what the forecast alone costs.
+
 ``run_policies`` replays each policy on the same inputs. With ``workers`` > 1 the policies run in
 separate processes, each building the scenario itself from the same inputs (the results are the same:
 the replay is deterministic).
@@ -21,7 +32,7 @@ from hpcserve.sim.policies import IdealSplit, SplitPolicy, StaticPolicy
 from hpcserve.sim.scenario import Scenario, SimSettings, load_scenario
 
 POLICIES = ("static", "reactive", "predictive", "oracle")
-EXTRA = ("ideal",)  # not run by default: the planner-free bound (``IdealSplit``)
+EXTRA = ("planner-foresight",)  # not run by default: the planner told the true future demand
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,17 +64,25 @@ def make_policy(name: str, scenario: Scenario, policy: Policy) -> SplitPolicy:
     if name == "predictive":
         return PlannerPolicy(name, policy, site, Forecaster(policy))
     if name == "oracle":
+        return oracle(scenario, policy, name)
+    if name == "planner-foresight":
         truth = Foresight(scenario.need_gpus, scenario.training.gpus_submitted, horizon)
         return PlannerPolicy(name, policy, site, truth)
-    if name == "ideal":
-        s = scenario.settings
-        return IdealSplit(
-            scenario.need_nodes,
-            lead_s=scenario.grace_s + s.move_delay_s + s.replica_startup_s + 2 * s.rebalance_interval_s,
-            behind_s=scenario.serving.spec.scale_down_window_s,
-            hold_s=policy.rebalance.release_window_s,
-        )
     raise ValidationError(f"unknown policy {name!r} (fix: use one of {', '.join(POLICIES + EXTRA)})")
+
+
+def oracle(scenario: Scenario, policy: Policy, name: str = "oracle") -> IdealSplit:
+    """The perfect-foresight split: it looks ahead as far as a node taken from training needs to serve
+    (its jobs' grace, the move, a replica's start, two rebalance ticks), behind for the replicas the
+    autoscaler keeps for its scale-down window, and holds nodes over the policy's release window."""
+    s = scenario.settings
+    return IdealSplit(
+        scenario.need_nodes,
+        lead_s=scenario.grace_s + s.move_delay_s + s.replica_startup_s + 2 * s.rebalance_interval_s,
+        behind_s=scenario.serving.spec.scale_down_window_s,
+        hold_s=policy.rebalance.release_window_s,
+        name=name,
+    )
 
 
 def check_names(names: Sequence[str]) -> None:

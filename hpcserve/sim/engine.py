@@ -6,9 +6,12 @@ ends and kills, node arrivals, submissions, samples, rebalance ticks; then one s
 - training -> inference: the node takes no new jobs; the jobs on it get their signal and are killed
   ``grace_s`` later (a preemption); once it is empty it arrives after ``move_delay_s``;
 - inference -> training: its replicas are relaunched elsewhere (they stay wanted); it arrives after
-  ``replica_drain_s`` (if it hosted any) + ``move_delay_s``.
+  ``replica_drain_s`` (if it hosted any: its replicas finish their requests; a move's grace, if shorter,
+  cuts that short) + ``move_delay_s``.
 The policy's initial plan at time 0 is applied at once and is not counted as moves.
-A decision that names moves (the planner's) is carried out as named, with the grace each move gives;
+A decision that names moves (the planner's) is carried out as named, with the grace each move gives
+(the whole grace for training jobs, as Slurm's preemption does; the executor ends a replica once its
+requests are done, so replicas drain as on any move, within the grace);
 invalid ones (a node outside the pool, or not on the move's source side) are skipped. A decision that
 names a target count lets the replay pick the pool nodes: to inference, free nodes first, then those
 whose jobs lose the least work; to training, nodes without replicas first.
@@ -156,7 +159,7 @@ class Replay:
 
     def _move(self, node: str, dst: Side, now: float, grace: float | None) -> None:
         """Start moving ``node``: its jobs get ``grace`` (the training class's by default) before they are
-        killed; its replicas ``grace`` (``replica_drain_s`` by default) to finish their requests."""
+        killed; its replicas ``replica_drain_s`` (at most ``grace``) to finish their requests."""
         self.moves += 1
         del self.side[node]
         self.transit[node] = dst
@@ -165,7 +168,7 @@ class Replay:
                 self._push(now + (self.scenario.grace_s if grace is None else grace), KILL, job=job)
             return
         hosted = self.inference.remove_node(node)
-        drain = self.settings.replica_drain_s if grace is None else grace
+        drain = self.settings.replica_drain_s if grace is None else min(grace, self.settings.replica_drain_s)
         self._push(now + (drain if hosted else 0.0) + self.settings.move_delay_s, ARRIVE, node=node)
 
     def _moved_off_training(self, now: float) -> None:

@@ -12,8 +12,11 @@ The fluid model (an approximation, per ``step_s`` step rather than per request):
   the step: 0 means admitted within the step it arrived in);
 - with many slots (replicas x M) in use, random queueing below saturation is negligible, so requests only
   wait when the offered rate exceeds what the ready replicas admit;
-- the autoscaler sees, per ready replica, its share of the queue and of the running requests
-  (running = admitted rate x M / mu, Little's law at a full batch's pace); starting replicas show nothing.
+- the autoscaler sees, per ready replica, its share of the queue and of the running requests: M each
+  while requests queue (a ready replica fills its batch from the queue), else the requests admitted
+  within the last service time M / mu (Little's law at a full batch's pace: what a replica's
+  ``vllm:num_requests_running`` counts, not one step's admissions scaled up, whose noise is sqrt(M / mu
+  / step_s) times larger); starting replicas show nothing.
 
 Replicas: ``gpus_per_replica`` GPUs on one node, so a node holds G // gpus_per_replica of them, and only
 on nodes of the inference side. A replica the autoscaler adds waits for a free slot (a pending Slurm job),
@@ -111,7 +114,11 @@ class InferenceSide:
         self.replicas: dict[int, Replica] = {}
         self.queue: deque[list[float]] = deque()  # [arrival step, requests]
         self.queued = 0.0
-        self.admitted = 0.0  # requests admitted in the last step
+        service_s = model.spec.max_num_seqs / model.mu  # a request's time in a full batch
+        steps = max(round(service_s / model.step_s), 1)
+        self._admitted: deque[float] = deque([0.0] * steps, maxlen=steps)  # the last service time, per step
+        self._admitted_sum = 0.0
+        self._per_admitted = service_s / (steps * model.step_s)  # the whole steps to the service time
         self.step = 0
         self.state = ScalerState()
         self.wanted = 0
@@ -175,11 +182,20 @@ class InferenceSide:
         capacity = ready * self.model.mu * self.model.step_s
         if not self.queue and arriving <= capacity:
             self.waits.add(0, arriving)
-            self.admitted = arriving
+            self._note_admitted(arriving)
             return
         self.queue.append([float(step), arriving])
         self.queued += arriving
-        self.admitted = self._admit(step, capacity)
+        self._note_admitted(self._admit(step, capacity))
+
+    def _note_admitted(self, admitted: float) -> None:
+        self._admitted_sum = max(self._admitted_sum + admitted - self._admitted[0], 0.0)
+        self._admitted.append(admitted)
+
+    @property
+    def running(self) -> float:
+        """Requests in the replicas' batches: those admitted within the last service time."""
+        return self._admitted_sum * self._per_admitted
 
     def _admit(self, step: int, capacity: float) -> float:
         admitted = 0.0
@@ -217,9 +233,9 @@ class InferenceSide:
     def _observation(self, now: float) -> Observation:
         ready = sorted(i for i, r in self.replicas.items() if r.ready(now))
         starting = sorted(i for i, r in self.replicas.items() if not r.ready(now))
-        waiting = _spread(round(self.queued), len(ready))
-        running_total = self.admitted / self.model.step_s * self.model.spec.max_num_seqs / self.model.mu
-        running = _spread(round(running_total), len(ready))
+        queued, full = round(self.queued), len(ready) * self.model.spec.max_num_seqs
+        waiting = _spread(queued, len(ready))
+        running = _spread(full if queued else min(round(self.running), full), len(ready))
         loads = [
             ReplicaLoad(i, ReplicaState.READY, w, r, w + r)
             for i, w, r in zip(ready, waiting, running, strict=True)

@@ -7,9 +7,11 @@ snapshot, told the demand ahead (its ``forecast`` argument) by one of three sour
   the policy's horizon): ``fit_rules`` then ``predict`` per side, except that the fitted models are
   reused for ``REFIT_S`` of sample time (fitting a week of samples is the costly part; a service would
   cache it too); the peak over the horizon is taken at every cycle;
-- oracle: the true future over the horizon, from the traces: for inference, the replicas the autoscaler
-  keeps for the true peak rate (x GPUs per replica); for training, the demand now plus every job that
-  will be submitted within the horizon.
+- planner-foresight (an extra): the true future over the horizon, from the traces: for inference, the
+  replicas the autoscaler keeps for the true peak rate (x GPUs per replica); for training, the demand now
+  plus every job that will be submitted within the horizon. The planner's own margins still apply, so
+  this is not the perfect-foresight reference (that is the oracle, ``policies.IdealSplit``): predictive
+  against it is what the forecast alone costs.
 
 History: the replay's demand samples (``SplitView.history``, one per ``sample_interval_s``; the figures
 of ``planner.demand_now`` of a snapshot), the last 7 days of them, as the service loads them. The
@@ -64,8 +66,9 @@ class Forecaster:
 
 @dataclass(frozen=True, slots=True)
 class Foresight:
-    """Oracle: the true demand over ``[now, now + horizon_s]``. ``inference_gpus(start, end)`` is what the
-    true load needs; ``arriving_gpus(start, end)`` the GPUs of the training jobs submitted in between."""
+    """Planner-foresight: the true demand over ``[now, now + horizon_s]``. ``inference_gpus(start, end)``
+    is what the true load needs; ``arriving_gpus(start, end)`` the GPUs of the training jobs submitted in
+    between."""
 
     inference_gpus: Callable[[float, float], float]
     arriving_gpus: Callable[[float, float], float]

@@ -2,12 +2,16 @@
 
 A ``SplitPolicy`` gets a ``SplitView`` of the replay (no clock, no I/O) and returns a ``SplitDecision``:
 either a target count of inference nodes (the replay picks the nodes: ``hpcserve.sim.engine``), or the
-moves to make (the rebalance planner's own ``NodeMove``s). Four kinds:
+moves to make (the rebalance planner's own ``NodeMove``s). Three kinds:
 - ``StaticPolicy``: a fixed split, sized for the inference peak of the whole replay;
-- reactive, predictive and oracle: the rebalance planner, told the demand now, the forecast, or the true
-  future (``hpcserve.sim.planned``);
-- ``IdealSplit`` (extra, "ideal"): no planner: exactly the nodes the true inference load needs, moved
-  without hysteresis, headroom or cooldown; a bound on what any planner could do.
+- reactive, predictive (and the extra planner-foresight): the rebalance planner, told the demand now,
+  the forecast, or the true future demand (``hpcserve.sim.planned``);
+- ``IdealSplit`` (the "oracle"): no planner: perfect foresight of the inference load, exactly the nodes
+  it needs, moved without headroom, hysteresis or cooldown, and given back whether or not training
+  queues. It moves nodes like any policy does (a target count the replay carries out, with the same
+  move delay, drains, preemption grace and lost work, and replica start-up), so it is the reference the
+  planner's policies are measured against. It knows what the service cannot: the load ahead, and, when
+  it takes busy training nodes, which jobs lose the least work since their last checkpoint.
 """
 
 from __future__ import annotations
@@ -74,24 +78,25 @@ class StaticPolicy:
 
 @dataclass(frozen=True, slots=True)
 class IdealSplit:
-    """Inference gets what the true load will need (the replay knows the trace): ``need_nodes(start, end)``
-    is the nodes the autoscaler keeps for the peak rate in [start, end]. It grows to the need over
-    [now - ``behind_s``, now + ``lead_s``] (``behind_s``: the autoscaler's scale-down window, whose
-    replicas still hold nodes; ``lead_s``: a move plus a replica start), and shrinks only to the need
-    over [now - ``behind_s``, now + ``hold_s``], so a dip shorter than ``hold_s`` moves no node."""
+    """The oracle: inference gets what the true load will need (the replay knows the trace).
+    ``need_nodes(start, end)`` is the nodes the autoscaler keeps for the peak rate in [start, end]. It
+    grows to the need over [now - ``behind_s``, now + ``lead_s``] (``behind_s``: the autoscaler's
+    scale-down window, whose replicas still hold nodes; ``lead_s``: what a node taken from training
+    needs before its replica serves), and shrinks only to the need over [now - ``behind_s``, now +
+    ``hold_s``], so a dip shorter than ``hold_s`` moves no node."""
 
     need_nodes: Callable[[float, float], int]
     lead_s: float
     behind_s: float
     hold_s: float
-    name: str = "ideal"
+    name: str = "oracle"
 
     def decide(self, view: SplitView) -> SplitDecision:
         start = max(view.now - self.behind_s, 0.0)
         grow = self.need_nodes(start, view.now + self.lead_s)
         keep = self.need_nodes(start, view.now + max(self.hold_s, self.lead_s))
         target = grow if grow >= view.inference_nodes else min(view.inference_nodes, keep)
-        return hold(view, target, f"ideal: {target} nodes cover the true load ahead")
+        return hold(view, target, f"{self.name}: {target} nodes cover the true load ahead")
 
 
 def nodes_for_gpus(gpus: float, gpus_per_node: int) -> int:

@@ -1,10 +1,10 @@
 """Compare node-split policies on the shared traces: static, reactive, predictive, oracle (and the
-planner-free ideal split as a bound), with hpcserve's simulator (hpcserve/sim/, the same code as
-``hpcserve simulate``).
+planner told the true future, planner-foresight), with hpcserve's simulator (hpcserve/sim/, the same
+code as ``hpcserve simulate``).
 
 Run from the repo root: scripts/bench/rebalance [--site YAML] [--days 14] [--warmup-days 1] [--jobs 2]
-[--seeds 0 1 2] [--no-ideal] (the wrapper runs this file with .venv/bin/python). One seed takes about
-2 minutes on 2 cores; the training figures move by tens of percent from seed to seed (preemptions and
+[--seeds 0 1 2] [--no-foresight] (the wrapper runs this file with .venv/bin/python). One seed takes about
+3 minutes on 2 cores; the training figures move by tens of percent from seed to seed (preemptions and
 big jobs interact), so the goals are checked on the mean over the seeds given.
 
 The traces are read where they lie, ../shared/traces/ beside the repo by default: the Alibaba GPU 2023
@@ -20,8 +20,12 @@ Goals (PASS/MISS; always exits 0 when the inputs load: it reports, it does not t
 - inference SLO attainment of predictive >= 99%: the share of requests that waited <= slo_wait_s (10 s);
 - gap of predictive to the oracle <= 10%: the relative difference in training mean queueing delay,
   (predictive - oracle) / oracle, at equal SLO: both meet the 99% SLO goal (else MISS, whatever the gap).
-  The oracle is the same planner told the true future demand, so the gap is what the forecast costs.
-Also printed: node moves per day, and the ideal split's figures (no planner: a bound, not a goal).
+  The oracle is the perfect-foresight split (``hpcserve.sim.policies.IdealSplit``): inference gets
+  exactly the nodes the true load ahead needs, with no planner headroom, hysteresis or cooldown, under
+  the same replay mechanics as the other policies (move delay, replica drain, preemption grace and lost
+  work, replica start-up). The gap is what the service's planner and forecast cost against it.
+Also printed: node moves per day, and planner-foresight, the planner told the true future demand over
+its horizon (predictive against it is what the forecast alone costs; not a goal).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hpcserve.config import load_site_config
-from hpcserve.sim.compare import POLICIES, Inputs, run_policies
+from hpcserve.sim.compare import EXTRA, POLICIES, Inputs, run_policies
 from hpcserve.sim.metrics import PolicyResult
 from hpcserve.sim.report import text_table
 from hpcserve.sim.scenario import SimSettings, default_policy, describe
@@ -55,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-days", type=float, default=1.0, help="days replayed first (default 1)")
     p.add_argument("--jobs", type=int, default=2, help="policies replayed at once (default 2)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="arrival-noise seeds; goals on the mean")
-    p.add_argument("--no-ideal", dest="ideal", action="store_false", help="skip the ideal split")
+    p.add_argument("--no-foresight", dest="foresight", action="store_false", help="skip planner-foresight")
     args = p.parse_args(argv)
     if args.days <= 0 or args.warmup_days < 0 or args.jobs < 1:
         p.error("--days must be > 0, --warmup-days >= 0, --jobs >= 1")
@@ -107,7 +111,7 @@ def mean_results(runs: Sequence[Sequence[PolicyResult]]) -> list[PolicyResult]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     site = load_site_config(args.site)
-    names = (*POLICIES, "ideal") if args.ideal else POLICIES
+    names = (*POLICIES, *EXTRA) if args.foresight else POLICIES
     runs = []
     for seed in args.seeds:
         settings = SimSettings(days=args.days, warmup_days=args.warmup_days, seed=seed)
