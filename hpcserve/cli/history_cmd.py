@@ -86,5 +86,4 @@ def split_points(site: SiteConfig, store: HistoryStore, start: datetime) -> list
 def _move_events(store: HistoryStore) -> list[tuple[datetime, str, Side]]:
     from hpcserve.rebalance.types import Side
 
-    return [(s.finished_at, s.node, Side(s.dst)) for plan in store.plans() for s in store.steps(plan.id)
-            if s.kind == "move" and s.state == "done" and s.finished_at is not None]  # fmt: skip
+    return [(s.finished_at, s.node, Side(s.dst)) for s in store.done_moves() if s.finished_at is not None]

@@ -136,7 +136,7 @@ RECENT_PLANS = 20
 
 
 def _list_plans(ctx: Context, as_json: bool) -> None:
-    recent = ctx.store(ctx.require_site()).plans()[-RECENT_PLANS:]
+    recent = ctx.store(ctx.require_site()).plans(last=RECENT_PLANS)
     if as_json:
         from hpcserve.cli.output import emit_json
 

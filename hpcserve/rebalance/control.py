@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 LOCK = "rebalance"
 HISTORY = timedelta(days=7)
+RECENT_PLANS = 50  # the planner's cooldown looks at the moves of these
 
 
 class LockLost(HpcserveError):
@@ -124,7 +125,7 @@ class Rebalancer:
         now = self._clock()
         snapshot = self._client.snapshot()
         history = self._store.queue_samples(since=now - HISTORY)
-        recent = self._store.plans()[-50:]
+        recent = self._store.plans(last=RECENT_PLANS)
         state = load_state(self._state_path)
         return self._plan_fn(PlanInput(snapshot, history, self._site, self._policy, recent, state, now))
 

@@ -33,7 +33,6 @@ from hpcserve.rebalance.split import Layout, desired_split, split_updates
 from hpcserve.rebalance.steps import (
     PHASES,
     UNFINISHED,
-    carried_out,
     drain_reason,
     drained_by_us,
     holding_jobs,
@@ -279,10 +278,7 @@ class Executor:
     # ------------------------------------------------------------------------------------ level-triggered
     def desired(self) -> dict[str, Side]:
         """The split the carried-out moves give (the site's starting sides where nothing moved)."""
-        plans = self._store.plans()
-        moved = {p.id: {s.node for s in self._store.steps(p.id) if s.kind == "move" and s.state == "done"}
-                 for p in plans if p.state != "done"}  # fmt: skip
-        return desired_split(self._layout, carried_out(plans, moved))
+        return desired_split(self._layout, [(s.node, Side(s.dst)) for s in self._store.done_moves()])
 
     def assert_split(self) -> dict[str, tuple[str, ...]]:
         """Re-apply the desired split where Slurm's partitions differ (e.g. after ``scontrol reconfigure``),

@@ -13,7 +13,7 @@ from typing import Any
 
 from hpcserve.rebalance.types import NodeMove, RebalancePlan, Side
 from hpcserve.slurm.models import TAG_PREFIX, Job, JobState
-from hpcserve.store.records import NewStep, Plan, Step
+from hpcserve.store.records import NewStep, Step
 
 PHASES = ("drain", "signal", "wait", "move", "resume")
 DRAIN_PREFIX = "hpcserve: moving to "
@@ -94,14 +94,3 @@ def signalled(detail: str) -> list[str]:
     """The entries a signal step recorded: ``signalled: 12 batch, 13 steps`` -> ["12 batch", "13 steps"]."""
     _, _, listed = detail.partition("signalled:")
     return [item.strip() for item in listed.split(",") if item.strip()]
-
-
-def carried_out(plans: Iterable[Plan], moved: Mapping[int, set[str]]) -> list[tuple[str, Side]]:
-    """(node, side) of every move carried out, oldest plan first: all moves of a done plan, and those of
-    any other plan whose move step is done (``moved``: plan id -> nodes)."""
-    out: list[tuple[str, Side]] = []
-    for plan in sorted(plans, key=lambda p: p.id):
-        for data in plan.moves:
-            if plan.state == "done" or str(data["node"]) in moved.get(plan.id, set()):
-                out.append((str(data["node"]), Side(data["dst"])))
-    return out

@@ -51,7 +51,7 @@ def try_lock(
             where=takeover,
         )
     )
-    return conn.execute(select(L.holder).where(L.name == name)).scalar_one() == holder
+    return lock_holder(conn, name) == holder
 
 
 def lock_holder(conn: Connection, name: str) -> str | None:

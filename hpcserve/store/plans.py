@@ -48,13 +48,24 @@ def _step_row(plan_id: int, seq: int, step: NewStep) -> dict[str, Any]:
             "detail": step.detail}  # fmt: skip
 
 
-def plans(conn: Connection, state: str | None, plan_id: int | None = None) -> list[Plan]:
-    stmt = select_record(P, Plan).order_by(P.id)
+def plans(
+    conn: Connection, state: str | None, plan_id: int | None = None, last: int | None = None
+) -> list[Plan]:
+    """Plans oldest first: those in ``state``, the one ``plan_id``, or (``last``) only the newest ones."""
+    stmt = select_record(P, Plan).order_by(P.id.desc())
     if state is not None:
         stmt = stmt.where(P.state == state)
     if plan_id is not None:
         stmt = stmt.where(P.id == plan_id)
-    return to_records(conn.execute(stmt), Plan)
+    if last is not None:
+        stmt = stmt.limit(last)
+    return to_records(conn.execute(stmt), Plan)[::-1]
+
+
+def done_moves(conn: Connection) -> list[Step]:
+    """Every move step carried out, oldest plan first, in step order."""
+    stmt = select_record(S, Step).where(S.kind == "move", S.state == "done").order_by(S.plan_id, S.seq)
+    return to_records(conn.execute(stmt), Step)
 
 
 def steps(conn: Connection, plan_id: int, seq: int | None = None) -> list[Step]:

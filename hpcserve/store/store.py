@@ -199,9 +199,10 @@ class HistoryStore:
         with self._write() as conn:
             return plans.create_plan(conn, reason, moves, steps, state, self._clock(), holder)
 
-    def plans(self, state: str | None = None) -> list[Plan]:
+    def plans(self, state: str | None = None, *, last: int | None = None) -> list[Plan]:
+        """Plans oldest first (in ``state`` if given); ``last``: only the newest that many."""
         with self._read() as conn:
-            return plans.plans(conn, state)
+            return plans.plans(conn, state, last=last)
 
     def plan(self, plan_id: int) -> Plan | None:
         with self._read() as conn:
@@ -211,6 +212,11 @@ class HistoryStore:
     def steps(self, plan_id: int) -> list[Step]:
         with self._read() as conn:
             return plans.steps(conn, plan_id)
+
+    def done_moves(self) -> list[Step]:
+        """The move steps carried out, of every plan (whatever became of the plan), oldest first."""
+        with self._read() as conn:
+            return plans.done_moves(conn)
 
     def start_step(self, plan_id: int, seq: int) -> Step:
         """Record that a step began (``started_at``); committed before the step acts."""
