@@ -12,6 +12,9 @@
 # (pid files in $PREFIX/run/owned, checked against /proc/PID/comm). Knobs (environment):
 #   PREFIX (/tmp/hpcserve-mc)  NNODES (8)  GPUS_PER_NODE (4)  CPUS_PER_NODE (8)  MEM_PER_NODE (16000)
 #   RESET=1 (wipe controller state, accounting DB and job folders first)  WAIT_TIMEOUT (120)  PURGE=1 (stop: rm PREFIX)
+#   TEST_USERS ("alice bob carol"): real Unix users made if missing, each registered in slurmdbd with a Slurm
+#   account of its own (acct-USER) as default, so sacct shows who ran what and who paid. Group hpcadmin (carol is
+#   in it) and the service account hpcserve (a system user) are made too.
 set -euo pipefail
 
 PREFIX=${PREFIX:-/tmp/hpcserve-mc}
@@ -29,6 +32,9 @@ CTLD_PORT=6817 SLURMD_PORT=6818 DBD_PORT=6819
 WAIT_TIMEOUT=${WAIT_TIMEOUT:-120}
 RESET=${RESET:-0}
 PURGE=${PURGE:-0}
+TEST_USERS=${TEST_USERS-alice bob carol}
+ADMIN_GROUP=${ADMIN_GROUP:-hpcadmin}
+SERVICE_USER=${SERVICE_USER:-hpcserve}
 DB_PASS=hpcserve-slurmdb
 ETC=$PREFIX/etc RUN=$PREFIX/run LOG=$PREFIX/log OWN=$PREFIX/run/owned DBDIR=$PREFIX/mysql
 DBSOCK=$DBDIR/run/mysqld.sock
@@ -287,6 +293,25 @@ start_slurmdbd() {
     sacctmgr -n -P show assoc where user="$u" account="$ACCOUNT" format=user | grep -qx "$u" ||
       sacctmgr -i add user "$u" Account="$ACCOUNT" DefaultAccount="$ACCOUNT" >/dev/null
   done
+  for u in $TEST_USERS; do
+    sacctmgr -n -P show account format=account | grep -qx "acct-$u" ||
+      sacctmgr -i add account "acct-$u" Description="$u's grant" Organization=hpcserve >/dev/null
+    sacctmgr -n -P show assoc where user="$u" account="acct-$u" format=user | grep -qx "$u" ||
+      sacctmgr -i add user "$u" Account="acct-$u" DefaultAccount="acct-$u" >/dev/null
+  done
+}
+
+# Real Unix users for the multi-user tests: each with a home, in group users; carol also in the admin group.
+make_users() {
+  getent group "$ADMIN_GROUP" >/dev/null || groupadd "$ADMIN_GROUP"
+  id "$SERVICE_USER" >/dev/null 2>&1 ||
+    useradd --system --home-dir /var/lib/hpcserve --create-home --shell /usr/sbin/nologin "$SERVICE_USER"
+  local u
+  for u in $TEST_USERS; do
+    id "$u" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$u"
+    chmod 0700 "/home/$u"
+  done
+  case " $TEST_USERS " in *" carol "*) usermod -aG "$ADMIN_GROUP" carol ;; esac
 }
 
 start_slurmctld() {
@@ -325,6 +350,7 @@ do_start() {
   [ "$(id -u)" = 0 ] || die "must run as root (it installs packages, makes namespaces and starts daemons)"
   install_packages
   prepare_dirs
+  make_users
   start_munge
   start_mariadb
   setup_network

@@ -120,7 +120,11 @@ def assert_old_data_intact(store: HistoryStore) -> None:
     """Every old row reads back through the store's API as it was written."""
     assert store.queue_samples() == [QueueSample(**row) for row in OLD_ROWS["queue_samples"]]
     assert store.engine_samples("llama") == [EngineSample(**row) for row in OLD_ROWS["engine_samples"]]
-    assert store.list_deployments() == [Deployment(**row) for row in OLD_ROWS["deployments"]]
+    # 0003 backfills each deployment's served model name from its spec, else its name
+    assert store.list_deployments() == [
+        Deployment(**row, served_model_name=row["spec"].get("served_model_name") or row["name"])
+        for row in OLD_ROWS["deployments"]
+    ]
     assert store.replicas() == [Replica(**row) for row in OLD_ROWS["replicas"]]
     assert store.usage() == [Usage(**row) for row in OLD_ROWS["usage"]]
     for plan_id, row in enumerate(OLD_ROWS["rebalance_plans"], start=1):

@@ -236,3 +236,48 @@ class ServingSettings(Frozen):
 
     def replica_path(self) -> Path:
         return Path(self.replica_dir).expanduser()
+
+
+SubmitMethod = Literal["runuser", "sudo", "sbatch-uid"]
+
+
+class ServiceSettings(Frozen):
+    """How users, replicas and other login nodes reach ``hpcserve service``, and how it runs user work.
+
+    ``socket``: the API's Unix socket (world-connectable; the caller is the kernel's SO_PEERCRED).
+    ``listen``: optional ``HOST:PORT`` for TCP, each request carrying a munge credential (other login nodes)
+    or a replica's secret. ``url``: how others reach that TCP listener (``http://login1:8470``).
+    ``metrics_listen``: ``HOST:PORT`` of the service's /metrics, apart from the API (an admin address).
+    ``submit_as``: how replicas are submitted as their owner: ``runuser`` (service runs as root), ``sudo``
+    (``sudo -n -u OWNER``, a sudoers rule for the service account), or ``sbatch-uid`` (``sbatch --uid``).
+    """
+
+    socket: str = "/run/hpcserve/api.sock"
+    listen: str | None = None
+    url: str | None = None
+    metrics_listen: str = "127.0.0.1:9464"
+    submit_as: SubmitMethod = "runuser"
+
+    @field_validator("socket")
+    @classmethod
+    def _absolute_socket(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise Invalid("", f"{path!r} is not an absolute path", "write e.g. /run/hpcserve/api.sock")
+        return path
+
+    @field_validator("listen", "metrics_listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise Invalid("", f"{value!r} is not HOST:PORT", "write e.g. 127.0.0.1:8470")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise Invalid("", f"{url!r} is not an http(s) URL", "write e.g. http://login1:8470")
+        return None if url is None else url.rstrip("/")

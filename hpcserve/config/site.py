@@ -13,6 +13,7 @@ from hpcserve.config.sections import (
     ManagedPool,
     NodeGroup,
     Partitions,
+    ServiceSettings,
     ServingSettings,
     SlurmSettings,
     Storage,
@@ -34,7 +35,8 @@ class SiteConfig(Frozen):
     storage: Storage
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
-    admins: tuple[str, ...] = ()
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
+    admins: tuple[str, ...] = ()  # users, or Unix groups as "@group": may act on every deployment
 
     _group: dict[str, NodeGroup] = PrivateAttr(default_factory=dict)
     _leaf: dict[str, str] = PrivateAttr(default_factory=dict)

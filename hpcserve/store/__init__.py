@@ -4,7 +4,14 @@
 the schema to the newest migration.
 """
 
-from hpcserve.store.errors import DatabaseUnavailable, DeploymentExists, NotFound, NotOwner, StoreError
+from hpcserve.store.errors import (
+    DatabaseUnavailable,
+    DeploymentExists,
+    NotFound,
+    NotOwner,
+    ServedNameTaken,
+    StoreError,
+)
 from hpcserve.store.records import (
     Deployment,
     EngineSample,
@@ -35,6 +42,7 @@ __all__ = [
     "RetentionResult",
     "Rollup",
     "SchemaStatus",
+    "ServedNameTaken",
     "Step",
     "StoreError",
     "Usage",

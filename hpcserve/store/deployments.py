@@ -11,11 +11,19 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, exists, func, update
+from sqlalchemy import Connection, delete, exists, func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from hpcserve.errors import ValidationError
-from hpcserve.store.errors import DeploymentExists, NotFound, NotOwner
-from hpcserve.store.records import REPLICA_STATES, Deployment, Replica, ReplicaFields, check_state
+from hpcserve.store.errors import DeploymentExists, NotFound, NotOwner, ServedNameTaken
+from hpcserve.store.records import (
+    REPLICA_STATES,
+    Deployment,
+    DeploymentExtra,
+    Replica,
+    ReplicaFields,
+    check_state,
+)
 from hpcserve.store.schema import DeploymentRow, ReplicaRow
 from hpcserve.store.sql import dialect_insert, select_record, to_records
 
@@ -24,14 +32,37 @@ REPLICA_FIELDS = frozenset(ReplicaFields.__optional_keys__)
 
 
 def create(
-    conn: Connection, name: str, owner: str, spec: Mapping[str, Any], desired: int, now: datetime
-) -> Deployment:
-    values = {"name": name, "owner": owner, "spec": dict(spec), "generation": 1}
+    conn: Connection, name: str, owner: str, spec: Mapping[str, Any], desired: int, now: datetime,
+    extra: DeploymentExtra | None = None,
+) -> Deployment:  # fmt: skip
+    """Insert the deployment; ``DeploymentExists`` when the name is taken, ``ServedNameTaken`` when another
+    deployment already serves its model name."""
+    extra = extra or {}
+    served = extra.get("served_model_name") or str(spec.get("served_model_name") or name)
+    _check_served_name_free(conn, name, served)
+    values = {"name": name, "owner": owner, "spec": dict(spec), "generation": 1, "served_model_name": served}
     values |= {"desired_replicas": _count(desired), "created_at": now, "updated_at": now, "deleted_at": None}
+    values |= {"account": extra.get("account"), "shares": extra.get("shares")}
     inserted = dialect_insert(conn, D).values(values).on_conflict_do_nothing().returning(D.name)
-    if conn.execute(inserted).scalar_one_or_none() is None:  # (an INSERT's rowcount is not portable)
+    try:
+        found = conn.execute(inserted).scalar_one_or_none()
+    except IntegrityError:  # the served name was taken between the check and the insert
+        raise ServedNameTaken(served, None) from None
+    if found is None:  # (an INSERT's rowcount is not portable)
         raise DeploymentExists(name, stopping=_get(conn, name).deleted)
     return _get(conn, name)
+
+
+def _check_served_name_free(conn: Connection, name: str, served: str) -> None:
+    holder = conn.execute(
+        select(D.name, D.owner).where(D.served_model_name == served, D.name != name)
+    ).first()
+    if holder is not None:
+        raise ServedNameTaken(served, holder.name)
+
+
+def set_shares(conn: Connection, name: str, shares: list[str], user: str, admin: bool, now: datetime) -> None:
+    _change(conn, name, user, admin, {"shares": list(shares), "updated_at": now})
 
 
 def get(conn: Connection, name: str) -> Deployment | None:

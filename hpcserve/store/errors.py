@@ -49,6 +49,18 @@ class DeploymentExists(StoreError):
             super().__init__(f"deployment {name!r} exists: pick another name, or `hpcserve scale` it")
 
 
+class ServedNameTaken(StoreError):
+    """Another deployment already serves this model name (names are unique across all users)."""
+
+    exit_code = 2
+
+    def __init__(self, served: str, holder: str | None) -> None:
+        by = f" by deployment {holder!r}" if holder else ""
+        super().__init__(
+            f"served_model_name: {served!r} is already served{by} (fix: pick another --served-model-name)"
+        )
+
+
 class NotFound(StoreError):
     """A deployment, replica, plan or step that the call names does not exist."""
 

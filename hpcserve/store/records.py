@@ -82,10 +82,21 @@ class Deployment:
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None  # set while the replicas of a deleted deployment stop
+    served_model_name: str | None = None  # unique across deployments; None only for pre-0003 clashes
+    account: str | None = None  # the Slurm account its replicas are charged to (None: the owner's default)
+    shares: list[str] | None = None  # users, "@group" or "all" whose keys may reach it
 
     @property
     def deleted(self) -> bool:
         return self.deleted_at is not None
+
+
+class DeploymentExtra(TypedDict, total=False):
+    """Columns beside the spec that ``create_deployment`` may set."""
+
+    served_model_name: str
+    account: str | None
+    shares: list[str] | None
 
 
 class ReplicaFields(TypedDict, total=False):
@@ -99,6 +110,7 @@ class ReplicaFields(TypedDict, total=False):
     port: int | None
     started_at: datetime | None
     ready_at: datetime | None
+    secret_hash: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +126,7 @@ class Replica:
     started_at: datetime | None
     ready_at: datetime | None
     updated_at: datetime
+    secret_hash: str | None = None  # sha256 of the replica's secret (issued at submit)
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,6 +149,7 @@ class DeploymentRow(Base):
     """A served model's desired state. ``deleted_at`` is set while its replicas are still stopping."""
 
     __tablename__ = "deployments"
+    __table_args__ = (Index(None, "served_model_name", unique=True),)
 
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     owner: Mapped[str] = mapped_column(String(64))
@@ -158,6 +159,10 @@ class DeploymentRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
     deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # the name clients ask the gateway for: one deployment each, across all owners
+    served_model_name: Mapped[str | None] = mapped_column(String(128))
+    account: Mapped[str | None] = mapped_column(String(64))  # the Slurm account its replicas are charged to
+    shares: Mapped[list[str] | None] = mapped_column(JSON)  # users, "@group" or "all" whose keys reach it
 
 
 class ReplicaRow(Base):
@@ -178,6 +183,8 @@ class ReplicaRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     ready_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # sha256 of the secret the service issued at submit; the replica proves itself with it when it announces
+    secret_hash: Mapped[str | None] = mapped_column(String(64))
 
 
 class RebalancePlanRow(Base):
@@ -235,3 +242,34 @@ class LockRow(Base):
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     holder: Mapped[str] = mapped_column(String(255))
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class ApiKeyRow(Base):
+    """A gateway API key a user made through the service. Only a salted HMAC of the secret is kept: the key
+    is ``hpk_<id>_<secret>``, shown once."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (Index(None, "owner"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(128))
+    salt: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(64))  # hex HMAC-SHA256(salt, secret)
+    models: Mapped[list[str] | None] = mapped_column(JSON)  # None: every model the owner may reach
+    rate: Mapped[float | None] = mapped_column(Double)  # tokens/s
+    burst: Mapped[float | None] = mapped_column(Double)
+    max_tokens: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class ServiceStateRow(Base):
+    """Typed decision state the service carries between ticks (the planner's, each autoscaler's), kept in
+    the database so a restarted or standby service starts with it. ``data`` is the state's JSON encoding."""
+
+    __tablename__ = "service_state"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())

@@ -21,6 +21,7 @@ from hpcserve.store.engine import make_engine, parse_url, writer
 from hpcserve.store.errors import reported
 from hpcserve.store.records import (
     Deployment,
+    DeploymentExtra,
     EngineSample,
     NewStep,
     Plan,
@@ -139,10 +140,17 @@ class HistoryStore:
 
     # deployments and replicas
 
-    def create_deployment(self, name: str, owner: str, spec: Mapping[str, Any], desired: int) -> Deployment:
-        """Store a new deployment; ``DeploymentExists`` if the name is taken."""
+    def create_deployment(
+        self, name: str, owner: str, spec: Mapping[str, Any], desired: int, **extra: Unpack[DeploymentExtra]
+    ) -> Deployment:
+        """Store a new deployment; ``DeploymentExists`` if the name is taken, ``ServedNameTaken`` if its
+        served model name is."""
         with self._write() as conn:
-            return deployments.create(conn, name, owner, spec, desired, self._clock())
+            return deployments.create(conn, name, owner, spec, desired, self._clock(), extra)
+
+    def set_shares(self, name: str, shares: list[str], *, user: str) -> Deployment:
+        """Who else may reach the deployment through their API keys; the same ownership rule as scaling."""
+        return self._change(deployments.set_shares, name, shares, user)
 
     def get_deployment(self, name: str) -> Deployment | None:
         with self._read() as conn:
