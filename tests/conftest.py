@@ -15,6 +15,8 @@ import pytest
 
 from hpcserve.slurm.cli_backend import CliSlurmClient
 
+pytest_plugins = ("tests.api_fixtures",)  # the service API fixtures (api_service, short_root)
+
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = Path(os.environ.get("MINICLUSTER_PREFIX", "/tmp/hpcserve-mc"))
 SITE = REPO / "site_configs" / "minicluster.yaml"
