@@ -1,5 +1,6 @@
-"""``hpcserve service`` as a subprocess for the cluster tests: its own database, planner state, policy and
-log files, started and killed as an operator (or a crash) would."""
+"""``hpcserve service`` as a subprocess for the cluster tests: its own database (which it migrates at start,
+and which holds the planner state), policy and log files, started and killed as an operator (or a crash)
+would."""
 
 from __future__ import annotations
 
@@ -52,8 +53,7 @@ class Service:
     def __init__(self, root: Path, slurm_env: Mapping[str, str], db_url: str, policy: Path = POLICY) -> None:
         self.root, self.db_url = root, db_url
         self.env = {**slurm_env, "HPCSERVE_SITE": str(SITE), "HPCSERVE_POLICY": str(policy),
-                    "HPCSERVE_DATABASE_URL": db_url,
-                    "HPCSERVE_REBALANCE_STATE": str(root / "state.json")}  # fmt: skip
+                    "HPCSERVE_DATABASE_URL": db_url}  # fmt: skip
         self.env.pop(CRASH_ENV, None)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []

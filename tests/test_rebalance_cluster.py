@@ -89,14 +89,16 @@ def job_field(job_id: str, name: str) -> str:
 
 
 class Rebalance:
-    """``hpcserve rebalance`` in a subprocess, with this test's own database and planner state."""
+    """``hpcserve rebalance`` in a subprocess, with this test's own database (migrated first, as an admin
+    does with ``hpcserve db upgrade``; it holds the planner state too)."""
 
     def __init__(self, root: Path, slurm_env: Mapping[str, str]) -> None:
         self.db = root / "hpcserve.db"
         self.env = {**slurm_env, "HPCSERVE_SITE": str(SITE), "HPCSERVE_POLICY": str(POLICY),
-                    "HPCSERVE_DATABASE_URL": f"sqlite:///{self.db}",
-                    "HPCSERVE_REBALANCE_STATE": str(root / "state.json")}  # fmt: skip
+                    "HPCSERVE_DATABASE_URL": f"sqlite:///{self.db}"}  # fmt: skip
         self.env.pop(CRASH_ENV, None)
+        with self.store() as store:
+            store.upgrade()
 
     def argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "hpcserve", "rebalance", "--apply", *args]
@@ -277,8 +279,10 @@ class Switchable:
     def __call__(self, argv: Sequence[str], *, timeout: float, stdin: str | None = None) -> CommandResult:
         return self._pick()(argv, timeout=timeout, stdin=stdin)
 
-    def lines(self, argv: Sequence[str], *, timeout: float) -> Iterator[str]:
-        return self._pick().lines(argv, timeout=timeout)
+    def lines(
+        self, argv: Sequence[str], *, timeout: float, env: Mapping[str, str | None] | None = None
+    ) -> Iterator[str]:
+        return self._pick().lines(argv, timeout=timeout, env=env)
 
 
 def unreachable_conf(tmp_path: Path, conf: Path) -> Path:

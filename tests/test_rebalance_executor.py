@@ -20,9 +20,17 @@ from hpcserve.cli.service_cmd import _guarded
 from hpcserve.cli.service_metrics import ServiceMetrics
 from hpcserve.config import load_policy, load_site_config
 from hpcserve.errors import HpcserveError, SlurmCommandError, ValidationError
-from hpcserve.rebalance.control import Rebalancer, default_plan_fn, manual_plan, parse_moves
+from hpcserve.rebalance.control import (
+    STATE,
+    Rebalancer,
+    default_plan_fn,
+    load_planner_state,
+    manual_plan,
+    parse_moves,
+)
 from hpcserve.rebalance.executor import Executor, ExecutorSettings, crash_point
-from hpcserve.rebalance.planning import planner_plan_fn
+from hpcserve.rebalance.planner import PlannerState
+from hpcserve.rebalance.planning import PlanInput, planner_plan_fn
 from hpcserve.rebalance.sampler import Sampler, queue_samples
 from hpcserve.rebalance.split import Layout, desired_split, split_timeline, split_updates
 from hpcserve.rebalance.steps import plan_steps, signals_batch_shell
@@ -316,18 +324,24 @@ def test_a_round_under_a_held_lock_does_nothing(slurm: FakeSlurm, store: History
     )
 
 
-def test_the_planner_state_is_kept_only_when_applied(
-    slurm: FakeSlurm, store: HistoryStore, tmp_path: Path
+def test_the_planner_state_is_kept_in_the_database_only_when_applied(
+    slurm: FakeSlurm, store: HistoryStore
 ) -> None:
     site, policy = load_site_config(SITE), load_policy(POLICY)
-    state = tmp_path / "state.json"
+    seen: list[PlannerState] = []
 
-    def planner(inp: object) -> tuple[RebalancePlan, dict[str, int]]:
-        return RebalancePlan(2, (), ("hold",)), {"cycles": 7}
+    def planner(inp: PlanInput) -> tuple[RebalancePlan, PlannerState]:
+        seen.append(inp.state)
+        return RebalancePlan(2, (), ("hold",)), PlannerState(want=Side.INFERENCE, cycles=inp.state.cycles + 1)
 
-    rebalancer = Rebalancer(slurm, store, site, policy, planner, state_path=state)
-    assert rebalancer.plan()[0].reasons == ("hold",) and not state.exists()
-    assert rebalancer.round().plan_id is None and state.read_text() == '{"cycles": 7}'
+    rebalancer = Rebalancer(slurm, store, site, policy, planner)
+    assert rebalancer.plan()[0].reasons == ("hold",) and store.get_state(STATE) is None
+    assert rebalancer.round().plan_id is None
+    assert store.get_state(STATE) == {"moved": [], "want": "inference", "cycles": 1}
+    rebalancer.round()  # a second process (cron, a restarted service) starts from the stored state
+    assert [s.cycles for s in seen] == [0, 0, 1] and load_planner_state(store).cycles == 2
+    store.put_state(STATE, {"moved": "not a list", "cycles": "x"})  # an older or broken encoding
+    assert load_planner_state(store) == PlannerState()
 
 
 # ------------------------------------------------------------------------------------------ sampler
@@ -432,18 +446,16 @@ def test_the_store_reconnects_after_postgres_drops_its_connections(clock: Clock)
 
 
 def test_the_planner_hookup_forecasts_from_the_samples_and_keeps_its_state(
-    slurm: FakeSlurm, store: HistoryStore, clock: Clock, tmp_path: Path
+    slurm: FakeSlurm, store: HistoryStore, clock: Clock
 ) -> None:
     site, policy = load_site_config(SITE), load_policy(POLICY)
     busy = [QueueSample(T0 - timedelta(minutes=m), p, 9, 40 if p == "infer" else 0, 16, 0, 16)
             for m in range(1, 60) for p in ("train", "infer")]  # fmt: skip
     store.add_queue_samples(busy)
-    state = tmp_path / "state.json"
-    rebalancer = Rebalancer(slurm, store, site, policy, planner_plan_fn, state_path=state, clock=clock,
-                            sleep=clock.sleep)  # fmt: skip
+    rebalancer = Rebalancer(slurm, store, site, policy, planner_plan_fn, clock=clock, sleep=clock.sleep)
     plan, after = rebalancer.plan()
     assert {(m.node, m.dst) for m in plan.moves} <= {("node3", Side.INFERENCE), ("node4", Side.INFERENCE)}
     assert plan.moves and after is not None and plan.reasons
     report = rebalancer.round()
     assert report.state == "done" and set(slurm.parts["infer"]) >= {m.node for m in plan.moves}
-    assert state.exists() and planner_plan_fn is default_plan_fn()
+    assert store.get_state(STATE) is not None and planner_plan_fn is default_plan_fn()

@@ -1,4 +1,9 @@
-"""``hpcserve db``: hpcserve's own database (schema migrations and where the schema stands)."""
+"""``hpcserve db``: hpcserve's own database (schema migrations and where the schema stands).
+
+An admin command: run it as the database's owner (the service account, or root), once after installing or
+upgrading hpcserve; ``hpcserve service`` also migrates at start. Other commands never migrate: a schema that
+is not the newest is an error naming ``hpcserve db upgrade``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ if TYPE_CHECKING:
     from hpcserve.store import HistoryStore
 
 JSON_HELP = "Print machine-readable JSON instead of text."
-URL_HELP = "Database URL (default: database.url in the site config, else hpcserve's SQLite default)."
+URL_HELP = ("Database URL (default: HPCSERVE_DATABASE_URL, else database.url in the site config, else "
+            "hpcserve's SQLite default).")  # fmt: skip
 
 
 @click.group()
@@ -68,13 +74,11 @@ def _store(ctx: Context | None, url: str | None) -> HistoryStore:
 
 
 def _configured_url(ctx: Context | None) -> str:
-    """The site config's database URL, or the documented default when there is no site config."""
-    site = ctx.load_site() if ctx is not None else None
-    if site is not None:
-        return site.database_url()
-    from hpcserve.config.sections import DatabaseSettings
+    """HPCSERVE_DATABASE_URL, the site config's database URL, or the documented default (as every command
+    finds it: ``Context.database_url``)."""
+    from hpcserve.cli.main import Context
 
-    return DatabaseSettings().resolved_url()
+    return Context.database_url(ctx.load_site() if ctx is not None else None)
 
 
 def _shown(store: HistoryStore) -> str:

@@ -18,9 +18,10 @@ from hpcserve import __version__
 from hpcserve.errors import HpcserveError
 from hpcserve.identity import current_user
 
-DEFAULT_SITE = Path("/etc/hpcserve/site.yaml")
-DEFAULT_POLICY = Path("/etc/hpcserve/policy.yaml")
+SYSTEM_CONFIG_DIR = Path("/etc/hpcserve")  # site.yaml and policy.yaml when neither flag nor env names them
+SITE_FILE, POLICY_FILE = "site.yaml", "policy.yaml"
 JSON_HELP = "Print machine-readable JSON instead of a table."
+COMPLETE_VAR = "_HPCSERVE_COMPLETE"  # click's shell completion: bash_source, zsh_source, bash_complete, ...
 
 if TYPE_CHECKING:
     from hpcserve.config import Policy, SiteConfig
@@ -29,13 +30,25 @@ if TYPE_CHECKING:
     from hpcserve.store import HistoryStore
 
 
+def system_config(name: str) -> Path | None:
+    """``SYSTEM_CONFIG_DIR/name`` if that file exists (read at call time: tests point it elsewhere)."""
+    path = SYSTEM_CONFIG_DIR / name
+    return path if path.is_file() else None
+
+
 class Context:
     """What every command shares: where the config lives and the command runner. Nothing is loaded until a
-    command asks."""
+    command asks.
+
+    The site config and policy are, in this order: ``--site``/``--policy``, else ``HPCSERVE_SITE``/
+    ``HPCSERVE_POLICY`` (click reads both into ``site``/``policy``), else ``/etc/hpcserve/site.yaml`` and
+    ``/etc/hpcserve/policy.yaml``. What a user passes changes only what their own CLI does: the service
+    authorises against its own files.
+    """
 
     def __init__(self, site: Path | None, policy: Path | None, runner: SubprocessRunner | None) -> None:
-        self.site_path = site or (DEFAULT_SITE if DEFAULT_SITE.exists() else None)
-        self.policy_path = policy or (DEFAULT_POLICY if DEFAULT_POLICY.exists() else None)
+        self.site_path = site or system_config(SITE_FILE)
+        self.policy_path = policy or system_config(POLICY_FILE)
         self._runner = runner
 
     @property
@@ -75,13 +88,34 @@ class Context:
         check_policy(policy, site, self.policy_path)
         return policy
 
-    def store(self, site: SiteConfig, extra_admins: tuple[str, ...] = ()) -> HistoryStore:
-        """hpcserve's database (HPCSERVE_DATABASE_URL overrides the site's), migrated to the latest schema."""
-        from hpcserve.store import HistoryStore
+    @staticmethod
+    def database_url(site: SiteConfig | None) -> str:
+        """HPCSERVE_DATABASE_URL, else the site config's ``database.url``, else the documented default."""
+        from hpcserve.config.sections import DatabaseSettings
 
-        url = os.environ.get("HPCSERVE_DATABASE_URL") or site.database.resolved_url()
-        store = HistoryStore(url, admins=(*site.admins, *extra_admins))
-        store.upgrade()
+        override = os.environ.get("HPCSERVE_DATABASE_URL")
+        if override:
+            return override
+        return site.database_url() if site is not None else DatabaseSettings().resolved_url()
+
+    def store(
+        self, site: SiteConfig, extra_admins: tuple[str, ...] = (), *, migrate: bool = False
+    ) -> HistoryStore:
+        """hpcserve's database. Only its owner opens it: ``migrate`` (the service, at start) brings the schema
+        to the newest; otherwise a schema that is not the newest is a ``SchemaOutOfDate`` error naming
+        ``hpcserve db upgrade`` (nothing is migrated implicitly)."""
+        from hpcserve.store import HistoryStore, SchemaOutOfDate
+
+        store = HistoryStore(self.database_url(site), admins=(*site.admins, *extra_admins))
+        if migrate:
+            store.upgrade()
+            return store
+        status = store.schema_status()
+        if not status.up_to_date:
+            store.close()
+            raise SchemaOutOfDate(
+                store.url.render_as_string(hide_password=False), status.current, status.head
+            )
         return store
 
 
@@ -254,7 +288,14 @@ def cancel(ctx: Context, job_ids: tuple[str, ...], signal: str | None, as_json: 
 
 
 def main(argv: list[str] | None = None, runner: SubprocessRunner | None = None) -> None:
-    """Run the CLI. Errors print one line on stderr, with no traceback, and exit non-zero."""
+    """Run the CLI. Errors print one line on stderr, with no traceback, and exit non-zero. With
+    ``_HPCSERVE_COMPLETE`` set, answer the shell's completion request instead (what ``cli.main()`` would do:
+    this function builds the context itself, so it asks click's completion first)."""
+    instruction = os.environ.get(COMPLETE_VAR)
+    if instruction:
+        from click.shell_completion import shell_complete
+
+        sys.exit(shell_complete(cli, {}, "hpcserve", COMPLETE_VAR, instruction))
     try:
         with cli.make_context("hpcserve", list(sys.argv[1:] if argv is None else argv)) as ctx:
             ctx.meta["hpcserve.runner"] = runner

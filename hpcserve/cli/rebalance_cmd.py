@@ -10,12 +10,9 @@ lists the recent plans (which process last ran each, and when it finished).
 from __future__ import annotations
 
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-
-from hpcserve.rebalance.planning import DEFAULT_STATE_FILE
 
 if TYPE_CHECKING:
     from hpcserve.cli.main import Context
@@ -36,13 +33,10 @@ JSON_HELP = "Print machine-readable JSON instead of text."
 @click.option("--grace-s", type=click.IntRange(0), help="Grace for preemptible jobs on --move nodes.")
 @click.option("--lock-ttl", type=click.FloatRange(min=1), default=120.0, show_default=True,
               help="Seconds the lock lasts unrenewed (a killed run's lock expires after it).")  # fmt: skip
-@click.option("--state-file", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_STATE_FILE,
-              envvar="HPCSERVE_REBALANCE_STATE", show_default=True,
-              help="The planner's memory between runs [env HPCSERVE_REBALANCE_STATE].")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.pass_obj
 def rebalance(ctx: Context, mode: str, moves: tuple[str, ...], grace_s: int | None, lock_ttl: float,
-              state_file: Path, as_json: bool) -> None:  # fmt: skip
+              as_json: bool) -> None:  # fmt: skip
     """Plan (--dry-run) or carry out (--apply) node moves between training and inference."""
     from hpcserve.rebalance.control import parse_moves
 
@@ -50,7 +44,7 @@ def rebalance(ctx: Context, mode: str, moves: tuple[str, ...], grace_s: int | No
         _list_plans(ctx, as_json)
         return
     wanted = parse_moves(moves)
-    rebalancer = _rebalancer(ctx, lock_ttl, state_file, manual=bool(wanted))
+    rebalancer = _rebalancer(ctx, lock_ttl, manual=bool(wanted))
     if mode == "dry-run":
         _show_plan(rebalancer.manual_plan(wanted, grace_s) if wanted else rebalancer.plan()[0], as_json)
         return
@@ -65,7 +59,7 @@ def rebalance(ctx: Context, mode: str, moves: tuple[str, ...], grace_s: int | No
         raise click.exceptions.Exit(1)
 
 
-def _rebalancer(ctx: Context, lock_ttl: float, state_file: Path, manual: bool) -> Rebalancer:
+def _rebalancer(ctx: Context, lock_ttl: float, manual: bool) -> Rebalancer:
     from hpcserve.rebalance.control import Rebalancer, default_plan_fn
     from hpcserve.slurm.cli_backend import CliSlurmClient
 
@@ -73,7 +67,7 @@ def _rebalancer(ctx: Context, lock_ttl: float, state_file: Path, manual: bool) -
     policy = ctx.load_policy(site)
     client = CliSlurmClient(ctx.runner, timeout=site.slurm.command_timeout_s)
     plan_fn = None if manual else default_plan_fn()
-    return Rebalancer(client, ctx.store(site), site, policy, plan_fn, state_path=state_file, ttl_s=lock_ttl)
+    return Rebalancer(client, ctx.store(site), site, policy, plan_fn, ttl_s=lock_ttl)
 
 
 def plan_json(plan: RebalancePlan) -> dict[str, Any]:

@@ -3,21 +3,23 @@ lease "rebalance", finish what a crashed run left, resume orphan drains, re-asse
 plan and carry out new moves.
 
 The planner is a ``PlanFn`` (``hpcserve.rebalance.planning``): it reads no clock, database or Slurm; this
-module loads what it needs, and keeps the planner's state between cycles in a file.
+module loads what it needs, and keeps the planner's typed state between cycles in the database (the
+service state "rebalance:planner", JSON through ``PlannerState.to_json``/``from_json``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hpcserve.errors import HpcserveError, ValidationError
 from hpcserve.rebalance.executor import Executor, ExecutorSettings, crash_point
-from hpcserve.rebalance.planning import PlanFn, PlanInput, load_state, save_state
+from hpcserve.rebalance.planner import PlannerState
+from hpcserve.rebalance.planning import PlanFn, PlanInput
 from hpcserve.rebalance.split import Layout, current_side
 from hpcserve.rebalance.types import NodeMove, RebalancePlan, Side
 from hpcserve.store.leases import holder_id, take_lease
@@ -28,7 +30,9 @@ if TYPE_CHECKING:
     from hpcserve.slurm.protocol import SlurmOperator
     from hpcserve.store import HistoryStore
 
+log = logging.getLogger("hpcserve.rebalance")
 LOCK = "rebalance"
+STATE = "rebalance:planner"  # the planner's memory, in the service_state table
 HISTORY = timedelta(days=7)
 RECENT_PLANS = 50  # the planner's cooldown looks at the moves of these
 
@@ -106,27 +110,27 @@ class Rebalancer:
 
     def __init__(
         self, client: SlurmOperator, store: HistoryStore, site: SiteConfig, policy: Policy,
-        plan_fn: PlanFn | None = None, *, state_path: Path | None = None, ttl_s: float = 120.0,
+        plan_fn: PlanFn | None = None, *, ttl_s: float = 120.0,
         clock: Callable[[], datetime] = utc_now, sleep: Callable[[float], None] = time.sleep,
     ) -> None:  # fmt: skip
         self._client, self._store, self._site, self._policy = client, store, site, policy
-        self._plan_fn, self._state_path, self._clock = plan_fn, state_path, clock
+        self._plan_fn, self._clock = plan_fn, clock
         self.layout = Layout.from_site(site)
         self.lease = Lease(store, ttl_s, clock)
         self.executor = Executor(client, store, self.layout, executor_settings(policy), clock=clock,
                                  sleep=sleep, keepalive=self.lease.renew, crash=crash_point(),
                                  holder=self.lease.holder)  # fmt: skip
 
-    def plan(self) -> tuple[RebalancePlan, Mapping[str, Any] | None]:
+    def plan(self) -> tuple[RebalancePlan, PlannerState | None]:
         """What the planner would do now, and its state for the next cycle (None: no planner). Reads
-        Slurm, the history and the state file; changes nothing."""
+        Slurm, the history and the stored planner state; changes nothing."""
         if self._plan_fn is None:
             return RebalancePlan(0, (), ("no planner installed (hpcserve.rebalance.planner)",)), None
         now = self._clock()
         snapshot = self._client.snapshot()
         history = self._store.queue_samples(since=now - HISTORY)
         recent = self._store.plans(last=RECENT_PLANS)
-        state = load_state(self._state_path)
+        state = load_planner_state(self._store)
         return self._plan_fn(PlanInput(snapshot, history, self._site, self._policy, recent, state, now))
 
     def round(self, wanted: Mapping[str, Side] | None = None, grace_s: int | None = None) -> RoundReport:
@@ -142,13 +146,13 @@ class Rebalancer:
         ex = self.executor
         resumed, repaired, reasserted = ex.finish_unfinished(), ex.repair_orphans(), ex.assert_split()
         report = RoundReport(resumed=tuple(resumed), repaired=tuple(repaired), reasserted=reasserted)
-        state: Mapping[str, Any] | None = None
+        state: PlannerState | None = None
         if wanted:
             plan = self.manual_plan(wanted, grace_s)  # after the repairs: from where nodes are now
         else:
             plan, state = self.plan()
         if state is not None:
-            save_state(self._state_path, state)  # the planner counts this cycle: it is carried out
+            self._store.put_state(STATE, state.to_json())  # the planner counts this cycle: it is carried out
         if plan.empty:
             return replace(report, plan=plan)
         plan_id = ex.submit(plan)
@@ -158,6 +162,19 @@ class Rebalancer:
         partitions = {p.name: p.nodes for p in self._client.partitions()}
         grace = default_grace_s(self._policy) if grace_s is None else grace_s
         return manual_plan(self.layout, partitions, wanted, grace)
+
+
+def load_planner_state(store: HistoryStore) -> PlannerState:
+    """The planner state the last applied round stored; a fresh one when there is none, or when what is
+    stored does not decode (an older format: the planner starts counting afresh, and says so)."""
+    data = store.get_state(STATE)
+    if data is None:
+        return PlannerState()
+    try:
+        return PlannerState.from_json(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        log.warning("stored planner state %r does not decode (%s): starting afresh", STATE, exc)
+        return PlannerState()
 
 
 def manual_plan(

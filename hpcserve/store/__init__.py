@@ -9,6 +9,7 @@ from hpcserve.store.errors import (
     DeploymentExists,
     NotFound,
     NotOwner,
+    SchemaOutOfDate,
     ServedNameTaken,
     StoreError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "Replica",
     "RetentionResult",
     "Rollup",
+    "SchemaOutOfDate",
     "SchemaStatus",
     "ServedNameTaken",
     "Step",

@@ -4,10 +4,15 @@ front), PostgreSQL through psycopg 3.
 On SQLite, a transaction opened through ``writer(engine)`` starts with ``BEGIN IMMEDIATE``: it takes the
 write lock before its first read, so it waits (busy_timeout) instead of failing with SQLITE_BUSY when another
 process committed in between. Plain transactions start with ``BEGIN`` and read concurrently (WAL).
+
+The database belongs to whoever runs the service: a SQLite file hpcserve creates is 0600 (SQLite gives its
+-wal and -shm files the same mode), and a folder hpcserve creates for it is 0700. Nobody else opens it; users
+reach the service's API instead.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,8 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from hpcserve.store.errors import DatabaseUnavailable, StoreError
 
 BUSY_TIMEOUT_MS = 5000
+FILE_MODE = 0o600  # a new SQLite file: its owner's only
+FOLDER_MODE = 0o700  # a folder hpcserve makes for it
 WRITE_OPTION = "hpcserve_write"
 SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -44,7 +51,8 @@ def parse_url(url: str) -> URL:
 
 
 def make_engine(url: URL) -> Engine:
-    """An engine for ``url``; for a SQLite file, its folder is created first."""
+    """An engine for ``url``; for a SQLite file, its folder (0700) and the empty file (0600) are created
+    first when missing."""
     if url.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
     try:
@@ -59,16 +67,36 @@ def writer(engine: Engine) -> Engine:
 
 
 def _sqlite_engine(url: URL) -> Engine:
-    if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
-        folder = Path(url.database).parent
+    path = url.database or ""
+    if path and path != ":memory:" and not path.startswith("file:"):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            create_private(Path(path))
         except OSError as exc:
-            raise DatabaseUnavailable(url.render_as_string(), f"cannot create {folder}: {exc}") from exc
+            raise DatabaseUnavailable(
+                url.render_as_string(), f"cannot open or create {path}: {exc.strerror}"
+            ) from exc
     engine = create_engine(url)
     event.listen(engine, "connect", _sqlite_connect)
     event.listen(engine, "begin", _sqlite_begin)
     return engine
+
+
+def create_private(path: Path) -> None:
+    """Make ``path``'s folder (0700, if missing; its parents as the umask says) and ``path`` itself, empty
+    and 0600, if missing. An existing file or folder keeps its mode and owner."""
+    folder = path.parent
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(mode=FOLDER_MODE)
+            folder.chmod(FOLDER_MODE)  # mkdir's mode passes through the umask
+        except FileExistsError:
+            pass  # another process made it first
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    except FileExistsError:
+        return
+    os.close(fd)  # an empty file is an empty SQLite database; -wal and -shm will copy its mode
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -25,6 +25,19 @@ class DatabaseUnavailable(StoreError):
         )
 
 
+class SchemaOutOfDate(StoreError):
+    """The database's schema is not the one this hpcserve ships (empty, or behind): nothing is migrated
+    implicitly; an admin runs ``hpcserve db upgrade`` (``hpcserve service`` also migrates at start)."""
+
+    def __init__(self, url: str, current: str | None, head: str) -> None:
+        self.current, self.head = current, head
+        where = "is empty (no hpcserve schema)" if current is None else f"is at schema revision {current}"
+        super().__init__(
+            f"database {redact(url)} {where}, this hpcserve needs {head} (fix: an admin runs "
+            "`hpcserve db upgrade`, or starts `hpcserve service`, which migrates at start)"
+        )
+
+
 class NotOwner(StoreError):
     """A user tried to change a deployment that is neither theirs nor theirs to administer."""
 

@@ -16,7 +16,7 @@ from typing import Any, Unpack
 
 from sqlalchemy import Connection, Engine
 
-from hpcserve.store import counters, deployments, migrate, plans, retention, samples
+from hpcserve.store import counters, deployments, migrate, plans, retention, samples, state
 from hpcserve.store.engine import make_engine, parse_url, writer
 from hpcserve.store.errors import reported
 from hpcserve.store.records import (
@@ -44,7 +44,8 @@ def utc_now() -> datetime:
 
 
 class HistoryStore:
-    """Samples and rollups, deployments and replicas, rebalance plans, usage counters and leases.
+    """Samples and rollups, deployments and replicas, rebalance plans, usage counters, leases and the
+    service's named decision state.
 
     ``admins`` may change any deployment; everyone else only their own. ``clock`` stamps created/updated
     times (tests pass a fixed one).
@@ -272,3 +273,25 @@ class HistoryStore:
     def release_lock(self, name: str, holder: str) -> bool:
         with self._write() as conn:
             return counters.release_lock(conn, name, holder)
+
+    # named decision state (``hpcserve.store.state``): "rebalance:planner", "scaler:<deployment>", ...
+
+    def get_state(self, name: str) -> dict[str, Any] | None:
+        """The JSON object stored under ``name``; None if there is none."""
+        with self._read() as conn:
+            return state.get_state(conn, name)
+
+    def states(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """Every state whose name starts with ``prefix`` (e.g. "scaler:"), by name: one query."""
+        with self._read() as conn:
+            return state.states(conn, prefix)
+
+    def put_state(self, name: str, data: Mapping[str, Any]) -> None:
+        """Store ``data`` (a JSON object) under ``name``, replacing what was there; committed at once."""
+        with self._write() as conn:
+            state.put_state(conn, name, data, self._clock())
+
+    def delete_state(self, name: str) -> bool:
+        """Forget the state ``name``; whether there was one."""
+        with self._write() as conn:
+            return state.delete_state(conn, name)
