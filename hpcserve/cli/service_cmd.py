@@ -13,10 +13,8 @@ the split, plan and move nodes), retention. ``--metrics-port`` serves their coun
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -85,7 +83,7 @@ def service(ctx: Context, /, once: bool, sample_interval: float, rebalance_inter
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin, each start
     site = ctx.require_site()
     policy = ctx.load_policy(site)
-    store = ctx.store(site, extra_admins=(current_user(),))
+    store = ctx.store(site, extra_admins=(current_user(),), migrate=True)  # it owns the database
     metrics = ServiceMetrics()
     jobs = _serving_jobs(site, policy, store)
     if sample_interval > 0:
@@ -154,13 +152,11 @@ def _sampler_tick(site: SiteConfig, store: HistoryStore, metrics: ServiceMetrics
 def _rebalance_tick(ctx: Context, site: SiteConfig, policy: Policy, store: HistoryStore,
                     metrics: ServiceMetrics, interval: float) -> Callable[[], None]:  # fmt: skip
     from hpcserve.rebalance.control import Rebalancer, default_plan_fn
-    from hpcserve.rebalance.planning import DEFAULT_STATE_FILE
     from hpcserve.slurm.cli_backend import CliSlurmClient
 
     client = CliSlurmClient(ctx.runner, timeout=site.slurm.command_timeout_s)
-    state = Path(os.environ.get("HPCSERVE_REBALANCE_STATE") or DEFAULT_STATE_FILE)
     ttl_s = max(3 * interval, 120.0)
-    rebalancer = Rebalancer(client, store, site, policy, default_plan_fn(), state_path=state, ttl_s=ttl_s)
+    rebalancer = Rebalancer(client, store, site, policy, default_plan_fn(), ttl_s=ttl_s)
 
     def tick() -> None:
         report = rebalancer.round()
