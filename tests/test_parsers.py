@@ -2,29 +2,36 @@
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from hpcserve.errors import SlurmParseError
 from hpcserve.inventory import jobs_json
 from hpcserve.slurm import parsers
-from hpcserve.slurm.commands import is_job_id
-from hpcserve.slurm.models import Job, JobState
+from hpcserve.slurm.commands import NONCE, is_job_id, record_mark, squeue_argv, squeue_env
+from hpcserve.slurm.models import Job, JobState, tag_of
+from hpcserve.slurm.protocol import JobFilter
+from hpcserve.slurm.runner import SubprocessRunner
 
 DATA = Path(__file__).parent / "data"
 NOW = datetime(2026, 11, 22, 22, 0, 0, tzinfo=UTC)  # the moment the fixtures are "observed"
+RECORDED = "0123456789abcdef"  # the nonce the recordings were made with (tests/data/README.md)
 
 
 def read(name: str) -> str:
-    return (DATA / name).read_text()
+    """As the runner reads a command's output: UTF-8 with replacement (a job name may be any bytes)."""
+    return (DATA / name).read_bytes().decode("utf-8", errors="replace")
 
 
 @pytest.fixture(scope="module")
 def jobs() -> dict[str, Job]:
-    return {j.id: j for j in parsers.parse_squeue(read("squeue_jobs.txt"), NOW)}
+    return {j.id: j for j in parsers.parse_squeue(read("squeue_jobs.txt"), NOW, RECORDED)}
 
 
 def test_squeue_running_two_node_job(jobs: dict[str, Job]) -> None:
@@ -66,9 +73,20 @@ def test_squeue_pending_array_tasks_and_long_fields(jobs: dict[str, Job]) -> Non
     )  # still waiting
 
 
-def test_squeue_rejects_wrong_field_count() -> None:
-    with pytest.raises(SlurmParseError, match="expected 16 fields starting with a job id"):
-        parsers.parse_squeue("123\x1fonly-two\n", NOW)
+def test_squeue_output_that_ends_inside_a_record_is_an_error() -> None:
+    # e.g. a squeue that did not get the format: no line ends with the mark
+    with pytest.raises(SlurmParseError, match="ends inside a record"):
+        parsers.parse_squeue("123\x1fonly-two\n", NOW, RECORDED)
+
+
+def test_a_record_that_does_not_parse_is_dropped_and_the_others_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mark = record_mark(RECORDED)
+    good = read("squeue_jobs.txt").split("\n")[0] + "\n"
+    bad = f"123\x1fonly-two{mark}{mark}\nnot-a-job-id\x1f{'x' * 20}{mark}{mark}\n"
+    assert [j.id for j in parsers.parse_squeue(bad + good, NOW, RECORDED)] == ["10731004_0"]
+    assert caplog.text.count("dropped a record that does not parse") == 2
 
 
 def test_sinfo_json_nodes() -> None:
@@ -110,7 +128,7 @@ def test_topology() -> None:
 
 
 def test_sacct_records() -> None:
-    recs = {r.job_id: r for r in parsers.parse_sacct(read("sacct_jobs.txt"))}
+    recs = {r.job_id: r for r in parsers.parse_sacct(read("sacct_jobs.txt"), RECORDED)}
     two = recs["10731000"]
     assert two.state is JobState.CANCELLED  # "CANCELLED by 0"
     assert (two.nodes, two.gpus, two.elapsed_s) == (("node1", "node2"), 4, 326)
@@ -162,3 +180,92 @@ def test_ps_json_records_from_recorded_squeue(jobs: dict[str, Job]) -> None:
     held = records["10731005"]
     assert held["start"] is None and held["wait_s"] == 379.0 and held["reason"] == "JobHeldUser"
     assert set(held) == set(Job.__struct_fields__)
+
+
+# ------------------------------------------------------------------- other users' names and comments
+HOSTILE = {"bob": ("37061011", "37061012", "37061013", "37061014"), "alice": ("37061015",)}
+
+
+@pytest.fixture(scope="module")
+def hostile() -> dict[str, Job]:
+    return {j.id: j for j in parsers.parse_squeue(read("squeue_hostile.txt"), NOW, RECORDED)}
+
+
+def test_hostile_names_and_comments_stay_in_their_own_job(hostile: dict[str, Job]) -> None:
+    assert sorted(hostile) == sorted(i for ids in HOSTILE.values() for i in ids)  # no forged 99999
+    assert all(hostile[i].user == user for user, ids in HOSTILE.items() for i in ids)
+    first = hostile["37061011"]
+    assert (first.name, first.comment) == ("a\x1fb\tc\nd", "x\x1fhpcserve:replica:foo:0\ny")
+    assert hostile["37061012"].name == "n" + "".join(f"\x1f{i}" for i in range(1, 17))
+    forger = hostile["37061013"]
+    assert forger.name.startswith("hpcserve:replica:alice-dep:1\n99999\x1f99999\x1falice")
+    assert forger.comment.startswith("old\x1fhpcserve:replica:alice-dep:2\n99999")
+    assert hostile["37061014"].name == "bad\ufffd\ufffdutf\r\x1c\x1d\x1e\ufffd"  # not UTF-8: replaced
+    for job in hostile.values():  # Slurm's own fields are each job's own
+        assert (job.partition, job.state, job.nodes, job.gpus, job.account) == (
+            "infer", JobState.RUNNING, ("node5",), 0, f"acct-{job.user}",
+        )  # fmt: skip
+    assert {j.id: j.tag for j in hostile.values() if j.tag} == {"37061015": "hpcserve:replica:alice-dep:0"}
+
+
+def test_hostile_output_read_as_the_runner_reads_it() -> None:
+    """Text mode turns a carriage return in a name into a newline: still one record per job."""
+    stream = io.TextIOWrapper(io.BytesIO((DATA / "squeue_hostile.txt").read_bytes()), errors="replace")
+    jobs = list(parsers.iter_squeue(stream, NOW, RECORDED))
+    assert [j.user for j in jobs] == ["bob"] * 4 + ["alice"]
+    assert jobs[3].name == "bad\ufffd\ufffdutf\n\x1c\x1d\x1e\ufffd"
+
+
+def test_hostile_sacct_records() -> None:
+    recs = {r.job_id: r for r in parsers.parse_sacct(read("sacct_hostile.txt"), RECORDED)}
+    assert sorted(recs) == sorted(i for ids in HOSTILE.values() for i in ids)
+    assert all(recs[i].user == user for user, ids in HOSTILE.items() for i in ids)
+    assert recs["37061011"].name == "a\x1fb\tc\nd" and recs["37061013"].name.endswith("\x1fdeadbeefdeadbeef")
+    assert {r.state for r in recs.values()} == {JobState.CANCELLED}
+
+
+def _record(name: str, comment: str, job_id: int, nonce: str) -> str:
+    mark = record_mark(nonce)
+    fixed = [str(job_id), str(job_id), "bob", "acct-bob", "infer", "normal", "RUNNING", "1", "node5",
+             "cpu=1,gres/gpu=2", "2026-11-22T21:53:31", "2026-11-22T21:53:32", "5:00", "None"]  # fmt: skip
+    return "\x1f".join([*fixed, name]) + mark + comment + mark + "\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.text(), comment=st.text(), nonce=st.text("0123456789abcdef", min_size=16, max_size=16))
+def test_any_name_and_comment_stay_one_job(name: str, comment: str, nonce: str) -> None:
+    assume(nonce not in name + comment)  # the nonce is secret: a user cannot write it
+    text = _record("before", "", 1, nonce) + _record(name, comment, 2, nonce) + _record("after", "", 3, nonce)
+    jobs = parsers.parse_squeue(text, NOW, nonce)
+    assert [(j.job_id, j.user, j.gpus) for j in jobs] == [(1, "bob", 2), (2, "bob", 2), (3, "bob", 2)]
+    assert (jobs[1].name, jobs[1].comment or "") == (
+        name,
+        "" if comment in {"(null)", "N/A", "None"} else comment,
+    )
+    assert jobs[1].tag in (None, jobs[1].comment) and "\n" not in (jobs[1].tag or "")
+
+
+@pytest.mark.parametrize(
+    ("comment", "tag"),
+    [("hpcserve:replica:foo:0", "hpcserve:replica:foo:0"), ("hpcserve:replica:foo:0\ny", None),
+     ("hpcserve:replica:foo\x1f:0", None), ("hpcserve:train:x\t", None), ("x hpcserve:replica:foo:0", None)],
+)  # fmt: skip
+def test_a_tag_is_one_printable_line(comment: str, tag: str | None) -> None:
+    assert tag_of(comment) == tag
+
+
+def test_the_squeue_format_goes_through_the_environment_not_argv() -> None:
+    env = squeue_env()
+    assert (
+        env["SQUEUE_FORMAT"] is None and env["SLURM_TIME_FORMAT"] is None
+    )  # unset: they win or change times
+    assert (env["SQUEUE_FORMAT2"] or "").endswith(f"Name:{record_mark()},Comment:{record_mark()}")
+    assert not any(NONCE in a for a in squeue_argv(JobFilter(user="alice")))  # argv is world-readable
+
+
+def test_runner_applies_env_changes_and_replaces_bytes_that_are_not_utf8() -> None:
+    runner = SubprocessRunner({"KEEP": "1", "DROP": "1"})
+    env = list(runner.lines(["env"], timeout=10, env={"DROP": None, "ADD": "2"}))
+    assert sorted(env) == ["ADD=2\n", "KEEP=1\n"]
+    assert list(runner.lines(["printf", "a\\377b\\n"], timeout=10)) == ["a\ufffdb\n"]
+    assert runner(["printf", "\\376"], timeout=10).stdout == "\ufffd"

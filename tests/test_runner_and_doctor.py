@@ -52,8 +52,8 @@ def test_jobs_argv_passes_filters_to_squeue() -> None:
     argv = squeue_argv(
         JobFilter(user="alice", states=("PD", "R"), partitions=("train",), job_ids=("12", "13_2"))
     )
-    assert argv[:5] == ["squeue", "-h", "-a", "-r", "-O"]
-    assert argv[6:] == ["--user=alice", "--states=PD,R", "--partition=train", "--jobs=12,13_2"]
+    assert argv[:4] == ["squeue", "-h", "-a", "-r"]  # the format goes in SQUEUE_FORMAT2 (squeue_env)
+    assert argv[4:] == ["--user=alice", "--states=PD,R", "--partition=train", "--jobs=12,13_2"]
     with pytest.raises(ValidationError, match="not a Slurm job id"):
         squeue_argv(JobFilter(job_ids=("12,13",)))
 

@@ -20,11 +20,11 @@ def main() -> None:
         import gc
 
         gc.disable()  # a short-lived process building thousands of records: cycle collection only costs
-        from hpcserve.slurm.commands import squeue_argv
+        from hpcserve.slurm.commands import squeue_argv, squeue_env
         from hpcserve.slurm.runner import DEFAULT_TIMEOUT_S, SubprocessRunner
 
         runner = SubprocessRunner()
-        runner.prestart(squeue_argv(None), timeout=DEFAULT_TIMEOUT_S)
+        runner.prestart(squeue_argv(None), timeout=DEFAULT_TIMEOUT_S, env=squeue_env())
         if args[1:] == ["--json"]:
             from hpcserve.cli.fast_ps import ps_json
 

@@ -13,11 +13,13 @@ from hpcserve.errors import SlurmCommandError
 from hpcserve.slurm import parsers
 from hpcserve.slurm.commands import (
     batch_script_argv,
+    new_nonce,
     requeue_argv,
     sacct_argv,
     scancel_argv,
     signal_argv,
     squeue_argv,
+    squeue_env,
     update_nodes_argv,
     update_partition_argv,
 )
@@ -68,7 +70,7 @@ class CliSlurmClient:
 
     def iter_jobs(self, filt: JobFilter | None = None) -> Iterator[Job]:
         """Start squeue now; parse its lines as it prints them."""
-        lines = self._runner.lines(squeue_argv(filt), timeout=self._timeout)
+        lines = self._runner.lines(squeue_argv(filt), timeout=self._timeout, env=squeue_env())
         return _tolerate_unknown_ids(parsers.iter_squeue(lines, self._clock()))
 
     def nodes(self) -> list[Node]:
@@ -104,7 +106,8 @@ class CliSlurmClient:
 
     def accounting(self, job_ids: Iterable[str]) -> list[AccountingRecord]:
         """Jobs as slurmdbd records them (about 0.5 s behind slurmctld)."""
-        return parsers.parse_sacct(self._run(sacct_argv(job_ids)))
+        nonce = new_nonce()
+        return parsers.parse_sacct(self._run(sacct_argv(job_ids, nonce)), nonce)
 
     # ---------------------------------------------------------------------------------------- writes
     def submit(self, script: str, sbatch_args: Sequence[str] = ()) -> str:

@@ -6,6 +6,7 @@ from here before anything else loads, and every millisecond before that spawn sh
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from functools import cache
 
@@ -17,15 +18,49 @@ if TYPE_CHECKING:
 
     from hpcserve.slurm.protocol import JobFilter
 
-SEP = "\x1f"  # unit separator: never in a job name, comment or reason
+SEP = "\x1f"  # unit separator between the fields Slurm fills in itself
+# Every byte 0x01-0xff that a user puts in --job-name or --comment, 0x1f, tab and newline included, comes
+# back verbatim from squeue, sacct and scontrol (see hpcserve/slurm/parsers.py). So a record cannot be split
+# on any fixed byte: squeue's records end, and its two free-text fields are parted, by SEP plus a nonce that
+# no user can know. It reaches squeue through the environment (SQUEUE_FORMAT2), which other users cannot
+# read, unlike the argv in /proc/PID/cmdline. One nonce per process, so the squeue that the console entry
+# point starts early is parsed by the same mark.
+NONCE = os.urandom(8).hex()
 SQUEUE_FIELDS = (
-    "JobID", "JobArrayID", "Name", "UserName", "Account", "Partition", "QOS", "State", "NumNodes",
-    "NodeList", "tres-alloc", "SubmitTime", "StartTime", "TimeLimit", "Reason", "Comment",
-)  # fmt: skip
+    "JobID",
+    "JobArrayID",
+    "UserName",
+    "Account",
+    "Partition",
+    "QOS",
+    "State",
+    "NumNodes",
+    "NodeList",
+    "tres-alloc",
+    "SubmitTime",
+    "StartTime",
+    "TimeLimit",
+    "Reason",
+    "Name",
+    "Comment",
+)  # fmt: skip  Slurm's own fields first; the two a user writes last, each ended by the mark
+SQUEUE_FREE_TEXT = 2
 SACCT_FIELDS = (
     "JobIDRaw", "JobName", "User", "Account", "Partition", "State", "ExitCode", "NodeList", "AllocTRES",
     "Submit", "Start", "End", "ElapsedRaw",
 )  # fmt: skip
+# squeue reads these from the caller's environment before SQUEUE_FORMAT2 (SQUEUE_FORMAT wins over it) or
+# changes how times print: unset for hpcserve's own squeue.
+_SQUEUE_UNSET = ("SQUEUE_FORMAT", "SLURM_TIME_FORMAT")
+
+
+def record_mark(nonce: str = NONCE) -> str:
+    """What ends each free-text field: SEP first, so -O never reads the nonce's digits as a field width."""
+    return SEP + nonce
+
+
+def new_nonce() -> str:
+    return os.urandom(8).hex()
 
 
 @cache
@@ -51,14 +86,23 @@ def check_job_ids(job_ids: Iterable[str]) -> tuple[str, ...]:
     return ids
 
 
-def squeue_format() -> str:
-    """The ``squeue -O`` argument: every field unpadded and followed by the separator; Comment last."""
-    return ",".join(f"{f}:{SEP}" for f in SQUEUE_FIELDS[:-1]) + f",{SQUEUE_FIELDS[-1]}:"
+def squeue_format(nonce: str = NONCE) -> str:
+    """The ``squeue -O`` format: Slurm's own fields unpadded, each followed by SEP; then the job name and the
+    comment, each followed by the mark (so a record ends with the mark and squeue's newline)."""
+    fixed = SQUEUE_FIELDS[:-SQUEUE_FREE_TEXT]
+    mark = record_mark(nonce)
+    return ",".join([*(f"{f}:{SEP}" for f in fixed), *(f"{f}:{mark}" for f in SQUEUE_FIELDS[len(fixed) :])])
+
+
+def squeue_env(nonce: str = NONCE) -> dict[str, str | None]:
+    """The changes to squeue's environment that carry the format (a value None unsets a variable)."""
+    return {**dict.fromkeys(_SQUEUE_UNSET), "SQUEUE_FORMAT2": squeue_format(nonce)}
 
 
 def squeue_argv(filt: JobFilter | None) -> list[str]:
-    """-r lists array tasks one per line, -a includes hidden partitions; filters are squeue's own."""
-    argv = ["squeue", "-h", "-a", "-r", "-O", squeue_format()]
+    """-r lists array tasks one per line, -a includes hidden partitions; filters are squeue's own. The
+    format is not here but in :func:`squeue_env`."""
+    argv = ["squeue", "-h", "-a", "-r"]
     if filt is None:
         return argv
     if filt.user:
@@ -88,10 +132,13 @@ def scancel_argv(job_ids: Iterable[str], signal: str | None = None) -> list[str]
     return [*argv, *check_job_ids(job_ids)]
 
 
-def sacct_argv(job_ids: Iterable[str]) -> list[str]:
+def sacct_argv(job_ids: Iterable[str], nonce: str) -> list[str]:
+    """``--parsable`` (not 2) ends every field, the last one too, with the delimiter: SEP plus a fresh nonce
+    per call. It is in argv, so visible while sacct runs; a job name changed in that moment can at most
+    break its own job's record, which is then dropped."""
     ids = check_job_ids(job_ids)
-    return ["sacct", "-n", "-X", "--parsable2", f"--delimiter={SEP}", f"--format={','.join(SACCT_FIELDS)}",
-            f"--jobs={','.join(ids)}"]  # fmt: skip
+    return ["sacct", "-n", "-X", "--parsable", f"--delimiter={record_mark(nonce)}",
+            f"--format={','.join(SACCT_FIELDS)}", f"--jobs={','.join(ids)}"]  # fmt: skip
 
 
 def _plain_name(what: str, name: str) -> str:

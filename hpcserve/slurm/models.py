@@ -148,8 +148,9 @@ class Job(msgspec.Struct, frozen=True):
 
 
 def tag_of(comment: str) -> str | None:
-    """hpcserve's marker, carried in ``--comment`` (``hpcserve:replica:<deployment>:<n>``), or None."""
-    return comment if comment.startswith(TAG_PREFIX) else None
+    """hpcserve's marker, carried in ``--comment`` (``hpcserve:replica:<deployment>:<n>``), or None.
+    hpcserve writes it on one printable line: a comment with a newline, tab or separator is never a tag."""
+    return comment if comment.startswith(TAG_PREFIX) and comment.isprintable() else None
 
 
 def wait_of(state: JobState, submit: datetime | None, start: datetime | None, now: datetime) -> float | None:

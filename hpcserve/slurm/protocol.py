@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -19,7 +19,9 @@ class CommandRunner(Protocol):
 
     def __call__(self, argv: Sequence[str], *, timeout: float, stdin: str | None = None) -> CommandResult: ...
 
-    def lines(self, argv: Sequence[str], *, timeout: float) -> Iterator[str]: ...
+    def lines(
+        self, argv: Sequence[str], *, timeout: float, env: Mapping[str, str | None] | None = None
+    ) -> Iterator[str]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ The interface clients depend on is ``hpcserve.slurm.protocol.CommandRunner``.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -15,9 +16,13 @@ from functools import cache
 from hpcserve.errors import SlurmCommandError
 
 DEFAULT_TIMEOUT_S = 30.0
+# Output is decoded with errors="replace": a job name is any bytes a user chose, and one that is not UTF-8
+# must not stop squeue's output from being read for everyone else.
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy treats the name the same way
 if TYPE_CHECKING:
     import re
+
+    EnvChanges = Mapping[str, str | None]
 
 
 def failed(returncode: int, stderr: str) -> bool:
@@ -56,7 +61,7 @@ class SubprocessRunner:
         try:
             proc = subprocess.Popen(
                 list(argv), stdin=None if stdin is None else subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, text=True, env=self._env,
+                stderr=subprocess.PIPE, text=True, env=self._env, errors="replace",
             )  # fmt: skip
         except FileNotFoundError as exc:
             raise _not_found(argv) from exc
@@ -68,24 +73,36 @@ class SubprocessRunner:
             raise SlurmCommandError(argv, proc.returncode, stderr)
         return CommandResult(tuple(argv), proc.returncode, stdout, stderr)
 
-    def prestart(self, argv: Sequence[str], *, timeout: float) -> None:
-        """Start a command now whose output will be asked for later with the same argv."""
-        self._started[tuple(argv)] = self.lines(argv, timeout=timeout)
+    def prestart(self, argv: Sequence[str], *, timeout: float, env: EnvChanges | None = None) -> None:
+        """Start a command now whose output will be asked for later with the same argv (and env)."""
+        self._started[tuple(argv)] = self.lines(argv, timeout=timeout, env=env)
 
-    def lines(self, argv: Sequence[str], *, timeout: float) -> Iterator[str]:
+    def lines(self, argv: Sequence[str], *, timeout: float, env: EnvChanges | None = None) -> Iterator[str]:
         """Start the command (unless prestarted) and yield its stdout lines as they arrive, so the caller
-        works while the command still runs. The exit status is checked when the output ends."""
+        works while the command still runs. The exit status is checked when the output ends. ``env``
+        changes the runner's environment for this command: a value sets a variable, None unsets it."""
         started = self._started.pop(tuple(argv), None)
         if started is not None:
             return started
         try:
             proc = subprocess.Popen(
                 list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1 << 16,
-                env=self._env,
+                env=self._environ(env), errors="replace",
             )  # fmt: skip
         except FileNotFoundError as exc:
             raise _not_found(argv) from exc
         return _stream(proc, argv, timeout)
+
+    def _environ(self, changes: EnvChanges | None) -> dict[str, str] | None:
+        if not changes:
+            return self._env
+        env = dict(os.environ if self._env is None else self._env)
+        for key, value in changes.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        return env
 
 
 class _Watchdog:
