@@ -28,6 +28,7 @@ from hpcserve.serving.gateway import (
     StaticRoutes,
     UsageRow,
     hash_key,
+    make_admin_app,
     make_app,
 )
 from hpcserve.serving.gateway.app import STATE
@@ -59,6 +60,7 @@ async def serving(app: web.Application) -> AsyncIterator[str]:
 @dataclass
 class Rig:
     url: str
+    admin: str  # /metrics and the detailed /health (the admin address)
     routes: StaticRoutes
     ups: list[Upstream]
     up_urls: list[str]
@@ -91,8 +93,8 @@ async def rig(
         samples: list[GatewaySample] = []
         rows: list[UsageRow] = []
         app = make_app(config, routes, keys=KEYS, report=samples.extend, usage_sink=rows.extend)
-        async with serving(app) as url, ClientSession() as http:
-            r = Rig(url, routes, ups, up_urls, http, app, samples, rows)
+        async with serving(app) as url, serving(make_admin_app(app)) as admin, ClientSession() as http:
+            r = Rig(url, admin, routes, ups, up_urls, http, app, samples, rows)
             routes.set(
                 DeploymentRoute("m", r.endpoints(*(range(replicas) if ready is None else ready)), **route)
             )
@@ -133,14 +135,15 @@ def test_bad_requests_are_400_and_unknown_model_404() -> None:
             (b"{not json", 400, "invalid_json"),
             (b"[1, 2]", 400, "invalid_json"),
             ({"prompt": "hi"}, 400, "missing_model"),
-            ({"model": "m", "prompt": "hi", "max_tokens": "lots"}, 400, "invalid_max_tokens"),
+            ({"model": "m", "prompt": "hi", "max_tokens": "lots"}, 400, "invalid_type"),
+            ({"model": "m", "prompt": "hi", "stream": "true"}, 400, "invalid_type"),
             ({"model": "nope", "prompt": "hi"}, 404, "model_not_found"),
         ]
         async with rig() as r:
             for body, status, code in cases:
                 got, _, answer = await r.post(body)
                 assert (got, answer["error"]["code"]) == (status, code)
-                assert set(answer["error"]) == {"message", "type", "code"}
+                assert set(answer["error"]) == {"message", "type", "param", "code"}
 
     run(scenario)
 
@@ -237,7 +240,7 @@ def test_buffered_at_zero_then_answered_when_a_replica_appears() -> None:
             await asyncio.sleep(0.3)
             assert not any(t.done() for t in tasks)
             assert r.samples[-1].buffered == 3 and r.samples[-1].deployment == "m"
-            async with r.http.get(r.url + "/metrics") as resp:
+            async with r.http.get(r.admin + "/metrics") as resp:
                 assert 'hpcserve_gateway_buffered{deployment="m"} 3.0' in await resp.text()
             r.routes.set(DeploymentRoute("m", r.endpoints(0)))
             assert [(await t)[0] for t in tasks] == [200, 200, 200]
@@ -360,7 +363,7 @@ def test_usage_counted_per_key_and_sent_to_the_sink() -> None:
                 for row in r.rows
             }
             assert used == {("k1", "alice"): (1, USAGE_PROMPT, 3), ("capped", "bob"): (1, USAGE_PROMPT, 3)}
-            async with r.http.get(r.url + "/metrics") as resp:
+            async with r.http.get(r.admin + "/metrics") as resp:
                 text = await resp.text()
             assert 'hpcserve_gateway_completion_tokens_total{key="capped",model="m"} 3.0' in text
             assert 'hpcserve_gateway_requests_total{code="200",key="k1",model="m"} 1.0' in text
@@ -376,12 +379,16 @@ def test_metrics_has_the_families_and_health_answers() -> None:
     async def scenario() -> None:
         async with rig() as r:
             await r.post({"model": "m", "prompt": "hi", "stream": True})
-            async with r.http.get(r.url + "/metrics") as resp:
+            async with r.http.get(r.admin + "/metrics") as resp:
                 text = await resp.text()
             for family in FAMILIES:
                 assert f"hpcserve_gateway_{family}" in text, family
-            async with r.http.get(r.url + "/health") as resp:
+            async with r.http.get(r.admin + "/health") as resp:
                 assert (await resp.json())["ready_replicas"] == 1
+            async with r.http.get(r.url + "/health") as resp:
+                assert await resp.json() == {"status": "ok"}  # the public port tells nothing more
+            async with r.http.get(r.url + "/metrics") as resp:
+                assert resp.status == 404
 
     run(scenario)
 

@@ -86,11 +86,10 @@ def test_clamps_max_tokens_to_the_smallest_cap() -> None:
     assert isinstance(adm, Admitted) and msgspec.json.decode(adm.body) == {
         "model": "m", "messages": [], "max_completion_tokens": 50,
     }  # fmt: skip
-    raw = msgspec.json.encode({"model": "m", "prompt": "hi", "max_tokens": 10})
+    raw = b'{"model": "m",  "prompt": "hi", "max_tokens": 10}'
     same = admit(raw, {"m": DeploymentRoute("m")}, KEY, GatewayConfig(max_tokens=50))
-    assert (
-        isinstance(same, Admitted) and same.body is raw and not same.clamped
-    )  # untouched bodies are not re-encoded
+    assert isinstance(same, Admitted) and not same.clamped
+    assert same.body == b'{"model":"m","prompt":"hi","max_tokens":10}'  # re-encoded, never the client's bytes
 
 
 def test_stream_asks_the_replica_for_usage() -> None:
@@ -119,8 +118,11 @@ def test_prompt_size_estimate_and_413() -> None:
     ("raw", "status", "code"),
     [(b"", 400, "invalid_json"), (b'"x"', 400, "invalid_json"), (b'{"model": 3}', 400, "missing_model"),
      (b'{"model": "zz"}', 404, "model_not_found"),
-     (b'{"model": "m", "max_tokens": 0}', 400, "invalid_max_tokens"),
-     (b'{"model": "m", "max_tokens": true}', 400, "invalid_max_tokens")],
+     (b'{"model": "m", "max_tokens": 0}', 400, "invalid_type"),
+     (b'{"model": "m", "max_tokens": true}', 400, "invalid_type"),
+     (b'{"model": "m", "max_completion_tokens": 1.5}', 400, "invalid_type"),
+     (b'{"model": "m", "stream": "true"}', 400, "invalid_type"),
+     (b'{"model": "m", "stream": 1}', 400, "invalid_type")],
 )  # fmt: skip
 def test_bad_bodies(raw: bytes, status: int, code: str) -> None:
     answer = admit(raw, {"m": DeploymentRoute("m")}, KEY, GatewayConfig())
@@ -297,4 +299,7 @@ def test_cli_hash_key_and_required_files() -> None:
 
     result = CliRunner().invoke(gateway, ["--hash-key"], input="sk-1\n")
     assert result.exit_code == 0 and result.output.strip() == hash_key("sk-1")
-    assert CliRunner().invoke(gateway, []).exit_code == 2
+    routes_only = CliRunner().invoke(gateway, ["--routes", "r.yaml"])
+    assert routes_only.exit_code == 2 and "needs --keys" in routes_only.output
+    bad_admin = CliRunner().invoke(gateway, ["--metrics-listen", "9465"])
+    assert bad_admin.exit_code == 2 and "--metrics-listen" in bad_admin.output

@@ -17,11 +17,16 @@ if TYPE_CHECKING:
 
 GATEWAY_HELP = """Run the gateway: /v1/chat/completions, /v1/completions and /v1/models for every deployment,
 routed to its ready replicas (least outstanding requests), SSE streamed through, API keys with token-rate
-limits, requests buffered while a deployment scales from zero. /health and /metrics need no key.
+limits, requests buffered while a deployment scales from zero.
 
-The keys file holds sha256 hashes of the keys (make one with `echo -n KEY | hpcserve gateway --hash-key`);
-the routes file lists deployments and their ready replicas and is re-read when it changes. Both formats
-are in hpcserve/serving/gateway/keys.py and routes.py.
+By default keys and routes come from the site's database (run it as the service account): keys made with
+`hpcserve keys create` (new and revoked keys take effect within seconds), each reaching its owner's
+deployments and those shared with the owner. /metrics is served on --metrics-listen only, never on the
+public port.
+
+For tests and standalone use, --keys FILE holds sha256 hashes of keys (make one with
+`echo -n KEY | hpcserve gateway --hash-key`) and --routes FILE lists deployments and their ready replicas
+(re-read when it changes). Both formats are in hpcserve/serving/gateway/keys.py and routes.py.
 """
 
 file_option = click.Path(dir_okay=False, path_type=Path)
@@ -98,6 +103,26 @@ file_option = click.Path(dir_okay=False, path_type=Path)
     help="Longest silence from a replica, in seconds, before 504 or a stream error.",
 )
 @click.option(
+    "--metrics-listen",
+    default="127.0.0.1:9465",
+    show_default=True,
+    help="HOST:PORT of /metrics and the detailed /health (an admin address; 'off': none).",
+)
+@click.option(
+    "--max-upstream-body",
+    type=click.IntRange(1024),
+    default=16 * 1024 * 1024,
+    show_default=True,
+    help="Bytes of a non-streamed replica answer; larger ones get 502.",
+)
+@click.option(
+    "--client-body-timeout",
+    type=click.FloatRange(0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds a client has to send its whole request body; slower ones get 408.",
+)
+@click.option(
     "--hash-key",
     "print_hash",
     is_flag=True,
@@ -109,44 +134,84 @@ def gateway(
     host: str, port: int, keys_path: Path | None, routes_path: Path | None, buffer_max: int,
     buffer_timeout: float, retry_after: int, max_prompt_tokens: int | None, max_tokens: int | None,
     chars_per_token: float, affinity_chars: int, affinity_slack: int, connections: int, read_timeout: float,
-    print_hash: bool,
+    metrics_listen: str, max_upstream_body: int, client_body_timeout: float, print_hash: bool,
 ) -> None:  # fmt: skip
     import logging
 
-    from hpcserve.serving.gateway import GatewayConfig, hash_key, load_keys, make_app, routes_from_file
+    from hpcserve.serving.gateway import GatewayConfig, hash_key
     from hpcserve.serving.gateway.serve import run_gateway
 
     if print_hash:
         click.echo(hash_key(sys.stdin.read().strip()))
         return
-    if keys_path is None:
-        raise click.UsageError("give --keys FILE (the format is in `hpcserve gateway --help`)")
+    if routes_path is not None and keys_path is None:
+        raise click.UsageError(
+            "--routes FILE needs --keys FILE (or give neither: both from the site's database)"
+        )
+    admin = _admin_address(metrics_listen)
     config = GatewayConfig(
         buffer_max=buffer_max, buffer_timeout_s=buffer_timeout, retry_after_s=retry_after,
         max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, chars_per_token=chars_per_token,
         affinity_chars=affinity_chars, affinity_slack=affinity_slack, upstream_connections=connections,
-        read_timeout_s=read_timeout,
+        read_timeout_s=read_timeout, max_upstream_body_bytes=max_upstream_body,
+        client_body_timeout_s=client_body_timeout,
     )  # fmt: skip
-    keys = load_keys(keys_path)  # HpcserveError: one line from main
+    keys = _file_keys(keys_path)  # HpcserveError: one line from main
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app, origin = _app(ctx, config, keys, routes_path)
+    metrics = f"/metrics on http://{admin[0]}:{admin[1]}" if admin else "no /metrics"
+    click.echo(f"hpcserve gateway on http://{host}:{port} ({origin}; {metrics})", err=True)
+    run_gateway(app, host, port, admin)
+
+
+def _admin_address(value: str) -> tuple[str, int] | None:
+    if value.lower() in ("off", "none", ""):
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9465) or 'off'",
+                                 param_hint="--metrics-listen")  # fmt: skip
+    return host.strip("[]"), int(port)
+
+
+def _file_keys(path: Path | None) -> tuple[list[ApiKey], dict[str, frozenset[str]]] | None:
+    from hpcserve.serving.gateway import load_keys
+    from hpcserve.serving.gateway_store import owner_groups
+
+    if path is None:
+        return None
+    keys = load_keys(path)
+    return keys, owner_groups({k.owner for k in keys})
+
+
+def _app(
+    ctx: Context, config: GatewayConfig, keys: tuple[Sequence[ApiKey], dict[str, frozenset[str]]] | None,
+    routes_path: Path | None,
+) -> tuple[web.Application, str]:  # fmt: skip
+    """Routes from the routes file or hpcserve's database (the replicas the service marked ready); keys
+    from the keys file or the database; the gateway's buffered requests and per-key usage go back into
+    the database when it is used."""
+    from hpcserve.serving.gateway import make_app, routes_from_file
+    from hpcserve.serving.gateway_store import (
+        keys_from_store,
+        report_to_store,
+        routes_from_store,
+        usage_to_store,
+    )
+
     if routes_path is not None:
-        app, origin = make_app(config, routes_from_file(routes_path), keys=keys), str(routes_path)
-    else:
-        app, origin = _app_on_database(ctx, config, keys)
-    click.echo(f"hpcserve gateway on http://{host}:{port} ({len(keys)} keys, routes from {origin})", err=True)
-    run_gateway(app, host, port)
-
-
-def _app_on_database(
-    ctx: Context, config: GatewayConfig, keys: Sequence[ApiKey]
-) -> tuple[web.Application, str]:
-    """Routes from hpcserve's database (the replicas the service marked ready); the gateway's buffered
-    requests and per-key usage go back into it."""
-    from hpcserve.serving.gateway import make_app
-    from hpcserve.serving.gateway_store import report_to_store, routes_from_store, usage_to_store
-
+        assert keys is not None
+        return make_app(config, routes_from_file(routes_path), keys=keys[0], groups=keys[1]), (
+            f"{len(keys[0])} keys, routes from {routes_path}"
+        )
     site = ctx.require_site()
     store = ctx.store(site)
-    app = make_app(config, routes_from_store(store), keys=keys, report=report_to_store(store),
-                   usage_sink=usage_to_store(store))  # fmt: skip
-    return app, f"the database of site {site.name}"
+    report, usage_sink = report_to_store(store), usage_to_store(store)
+    where = f"the database of site {site.name}"
+    if keys is not None:
+        app = make_app(config, routes_from_store(store), keys=keys[0], groups=keys[1], report=report,
+                       usage_sink=usage_sink)  # fmt: skip
+        return app, f"{len(keys[0])} keys from the keys file, routes from {where}"
+    app = make_app(config, routes_from_store(store), key_source=keys_from_store(store), report=report,
+                   usage_sink=usage_sink)  # fmt: skip
+    return app, f"keys and routes from {where}"

@@ -131,6 +131,8 @@ LAZY_COMMANDS = {
     "probe": "hpcserve.cli.jobs_cmds:probe_cmd",
     "engine-sim": "hpcserve.cli.engine_cmd:engine_sim",
     "gateway": "hpcserve.cli.gateway_cmd:gateway",
+    "keys": "hpcserve.cli.keys_cmd:keys",
+    "usage": "hpcserve.cli.keys_cmd:usage",
     "db": "hpcserve.cli.db_cmd:db",
     "serve": "hpcserve.cli.serve_cmds:serve",
     "deployments": "hpcserve.cli.serve_cmds:deployments",

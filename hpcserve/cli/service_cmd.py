@@ -98,18 +98,20 @@ def service(ctx: Context, /, once: bool, sample_interval: float, rebalance_inter
             _guarded(name, func, metrics)()
         return
     if metrics_port:
-        _serve_metrics(metrics, metrics_port)
+        _serve_metrics(metrics, metrics_port, site)
     _schedule(jobs, metrics)
 
 
-def _serve_metrics(metrics: ServiceMetrics, port: int) -> None:
-    """/metrics on ``port``; a port already taken (another service) costs the metrics, not the service."""
+def _serve_metrics(metrics: ServiceMetrics, port: int, site: SiteConfig) -> None:
+    """/metrics on ``port`` of the admin host of ``service.metrics_listen`` (never every address); a port
+    already taken (another service) costs the metrics, not the service."""
+    host = site.service.metrics_listen.rpartition(":")[0].strip("[]")
     try:
-        metrics.serve(port)
+        metrics.serve(port, host)
     except OSError as exc:
-        log.warning("no /metrics: cannot listen on port %d (%s); pass --metrics-port", port, exc.strerror)
+        log.warning("no /metrics: cannot listen on %s:%d (%s); pass --metrics-port", host, port, exc.strerror)
         return
-    log.info("metrics on http://0.0.0.0:%d/metrics", port)
+    log.info("metrics on http://%s:%d/metrics", host, port)
 
 
 def _schedule(jobs: Jobs, metrics: ServiceMetrics) -> None:

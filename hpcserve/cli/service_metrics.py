@@ -1,4 +1,5 @@
-"""The service's Prometheus metrics (``hpcserve service --metrics-port``): ticks and errors per job, the
+"""The service's Prometheus metrics (``hpcserve service --metrics-port``, on the host of
+``service.metrics_listen``): ticks and errors per job, the
 sampler's last sample and Slurm gap, rebalance plans and moves. A registry of its own, no module globals."""
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class ServiceMetrics:
         self.reasserted = Counter("hpcserve_rebalance_split_reasserted",
                                   "Partitions re-set to the split after drifting", registry=reg)  # fmt: skip
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 (Prometheus scrapes it remotely)
+    def serve(self, port: int, addr: str) -> None:
+        """/metrics on ``addr:port``: the site's admin address (``service.metrics_listen``), not the API's."""
         start_http_server(port, addr=addr, registry=self.registry)
 
     def ticked(self, job: str) -> None:

@@ -1,31 +1,45 @@
-"""The gateway wired to hpcserve's database: routes from the replicas table, its buffered-request samples
-into the engine samples (replica NULL, what the autoscaler reads to scale from zero), usage per key."""
+"""The gateway wired to hpcserve's database, read as the service account: routes from the deployments and
+replicas tables (each deployment under its one served model name, with its owner and shares), the live API
+keys with their owners' Unix groups, its buffered-request samples into the engine samples (replica NULL,
+what the autoscaler reads to scale from zero), usage per key."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import pwd
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from hpcserve.serving.gateway.routes import DeploymentRoute, Endpoint, Refresh, Routes, index_routes
+from hpcserve.serving.gateway.keys import ApiKey, KeySnapshot, KeySource
+from hpcserve.serving.gateway.routes import DeploymentRoute, Endpoint, Refresh, Routes
 from hpcserve.serving.gateway.stats import GatewaySample, Report, UsageRow, UsageSink
 
 if TYPE_CHECKING:
     from hpcserve.store import Deployment, HistoryStore, Replica
+    from hpcserve.store.records import ApiKeyRecord
 
 
 def routes_from_store(store: HistoryStore) -> Refresh:
-    """Every live deployment, under its name and served model name, with its ready and draining replicas."""
+    """Every live deployment under its served model name, with its ready and draining replicas."""
 
     def refresh() -> Routes:
         deployments = [d for d in store.list_deployments() if not d.deleted]
         replicas: dict[str, list[Replica]] = {}
         for replica in store.replicas():
             replicas.setdefault(replica.deployment, []).append(replica)
-        routes = [_route(d, replicas.get(d.name, [])) for d in deployments]
-        aliases = {d.name: [str(d.spec.get("served_model_name") or d.name)] for d in deployments}
-        return index_routes(routes, aliases)
+        return served_routes(deployments, replicas)
 
     return refresh
+
+
+def served_routes(deployments: Iterable[Deployment], replicas: dict[str, list[Replica]]) -> Routes:
+    """The routes index: one entry per served model name. The database keeps ``served_model_name`` unique;
+    a deployment without one (NULL, from before that rule) falls back to its spec, and never takes a name
+    another deployment serves: names held in the column come first, then the oldest wins."""
+    table: dict[str, DeploymentRoute] = {}
+    for dep in sorted(deployments, key=lambda d: (d.served_model_name is None, d.created_at, d.name)):
+        served = dep.served_model_name or str(dep.spec.get("served_model_name") or dep.name)
+        table.setdefault(served, _route(dep, replicas.get(dep.name, [])))
+    return table
 
 
 def _route(deployment: Deployment, replicas: list[Replica]) -> DeploymentRoute:
@@ -34,7 +48,40 @@ def _route(deployment: Deployment, replicas: list[Replica]) -> DeploymentRoute:
         name=deployment.name,
         endpoints=tuple(Endpoint(deployment.name, r.index, str(r.url)) for r in serving),
         draining=frozenset(r.index for r in serving if r.state == "draining"),
+        owner=deployment.owner,
+        shares=frozenset(deployment.shares or ()),
     )
+
+
+def keys_from_store(store: HistoryStore) -> KeySource:
+    """The keys not revoked, with the Unix groups of their owners (for shares with ``@group``)."""
+
+    def refresh() -> KeySnapshot:
+        keys = tuple(gateway_key(k) for k in store.api_keys(live_only=True))
+        return KeySnapshot(keys, owner_groups({k.owner for k in keys}))
+
+    return refresh
+
+
+def gateway_key(record: ApiKeyRecord) -> ApiKey:
+    models = frozenset(record.models) if record.models is not None else None
+    return ApiKey(record.id, record.owner, rate=record.rate, burst=record.burst, max_tokens=record.max_tokens,
+                  models=models, salt=record.salt, digest=record.digest)  # fmt: skip
+
+
+def owner_groups(owners: Iterable[str]) -> dict[str, frozenset[str]]:
+    """Each user's Unix groups (primary and supplementary); a user with no passwd entry has none."""
+    from hpcserve.api.caller import caller_for_uid
+
+    groups = {}
+    for owner in owners:
+        try:
+            uid = pwd.getpwnam(owner).pw_uid
+        except KeyError:
+            groups[owner] = frozenset[str]()
+            continue
+        groups[owner] = caller_for_uid(uid).groups
+    return groups
 
 
 def report_to_store(store: HistoryStore) -> Report:

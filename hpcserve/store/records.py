@@ -192,3 +192,25 @@ class RetentionResult:
     engine_rolled: int
     queue_rollups_deleted: int
     engine_rollups_deleted: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    """A gateway API key as stored: never the key, only its salt and ``digest`` = hex HMAC-SHA256(salt,
+    secret) of the key ``hpk_<id>_<secret>``. ``models`` None: whatever the owner may reach."""
+
+    id: str
+    owner: str
+    label: str
+    salt: str
+    digest: str
+    models: list[str] | None
+    rate: float | None
+    burst: float | None
+    max_tokens: int | None
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None

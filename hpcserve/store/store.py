@@ -8,7 +8,7 @@ Every method is one transaction, committed before it returns; writes on SQLite t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from types import TracebackType
@@ -17,9 +17,11 @@ from typing import Any, Unpack
 from sqlalchemy import Connection, Engine
 
 from hpcserve.store import counters, deployments, migrate, plans, retention, samples, state
+from hpcserve.store import keys as api_keys
 from hpcserve.store.engine import make_engine, parse_url, writer
 from hpcserve.store.errors import reported
 from hpcserve.store.records import (
+    ApiKeyRecord,
     Deployment,
     DeploymentExtra,
     EngineSample,
@@ -295,3 +297,28 @@ class HistoryStore:
         """Forget the state ``name``; whether there was one."""
         with self._write() as conn:
             return state.delete_state(conn, name)
+
+    # gateway API keys (``hpcserve.store.keys``): made and revoked through the service, read by the gateway
+
+    def add_api_key(self, key: ApiKeyRecord) -> ApiKeyRecord:
+        with self._write() as conn:
+            return api_keys.add_key(conn, key)
+
+    def api_keys(self, owner: str | None = None, *, live_only: bool = False) -> list[ApiKeyRecord]:
+        """Keys (``owner``'s when given; not revoked ones with ``live_only``), oldest first."""
+        with self._read() as conn:
+            return api_keys.keys(conn, owner, live_only=live_only)
+
+    def api_key(self, key_id: str) -> ApiKeyRecord | None:
+        with self._read() as conn:
+            return api_keys.get_key(conn, key_id)
+
+    def revoke_api_key(self, key_id: str, *, user: str, admin: bool = False) -> ApiKeyRecord:
+        """Revoke ``user``'s key (any key for an admin); ``NotFound`` otherwise."""
+        with self._write() as conn:
+            return api_keys.revoke_key(conn, key_id, user, admin or user in self.admins, self._clock())
+
+    def usage_of(self, key_ids: Collection[str] | None, since: date | None = None) -> list[Usage]:
+        """Usage rows of ``key_ids`` (all when None) from ``since`` on."""
+        with self._read() as conn:
+            return api_keys.usage_of(conn, key_ids, since)

@@ -1,33 +1,39 @@
 """Admission of one request, decided purely from its body, the routes, the key and the config.
 
 Answers, in the order they are checked (after the key, which the app checks first):
-- 400 ``invalid_json`` / ``missing_model`` / ``invalid_max_tokens``: the body is not a JSON object, has no
-  string ``model``, or a max_tokens that is not a positive integer;
-- 404 ``model_not_found``: no deployment by that name (as OpenAI answers an unknown model);
+- 400 ``invalid_json`` / ``missing_model``: the body is not a JSON object, or has no string ``model``;
+- 404 ``model_not_found``: no deployment serves that name, or the key may not reach it (tenancy.py): the
+  same answer either way, as OpenAI gives it, so names cannot be probed;
+- 400 ``invalid_type``: ``stream`` is not a JSON boolean, or ``max_tokens`` / ``max_completion_tokens`` is
+  not a positive integer (``param`` names the field);
 - 413 ``prompt_too_long``: the estimated prompt tokens (characters / ``chars_per_token``, plus token-id
   prompts counted as given) exceed the deployment's ``max_prompt_tokens`` (or the gateway's default).
-An admitted request has its max_tokens (``max_completion_tokens`` when a chat request uses that) clamped to
-the smallest of the key's, the deployment's and the gateway's caps, or set to it when absent; a stream that
-does not ask for usage asks the replica for it anyway (``stream_options.include_usage``), and the gateway
-strips the usage event from what the client sees.
+An admitted request has both ``max_tokens`` and ``max_completion_tokens`` (those present) clamped to the
+smallest of the key's, the deployment's and the gateway's caps, and ``max_tokens`` set to it when neither
+is given; a stream that does not ask for usage asks the replica for it anyway
+(``stream_options.include_usage``), and the gateway strips the usage event from what the client sees. The
+body sent upstream is always re-encoded from the parsed JSON, never the client's bytes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
 from hpcserve.serving.gateway.config import GatewayConfig
-from hpcserve.serving.gateway.keys import ApiKey
+from hpcserve.serving.gateway.keys import NO_GROUPS, ApiKey
 from hpcserve.serving.gateway.routes import DeploymentRoute
+from hpcserve.serving.gateway.tenancy import may_reach
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators of one chat message
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+SHOWN_NAME = 200  # characters of a requested model name repeated in an error
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +46,17 @@ class Rejection:
     type: str = "invalid_request_error"
     retry_after: int | None = None  # seconds, sent as Retry-After
     deployment: str | None = None  # the deployment asked for, when known (the metrics' model label)
+    param: str | None = None  # the request field at fault
+
+    @property
+    def malformed(self) -> bool:
+        """The client sent something unusable (logged in one line), not a refusal of a good request."""
+        return self.status in (400, 408)
 
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """A request to send upstream: ``body`` is what the replica gets (re-encoded only when changed)."""
+    """A request to send upstream: ``body`` is what the replica gets (re-encoded from the parsed JSON)."""
 
     route: DeploymentRoute
     body: bytes
@@ -71,17 +83,25 @@ def decode_body(raw: bytes) -> dict[str, Any] | Rejection:
     return body
 
 
-def find_route(body: Mapping[str, Any], routes: Mapping[str, DeploymentRoute]) -> DeploymentRoute | Rejection:
+def model_not_found(model: str) -> Rejection:
+    """OpenAI's answer to a model that does not exist or that the key may not use."""
+    shown = model if len(model) <= SHOWN_NAME else model[:SHOWN_NAME] + "..."
+    message = f"The model `{shown}` does not exist or you do not have access to it."
+    return Rejection(404, message, "model_not_found", param=None)
+
+
+def find_route(
+    body: Mapping[str, Any], routes: Mapping[str, DeploymentRoute], key: ApiKey, groups: Collection[str]
+) -> DeploymentRoute | Rejection:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         return Rejection(
-            400, "the request names no model: set 'model' (GET /v1/models lists them)", "missing_model"
-        )
+            400, "the request names no model: set 'model' (GET /v1/models lists them)", "missing_model",
+            param="model",
+        )  # fmt: skip
     route = routes.get(model)
-    if route is None:
-        return Rejection(
-            404, f"the model {model!r} does not exist (GET /v1/models lists them)", "model_not_found"
-        )
+    if route is None or not may_reach(key, model, route, groups):
+        return model_not_found(model)
     return route
 
 
@@ -115,15 +135,39 @@ def _cap(*caps: int | None) -> int | None:
 
 
 def _clamp(body: dict[str, Any], cap: int | None) -> tuple[int | None, bool] | Rejection:
-    """The max_tokens in effect and whether the body was changed to get it."""
-    field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    asked = body.get(field)
-    if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool) or asked < 1):
-        return Rejection(400, f"'{field}' must be a positive integer", "invalid_max_tokens")
-    if cap is None or (asked is not None and asked <= cap):
-        return asked, False
-    body[field] = cap
-    return cap, True
+    """Clamp every token limit the body gives (set ``max_tokens`` when it gives none); the limit in effect
+    (``max_completion_tokens`` first, as vLLM reads them) and whether the body was changed."""
+    asked: dict[str, int] = {}
+    for field in TOKEN_FIELDS:
+        value = body.get(field)
+        if value is None:
+            body.pop(field, None)  # null is "no limit": the same as absent
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return Rejection(400, f"'{field}' must be a positive integer", "invalid_type", param=field)
+        asked[field] = value
+    changed = False
+    if cap is not None:
+        if not asked:
+            body["max_tokens"] = asked["max_tokens"] = cap
+            changed = True
+        for field, value in asked.items():
+            if value > cap:
+                body[field] = asked[field] = cap
+                changed = True
+    return asked.get("max_completion_tokens", asked.get("max_tokens")), changed
+
+
+def _stream(body: Mapping[str, Any]) -> bool | Rejection:
+    stream = body.get("stream")
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        message = (
+            f"'stream' must be a JSON boolean (true or false), not {type(stream).__name__} {stream!r:.40}"
+        )
+        return Rejection(400, message, "invalid_type", param="stream")
+    return stream
 
 
 def _ask_usage(body: dict[str, Any]) -> bool:
@@ -136,15 +180,22 @@ def _ask_usage(body: dict[str, Any]) -> bool:
 
 
 def admit(
-    raw: bytes, routes: Mapping[str, DeploymentRoute], key: ApiKey, config: GatewayConfig
+    raw: bytes,
+    routes: Mapping[str, DeploymentRoute],
+    key: ApiKey,
+    config: GatewayConfig,
+    groups: Collection[str] = NO_GROUPS,
 ) -> Admitted | Rejection:
-    """Decide on one request body (see the module docstring)."""
+    """Decide on one request body (see the module docstring); ``groups``: the key owner's Unix groups."""
     body = decode_body(raw)
     if isinstance(body, Rejection):
         return body
-    route = find_route(body, routes)
+    route = find_route(body, routes, key, groups)
     if isinstance(route, Rejection):
         return route
+    stream = _stream(body)
+    if isinstance(stream, Rejection):
+        return _for(stream, route)
     text, extra = prompt_text(body)
     tokens = math.ceil(len(text) / config.chars_per_token) + extra
     limit = route.max_prompt_tokens or config.max_prompt_tokens
@@ -153,10 +204,13 @@ def admit(
         return Rejection(413, message, "prompt_too_long", deployment=route.name)
     clamp = _clamp(body, _cap(key.max_tokens, route.max_tokens, config.max_tokens))
     if isinstance(clamp, Rejection):
-        return Rejection(400, clamp.message, clamp.code, deployment=route.name)
+        return _for(clamp, route)
     max_tokens, clamped = clamp
-    stream = body.get("stream") is True
     client_usage = _ask_usage(body) if stream else False
-    out = _encode(body) if clamped or (stream and not client_usage) else raw
     prefix = text[: config.affinity_chars] if config.affinity_chars > 0 else ""
-    return Admitted(route, out, stream, client_usage, tokens, max_tokens, clamped, prefix)
+    return Admitted(route, _encode(body), stream, client_usage, tokens, max_tokens, clamped, prefix)
+
+
+def _for(rejection: Rejection, route: DeploymentRoute) -> Rejection:
+    return Rejection(rejection.status, rejection.message, rejection.code, deployment=route.name,
+                     param=rejection.param)  # fmt: skip

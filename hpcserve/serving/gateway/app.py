@@ -1,10 +1,13 @@
 """The gateway's aiohttp app: one stable OpenAI-compatible endpoint in front of every deployment's replicas.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (proxy.py), ``GET /v1/models`` (the known
-model names; needs a key), ``GET /health`` and ``GET /metrics`` (no key). Background tasks, started with
-the app: the routes source every ``refresh_interval_s``, ``report`` every ``report_interval_s``,
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (proxy.py), ``GET /v1/models`` (the model
+names the key may reach; needs a key) and ``GET /health`` (``{"status": "ok"}``, no key). ``/metrics`` and
+the detailed ``/health`` are not on this app: ``make_admin_app`` serves them on an admin address of their
+own. Background tasks, started with the app: the routes source every ``refresh_interval_s``, the keys
+source (when given) every ``keys_refresh_interval_s``, ``report`` every ``report_interval_s``,
 ``usage_sink`` every ``usage_flush_interval_s`` (and once at shutdown). Each runs in a worker thread, so a
-source or sink may block (a database read); a failure is logged and the next tick tries again.
+source or sink may block (a database read); a failure is logged and the next tick tries again (the last
+good routes and keys stay in force).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,12 +24,13 @@ from aiohttp import web
 
 from hpcserve.serving.gateway.client import UpstreamPool
 from hpcserve.serving.gateway.config import GatewayConfig
-from hpcserve.serving.gateway.keys import ApiKey
+from hpcserve.serving.gateway.keys import ApiKey, KeySnapshot, KeySource
 from hpcserve.serving.gateway.metrics import CONTENT_TYPE
 from hpcserve.serving.gateway.proxy import UNAUTHORIZED, Proxy, error_response
 from hpcserve.serving.gateway.routes import Refresh
 from hpcserve.serving.gateway.state import GatewayState
 from hpcserve.serving.gateway.stats import NO_KEY, Report, UsageSink, no_report, no_usage_sink
+from hpcserve.serving.gateway.tenancy import reachable
 
 log = logging.getLogger(__name__)
 STATE = web.AppKey("hpcserve.gateway.state", GatewayState)
@@ -36,8 +40,12 @@ _encode = msgspec.json.Encoder().encode
 class Gateway:
     """The app's lifecycle (connection pool, background loops) and its small handlers."""
 
-    def __init__(self, state: GatewayState, source: Refresh, report: Report, usage_sink: UsageSink) -> None:
+    def __init__(
+        self, state: GatewayState, source: Refresh, report: Report, usage_sink: UsageSink,
+        key_source: KeySource | None = None,
+    ) -> None:  # fmt: skip
         self.state, self.source, self.report, self.usage_sink = state, source, report, usage_sink
+        self.key_source = key_source
         self.config = state.config
         self._pool: UpstreamPool | None = None
         self.proxy = Proxy(state, self.pool)
@@ -56,6 +64,11 @@ class Gateway:
             asyncio.create_task(_every(cfg.report_interval_s, self.tick, "report")),
             asyncio.create_task(_every(cfg.usage_flush_interval_s, self.flush, "usage flush")),
         ]
+        if self.key_source is not None:
+            await _guarded(self.refresh_keys, "keys refresh")
+            tasks.append(
+                asyncio.create_task(_every(cfg.keys_refresh_interval_s, self.refresh_keys, "keys refresh"))
+            )
         yield
         for task in tasks:
             task.cancel()
@@ -67,6 +80,11 @@ class Gateway:
         routes = await _in_thread(self.source)
         self.state.apply(routes)
         self.pool().sweep()
+
+    async def refresh_keys(self) -> None:
+        assert self.key_source is not None
+        snapshot: KeySnapshot = await _in_thread(self.key_source)
+        self.state.set_keys(snapshot.keys, snapshot.groups)
 
     async def tick(self) -> None:
         state = self.state
@@ -80,14 +98,21 @@ class Gateway:
             await _in_thread(self.usage_sink, rows)
 
     async def models(self, request: web.Request) -> web.Response:
-        if self.state.keyring.find(request.headers.get("Authorization")) is None:
+        """The models this key may reach (tenancy.py), and no others."""
+        key = self.state.keyring.find(request.headers.get("Authorization"))
+        if key is None:
             self.state.stats.count("_unknown", NO_KEY, 401)
             return error_response(UNAUTHORIZED)
+        routes = self.state.routes
+        names = reachable(key, routes, self.state.keyring.groups(key.owner))
         data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "hpcserve"}
-            for name in sorted(self.state.routes)
+            {"id": name, "object": "model", "created": 0, "owned_by": routes[name].owner or "hpcserve"}
+            for name in names
         ]
         return _json({"object": "list", "data": data})
+
+    async def alive(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
 
     async def health(self, request: web.Request) -> web.Response:
         state = self.state
@@ -127,24 +152,41 @@ async def _every(interval: float, step: Callable[[], Awaitable[None]], what: str
         await _guarded(step, what)
 
 
+GATEWAY = web.AppKey("hpcserve.gateway", Gateway)
+
+
 def make_app(
     config: GatewayConfig,
     source: Refresh,
     *,
-    keys: Sequence[ApiKey],
+    keys: Sequence[ApiKey] = (),
+    key_source: KeySource | None = None,
+    groups: Mapping[str, frozenset[str]] | None = None,
     report: Report = no_report,
     usage_sink: UsageSink = no_usage_sink,
     clock: Callable[[], float] = time.monotonic,
 ) -> web.Application:
-    """The gateway app (see the module docstring); run it with ``web.run_app`` or an ``AppRunner``."""
-    state = GatewayState(config, keys, clock)
-    gateway = Gateway(state, source, report, usage_sink)
+    """The public gateway app (see the module docstring); run it with ``serve.run_gateway`` or an
+    ``AppRunner``. Keys: ``keys`` (fixed, with their owners' ``groups``), or ``key_source`` polled for
+    them."""
+    state = GatewayState(config, keys, clock, groups)
+    gateway = Gateway(state, source, report, usage_sink, key_source)
     app = web.Application(client_max_size=config.max_body_bytes)
     app[STATE] = state
+    app[GATEWAY] = gateway
     app.cleanup_ctx.append(gateway.lifecycle)
     app.router.add_post("/v1/chat/completions", gateway.proxy.handle)
     app.router.add_post("/v1/completions", gateway.proxy.handle)
     app.router.add_get("/v1/models", gateway.models)
-    app.router.add_get("/health", gateway.health)
-    app.router.add_get("/metrics", gateway.metrics)
+    app.router.add_get("/health", gateway.alive)
     return app
+
+
+def make_admin_app(app: web.Application) -> web.Application:
+    """``/metrics`` (Prometheus) and ``/health`` (deployments, ready replicas, buffered requests) of the
+    gateway ``app``, for an admin address apart from the public port."""
+    gateway = app[GATEWAY]
+    admin = web.Application()
+    admin.router.add_get("/metrics", gateway.metrics)
+    admin.router.add_get("/health", gateway.health)
+    return admin

@@ -10,6 +10,7 @@ class GatewayConfig:
     """Timings in seconds; ``None`` caps mean no cap unless the deployment or the key sets one."""
 
     refresh_interval_s: float = 0.5  # how often the routes source is polled
+    keys_refresh_interval_s: float = 2.0  # how often the keys source is polled (new and revoked keys)
     report_interval_s: float = 1.0  # how often report(samples) is called
     usage_flush_interval_s: float = 10.0  # how often usage_sink(rows) is called
     buffer_max: int = 256  # requests waiting per deployment with no ready replica; more get 503
@@ -25,3 +26,5 @@ class GatewayConfig:
     read_timeout_s: float = 600.0  # longest silence from a replica (before headers or between chunks)
     eject_s: float = 2.0  # a replica that refused a connection gets no requests this long, if others can
     max_body_bytes: int = 16 * 1024 * 1024  # request bodies above this get 413
+    client_body_timeout_s: float = 30.0  # a request body not whole within this gets 408 (slowloris)
+    max_upstream_body_bytes: int = 16 * 1024 * 1024  # a non-streamed answer above this gets 502

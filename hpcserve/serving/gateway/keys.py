@@ -1,11 +1,16 @@
-"""API keys: who may call the gateway, how fast, and how many tokens a request may ask for.
+"""API keys: who may call the gateway, which models they reach, how fast, and how many tokens a request
+may ask for.
 
-The keys file (YAML or JSON) holds the sha256 of each key, never the key::
+Keys made through the service (``hpcserve keys create``, the default when the gateway runs against a site)
+are ``hpk_<id>_<secret>``; the database keeps a random ``salt`` and ``digest`` = hex HMAC-SHA256(salt,
+secret), never the key. A keys file (YAML or JSON; tests and standalone gateways) holds the sha256 of each
+key instead::
 
     keys:
       - id: alice-laptop        # the label in metrics and usage rows (unique)
-        owner: alice            # a user or a team (a Slurm account, for accounting)
+        owner: alice            # the Unix user the key acts for (what it may reach: see tenancy.py)
         sha256: 5e884898da28...  # hex sha256 of the key: `echo -n "$KEY" | hpcserve gateway --hash-key`
+        models: [llama-8b]      # optional: only these of the owner's models (default: all they reach)
         rate: 200               # tokens/s refilled into the key's bucket (optional: unlimited)
         burst: 8000             # bucket size in tokens (optional: 60 s of rate)
         max_tokens: 2048        # cap on a request's max_tokens (optional: the deployment's cap)
@@ -17,8 +22,11 @@ Clients send ``Authorization: Bearer <key>``. A request costs its estimated prom
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -26,6 +34,8 @@ import msgspec
 from hpcserve.errors import ConfigError
 
 BURST_SECONDS = 60.0
+PREFIX = "hpk_"
+NO_GROUPS: frozenset[str] = frozenset()
 
 
 def hash_key(key: str) -> str:
@@ -33,15 +43,58 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def key_digest(salt: str, secret: str) -> str:
+    """hex HMAC-SHA256 of a service-made key's secret under its salt (what the database keeps)."""
+    return hmac.new(salt.encode(), secret.encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class NewSecret:
+    """A fresh key: ``key`` is shown once; ``key_id``, ``salt`` and ``digest`` are stored."""
+
+    key_id: str
+    salt: str
+    digest: str
+    key: str
+
+
+def new_secret() -> NewSecret:
+    key_id, secret, salt = secrets.token_hex(8), secrets.token_urlsafe(32), secrets.token_hex(16)
+    return NewSecret(key_id, salt, key_digest(salt, secret), f"{PREFIX}{key_id}_{secret}")
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(id, secret) of a ``hpk_<id>_<secret>`` key; None for any other string."""
+    if not key.startswith(PREFIX):
+        return None
+    key_id, sep, secret = key[len(PREFIX) :].partition("_")
+    return (key_id, secret) if sep and key_id and secret else None
+
+
 class ApiKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One entry of the keys file (see the module docstring)."""
+    """A key the gateway takes: an entry of the keys file (``sha256``) or a service-made key (``salt``
+    and ``digest``). ``models`` None: every model the owner may reach."""
 
     id: str
     owner: str
-    sha256: str
+    sha256: str = ""
     rate: float | None = None
     burst: float | None = None
     max_tokens: int | None = None
+    models: frozenset[str] | None = None
+    salt: str = ""
+    digest: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class KeySnapshot:
+    """What a keys source returns: the live keys and the Unix groups of their owners."""
+
+    keys: tuple[ApiKey, ...]
+    groups: Mapping[str, frozenset[str]]
+
+
+KeySource = Callable[[], KeySnapshot]
 
 
 class _KeysFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -60,9 +113,9 @@ def parse_keys(data: object, where: str = "keys") -> list[ApiKey]:
         dup = next((v for v in values if values.count(v) > 1), None)
         if dup is not None:
             raise ConfigError(where, f"keys[].{field}", f"{dup!r} appears more than once")
-    bad = next((k.id for k in keys if len(k.sha256) != 64 or (k.rate is not None and k.rate <= 0)), None)
+    bad = next((k.id for k in keys if len(k.sha256) != 64 or k.digest or (k.rate or 1) <= 0), None)
     if bad is not None:
-        raise ConfigError(where, f"keys[id={bad}]", "sha256 must be 64 hex digits and rate > 0")
+        raise ConfigError(where, f"keys[id={bad}]", "sha256 must be 64 hex digits (no digest) and rate > 0")
     return keys
 
 
@@ -106,15 +159,36 @@ class TokenBucket:
 
 
 class Keyring:
-    """Keys by hash, and a bucket per rate-limited key: fixed at start, never grown by requests."""
+    """Keys by id and hash, their owners' Unix groups, and a bucket per rate-limited key. Sized by the keys
+    given (``update`` swaps them), never grown by requests: the cache of Authorization headers already
+    verified holds valid keys only, at most ``4 x keys + 16``, and loses a key's entries when the key is
+    revoked or changed."""
 
-    def __init__(self, keys: Sequence[ApiKey], now: float) -> None:
+    def __init__(
+        self, keys: Sequence[ApiKey], now: float, groups: Mapping[str, frozenset[str]] | None = None
+    ) -> None:
+        self.keys: tuple[ApiKey, ...] = ()
+        self._by_id: dict[str, ApiKey] = {}
+        self._by_hash: dict[str, ApiKey] = {}
+        self._seen: dict[str, ApiKey] = {}  # Authorization headers already verified
+        self._buckets: dict[str, TokenBucket] = {}
+        self._groups: Mapping[str, frozenset[str]] = {}
+        self.update(keys, groups or {}, now)
+
+    def update(self, keys: Sequence[ApiKey], groups: Mapping[str, frozenset[str]], now: float) -> None:
+        """Take a new set of keys: revoked or changed ones stop working at once; unchanged keys keep their
+        bucket."""
         self.keys = tuple(keys)
-        self._by_hash = {k.sha256.lower(): k for k in keys}
-        self._seen: dict[str, ApiKey] = {}  # Authorization headers already found (valid keys only)
-        self._buckets = {
-            k.id: TokenBucket(k.rate, k.burst or k.rate * BURST_SECONDS, now) for k in keys if k.rate
-        }
+        self._by_id = {k.id: k for k in keys}
+        self._by_hash = {k.sha256.lower(): k for k in keys if k.sha256}
+        self._seen = {h: k for h, k in self._seen.items() if self._by_id.get(k.id) == k}
+        old = self._buckets
+        self._buckets = {k.id: _bucket(k, old.get(k.id), now) for k in keys if k.rate}
+        self._groups = groups
+
+    def groups(self, owner: str) -> frozenset[str]:
+        """The Unix groups of a key's owner (for deployments shared with ``@group``)."""
+        return self._groups.get(owner, NO_GROUPS)
 
     def find(self, authorization: str | None) -> ApiKey | None:
         """The key a ``Bearer`` Authorization header names, or None when absent or unknown."""
@@ -123,10 +197,22 @@ class Keyring:
         key = self._seen.get(authorization)
         if key is not None or not authorization.startswith("Bearer "):
             return key
-        key = self._by_hash.get(hash_key(authorization[7:].strip()))
+        key = self._verify(authorization[7:].strip())
         if key is not None and len(self._seen) < 4 * len(self.keys) + 16:
             self._seen[authorization] = key
         return key
+
+    def _verify(self, token: str) -> ApiKey | None:
+        parts = split_key(token)
+        if parts is not None:
+            key = self._by_id.get(parts[0])
+            if (
+                key is not None
+                and key.digest
+                and hmac.compare_digest(key_digest(key.salt, parts[1]), key.digest)
+            ):
+                return key
+        return self._by_hash.get(hash_key(token))
 
     def take(self, key: ApiKey, cost: float, now: float) -> int:
         """0 when admitted, else the whole seconds to put in Retry-After (at least 1)."""
@@ -138,3 +224,11 @@ class Keyring:
         bucket = self._buckets.get(key.id)
         if bucket is not None:
             bucket.settle(charged, used, now)
+
+
+def _bucket(key: ApiKey, old: TokenBucket | None, now: float) -> TokenBucket:
+    assert key.rate is not None
+    burst = key.burst or key.rate * BURST_SECONDS
+    if old is not None and (old.rate, old.burst) == (key.rate, burst):
+        return old
+    return TokenBucket(key.rate, burst, now)

@@ -1,17 +1,21 @@
 """One request's way through the gateway: key, admission, rate limit, buffer, replica, relay, accounting.
 
-Answers the gateway makes itself (all OpenAI-style ``{"error": {"message", "type", "code"}}``):
-401 no or unknown key; 400/404/413 from admission; 429 over the key's token rate (Retry-After: when the
-bucket will hold the request); 503 no replica ready (buffer full, or none within ``buffer_timeout_s``;
-Retry-After: ``retry_after_s``); 502 no replica reachable (a refused connection is retried once on another
-replica) or the replica broke mid-answer; 504 the replica was silent past ``read_timeout_s``; 499 (counted,
-not sent) the client went away, and the replica's connection is closed so it stops. A clamped or
-set max_tokens is announced in ``X-Hpcserve-Max-Tokens``; ``X-Hpcserve-Replica`` names the replica.
+Answers the gateway makes itself (all OpenAI-style ``{"error": {"message", "type", "param", "code"}}``):
+401 no or unknown key; 408 the body did not arrive within ``client_body_timeout_s``; 400/404/413 from
+admission (404 also for a model the key may not reach: checked before any buffering, so it never wakes a
+deployment); 429 over the key's token rate (Retry-After: when the bucket will hold the request); 503 no
+replica ready (buffer full, or none within ``buffer_timeout_s``; Retry-After: ``retry_after_s``); 502 no
+replica reachable (a refused connection is retried once on another replica), the replica broke
+mid-answer, or its non-streamed answer passed ``max_upstream_body_bytes``; 504 the replica was silent past
+``read_timeout_s``; 499 (counted, not sent) the client went away, and the replica's connection is closed so
+it stops. A clamped or set max_tokens is announced in ``X-Hpcserve-Max-Tokens``; ``X-Hpcserve-Replica``
+names the replica. Malformed requests and oversized answers are logged in one line each (throttled).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,16 +25,19 @@ from hpcserve.serving.gateway.admission import Admitted, Rejection, admit
 from hpcserve.serving.gateway.buffer import BufferFull
 from hpcserve.serving.gateway.client import UpstreamPool
 from hpcserve.serving.gateway.keys import ApiKey
-from hpcserve.serving.gateway.response import ReadTimeout, Response, UpstreamError
+from hpcserve.serving.gateway.logs import OneLine
+from hpcserve.serving.gateway.response import BodyTooLarge, ReadTimeout, Response, UpstreamError
 from hpcserve.serving.gateway.routes import Endpoint
 from hpcserve.serving.gateway.state import GatewayState
 from hpcserve.serving.gateway.stats import NO_KEY, UNKNOWN
 from hpcserve.serving.gateway.upstream import SseRelay, error_body, error_event, read_usage
 
+log = logging.getLogger(__name__)
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection before the answer
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+TOO_LARGE = Rejection(413, "the request body is too large", "body_too_large")
 UNAUTHORIZED = Rejection(
-    401, "no valid API key: send 'Authorization: Bearer <key>' with a key from the gateway's keys file",
+    401, "no valid API key: send 'Authorization: Bearer <key>' with a key from `hpcserve keys create`",
     "invalid_api_key", "authentication_error",
 )  # fmt: skip
 
@@ -39,7 +46,7 @@ def error_response(rejection: Rejection) -> web.Response:
     headers = {"Content-Type": "application/json"}
     if rejection.retry_after is not None:
         headers["Retry-After"] = str(rejection.retry_after)
-    body = error_body(rejection.message, rejection.code, rejection.type)
+    body = error_body(rejection.message, rejection.code, rejection.type, rejection.param)
     return web.Response(body=body, status=rejection.status, headers=headers)
 
 
@@ -57,6 +64,7 @@ class Proxy:
     def __init__(self, state: GatewayState, pool: Callable[[], UpstreamPool]) -> None:
         self.state, self.config, self.clock = state, state.config, state.clock
         self._pool = pool
+        self.log = OneLine(log)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions and /v1/completions."""
@@ -65,11 +73,12 @@ class Proxy:
         if key is None:
             return self._reject(UNAUTHORIZED, NO_KEY)
         raw = await self._body(request)
-        if raw is None:
-            return self._reject(Rejection(413, "the request body is too large", "body_too_large"), key.id)
-        decision = admit(raw, self.state.routes, key, self.config)
+        if isinstance(raw, Rejection):
+            return self._reject(raw, key.id, request)
+        groups = self.state.keyring.groups(key.owner)
+        decision = admit(raw, self.state.routes, key, self.config, groups)
         if isinstance(decision, Rejection):
-            return self._reject(decision, key.id)
+            return self._reject(decision, key.id, request)
         wait = self.state.keyring.take(key, decision.cost, started)
         if wait:
             return self._reject(_rate_limited(key, decision, wait), key.id)
@@ -82,20 +91,28 @@ class Proxy:
         finally:
             self._account(key, decision, exchange)
 
-    async def _body(self, request: web.Request) -> bytes | None:
-        """The request body, None when over ``max_body_bytes``. A body that arrived whole is taken as it
-        lies (aiohttp's ``read()`` costs a few microseconds more)."""
+    async def _body(self, request: web.Request) -> bytes | Rejection:
+        """The request body: 413 over ``max_body_bytes``, 408 when not whole within
+        ``client_body_timeout_s``. A body that arrived whole is taken as it lies (aiohttp's ``read()`` costs
+        a few microseconds more)."""
         content = request.content
         if content.is_eof():
             raw = content.read_nowait()
-            return raw if len(raw) <= self.config.max_body_bytes else None
+            return raw if len(raw) <= self.config.max_body_bytes else TOO_LARGE
+        timeout = self.config.client_body_timeout_s
         try:
-            return await request.read()
+            async with asyncio.timeout(timeout):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return None
+            return TOO_LARGE
+        except TimeoutError:
+            return Rejection(408, f"the request body did not arrive within {timeout:g} s", "request_timeout")
 
-    def _reject(self, rejection: Rejection, key_id: str) -> web.Response:
+    def _reject(self, rejection: Rejection, key_id: str, request: web.Request | None = None) -> web.Response:
         self.state.stats.count(rejection.deployment or UNKNOWN, key_id, rejection.status)
+        if rejection.malformed and request is not None:
+            self.log.warning("malformed request from %s (key %s): %d %s", request.remote, key_id,
+                             rejection.status, rejection.message[:200])  # fmt: skip
         return error_response(rejection)
 
     def _account(self, key: ApiKey, request: Admitted, exchange: Exchange) -> None:
@@ -179,8 +196,10 @@ class Proxy:
         self, adm: Admitted, upstream: Response, headers: dict[str, str], ex: Exchange
     ) -> web.Response:
         try:
-            body = upstream.body() if upstream.complete else await upstream.read()
+            body = await upstream.read(self.config.max_upstream_body_bytes)
         except UpstreamError as err:
+            if isinstance(err, BodyTooLarge):
+                self.log.warning("%s: %s; answered 502", adm.route.name, err)
             upstream.close()
             refusal = _upstream_failure(adm, err)
             ex.status = refusal.status

@@ -42,6 +42,10 @@ class ReadTimeout(UpstreamError):
     """The replica was silent for longer than the read timeout."""
 
 
+class BodyTooLarge(UpstreamError):
+    """A non-streamed answer larger than the gateway takes."""
+
+
 class Connection(asyncio.Protocol):
     __slots__ = ("closed", "idle_since", "response", "transport")
 
@@ -245,11 +249,22 @@ class Response:
             self._conn.transport.resume_reading()
         return piece
 
-    async def read(self) -> bytes:
-        """The whole body."""
+    async def read(self, limit: int) -> bytes:
+        """The whole body; ``BodyTooLarge`` (the connection dropped) as soon as it is known to pass
+        ``limit`` bytes."""
+        if self._queued + max(self._left, 0) > limit:  # Content-Length says so
+            raise self._too_large(limit)
         while not self.complete:
+            if self._queued > limit:
+                raise self._too_large(limit)
             await self.wait()
+        if self._queued > limit:
+            raise self._too_large(limit)
         return self.body()
+
+    def _too_large(self, limit: int) -> BodyTooLarge:
+        self._conn.close()
+        return BodyTooLarge(f"the replica's answer is larger than {limit} bytes (the gateway's cap)")
 
     def body(self) -> bytes:
         """The body received so far (all of it once ``complete``), taken out of the response."""

@@ -9,6 +9,8 @@ worker thread. ``StaticRoutes`` serves tests and benches; ``routes_from_file`` r
         aliases: [meta-llama/Llama-3.1-8B-Instruct]
         max_prompt_tokens: 8192              # optional: larger prompts get 413
         max_tokens: 2048                     # optional: max_tokens is clamped to this
+        owner: alice                         # optional: only her keys (and those she shares with) reach it
+        shares: [bob, "@ml-team"]            # optional: users, @groups or "all" whose keys reach it too
         replicas:                            # READY replicas only; none = scaled to zero (requests wait)
           - {replica: 0, url: "http://node1:8001"}
           - {replica: 1, url: "http://node2:8001", draining: true}   # finishes its requests, gets no new
@@ -45,7 +47,8 @@ class DeploymentRoute:
     """A known deployment. No endpoints means scaled to zero: its requests wait in the buffer.
 
     ``draining`` replicas finish what they have and get nothing new. ``max_prompt_tokens`` and
-    ``max_tokens`` override the gateway's defaults for this deployment.
+    ``max_tokens`` override the gateway's defaults for this deployment. ``owner`` and ``shares`` decide
+    which keys reach it (tenancy.py); no owner: every key.
     """
 
     name: str
@@ -53,6 +56,8 @@ class DeploymentRoute:
     draining: frozenset[int] = frozenset()
     max_prompt_tokens: int | None = None
     max_tokens: int | None = None
+    owner: str | None = None
+    shares: frozenset[str] = frozenset()
 
     def ready(self) -> tuple[Endpoint, ...]:
         """Endpoints that may take new requests."""
@@ -107,6 +112,8 @@ class _DeploymentEntry(msgspec.Struct, forbid_unknown_fields=True):
     aliases: list[str] = []
     max_prompt_tokens: int | None = None
     max_tokens: int | None = None
+    owner: str | None = None
+    shares: list[str] = []
 
 
 class _RoutesFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -128,7 +135,8 @@ def parse_routes(data: object, where: str = "routes") -> Routes:
 def _route(entry: _DeploymentEntry) -> DeploymentRoute:
     endpoints = tuple(Endpoint(entry.name, r.replica, r.url.rstrip("/")) for r in entry.replicas)
     draining = frozenset(r.replica for r in entry.replicas if r.draining)
-    return DeploymentRoute(entry.name, endpoints, draining, entry.max_prompt_tokens, entry.max_tokens)
+    return DeploymentRoute(entry.name, endpoints, draining, entry.max_prompt_tokens, entry.max_tokens,
+                           entry.owner, frozenset(entry.shares))  # fmt: skip
 
 
 def load_routes(path: Path) -> Routes:

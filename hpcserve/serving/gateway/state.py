@@ -1,13 +1,13 @@
 """The gateway's live state: the latest routes, requests outstanding per replica, and what goes with them.
 
-Everything here is sized by known deployments, their endpoints and configured keys: ``outstanding`` holds
-only endpoints with requests in flight, ``ejected`` only replicas that refused a connection in the last
-``eject_s`` seconds.
+Everything here is sized by known deployments, their endpoints and the keys of the last keys snapshot:
+``outstanding`` holds only endpoints with requests in flight, ``ejected`` only replicas that refused a
+connection in the last ``eject_s`` seconds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from hpcserve.serving.gateway.admission import Admitted
 from hpcserve.serving.gateway.buffer import ReplicaBuffer
@@ -20,9 +20,12 @@ from hpcserve.serving.gateway.stats import Stats
 
 
 class GatewayState:
-    def __init__(self, config: GatewayConfig, keys: Sequence[ApiKey], clock: Callable[[], float]) -> None:
+    def __init__(
+        self, config: GatewayConfig, keys: Sequence[ApiKey], clock: Callable[[], float],
+        groups: Mapping[str, frozenset[str]] | None = None,
+    ) -> None:  # fmt: skip
         self.config, self.clock = config, clock
-        self.keyring = Keyring(keys, clock())
+        self.keyring = Keyring(keys, clock(), groups)
         self.key_ids = frozenset(k.id for k in keys)
         self.routes: Routes = {}
         self.deployments: dict[str, DeploymentRoute] = {}
@@ -49,6 +52,14 @@ class GatewayState:
         now = self.clock()
         if self.ejected:
             self.ejected = {url: until for url, until in self.ejected.items() if until > now}
+
+    def set_keys(self, keys: Sequence[ApiKey], groups: Mapping[str, frozenset[str]]) -> None:
+        """Take a new keys snapshot: revoked keys stop working now; their unsent usage is still flushed."""
+        self.keyring.update(keys, groups, self.clock())
+        key_ids = frozenset(k.id for k in keys)
+        if key_ids != self.key_ids:
+            self.key_ids = key_ids
+            self.prune()
 
     def prune(self) -> None:
         """Forget counters of deployments that are gone."""

@@ -32,9 +32,9 @@ class _Event(msgspec.Struct):
 _decode_event = msgspec.json.Decoder(_Event).decode
 
 
-def error_body(message: str, code: str, kind: str) -> bytes:
-    """An OpenAI-style error: ``{"error": {"message", "type", "code"}}``."""
-    return _encode({"error": {"message": message, "type": kind, "code": code}})
+def error_body(message: str, code: str, kind: str, param: str | None = None) -> bytes:
+    """An OpenAI-style error: ``{"error": {"message", "type", "param", "code"}}``."""
+    return _encode({"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
 def error_event(message: str, code: str = "upstream_broken") -> bytes:
