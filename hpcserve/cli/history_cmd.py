@@ -1,24 +1,44 @@
 """``hpcserve history``: the queue samples the service recorded, as a table, JSON or a PNG plot of queue depth
-per partition with the training/inference split (nodes per side) over time."""
+per partition with the training/inference split (nodes per side) over time. The samples come from the
+service's API (cluster facts anyone may read); the plot is drawn here, from that JSON."""
 
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import click
 
 if TYPE_CHECKING:
     from hpcserve.cli.main import Context
-    from hpcserve.config import SiteConfig
-    from hpcserve.rebalance.types import Side
-    from hpcserve.store import HistoryStore, QueueSample
 
 JSON_HELP = "Print machine-readable JSON instead of a table."
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 COLUMNS = ("AT", "PARTITION", "PENDING JOBS", "PENDING GPUS", "RUNNING GPUS", "IDLE GPUS", "TOTAL GPUS")
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One queue sample as the API sends it (``hpcserve.store.QueueSample``'s fields)."""
+
+    at: datetime
+    partition: str
+    pending_jobs: int
+    pending_gpus: int
+    running_gpus: int
+    idle_gpus: int
+    total_gpus: int
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Sample:
+        counts = (
+            data[k] for k in ("pending_jobs", "pending_gpus", "running_gpus", "idle_gpus", "total_gpus")
+        )
+        return cls(datetime.fromisoformat(data["at"]), data["partition"], *counts)
 
 
 def parse_since(text: str) -> timedelta:
@@ -43,26 +63,30 @@ def parse_since(text: str) -> timedelta:
 def history(ctx: Context, partition: str | None, since: str, limit: int, as_json: bool,
             plot: Path | None) -> None:  # fmt: skip
     """Queue samples per partition (pending jobs and GPUs, running, idle and total GPUs) over time."""
-    site = ctx.require_site()
-    start = datetime.now(UTC) - parse_since(since)
-    store = ctx.store(site)
-    samples = store.queue_samples(partition, since=start)
+    from hpcserve.cli.serve_cmds import service_client
+
+    query = {"since_s": parse_since(since).total_seconds(), "limit": 0 if plot is not None else limit}
+    if partition:
+        query["partition"] = partition  # type: ignore[assignment]
+    answer = service_client(ctx).call("GET", "/v1/history?" + urlencode(query))
+    samples = [Sample.from_json(s) for s in answer["samples"]]
     shown = samples[-limit:] if limit else samples
     if plot is not None:
         from hpcserve.cli.history_plot import plot_history
 
-        plot_history(plot, samples, split_points(site, store, start), site.partition_names())
+        split = [(datetime.fromisoformat(at), train, infer) for at, train, infer in answer["split"]]
+        plot_history(plot, samples, split, answer["roles"])
     if as_json:
         from hpcserve.cli.output import emit_json
 
-        emit_json(shown)
+        emit_json(answer["samples"][-len(shown) :] if shown else [])
     else:
-        _print(shown, len(samples))
+        _print(shown, int(answer["total"]))
     if plot is not None and not as_json:
         click.echo(f"wrote {plot}")
 
 
-def _print(samples: list[QueueSample], total: int) -> None:
+def _print(samples: list[Sample], total: int) -> None:
     from hpcserve.cli.output import emit_table
 
     rows = [(s.at.isoformat(timespec="seconds"), s.partition, s.pending_jobs, s.pending_gpus, s.running_gpus,
@@ -71,19 +95,3 @@ def _print(samples: list[QueueSample], total: int) -> None:
         f" (newest of {total}; --limit 0 shows all)" if total > len(samples) else ""
     )
     emit_table(title, COLUMNS, rows)
-
-
-def split_points(site: SiteConfig, store: HistoryStore, start: datetime) -> list[tuple[datetime, int, int]]:
-    """Nodes per side from ``start`` on: the site's starting split, then each move carried out."""
-    from hpcserve.rebalance.split import split_timeline
-    from hpcserve.rebalance.types import Side
-
-    base: dict[str, Side] = dict.fromkeys(site.partitions.training.nodes, Side.TRAINING)
-    base.update(dict.fromkeys(site.partitions.inference.nodes, Side.INFERENCE))
-    return split_timeline(start, base, _move_events(store))
-
-
-def _move_events(store: HistoryStore) -> list[tuple[datetime, str, Side]]:
-    from hpcserve.rebalance.types import Side
-
-    return [(s.finished_at, s.node, Side(s.dst)) for s in store.done_moves() if s.finished_at is not None]

@@ -7,10 +7,23 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hpcserve.errors import HpcserveError
-from hpcserve.store import QueueSample
+
+
+class QueueSample(Protocol):
+    """What the plot reads of a queue sample (``hpcserve.store.QueueSample``, or the CLI's copy of the
+    API's JSON)."""
+
+    @property
+    def at(self) -> datetime: ...
+
+    @property
+    def partition(self) -> str: ...
+
+    @property
+    def pending_gpus(self) -> int: ...
 
 
 def _pyplot() -> Any:

@@ -139,6 +139,7 @@ LAZY_COMMANDS = {
     "scale": "hpcserve.cli.serve_cmds:scale",
     "rm": "hpcserve.cli.serve_cmds:rm",
     "logs": "hpcserve.cli.serve_cmds:logs",
+    "share": "hpcserve.cli.serve_cmds:share",
     "service": "hpcserve.cli.service_cmd:service",
     "simulate": "hpcserve.cli.simulate_cmd:simulate",
     "rebalance": "hpcserve.cli.rebalance_cmd:rebalance",

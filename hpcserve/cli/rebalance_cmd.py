@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from hpcserve.cli.main import Context
     from hpcserve.rebalance.control import Rebalancer, RoundReport
     from hpcserve.rebalance.types import RebalancePlan
-    from hpcserve.store import Plan
 
 JSON_HELP = "Print machine-readable JSON instead of text."
 
@@ -50,6 +49,7 @@ def rebalance(ctx: Context, mode: str, moves: tuple[str, ...], grace_s: int | No
         return
     report = rebalancer.round(wanted, grace_s)
     if as_json:
+        from hpcserve.api.admin import report_json
         from hpcserve.cli.output import emit_json
 
         emit_json(report_json(report))
@@ -70,25 +70,9 @@ def _rebalancer(ctx: Context, lock_ttl: float, manual: bool) -> Rebalancer:
     return Rebalancer(client, ctx.store(site), site, policy, plan_fn, ttl_s=lock_ttl)
 
 
-def plan_json(plan: RebalancePlan) -> dict[str, Any]:
-    from hpcserve.rebalance.steps import move_to_json
-
-    return {"target_inference_nodes": plan.target_inference_nodes,
-            "moves": [move_to_json(m) for m in plan.moves], "reasons": list(plan.reasons)}  # fmt: skip
-
-
-def report_json(report: RoundReport) -> dict[str, Any]:
-    return {
-        "locked": report.locked, "resumed_plans": list(report.resumed),
-        "resumed_nodes": list(report.repaired),
-        "reasserted": {name: list(nodes) for name, nodes in report.reasserted.items()},
-        "plan": plan_json(report.plan) if report.plan is not None else None,
-        "plan_id": report.plan_id, "state": report.state, "moves_applied": report.moves_applied,
-    }  # fmt: skip
-
-
 def _show_plan(plan: RebalancePlan, as_json: bool) -> None:
     if as_json:
+        from hpcserve.api.admin import plan_json
         from hpcserve.cli.output import emit_json
 
         emit_json(plan_json(plan))
@@ -130,24 +114,21 @@ RECENT_PLANS = 20
 
 
 def _list_plans(ctx: Context, as_json: bool) -> None:
-    recent = ctx.store(ctx.require_site()).plans(last=RECENT_PLANS)
+    """The recent plans, from the service's API (cluster facts anyone may read; no database opened)."""
+    from hpcserve.cli.serve_cmds import service_client
+
+    recent: list[dict[str, Any]] = service_client(ctx).call("GET", f"/v1/plans?last={RECENT_PLANS}")
     if as_json:
         from hpcserve.cli.output import emit_json
 
-        emit_json([stored_plan_json(p) for p in recent])
+        emit_json(recent)
         return
     from hpcserve.cli.output import emit_table
 
-    rows = [(p.id, p.state, _when(p.created_at), _when(p.finished_at), p.holder or "-",
-             ", ".join(f"{m['node']}->{m['dst']}" for m in p.moves)) for p in recent]  # fmt: skip
+    rows = [(p["id"], p["state"], _when(p["created_at"]), _when(p["finished_at"]), p["holder"] or "-",
+             ", ".join(f"{m['node']}->{m['dst']}" for m in p["moves"])) for p in recent]  # fmt: skip
     emit_table(f"{len(recent)} plans", ("PLAN", "STATE", "CREATED", "FINISHED", "LAST RUN BY", "MOVES"), rows)
 
 
-def stored_plan_json(plan: Plan) -> dict[str, Any]:
-    return {"id": plan.id, "state": plan.state, "created_at": plan.created_at.isoformat(),
-            "finished_at": plan.finished_at.isoformat() if plan.finished_at else None,
-            "holder": plan.holder, "moves": plan.moves, "reason": plan.reason}  # fmt: skip
-
-
-def _when(at: datetime | None) -> str:
-    return at.isoformat(timespec="seconds") if at is not None else "-"
+def _when(at: str | None) -> str:
+    return datetime.fromisoformat(at).isoformat(timespec="seconds") if at is not None else "-"

@@ -1,9 +1,11 @@
-"""``serve``, ``deployments``, ``scale``, ``rm`` and ``logs``: models served as Slurm jobs behind the gateway.
+"""``serve``, ``deployments``, ``scale``, ``share``, ``rm`` and ``logs``: models served as Slurm jobs behind
+the gateway, through the service's API.
 
-A deployment is stored with its owner (the calling Unix user); only the owner or a site admin may change
-it. ``serve`` records the desired state and runs one controller tick at once, so the first replicas are
-submitted without waiting for the service; ``--wait`` keeps ticking (under the leader lock, so a running
-``hpcserve service`` and this command never both act) until a replica is ready.
+These commands never open the database and never run the serving controller: they ask ``hpcserve
+service`` (its Unix socket, or TCP with munge from another login node), which knows the caller from the
+kernel or munge, checks ownership and the owner's limits against its own config, and stores the desired
+state; its controller submits the replicas. ``serve --wait`` only polls until a replica is ready. A
+user's ``--site`` only tells this CLI where the service is.
 """
 
 from __future__ import annotations
@@ -11,15 +13,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import click
 
-from hpcserve.identity import current_user
-
 if TYPE_CHECKING:
     from hpcserve.cli.main import Context
-    from hpcserve.config import SiteConfig
-    from hpcserve.store import Deployment, HistoryStore
+    from hpcserve.service.client import ServiceClient
 
 JSON_HELP = "Print machine-readable JSON instead of text."
 SPEC_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -71,40 +71,44 @@ def _engine_args(pairs: tuple[str, ...]) -> dict[str, str] | None:
     return parsed
 
 
-def _deployment_url(site: SiteConfig) -> str:
-    return f"{site.serving.gateway_url}/v1"
+def service_client(ctx: Context) -> ServiceClient:
+    """The service's client: $HPCSERVE_SOCKET, else the site config's ``service`` section (the default
+    socket when no site config is given)."""
+    from hpcserve.service.client import ServiceClient
+
+    return ServiceClient.for_site(ctx.load_site())
+
+
+def deployment_path(name: str, *rest: str) -> str:
+    return "/".join(["/v1/deployments", quote(name, safe=""), *rest])
 
 
 @click.command()
 @click.argument("model", required=False)
 @spec_flags
+@click.option("--account", help="Slurm account the replicas are charged to (default: your default account).")
+@click.option("--share-with", "share_with", multiple=True, metavar="USER|@GROUP|all",
+              help="Who else may reach it with their API keys (repeatable).")  # fmt: skip
 @click.option("--wait/--no-wait", default=False, help="Wait until a replica is ready, showing progress.")
 @click.option("--timeout", type=float, default=900.0, show_default=True, help="Seconds --wait waits.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.pass_obj
 def serve(ctx: Context, /, model: str | None, spec_file: Path | None, engine_args: tuple[str, ...],
-          wait: bool, timeout: float, as_json: bool, **flags: Any) -> None:  # fmt: skip
+          account: str | None, share_with: tuple[str, ...], wait: bool, timeout: float, as_json: bool,
+          **flags: Any) -> None:  # fmt: skip
     """Serve MODEL (a path or hub id) as Slurm jobs behind the gateway, autoscaled on queue depth."""
-    from hpcserve.jobs.policy import resolve
-    from hpcserve.serving.launcher import replica_request
-    from hpcserve.serving.spec import build_deployment, load_deployment
-    from hpcserve.serving.wiring import make_controller, tick_as_leader
+    from hpcserve.serving.spec import load_deployment
 
-    site = ctx.require_site()
-    policy = ctx.load_policy(site)
-    base = load_deployment(spec_file) if spec_file else None
+    base = load_deployment(spec_file).model_dump(mode="json") if spec_file else None
     if model and not flags.get("name") and base is None:
         flags["name"] = _name_from(model)
-    values = {**flags, "model": model, "engine_args": _engine_args(engine_args)}
-    spec = build_deployment(values, base)
-    resolve(replica_request(spec, 0), policy)  # refuse what the policy refuses before anything is stored
-    store = ctx.store(site)
-    store.create_deployment(spec.name, current_user(), spec.model_dump(mode="json"), spec.min_replicas)
-    controller = make_controller(site, policy, store)
-    tick_as_leader(controller, store, ttl_s=30)
+    values = {**flags, "model": model, "engine_args": _engine_args(engine_args), "account": account,
+              "shares": list(share_with) or None}  # fmt: skip
+    client = service_client(ctx)
+    row = client.call("POST", "/v1/deployments", {"values": values, "base": base})
     if wait:
-        _wait_ready(store, spec.name, timeout, lambda: tick_as_leader(controller, store, ttl_s=30), as_json)
-    _print_deployments(site, store, [spec.name], as_json)
+        row = _wait_ready(client, str(row["name"]), timeout, as_json)
+    _print_rows([row], as_json)
 
 
 def _name_from(model: str) -> str:
@@ -114,7 +118,8 @@ def _name_from(model: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", model.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-")[:63] or "model"
 
 
-def _wait_ready(store: HistoryStore, name: str, timeout: float, tick: Any, quiet: bool) -> None:
+def _wait_ready(client: ServiceClient, name: str, timeout: float, quiet: bool) -> dict[str, Any]:
+    """Poll the service until the deployment has a ready replica (the service's controller starts it)."""
     from rich.console import Console
 
     from hpcserve.errors import HpcserveError
@@ -123,47 +128,18 @@ def _wait_ready(store: HistoryStore, name: str, timeout: float, tick: Any, quiet
     console = Console(stderr=True, quiet=quiet)
     with console.status(f"{name}: waiting for the first ready replica") as status:
         while time.monotonic() < end:
-            tick()
-            replicas = store.replicas(name)
-            if any(r.state == "ready" for r in replicas):
-                return
-            status.update(f"{name}: " + (", ".join(f"replica {r.index} {r.state} (job {r.job_id})"
-                                                  for r in replicas) or "no replica yet"))  # fmt: skip
+            row: dict[str, Any] = client.call("GET", deployment_path(name))
+            if row["ready"]:
+                return row
+            status.update(f"{name}: " + (", ".join(f"replica {r['index']} {r['state']} (job {r['job_id']})"
+                                                  for r in row["replicas"]) or "no replica yet"))  # fmt: skip
             time.sleep(1.0)
     raise HpcserveError(f"{name}: no replica ready after {timeout:g}s (see: hpcserve logs {name})")
 
 
-def _rows(site: SiteConfig, store: HistoryStore, deployment: Deployment) -> dict[str, Any]:
-    replicas = store.replicas(deployment.name)
-    spec = deployment.spec
-    return {
-        "name": deployment.name, "owner": deployment.owner, "model": spec.get("model"),
-        "served_model_name": spec.get("served_model_name"), "engine": spec.get("engine"),
-        "desired": deployment.desired_replicas,
-        "ready": sum(r.state == "ready" for r in replicas),
-        "starting": sum(r.state == "starting" for r in replicas),
-        "draining": sum(r.state == "draining" for r in replicas),
-        "queue_depth": _queue_depth(store, deployment.name),
-        "endpoint": _deployment_url(site), "deleting": deployment.deleted,
-        "replicas": [{"index": r.index, "state": r.state, "job_id": r.job_id, "url": r.url}
-                     for r in replicas],
-    }  # fmt: skip
-
-
-def _queue_depth(store: HistoryStore, name: str) -> int:
-    """Waiting requests at the latest samples: the engines' queues plus the gateway's buffer."""
-    from datetime import UTC, datetime, timedelta
-
-    latest: dict[int | None, Any] = {}
-    for sample in store.engine_samples(name, since=datetime.now(UTC) - timedelta(seconds=30)):
-        latest[sample.replica] = sample
-    return sum((s.waiting or 0) + (s.gateway_waiting or 0) for s in latest.values())
-
-
-def _print_deployments(site: SiteConfig, store: HistoryStore, names: list[str] | None, as_json: bool) -> None:
+def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
     from hpcserve.cli.output import emit_json, emit_table
 
-    rows = [_rows(site, store, d) for d in store.list_deployments() if names is None or d.name in names]
     if as_json:
         emit_json(rows)
         return
@@ -179,8 +155,7 @@ def _print_deployments(site: SiteConfig, store: HistoryStore, names: list[str] |
 @click.pass_obj
 def deployments(ctx: Context, /, as_json: bool) -> None:
     """Deployments: owner, model, replicas ready/desired and starting, queue depth, endpoint URL."""
-    site = ctx.require_site()
-    _print_deployments(site, ctx.store(site), None, as_json)
+    _print_rows(service_client(ctx).call("GET", "/v1/deployments"), as_json)
 
 
 @click.command()
@@ -193,23 +168,27 @@ def deployments(ctx: Context, /, as_json: bool) -> None:
 def scale(ctx: Context, /, name: str, replicas: int | None, min_replicas: int | None,
           max_replicas: int | None, as_json: bool) -> None:  # fmt: skip
     """Set a deployment's replicas now (the autoscaler may move it within min..max), or its bounds."""
-    from hpcserve.serving.spec import build_deployment
-    from hpcserve.store import NotFound
+    body = {"replicas": replicas, "min_replicas": min_replicas, "max_replicas": max_replicas}
+    _print_rows([service_client(ctx).call("PATCH", deployment_path(name), body)], as_json)
 
-    site = ctx.require_site()
-    store, user = ctx.store(site), current_user()
-    deployment = store.get_deployment(name)
-    if deployment is None:
-        raise NotFound(f"no deployment {name!r} (see: hpcserve deployments)")
-    if min_replicas is not None or max_replicas is not None:
-        from hpcserve.serving.spec import DeploymentSpec
 
-        base = DeploymentSpec.model_validate(deployment.spec)
-        bounds = {"min_replicas": min_replicas, "max_replicas": max_replicas}
-        store.update_spec(name, build_deployment(bounds, base).model_dump(mode="json"), user=user)
-    if replicas is not None:
-        store.set_desired(name, replicas, user=user)
-    _print_deployments(site, store, [name], as_json)
+@click.command()
+@click.argument("name")
+@click.argument("who", nargs=-1, metavar="[USER|@GROUP|all]...")
+@click.option("--none", "unshare", is_flag=True, help="Share with nobody (only your own keys reach it).")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@click.pass_obj
+def share(ctx: Context, /, name: str, who: tuple[str, ...], unshare: bool, as_json: bool) -> None:
+    """Set who else may reach deployment NAME with their API keys (replaces the list)."""
+    from hpcserve.errors import ValidationError
+
+    if bool(who) == unshare:
+        raise ValidationError("share: give USER, @GROUP or all (one or more), or --none")
+    row = service_client(ctx).call("POST", deployment_path(name, "share"), {"shares": list(who)})
+    if as_json:
+        _print_rows([row], True)
+        return
+    click.echo(f"{name}: shared with {', '.join(row['shares'])}" if row["shares"] else f"{name}: not shared")
 
 
 @click.command()
@@ -218,57 +197,61 @@ def scale(ctx: Context, /, name: str, replicas: int | None, min_replicas: int | 
 @click.pass_obj
 def rm(ctx: Context, /, name: str, as_json: bool) -> None:
     """Remove a deployment: its replicas drain, then their jobs are cancelled."""
-    from hpcserve.store import NotFound
-
-    site = ctx.require_site()
-    store = ctx.store(site)
-    if store.get_deployment(name) is None:
-        raise NotFound(f"no deployment {name!r} (see: hpcserve deployments)")
-    gone = store.delete_deployment(name, user=current_user())
+    answer = service_client(ctx).call("DELETE", deployment_path(name))
     if as_json:
         from hpcserve.cli.output import emit_json
 
-        emit_json({"name": name, "removed": gone, "draining": not gone})
+        emit_json(answer)
         return
-    click.echo(f"{name}: removed" if gone else f"{name}: replicas draining; removed once they stop")
+    click.echo(
+        f"{name}: removed" if answer["removed"] else f"{name}: replicas draining; removed once they stop"
+    )
 
 
 @click.command()
 @click.argument("name")
-@click.option("-r", "--replica", "index", type=int, help="Only this replica (default: all).")
+@click.option("-r", "--replica", "index", type=click.IntRange(0), help="Only this replica (default: all).")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing as the logs grow.")
+@click.option("--json", "as_json", is_flag=True, help="Print each new chunk as a line of JSON.")
 @click.pass_obj
-def logs(ctx: Context, /, name: str, index: int | None, follow: bool) -> None:
-    """Print the logs of a deployment's replica jobs (their engines' output)."""
+def logs(ctx: Context, /, name: str, index: int | None, follow: bool, as_json: bool) -> None:
+    """Print the logs of a deployment's replica jobs (their engines' output); yours, or any as an admin."""
     from hpcserve.errors import HpcserveError
 
-    site = ctx.require_site()
-    store = ctx.store(site)
-    replicas = [r for r in store.replicas(name) if index is None or r.index == index]
-    files = [f for r in replicas if r.job_id for f in _log_files(site, name, r.job_id)]
-    if not files:
-        raise HpcserveError(f"{name}: no replica logs yet (see: hpcserve deployments)")
-    offsets = dict.fromkeys(files, 0)
+    client, offsets = service_client(ctx), dict[str, int]()
     while True:
-        for path in files:
-            offsets[path] = _print_new(path, offsets[path], len(files) > 1)
+        files = _fetch_logs(client, name, index, offsets)
+        if not offsets and not files and not follow:
+            raise HpcserveError(f"{name}: no replica logs yet (see: hpcserve deployments)")
+        prefix = len({f["name"] for f in files} | set(offsets)) > 1
+        for f in files:
+            _print_chunk(f, prefix, as_json)
+            offsets[f["name"]] = f["offset"]
+        if any(f["more"] for f in files):
+            continue
         if not follow:
             return
         time.sleep(0.5)
 
 
-def _log_files(site: SiteConfig, name: str, job_id: str) -> list[Path]:
-    folder = site.serving.replica_path() / name / job_id
-    return sorted(folder.glob(f"{job_id}_*_log.*"))
+def _fetch_logs(
+    client: ServiceClient, name: str, index: int | None, offsets: dict[str, int]
+) -> list[dict[str, Any]]:
+    from urllib.parse import urlencode
+
+    query = [("replica", str(index))] if index is not None else []
+    query += [("offset", f"{file}:{offset}") for file, offset in offsets.items()]
+    path = deployment_path(name, "logs") + ("?" + urlencode(query) if query else "")
+    files: list[dict[str, Any]] = client.call("GET", path)["files"]
+    return files
 
 
-def _print_new(path: Path, offset: int, prefix: bool) -> int:
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except FileNotFoundError:
-        return offset
-    for line in data.decode(errors="replace").splitlines():
-        click.echo(f"{path.name}: {line}" if prefix else line)
-    return offset + len(data)
+def _print_chunk(chunk: dict[str, Any], prefix: bool, as_json: bool) -> None:
+    if as_json:
+        from hpcserve.cli.output import emit_json
+
+        if chunk["data"]:
+            emit_json(chunk)
+        return
+    for line in chunk["data"].splitlines():
+        click.echo(f"{chunk['name']}: {line}" if prefix else line)
