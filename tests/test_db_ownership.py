@@ -9,6 +9,7 @@ import json
 import os
 import pwd
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -77,6 +78,19 @@ def test_bob_cannot_open_the_services_sqlite_file(shared_dir: Path) -> None:
     assert cli.returncode != 0 and "unable to open database file" in line, cli.stderr
     with HistoryStore(f"sqlite:///{db}") as store:
         assert store.lock_holder("rebalance") is None and store.get_state("probe") == {"written": True}
+
+
+def test_an_older_world_readable_database_is_closed_when_its_owner_opens_it(shared_dir: Path) -> None:
+    mine, theirs = shared_dir / "mine.db", shared_dir / "theirs.db"
+    for db in (mine, theirs):
+        sqlite3.connect(db).close()  # what an older hpcserve left: 0644 under the usual umask
+        db.chmod(0o644)
+    account = pwd.getpwnam("hpcserve")
+    os.chown(theirs, account.pw_uid, account.pw_gid)
+    for db in (mine, theirs):
+        with HistoryStore(f"sqlite:///{db}") as store:
+            store.schema_status()
+    assert (mode(mine), mode(theirs)) == (0o600, 0o644)  # someone else's file is not the caller's to change
 
 
 def test_the_service_account_owns_the_database_it_creates(shared_dir: Path) -> None:

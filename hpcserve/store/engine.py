@@ -6,8 +6,9 @@ write lock before its first read, so it waits (busy_timeout) instead of failing 
 process committed in between. Plain transactions start with ``BEGIN`` and read concurrently (WAL).
 
 The database belongs to whoever runs the service: a SQLite file hpcserve creates is 0600 (SQLite gives its
--wal and -shm files the same mode), and a folder hpcserve creates for it is 0700. Nobody else opens it; users
-reach the service's API instead.
+-wal and -shm files the same mode), and a folder hpcserve creates for it is 0700; a file of the caller's own
+that others could read (an older hpcserve's 0644) is closed to them on open. Nobody else opens it; users reach
+the service's API instead.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def _sqlite_engine(url: URL) -> Engine:
 
 def create_private(path: Path) -> None:
     """Make ``path``'s folder (0700, if missing; its parents as the umask says) and ``path`` itself, empty
-    and 0600, if missing. An existing file or folder keeps its mode and owner."""
+    and 0600, if missing. A file that exists and is the caller's own loses any group and other access (a
+    database an older hpcserve left 0644); someone else's file is left as it is."""
     folder = path.parent
     if not folder.is_dir():
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -95,8 +97,19 @@ def create_private(path: Path) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     except FileExistsError:
+        for each in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            _close_to_others(each)
         return
     os.close(fd)  # an empty file is an empty SQLite database; -wal and -shm will copy its mode
+
+
+def _close_to_others(path: Path) -> None:
+    try:
+        st = path.stat()
+    except OSError:
+        return  # missing, or in a folder the caller cannot enter: the open reports it
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        path.chmod(st.st_mode & 0o700)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
