@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from hpcserve.rebalance.control import (
     STATE,
     Rebalancer,
     default_plan_fn,
+    executor_settings,
     load_planner_state,
     manual_plan,
     parse_moves,
@@ -33,11 +35,12 @@ from hpcserve.rebalance.planner import PlannerState
 from hpcserve.rebalance.planning import PlanInput, planner_plan_fn
 from hpcserve.rebalance.sampler import Sampler, queue_samples
 from hpcserve.rebalance.split import Layout, desired_split, split_timeline, split_updates
-from hpcserve.rebalance.steps import plan_steps, signals_batch_shell
+from hpcserve.rebalance.steps import PHASES, bounds_refusal, plan_steps, signals_batch_shell
 from hpcserve.rebalance.types import NodeMove, RebalancePlan, Side
 from hpcserve.slurm.commands import signal_argv, update_nodes_argv, update_partition_argv
-from hpcserve.slurm.models import JobState
+from hpcserve.slurm.models import Job, JobState
 from hpcserve.store import HistoryStore, QueueSample
+from hpcserve.store.records import NewStep
 from tests.conftest import POLICY, REPO, SITE
 from tests.rebalance_fakes import T0, Clock, FakeSlurm, job
 
@@ -78,6 +81,10 @@ def to_training(node: str = "node5", grace_s: int = 30, preempt: tuple[str, ...]
     return RebalancePlan(
         1, (NodeMove(node, Side.INFERENCE, Side.TRAINING, "test", preempt, grace_s),), ("t",)
     )
+
+
+def replace_job(j: Job, **changes: object) -> Job:
+    return msgspec.structs.replace(j, **changes)
 
 
 def kinds_called(slurm: FakeSlurm) -> list[str]:
@@ -175,18 +182,116 @@ def test_preemptible_jobs_get_usr2_then_the_rest_is_requeued_after_the_grace(
     slurm.scripts["11"] = TRAP
     slurm.on_signal = lambda job_id, batch: slurm.leave(job_id) if job_id == "11" else None  # 11 checkpoints
     ex = executor(slurm, store, clock)
-    plan_id = ex.submit(to_training(grace_s=30, preempt=("12",)))
+    plan_id = ex.submit(to_training(grace_s=30, preempt=("12",)))  # the stored list is never read
     assert ex.run(plan_id) == "done"
 
     signals = [c[1:] for c in slurm.calls if c[0] == "signal"]
-    assert signals == [("11", "USR2", "batch"), ("12", "USR2", "steps")]  # 13 not preemptible, 14 shared
+    assert signals == [("11", "USR2", "batch")]  # 12 and 13 not preemptible, 14 shared
     assert [c[1] for c in slurm.calls if c[0] == "requeue"] == ["12", "13"]
     steps = {s.kind: s for s in store.steps(plan_id)}
-    assert steps["signal"].detail == "signalled: 11 batch, 12 steps"
+    assert steps["signal"].detail == "signalled: 11 batch"
     assert steps["wait"].detail == "requeued 12, 13 after the 30s grace period"
     assert steps["move"].started_at is not None and steps["signal"].finished_at is not None
     assert (steps["move"].started_at - steps["signal"].finished_at).total_seconds() >= 30
     assert next(j for j in slurm.job_list if j.id == "14").state is JobState.RUNNING
+
+
+# ------------------------------------------------------------------- stored plans are not trusted
+def policy_executor(slurm: FakeSlurm, store: HistoryStore, clock: Clock, **rules: int) -> Executor:
+    """The executor as the service builds it (control.executor_settings), with a policy's rebalance rules."""
+    policy = load_policy(POLICY)
+    policy = policy.model_copy(update={"rebalance": policy.rebalance.model_copy(update=rules)})
+    settings = replace(executor_settings(policy), settle_s=10, resume_timeout_s=5)
+    return Executor(slurm, store, LAYOUT, settings, clock=clock, sleep=clock.sleep)
+
+
+def hand_written_plan(store: HistoryStore, node: str, src: Side, dst: Side, preempt: list[str]) -> int:
+    """A plan row written straight into the database (as the service account could), not by submit()."""
+    move = {"node": node, "src": src.value, "dst": dst.value, "reason": "by hand", "preempt": preempt,
+            "grace_s": 5}  # fmt: skip
+    steps = [NewStep(node=node, src=src.value, dst=dst.value, kind=kind) for kind in PHASES]
+    return store.create_plan("by hand", [move], steps)
+
+
+def test_a_hand_written_plan_for_an_unmanaged_node_is_refused_before_slurm_is_touched(
+    slurm: FakeSlurm, store: HistoryStore, clock: Clock
+) -> None:
+    slurm.job_list = [job(21, "node1", "train", "hpcserve:training:a")]
+    slurm.set_node("node1", flags=frozenset({"DRAIN"}), reason="hpcserve: moving to inference (plan 9)")
+    plan_id = hand_written_plan(store, "node1", Side.TRAINING, Side.INFERENCE, ["21"])
+    assert policy_executor(slurm, store, clock).run(plan_id) == "failed"
+    assert kinds_called(slurm) == []  # no drain, signal, requeue, partition update, nor resume (of node1 too)
+    first = store.steps(plan_id)[0]
+    assert first.state == "failed" and "node1 is not in the site's managed pool (node[3-6])" in first.detail
+    plan = store.plan(plan_id)
+    assert slurm.parts["train"] == ("node1", "node2", "node3", "node4") and plan and plan.state == "failed"
+
+
+def test_a_step_that_is_not_its_plans_move_is_refused(
+    slurm: FakeSlurm, store: HistoryStore, clock: Clock
+) -> None:
+    move = {"node": "node5", "src": "inference", "dst": "training", "grace_s": 5}
+    plan_id = store.create_plan("by hand", [move], [NewStep("node6", "inference", "training", "drain")])
+    assert policy_executor(slurm, store, clock).run(plan_id) == "failed"
+    assert "names node6, which plan 1 does not move" in store.steps(plan_id)[0].detail
+    backwards = hand_written_plan(store, "node5", Side.INFERENCE, Side.INFERENCE, [])
+    assert policy_executor(slurm, store, clock).run(backwards) == "failed"
+    assert "does not match its plan's move" in store.steps(backwards)[0].detail
+    assert kinds_called(slurm) == []
+
+
+def test_the_policy_node_counts_are_rechecked_before_each_step(
+    slurm: FakeSlurm, store: HistoryStore, clock: Clock
+) -> None:
+    plan_id = hand_written_plan(store, "node5", Side.INFERENCE, Side.TRAINING, [])
+    assert policy_executor(slurm, store, clock, min_inference_nodes=4).run(plan_id) == "failed"
+    detail = store.steps(plan_id)[0].detail
+    assert "leaves inference 3 node(s), below the policy's min_inference_nodes 4" in detail
+    assert kinds_called(slurm) == []
+    ok = hand_written_plan(store, "node5", Side.INFERENCE, Side.TRAINING, [])
+    assert policy_executor(slurm, store, clock, min_inference_nodes=3, max_training_nodes=5).run(ok) == "done"
+
+
+def test_bounds_count_every_move_of_the_plan_not_yet_carried_out() -> None:
+    parts = {"train": ("node1", "node2", "node3", "node4"), "infer": ("node5", "node6", "node7", "node8")}
+    rules = load_policy(POLICY).rebalance.model_copy(update={"min_training_nodes": 3})
+    two = [
+        NodeMove("node3", Side.TRAINING, Side.INFERENCE, "a"),
+        NodeMove("node4", Side.TRAINING, Side.INFERENCE, "b"),
+    ]
+    assert bounds_refusal(LAYOUT, rules, parts, two[:1]) is None
+    assert "leaves training 2 node(s)" in (bounds_refusal(LAYOUT, rules, parts, two) or "")
+    moved = {"train": ("node1", "node2", "node3"), "infer": ("node4", "node5", "node6", "node7", "node8")}
+    assert "leaves training 2 node(s)" in (
+        bounds_refusal(LAYOUT, rules, moved, two) or ""
+    )  # node3 still to go
+    two_left = rules.model_copy(update={"min_training_nodes": 2})
+    assert bounds_refusal(LAYOUT, two_left, moved, two) is None  # node4 moved already: not counted twice
+
+
+def test_jobs_to_signal_are_recomputed_from_slurm_never_the_stored_list(
+    slurm: FakeSlurm, store: HistoryStore, clock: Clock
+) -> None:
+    hours, week = 5 * 3600, 7 * 86400  # over 4 hours: the training class only (not interactive)
+    slurm.job_list = [
+        replace_job(job(31, "node4", "train"), time_limit_s=hours),  # the training class: preemptible
+        replace_job(job(32, "node4", "train"), time_limit_s=week),  # fits no class: not preemptible
+        replace_job(job(33, "node6", "infer"), time_limit_s=hours),  # another node: listed, never signalled
+    ]
+    plan_id = hand_written_plan(store, "node4", Side.TRAINING, Side.INFERENCE, ["32", "33", "33_1"])
+    assert policy_executor(slurm, store, clock).run(plan_id) == "done"
+    assert [c[1] for c in slurm.calls if c[0] == "signal"] == ["31"]
+    assert [c[1] for c in slurm.calls if c[0] == "requeue"] == ["31", "32"]  # left after the grace
+    assert next(j for j in slurm.job_list if j.id == "33").state is JobState.RUNNING
+
+
+def test_replicas_on_an_inference_node_going_back_get_usr2(
+    slurm: FakeSlurm, store: HistoryStore, clock: Clock
+) -> None:
+    slurm.job_list = [job(41, "node6", "infer", "hpcserve:replica:llama:0"), job(42, "node6", "infer")]
+    plan_id = hand_written_plan(store, "node6", Side.INFERENCE, Side.TRAINING, [])
+    assert policy_executor(slurm, store, clock).run(plan_id) == "done"
+    assert [c[1] for c in slurm.calls if c[0] == "signal"] == ["41"]
 
 
 def test_a_killed_signal_step_never_signals_a_job_twice(

@@ -165,6 +165,16 @@ def _preemptible_grace(cycle: Cycle, job: Job) -> int | str:
     return max(c.grace_s for c in classes)
 
 
+def preemptible_now(job: Job, policy: Policy, src: Side) -> bool:
+    """Whether ``job``, found on a node leaving ``src``, may be preempted: a serving replica leaving the
+    inference side, or a job whose every fitting policy class is preemptible (the planner's own rule; the
+    executor applies it again to the jobs Slurm shows on the node when it signals)."""
+    if src is Side.INFERENCE and parse_replica_tag(job.tag):
+        return True
+    classes = _classes_of(job, policy)
+    return bool(classes) and all(c.preemptible for c in classes)
+
+
 def _classes_of(job: Job, policy: Policy) -> list[JobClass]:
     """The policy classes that could have submitted ``job``: partition, QoS, time limit and GPUs fit."""
     partitions = job.partition.split(",")

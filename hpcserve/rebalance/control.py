@@ -97,7 +97,7 @@ def default_plan_fn() -> PlanFn | None:
 
 def executor_settings(policy: Policy) -> ExecutorSettings:
     kinds = frozenset(name.value for name, rules in policy.classes.items() if rules.preemptible)
-    return ExecutorSettings(preemptible_kinds=kinds)
+    return ExecutorSettings(preemptible_kinds=kinds, policy=policy)
 
 
 def default_grace_s(policy: Policy) -> int:

@@ -7,6 +7,11 @@ resumes the plan from its first step that is not done. Signals are sent at most 
 records a job before signalling it. A wait measures its grace period from the signal step's end, so a
 restart does not lengthen it.
 
+Nothing in a stored plan is trusted (a row may have been written by hand): before each step the node is
+re-checked against the site's managed pool, the step against its plan's move, and the plan's remaining
+moves against the policy's node counts per side; the jobs to signal are those Slurm shows on the node at
+the signal step that the policy lets preempt (a ``preempt`` list in the row is never read).
+
 Errors: Slurm or the database being unreachable leaves the plan running for the next call to resume; a
 step that cannot succeed (a node drained by an admin, jobs that cannot be requeued) fails the plan, and
 its drained nodes are resumed where they are ("orphan drain" repair: no node stays drained by hpcserve
@@ -26,6 +31,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from hpcserve.errors import HpcserveError, SlurmCommandError, ValidationError
 from hpcserve.hostlists import collect
@@ -33,6 +39,7 @@ from hpcserve.rebalance.split import Layout, desired_split, split_updates
 from hpcserve.rebalance.steps import (
     PHASES,
     UNFINISHED,
+    bounds_refusal,
     drain_reason,
     drained_by_us,
     holding_jobs,
@@ -41,6 +48,7 @@ from hpcserve.rebalance.steps import (
     plan_reason,
     plan_steps,
     preemptible,
+    refusal,
     signalled,
     signals_batch_shell,
 )
@@ -49,6 +57,9 @@ from hpcserve.slurm.models import Job, Node
 from hpcserve.slurm.protocol import SlurmOperator
 from hpcserve.store import HistoryStore, NotFound, Plan, Step
 from hpcserve.store.store import utc_now
+
+if TYPE_CHECKING:
+    from hpcserve.config.policy import Policy
 
 log = logging.getLogger("hpcserve.rebalance")
 CRASH_ENV = "HPCSERVE_CRASH_AFTER"
@@ -78,10 +89,12 @@ def crash_point(env: Mapping[str, str] = os.environ) -> tuple[str, str] | None:
 
 @dataclass(frozen=True, slots=True)
 class ExecutorSettings:
-    """``preemptible_kinds``: job classes (hpcserve tag kinds) whose jobs get USR2; ``settle_s``: how long
+    """``preemptible_kinds``: job classes (hpcserve tag kinds) whose jobs get USR2; ``policy``: whose
+    preemptible classes get USR2 too, and whose node counts each step re-checks; ``settle_s``: how long
     requeued jobs get to leave; ``resume_timeout_s``: how long to wait for a resumed node to be idle."""
 
     preemptible_kinds: frozenset[str] = frozenset()
+    policy: Policy | None = None  # preemptible job classes and the node counts per side, re-checked per step
     poll_s: float = 1.0
     settle_s: float = 60.0
     resume_timeout_s: float = 60.0
@@ -138,14 +151,14 @@ class Executor:
             raise NotFound(f"no rebalance plan {plan_id}")
         if plan.state not in UNFINISHED:
             return plan.state
-        moves = {str(m["node"]): move_from_json(m) for m in plan.moves}
         self._store.set_plan_state(plan_id, "running", holder=self._holder)
         steps = self._store.steps(plan_id)
         for index, step in enumerate(steps):
             if step.state == "done":
                 continue
             try:
-                steps[index] = self._step(step, moves[step.node], steps)
+                move = self._guard(step, plan)
+                steps[index] = self._step(step, move, steps)
             except (StepFailed, SlurmCommandError) as exc:
                 if isinstance(exc, SlurmCommandError) and transient(exc):
                     raise
@@ -153,6 +166,27 @@ class Executor:
         self._store.set_plan_state(plan_id, "done")
         log.info("rebalance plan %d done", plan_id)
         return "done"
+
+    def _guard(self, step: Step, plan: Plan) -> NodeMove:
+        """The step's move, re-checked against the site and the policy before the step acts: the plan row may
+        have been written by hand, so a node outside the managed pool, a step that is not its plan's move, or
+        moves that break the policy's node counts fail the plan before Slurm is touched."""
+        try:
+            moves = {str(m["node"]): move_from_json(m) for m in plan.moves}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StepFailed(f"plan {plan.id} has a move that does not parse ({exc!r}): refused") from exc
+        move = moves.get(step.node)
+        if move is None:
+            raise StepFailed(
+                f"step {step.seq} names {step.node}, which plan {plan.id} does not move: refused"
+            )
+        why = refusal(self._layout, move, step)
+        if why is None and self._settings.policy is not None:
+            rules = self._settings.policy.rebalance
+            why = bounds_refusal(self._layout, rules, self._partitions(), moves.values())
+        if why is not None:
+            raise StepFailed(f"plan {plan.id} refused: {why}")
+        return move
 
     def _fail(self, step: Step, exc: HpcserveError) -> str:
         log.error("rebalance plan %d failed at step %d (%s %s): %s", step.plan_id, step.seq, step.kind,
@@ -192,7 +226,8 @@ class Executor:
         done = {entry.split()[0] for entry in entries}
         kinds = self._settings.preemptible_kinds
         jobs = holding_jobs(self._client.jobs(), step.node, self._layout.shared)
-        for job in (j for j in jobs if preemptible(j, move, kinds) and str(j.job_id) not in done):
+        policy = self._settings.policy  # recomputed from what Slurm shows on the node now, never the row
+        for job in (j for j in jobs if preemptible(j, move.src, kinds, policy) and str(j.job_id) not in done):
             batch = self._traps_usr2(job)
             entries.append(f"{job.job_id} {'batch' if batch else 'steps'}")
             # recorded first: a crash between the two never signals a job twice
@@ -291,10 +326,10 @@ class Executor:
         return updates
 
     def repair_orphans(self) -> list[str]:
-        """Resume nodes hpcserve drained that no unfinished plan is moving; their names."""
-        busy = {str(m["node"]) for p in self.unfinished() for m in p.moves}
-        orphans = [n.name for n in self._client.nodes()
-                   if "DRAIN" in n.flags and drained_by_us(n.reason) and n.name not in busy]  # fmt: skip
+        """Resume managed nodes hpcserve drained that no unfinished plan is moving; their names."""
+        busy = {str(m.get("node")) for p in self.unfinished() for m in p.moves}
+        orphans = [n.name for n in self._client.nodes() if "DRAIN" in n.flags and drained_by_us(n.reason)
+                   and n.name not in busy and self._layout.managed(n.name)]  # fmt: skip
         for name in orphans:
             log.warning("%s is drained by hpcserve but no plan is moving it: resuming it", name)
             self._client.resume([name])

@@ -1,5 +1,6 @@
 """What the executor persists and decides without I/O: a plan's steps, its moves as JSON, the drain reason,
-which jobs hold a node and how to signal them.
+which jobs hold a node and how to signal them, and whether a stored step may run at all (managed pool,
+the policy's node counts): a plan row may have been written by hand, so nothing in it is trusted.
 
 A plan's steps run phase by phase (every node drained, then every node's jobs signalled, then waited for,
 moved, resumed), so the grace periods of several nodes overlap instead of adding up.
@@ -9,11 +10,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from hpcserve.hostlists import collect
+from hpcserve.rebalance.candidates import preemptible_now
+from hpcserve.rebalance.split import Layout
 from hpcserve.rebalance.types import NodeMove, RebalancePlan, Side
 from hpcserve.slurm.models import TAG_PREFIX, Job, JobState
 from hpcserve.store.records import NewStep, Step
+
+if TYPE_CHECKING:
+    from hpcserve.config.policy import Policy, RebalanceRules
 
 PHASES = ("drain", "signal", "wait", "move", "resume")
 DRAIN_PREFIX = "hpcserve: moving to "
@@ -75,9 +82,51 @@ def tag_kind(tag: str | None) -> str | None:
     return tag.removeprefix(TAG_PREFIX).split(":", 1)[0] or None
 
 
-def preemptible(job: Job, move: NodeMove, kinds: frozenset[str]) -> bool:
-    """The planner named the job, or its hpcserve tag says its job class is preemptible."""
-    return job.id in move.preempt or str(job.job_id) in move.preempt or tag_kind(job.tag) in kinds
+def preemptible(job: Job, src: Side, kinds: frozenset[str], policy: Policy | None) -> bool:
+    """Whether a job Slurm shows on a node leaving ``src`` gets USR2: its hpcserve tag's kind is a
+    preemptible class, or the policy says it may be preempted (``candidates.preemptible_now``). Never a
+    stored list: the ``preempt`` ids a plan row carries are not read here."""
+    return tag_kind(job.tag) in kinds or (policy is not None and preemptible_now(job, policy, src))
+
+
+def refusal(layout: Layout, move: NodeMove, step: Step) -> str | None:
+    """Why a stored step must not run on its node (None: it may): the node is outside the site's managed
+    pool, or the step does not match its plan's move."""
+    if not layout.managed(step.node):
+        pool = collect(sorted(layout.start)) or "empty"
+        return f"{step.node} is not in the site's managed pool ({pool}): hpcserve never touches it"
+    if (move.node, move.src.value, move.dst.value) != (step.node, step.src, step.dst) or move.src is move.dst:
+        return f"step {step.seq} ({step.node} {step.src}->{step.dst}) does not match its plan's move"
+    return None
+
+
+def bounds_refusal(
+    layout: Layout, rules: RebalanceRules, partitions: Mapping[str, Sequence[str]], moves: Iterable[NodeMove]
+) -> str | None:
+    """Why the plan's moves not yet carried out would break the policy's node counts per side (None: they
+    do not). Counts are whole sides (as the planner counts them); only a side the plan shrinks is held to
+    its minimum and only one it grows to its maximum."""
+    count = {side: len(partitions.get(layout.partition(side), ())) for side in Side}
+    delta = dict.fromkeys(Side, 0)
+    for move in moves:
+        if move.node in partitions.get(layout.partition(move.src), ()) and move.node not in partitions.get(
+            layout.partition(move.dst), ()
+        ):
+            delta[move.src] -= 1
+            delta[move.dst] += 1
+    for side in Side:
+        after, (low, high), name = count[side] + delta[side], _limits(rules, side), side.value
+        if delta[side] < 0 and after < low:
+            return f"the plan leaves {name} {after} node(s), below the policy's min_{name}_nodes {low}"
+        if delta[side] > 0 and high is not None and after > high:
+            return f"the plan gives {name} {after} node(s), above the policy's max_{name}_nodes {high}"
+    return None
+
+
+def _limits(rules: RebalanceRules, side: Side) -> tuple[int, int | None]:
+    if side is Side.TRAINING:
+        return rules.min_training_nodes, rules.max_training_nodes
+    return rules.min_inference_nodes, rules.max_inference_nodes
 
 
 def signals_batch_shell(script: str) -> bool:
