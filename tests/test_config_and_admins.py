@@ -70,7 +70,7 @@ def test_no_system_files_means_no_config_and_a_fix_to_pass_one(
     cli_main.main([WHERE])
     assert seen == [(None, None)]
     with pytest.raises(SystemExit) as failed:
-        cli_main.main(["rebalance", "--plans"])
+        cli_main.main(["rebalance", "--dry-run"])
     assert failed.value.code == 2
     assert capsys.readouterr().err == "error: no site config (fix: pass --site or set HPCSERVE_SITE)\n"
 
