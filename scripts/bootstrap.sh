@@ -29,7 +29,10 @@ fi
 # (a bare `torch` requirement would fetch a CUDA build of several GB).
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e '.[dev,postgres,train,plot]' --config-settings editable_mode=strict
-# systemd-analyze checks the site install's unit files (tests/test_site_install.py); no systemd needs to run
-command -v systemd-analyze >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq &&
-  apt-get install -y -qq --no-install-recommends systemd >/dev/null; }
+# systemd-analyze checks the site install's unit files and visudo its sudoers rule (tests/test_site_install.py);
+# no systemd needs to run
+if ! command -v systemd-analyze >/dev/null || ! command -v visudo >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd sudo >/dev/null
+fi
 bash scripts/minicluster.sh start
