@@ -17,8 +17,6 @@ from sqlalchemy.exc import OperationalError
 
 from hpcserve.cli.history_cmd import parse_since
 from hpcserve.cli.history_plot import plot_history
-from hpcserve.cli.service_cmd import _guarded
-from hpcserve.cli.service_metrics import ServiceMetrics
 from hpcserve.config import load_policy, load_site_config
 from hpcserve.errors import HpcserveError, SlurmCommandError, ValidationError
 from hpcserve.rebalance.control import (
@@ -37,6 +35,8 @@ from hpcserve.rebalance.sampler import Sampler, queue_samples
 from hpcserve.rebalance.split import Layout, desired_split, split_timeline, split_updates
 from hpcserve.rebalance.steps import PHASES, bounds_refusal, plan_steps, signals_batch_shell
 from hpcserve.rebalance.types import NodeMove, RebalancePlan, Side
+from hpcserve.service.main import _guarded
+from hpcserve.service.metrics import ServiceMetrics
 from hpcserve.slurm.commands import signal_argv, update_nodes_argv, update_partition_argv
 from hpcserve.slurm.models import Job, JobState
 from hpcserve.store import HistoryStore, QueueSample

@@ -1,0 +1,206 @@
+"""The service's composition root: its scheduler jobs (APScheduler) and its API, wired from the service's own
+config, store and Slurm client.
+
+Each job is one tick of load -> decide -> apply -> record; an error is logged and the next tick runs as
+planned, it never reaches the scheduler. A database that went away (a PostgreSQL restart) is one log line
+per tick until it is back; the engine checks pooled connections before use (``pool_pre_ping``), so the
+next tick reconnects. Only the process holding a job's database lease acts (the serving controller's,
+and "rebalance", shared with ``hpcserve rebalance --apply`` from cron), so two processes never both act.
+
+Jobs: serving (reconcile + autoscale), sampler (queue samples), rebalance (finish crashed plans, re-assert
+the split, plan and move nodes), retention. The API serves users on the socket (see ``http.py``); /metrics
+serves the jobs' counters on the admin address.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from hpcserve.config import Policy, SiteConfig
+    from hpcserve.rebalance.control import RoundReport
+    from hpcserve.service.metrics import ServiceMetrics
+    from hpcserve.service.server import ApiServer
+    from hpcserve.slurm.runner import SubprocessRunner
+    from hpcserve.store import HistoryStore
+
+log = logging.getLogger("hpcserve.service")
+Jobs = dict[str, tuple[Callable[[], object], float]]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceOptions:
+    once: bool = False  # each job once, then exit (cron, tests); no API
+    sample_interval_s: float = 30.0  # 0: no sampler
+    rebalance_interval_s: float = 60.0  # 0: no rebalancing
+    metrics_port: int = 9464  # 0: no /metrics
+
+
+def run_service(site: SiteConfig, policy: Policy, store: HistoryStore, runner: SubprocessRunner,
+                options: ServiceOptions) -> None:  # fmt: skip
+    """Run the jobs (and, unless ``once``, the API and /metrics) until the process is stopped."""
+    from hpcserve.service.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics()
+    jobs = _jobs(site, policy, store, runner, metrics, options)
+    if options.once:
+        for name, (func, _) in jobs.items():
+            _guarded(name, func, metrics)()
+        return
+    if options.metrics_port:
+        _serve_metrics(metrics, options.metrics_port, site)
+    api = _start_api(site, policy, store)
+    try:
+        _schedule(jobs, metrics)
+    finally:
+        api.stop()
+
+
+def _jobs(site: SiteConfig, policy: Policy, store: HistoryStore, runner: SubprocessRunner,
+          metrics: ServiceMetrics, options: ServiceOptions) -> Jobs:  # fmt: skip
+    jobs = _serving_jobs(site, policy, store)
+    if options.sample_interval_s > 0:
+        jobs["sampler"] = (_sampler_tick(site, store, metrics), options.sample_interval_s)
+    if options.rebalance_interval_s > 0:
+        interval = options.rebalance_interval_s
+        jobs["rebalance"] = (_rebalance_tick(runner, site, policy, store, metrics, interval), interval)
+    return jobs
+
+
+def _guarded(
+    name: str, func: Callable[[], object], metrics: ServiceMetrics | None = None
+) -> Callable[[], None]:
+    """``func`` with its errors logged instead of raised into the scheduler (and counted)."""
+    from sqlalchemy.exc import DBAPIError
+
+    from hpcserve.errors import SlurmCommandError
+    from hpcserve.store import DatabaseUnavailable
+
+    def run() -> None:
+        if metrics is not None:
+            metrics.ticked(name)
+        try:
+            func()
+        except (DatabaseUnavailable, DBAPIError) as exc:
+            _count(metrics, name)
+            first = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
+            log.warning("%s: database unavailable (%s); the next tick retries", name, first[0])
+        except SlurmCommandError as exc:  # slurmctld down or slow: expected in operation, no traceback
+            _count(metrics, name)
+            log.warning("%s: Slurm command failed (%s); the next tick retries", name, exc)
+        except Exception:
+            _count(metrics, name)
+            log.exception("%s failed; the next tick runs as planned", name)
+
+    return run
+
+
+def _count(metrics: ServiceMetrics | None, name: str) -> None:
+    if metrics is not None:
+        metrics.failed(name)
+
+
+def _start_api(site: SiteConfig, policy: Policy, store: HistoryStore) -> ApiServer:
+    """The HTTP API on the service's socket (and TCP with munge, when ``service.listen`` is set)."""
+    from hpcserve.api.context import ApiContext
+    from hpcserve.service.client import SOCKET_ENV
+    from hpcserve.service.http import Transport, make_api_app
+    from hpcserve.service.routes import route_tables
+    from hpcserve.service.server import ApiServer
+    from hpcserve.slurm.factory import make_client
+
+    api = ApiContext(site, policy, store, make_client(site))
+    tables = route_tables()
+
+    def make_app(transport: Transport) -> web.Application:
+        return make_api_app(api, tables, transport)
+
+    socket_path = Path(os.environ.get(SOCKET_ENV) or site.service.socket)
+    server = ApiServer(make_app, socket_path, site.service.listen)
+    server.start()
+    return server
+
+
+def _serve_metrics(metrics: ServiceMetrics, port: int, site: SiteConfig) -> None:
+    """/metrics on ``port`` of the admin host of ``service.metrics_listen`` (never every address); a port
+    already taken (another service) costs the metrics, not the service."""
+    host = site.service.metrics_listen.rpartition(":")[0].strip("[]")
+    try:
+        metrics.serve(port, host)
+    except OSError as exc:
+        log.warning("no /metrics: cannot listen on %s:%d (%s); pass --metrics-port", host, port, exc.strerror)
+        return
+    log.info("metrics on http://%s:%d/metrics", host, port)
+
+
+def _schedule(jobs: Jobs, metrics: ServiceMetrics) -> None:
+    from apscheduler.schedulers.blocking import BlockingScheduler  # type: ignore[import-untyped]
+
+    scheduler = BlockingScheduler(timezone=UTC)
+    for name, (func, seconds) in jobs.items():
+        scheduler.add_job(_guarded(name, func, metrics), "interval", seconds=seconds, id=name, name=name,
+                          max_instances=1, coalesce=True, next_run_time=datetime.now(UTC))  # fmt: skip
+    log.info("hpcserve service: %s", ", ".join(f"{n} every {s:g}s" for n, (_, s) in jobs.items()))
+    scheduler.start()
+
+
+def _serving_jobs(site: SiteConfig, policy: Policy, store: HistoryStore) -> Jobs:
+    from hpcserve.serving.wiring import make_controller, tick_as_leader
+
+    interval = site.serving.controller_interval_s
+    controller = make_controller(site, policy, store)
+    return {
+        "serving": (lambda: tick_as_leader(controller, store, ttl_s=max(10 * interval, 10)), interval),
+        "retention": (lambda: store.apply_retention(datetime.now(UTC)), 3600.0),
+    }
+
+
+def _sampler_tick(site: SiteConfig, store: HistoryStore, metrics: ServiceMetrics) -> Callable[[], None]:
+    from hpcserve.rebalance.sampler import Sampler
+    from hpcserve.slurm.factory import make_client
+
+    sampler = Sampler(make_client(site), store)
+
+    def tick() -> None:
+        try:
+            sampler.tick()
+        finally:
+            metrics.sampled(sampler)
+
+    return tick
+
+
+def _rebalance_tick(runner: SubprocessRunner, site: SiteConfig, policy: Policy, store: HistoryStore,
+                    metrics: ServiceMetrics, interval: float) -> Callable[[], None]:  # fmt: skip
+    from hpcserve.rebalance.control import Rebalancer, default_plan_fn
+    from hpcserve.slurm.cli_backend import CliSlurmClient
+
+    client = CliSlurmClient(runner, timeout=site.slurm.command_timeout_s)
+    ttl_s = max(3 * interval, 120.0)
+    rebalancer = Rebalancer(client, store, site, policy, default_plan_fn(), ttl_s=ttl_s)
+
+    def tick() -> None:
+        report = rebalancer.round()
+        _log_round(report)
+        metrics.rebalanced(report)
+
+    return tick
+
+
+def _log_round(report: RoundReport) -> None:
+    """One line for a plan the round carried out, with its reasons (the executor logs its steps, repairs
+    and re-asserted partitions itself)."""
+    if report.locked:
+        log.info("rebalance: another process holds the lock; skipped")
+    if report.plan is not None and report.plan_id is not None:
+        moves = ", ".join(f"{m.node} {m.src.value}->{m.dst.value}" for m in report.plan.moves)
+        log.info("rebalance: plan %d %s (%s): %s", report.plan_id, report.state, moves,
+                 "; ".join(report.plan.reasons))  # fmt: skip
