@@ -36,3 +36,12 @@ if ! command -v systemd-analyze >/dev/null || ! command -v visudo >/dev/null; th
   apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd sudo >/dev/null
 fi
 bash scripts/minicluster.sh start
+# The multi-user tests and the quickstart run this checkout's hpcserve as real users (alice, bob, carol): every
+# folder above it must be enterable, and the checkout readable, by them (a clone under /root is not).
+d=$PWD
+while [ "$d" != / ]; do
+  [ "$(stat -c %A "$d" | cut -c10)" = x ] || { chmod o+x "$d"; echo "bootstrap: chmod o+x $d (for the test users)"; }
+  d=$(dirname "$d")
+done
+runuser -u nobody -- test -x .venv/bin/python -a -r hpcserve/__init__.py ||
+  echo "bootstrap: warning: other users cannot run $PWD/.venv/bin/python (the multi-user tests will fail)" >&2
