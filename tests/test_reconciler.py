@@ -1,35 +1,37 @@
-"""The replica reconciler, purely: launches, readiness, replacement of dead replicas, drain before cancel."""
+"""The replica reconciler, purely: launches, readiness, replacement of dead replicas, drain before cancel; and
+which tagged jobs are replicas at all (the recorded job id, run by the owner), whatever their tag says."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
 from hpcserve.serving.reconciler import (
-    Adopt,
+    Announcement,
     Cancel,
     Forget,
     Launch,
     Observed,
+    Recorded,
     ReplicaState,
     ReplicaView,
     SetState,
     reconcile,
+    trusted_jobs,
 )
-from hpcserve.serving.replica import Announcement
 from hpcserve.slurm.models import Job, JobState
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 EARLIER = NOW - timedelta(seconds=30)
 
 
-def job(job_id: int, state: JobState = JobState.RUNNING, start: datetime | None = EARLIER) -> Job:
-    return Job(str(job_id), job_id, "d-r", "alice", "a", "infer", state, 1, start=start)
+def job(
+    job_id: int, state: JobState = JobState.RUNNING, start: datetime | None = EARLIER, user: str = "alice"
+) -> Job:
+    return Job(str(job_id), job_id, "d-r", user, "a", "infer", state, 1, start=start)
 
 
 def note(index: int, job_id: int, at: datetime = NOW) -> Announcement:
-    return Announcement(
-        "d", index, str(job_id), "node5", 8000 + index, f"http://node5:{8000 + index}", at.isoformat()
-    )
+    return Announcement(str(job_id), f"http://node5:{8000 + index}", at)
 
 
 def view(index: int, job_id: int, state: ReplicaState = ReplicaState.READY) -> ReplicaView:
@@ -85,8 +87,25 @@ def test_replica_that_never_gets_ready_is_cancelled() -> None:
     assert actions == [Cancel(0, "10", "not ready after 10s"), Launch(1)]
 
 
-def test_orphan_job_is_adopted_not_duplicated() -> None:
-    assert reconcile(1, [], seen({3: job(13, JobState.PENDING, start=None)}), NOW, 600) == [Adopt(3, "13")]
+def test_unrecorded_tagged_job_is_never_adopted() -> None:
+    """A tagged job the service did not submit: not a replica, and the wanted one is launched anyway."""
+    trusted, ignored = trusted_jobs("alice", [], [job(13, JobState.PENDING, start=None)])
+    assert trusted == {} and [j.job_id for j in ignored] == [13]
+    assert reconcile(1, [], seen(trusted), NOW, 600) == [Launch(0)]
+
+
+def test_only_the_recorded_job_of_the_owner_is_trusted() -> None:
+    recorded = [Recorded(0, "10"), Recorded(1, "11"), Recorded(2, None)]
+    jobs = [job(10), job(99, user="bob"), job(11, user="bob"), job(12)]
+    trusted, ignored = trusted_jobs("alice", recorded, jobs)
+    assert {i: j.job_id for i, j in trusted.items()} == {0: 10}  # 11 is recorded, but bob runs it
+    assert sorted(j.job_id for j in ignored) == [11, 12, 99]
+
+
+def test_a_job_with_the_same_tag_cannot_hide_the_replica() -> None:
+    """bob's job tagged as replica 0 comes after alice's in squeue's output: replica 0 stays alice's."""
+    trusted, _ = trusted_jobs("alice", [Recorded(0, "10")], [job(10), job(20, user="bob")])
+    assert reconcile(1, [view(0, 10)], seen(trusted), NOW, 600) == []
 
 
 def test_steady_state_does_nothing() -> None:

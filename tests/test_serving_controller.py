@@ -1,21 +1,32 @@
-"""The serving controller's scrape: every ready or draining replica's engine at once (a tick waits for the
-slowest engine, not for the sum of their timeouts); engines that do not answer are left out."""
+"""The serving controller, with the store real and Slurm, the launcher and the engines faked: its scrape
+(every ready or draining replica's engine at once; silent ones left out), trust (only the jobs it submitted,
+run by the owner, are replicas), the owner's GPU limit on every scale-up (capped, and shown), and the
+autoscaler's state kept in the database."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from hpcserve.config import Policy, load_policy
+from hpcserve.serving.autoscaler import ScalerState
 from hpcserve.serving.controller import Scrape, ServingController
 from hpcserve.serving.engine_stats import EngineStats
+from hpcserve.serving.launcher import Launched
+from hpcserve.serving.scaling import ScalerRecord, state_name
+from hpcserve.serving.tags import replica_tag, secret_hash
+from hpcserve.slurm.models import Job, JobState
 from hpcserve.store import HistoryStore
+from tests.conftest import POLICY
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+SIM = {"name": "llm", "model": "m", "engine": "simulator", "gpus_per_replica": 1, "max_replicas": 4}
 
 
 def stats(waiting: int) -> EngineStats:
@@ -24,23 +35,70 @@ def stats(waiting: int) -> EngineStats:
                        e2e_buckets=())  # fmt: skip
 
 
+def job(job_id: int, deployment: str, index: int, user: str = "alice", gpus: int = 1) -> Job:
+    return Job(str(job_id), job_id, f"{deployment}-r{index}", user, "acct", "infer", JobState.RUNNING, 1,
+               gpus=gpus, start=NOW - timedelta(seconds=5), tag=replica_tag(deployment, index))  # fmt: skip
+
+
+@dataclass
+class FakeSlurm:
+    queue: list[Job] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+
+    def jobs(self) -> list[Job]:
+        return list(self.queue)
+
+    def cancel(self, job_ids: list[str]) -> None:
+        self.cancelled += job_ids
+
+
+@dataclass
+class FakeLauncher:
+    """Submits nothing: each launch becomes a running job of the owner in the fake queue."""
+
+    slurm: FakeSlurm
+    launched: list[tuple[str, int]] = field(default_factory=list)
+    next_id: int = 500
+
+    def launch(self, submitter: Any, deployment: Any, spec: Any, index: int) -> Launched:
+        self.next_id += 1
+        self.launched.append((deployment.name, index))
+        self.slurm.queue.append(job(self.next_id, deployment.name, index, deployment.owner,
+                                    spec.gpus_per_replica))  # fmt: skip
+        return Launched(str(self.next_id), secret_hash(f"secret-{self.next_id}"))
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[HistoryStore]:
-    with HistoryStore(f"sqlite:///{tmp_path}/h.db") as s:
+    with HistoryStore(f"sqlite:///{tmp_path}/h.db", admins=["root"]) as s:  # the service is an admin
         s.upgrade()
-        s.create_deployment("llm", "alice", {}, 5)
-        for i, state in enumerate(["ready", "ready", "draining", "ready", "pending"]):
-            s.upsert_replica("llm", i, job_id=str(100 + i), state=state, url=f"http://n{i}:80{i}")
         yield s
 
 
-def controller(store: HistoryStore, scrape: Scrape) -> ServingController:
-    unused: Any = None  # a scrape needs neither Slurm nor a submitter
-    return ServingController(store=store, client=unused, submitter=lambda: unused, replica_dir=Path("/none"),
-                             ready_timeout_s=60, scrape=scrape, service_user="root")  # fmt: skip
+def policy(max_gpus_per_user: int = 16) -> Policy:
+    base = load_policy(POLICY)
+    inference = base.classes["inference"].model_copy(update={"max_gpus_per_user": max_gpus_per_user})  # type: ignore[index]
+    return base.model_copy(update={"classes": {**base.classes, "inference": inference}})
+
+
+def controller(store: HistoryStore, scrape: Scrape | None = None, slurm: FakeSlurm | None = None,
+               gpu_limit: int = 16) -> ServingController:  # fmt: skip
+    slurm = slurm or FakeSlurm()
+    unused: Any = None  # the fake launcher needs no submitter
+    return ServingController(store=store, client=slurm, submitter=lambda: unused,  # type: ignore[arg-type]
+                             launcher=FakeLauncher(slurm), policy=policy(gpu_limit),  # type: ignore[arg-type]
+                             ready_timeout_s=60, scrape=scrape or (lambda url: None),
+                             service_user="root", clock=lambda: NOW)  # fmt: skip
+
+
+def serve(store: HistoryStore, name: str, owner: str = "alice", **spec: Any) -> None:
+    store.create_deployment(name, owner, {**SIM, "name": name, **spec}, 0, served_model_name=name)
 
 
 def test_engines_are_scraped_at_once_and_silent_ones_left_out(store: HistoryStore) -> None:
+    store.create_deployment("llm", "alice", {}, 5)
+    for i, state in enumerate(["ready", "ready", "draining", "ready", "pending"]):
+        store.upsert_replica("llm", i, job_id=str(100 + i), state=state, url=f"http://n{i}:80{i}")
     together = threading.Barrier(4, timeout=10)  # breaks (and the test fails) unless all four wait at once
 
     def scrape(url: str) -> EngineStats | None:
@@ -55,8 +113,8 @@ def test_engines_are_scraped_at_once_and_silent_ones_left_out(store: HistoryStor
 
 
 def test_one_engine_is_scraped_in_the_tick_thread(store: HistoryStore) -> None:
-    for i in range(1, 5):
-        store.upsert_replica("llm", i, state="pending")
+    store.create_deployment("llm", "alice", {}, 1)
+    store.upsert_replica("llm", 0, job_id="100", state="ready", url="http://n0:800")
     threads: list[str] = []
 
     def scrape(url: str) -> EngineStats | None:
@@ -65,3 +123,63 @@ def test_one_engine_is_scraped_in_the_tick_thread(store: HistoryStore) -> None:
 
     got = controller(store, scrape)._scrape("llm", store.replicas("llm"), NOW)
     assert {i: s.waiting for i, s in got.items()} == {0: 7} and threads == [threading.current_thread().name]
+
+
+def test_foreign_tagged_jobs_are_ignored_and_the_replica_is_the_services(store: HistoryStore) -> None:
+    serve(store, "llm", min_replicas=1)
+    slurm = FakeSlurm([job(900, "llm", 0, user="bob"), job(901, "llm", 5, user="bob")])
+    ctl = controller(store, slurm=slurm)
+    ctl.tick()
+    ctl.tick()
+    (replica,) = store.replicas("llm")
+    assert (replica.index, replica.job_id, replica.state) == (0, "501", "starting")
+    assert replica.secret_hash == secret_hash("secret-501")
+    assert slurm.cancelled == [] and ctl.ignored == {"900", "901"}  # never cancelled: not the service's
+
+
+def test_announced_replica_becomes_ready_only_for_its_own_job(store: HistoryStore) -> None:
+    serve(store, "llm", min_replicas=1)
+    slurm = FakeSlurm()
+    ctl = controller(store, slurm=slurm)
+    ctl.tick()
+    store.upsert_replica("llm", 0, url="http://node5:8000", ready_at=NOW)  # what the API records
+    ctl.tick()
+    (replica,) = store.replicas("llm")
+    assert replica.state == "ready" and replica.url == "http://node5:8000"
+
+
+def test_scale_up_is_capped_by_the_owners_gpus_across_deployments(store: HistoryStore) -> None:
+    serve(store, "big", min_replicas=3, gpus_per_replica=2)
+    serve(store, "other", min_replicas=2, gpus_per_replica=2)
+    serve(store, "bobs", owner="bob", min_replicas=3, gpus_per_replica=2)
+    slurm = FakeSlurm([job(42, "x", 0, user="alice", gpus=2)])  # an alice job outside these deployments
+    ctl = controller(store, slurm=slurm, gpu_limit=6)
+    ctl.tick()
+    launched = ctl.launcher.launched  # type: ignore[attr-defined]
+    assert sorted(launched) == [("big", 0), ("big", 1), ("bobs", 0), ("bobs", 1), ("bobs", 2)]
+    deployments = {d.name: d for d in store.list_deployments()}
+    assert deployments["big"].desired_replicas == 2 and deployments["other"].desired_replicas == 0
+    records = {n: ScalerRecord.from_json(store.get_state(state_name(n))) for n in deployments}
+    assert records["big"].capped and "max_gpus_per_user" in records["big"].capped
+    assert records["other"].capped and "alice holds or waits for 6 of 6" in records["other"].capped
+    assert records["bobs"].capped is None  # bob's limit is his own
+
+
+def test_scaler_state_lives_in_the_database(store: HistoryStore) -> None:
+    serve(store, "llm", min_replicas=0, max_replicas=2)
+    seen: list[ScalerState | None] = []
+
+    def autoscale(deployment: Any, replicas: Any, stats: Any, waiting: int, state: ScalerState | None,
+                  now: datetime) -> tuple[int, ScalerState]:  # fmt: skip
+        seen.append(state)
+        return 0, ScalerState(last_traffic=now, needed_at=(now,), seen_capacity=3)
+
+    first = controller(store)
+    first.autoscaler = autoscale
+    first.tick()
+    again = controller(store)  # a restarted service: nothing in memory
+    again.autoscaler = autoscale
+    again.tick()
+    assert seen == [ScalerState(), ScalerState(last_traffic=NOW, needed_at=(NOW,), seen_capacity=3)]
+    stored = store.get_state(state_name("llm"))
+    assert stored is not None and stored["state"]["seen_capacity"] == 3 and stored["capped"] is None

@@ -3,11 +3,20 @@
 ``plan`` is pure (a request, the policy, a snapshot and the fabric topology in; a ``ResolvedJob`` out).
 ``Submitter`` is the edge: it reads the cluster once, then plans and submits many jobs against that view,
 counting what it submitted toward each user's GPU limit.
+
+``Submitter.submit_owned`` submits a callable for ANOTHER user (a replica's owner): the submitit pickle and
+the sbatch script are made in memory (``stage_callable``), an injected writer (a process of the owner) puts
+the files in the owner's folder, and an injected ``sbatch`` (a client whose runner runs as the owner) submits.
+The pickle is written under a staging name; the job script itself (running as the owner) moves it to
+``<job id>_submitted.pkl``, where submitit's job side reads it, so nothing is left to do after sbatch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import shlex
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +31,7 @@ if TYPE_CHECKING:
     import submitit
 
     from hpcserve.config import Policy, SiteConfig
+    from hpcserve.jobs.callables import Sbatch
     from hpcserve.jobs.templates import Template
     from hpcserve.slurm.models import ClusterSnapshot
     from hpcserve.slurm.protocol import SlurmClient
@@ -37,6 +47,51 @@ class PlannedJob:
 
     def sbatch_args(self) -> list[str]:
         return self.job.sbatch_args()
+
+
+@dataclass(frozen=True, slots=True)
+class JobFiles:
+    """A callable's job as bytes: its sbatch script, and the files beside it in the job's folder."""
+
+    script: str
+    files: dict[str, bytes]
+
+
+def stage_callable(job: ResolvedJob, fn: Callable[..., Any], args: Sequence[Any], folder: Path) -> JobFiles:
+    """submitit's script and pickle for ``fn(*args)`` as ``job``, with ``folder`` (no ``%j``) as the job's
+    working directory and submitit folder; nothing is written."""
+    import cloudpickle  # type: ignore[import-untyped]
+    import submitit
+    from submitit.core.utils import DelayedSubmission
+
+    from hpcserve.jobs.callables import DEFAULT_MAX_TIMEOUTS, executor_parameters, pythonpath_lines
+
+    staged = f"{uuid.uuid4().hex}.pkl"
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=DEFAULT_MAX_TIMEOUTS)
+    setup = [*pythonpath_lines(fn), *claim_pickle_lines(folder, staged)]
+    executor.update_parameters(**executor_parameters(job, setup, {"chdir": str(folder)}))
+    delayed = DelayedSubmission(_for_tasks(job, fn), *args)
+    delayed.set_timeout(executor.parameters["time"], executor.max_num_timeout)
+    script = executor._make_submission_file_text(executor._submitit_command_str, staged.removesuffix(".pkl"))
+    return JobFiles(script, {staged: cloudpickle.dumps(delayed, pickle.HIGHEST_PROTOCOL)})
+
+
+def claim_pickle_lines(folder: Path, staged: str) -> list[str]:
+    """Script lines that move the staged pickle to where submitit's job side looks for it (a requeued run
+    finds it there already)."""
+    src, dst = (
+        shlex.quote(str(folder / staged)),
+        shlex.quote(str(folder)) + '/"${SLURM_JOB_ID}_submitted.pkl"',
+    )
+    return [f"if [ -e {src} ]; then mv -f -- {src} {dst}; fi"]
+
+
+def _for_tasks(job: ResolvedJob, fn: Callable[..., Any]) -> Callable[..., Any]:
+    if job.request.nodes * job.request.tasks_per_node > 1:
+        from hpcserve.jobs.distributed import WithTorchEnv
+
+        return WithTorchEnv(fn)
+    return fn
 
 
 def place(
@@ -151,6 +206,30 @@ class Submitter:
             jobs = [submit_resolved(job, fn, *args, folder=folder)]
         self._count(request)
         return jobs, PlannedJob(job, reason)
+
+    def submit_owned(
+        self,
+        request: JobRequest,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        folder: Path,
+        *,
+        write: Callable[[Mapping[str, bytes]], None],
+        sbatch: Sbatch,
+        kind: str = "train",
+        tag: str | None = None,
+        requeue: bool = False,
+    ) -> tuple[str, PlannedJob]:
+        """Submit ``fn(*args)`` as ``request.user``: the policy first (the user's own limits), then
+        ``write(files)`` puts the pickle into ``folder`` (as the user), then ``sbatch`` (as the user) submits
+        the script. Returns the job id."""
+        job, reason = self.plan(request, kind=kind)
+        job = dataclasses.replace(job, tag=tag or job.tag, requeue=requeue or job.requeue)
+        staged = stage_callable(job, fn, args, folder)
+        write(staged.files)
+        job_id = sbatch.submit(staged.script)
+        self._count(request)
+        return job_id, PlannedJob(job, reason, staged.script)
 
     def _count(self, request: JobRequest) -> None:
         self._submitted_gpus[request.user] += request.gpus * array_size(request.array)

@@ -1,9 +1,12 @@
-"""The serving controller: one tick loads, decides and applies, for every deployment.
+"""The serving controller: one tick loads, decides and applies, for every deployment. Only the service runs
+it (``hpcserve service``, under the leader lease): it submits replicas as their owners.
 
-load:   the deployments and replicas (database), hpcserve's replica jobs (one squeue for all), the
-        replicas' announcements (shared folder), their engines' /metrics, the gateway's buffered requests;
-decide: the autoscaler (pure) sets the desired count, the reconciler (pure) turns it into actions;
-apply:  sbatch / scancel / database writes; engine samples are recorded for history.
+load:   the deployments and replicas (database: with the replicas' announcements), hpcserve's replica jobs
+        (one squeue for all), their engines' /metrics, the gateway's buffered requests, the autoscalers'
+        states (database, one query);
+decide: the autoscaler (pure) sets the desired count, capped by the owner's GPU limits; the reconciler
+        (pure) turns it into actions, over the replicas' own jobs only (``trusted_jobs``);
+apply:  sbatch as the owner / scancel / database writes; engine samples are recorded for history.
 
 A failure in one deployment is logged and the others go on; the next tick repairs what a crash left.
 """
@@ -12,32 +15,35 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpcserve.serving.launcher import launch_replica
 from hpcserve.serving.reconciler import (
     Action,
-    Adopt,
+    Announcement,
     Cancel,
     Forget,
     Launch,
     Observed,
+    Recorded,
     ReplicaState,
     ReplicaView,
     SetState,
     reconcile,
+    trusted_jobs,
 )
-from hpcserve.serving.replica import announcement_path, read_announcement
+from hpcserve.serving.scaling import STATE_PREFIX, GpuLimit, ScalerRecord, cap_scale_up, state_name
 from hpcserve.serving.tags import parse_replica_tag
 
 if TYPE_CHECKING:
+    from hpcserve.config import Policy
     from hpcserve.jobs.submit import Submitter
     from hpcserve.serving.engine_stats import EngineStats
+    from hpcserve.serving.launcher import ReplicaLauncher
+    from hpcserve.serving.spec import DeploymentSpec
     from hpcserve.slurm.models import Job
     from hpcserve.slurm.protocol import SlurmClient
     from hpcserve.store import Deployment, HistoryStore, Replica
@@ -46,6 +52,18 @@ log = logging.getLogger("hpcserve.serving")
 GATEWAY_SAMPLE_AGE_S = 10.0
 SCRAPE_WORKERS = 16  # engines scraped at once (each scrape waits at most its own timeout)
 Scrape = Callable[[str], "EngineStats | None"]  # replica URL -> its engine's stats, None if unreachable
+Autoscale = Callable[..., tuple[int, Any]]  # hpcserve.serving.scaling.autoscale
+
+
+@dataclass
+class _Tick:
+    """What one tick shares between deployments: the jobs, the scaler records, the GPUs submitted so far."""
+
+    jobs: list[Job]
+    records: dict[str, ScalerRecord]
+    submitter: Submitter
+    now: datetime
+    launched_gpus: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 @dataclass
@@ -53,37 +71,50 @@ class ServingController:
     store: HistoryStore
     client: SlurmClient
     submitter: Callable[[], Submitter]  # a fresh view of the cluster per tick
-    replica_dir: Path
+    launcher: ReplicaLauncher
+    policy: Policy
     ready_timeout_s: float
     scrape: Scrape
     service_user: str
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
-    scaler_states: dict[str, Any] = field(default_factory=dict)
-    autoscaler: Callable[..., tuple[int, Any]] | None = None  # default: hpcserve.serving.scaling.autoscale
+    autoscaler: Autoscale | None = None  # default: hpcserve.serving.scaling.autoscale
+    ignored: set[str] = field(default_factory=set)  # foreign tagged jobs already logged
 
     def tick(self) -> None:
-        now = self.clock()
-        jobs = _replica_jobs(self.client.jobs())
-        submitter = self.submitter()
+        all_jobs = [j for j in self.client.jobs() if not j.state.is_terminal]
+        records = {name.removeprefix(STATE_PREFIX): ScalerRecord.from_json(data)
+                   for name, data in self.store.states(STATE_PREFIX).items()}  # fmt: skip
+        tick = _Tick(all_jobs, records, self.submitter(), self.clock())
+        tagged = _replica_jobs(all_jobs)
         for deployment in self.store.list_deployments():
             try:
-                self._tick_one(deployment, jobs.get(deployment.name, {}), submitter, now)
+                self._tick_one(deployment, tagged.get(deployment.name, []), tick)
             except Exception:  # one bad deployment must not stop the others, nor the scheduler
                 log.exception("serving tick failed for deployment %s", deployment.name)
 
-    def _tick_one(
-        self, deployment: Deployment, jobs: Mapping[int, Job], submitter: Submitter, now: datetime
-    ) -> None:
-        replicas, dead = self._drop_dead(deployment.name, self.store.replicas(deployment.name), jobs)
-        jobs = {i: job for i, job in jobs.items() if i not in dead}  # cancelled: not to be adopted again
-        stats = self._scrape(deployment.name, replicas, now)
-        desired = self._autoscale(deployment, replicas, stats, now)
-        notes = self._announcements(deployment.name, replicas, jobs)
-        seen = Observed(jobs, notes, _inflight(stats), frozenset(dead))
+    def _tick_one(self, deployment: Deployment, tagged: list[Job], tick: _Tick) -> None:
+        rows = self.store.replicas(deployment.name)
+        jobs = self._trusted(deployment, rows, tagged)
+        replicas, dead = self._drop_dead(deployment.name, rows, jobs)
+        jobs = {i: job for i, job in jobs.items() if i not in dead}  # cancelled: left to finish
+        stats = self._scrape(deployment.name, replicas, tick.now)
+        desired = self._autoscale(deployment, replicas, stats, tick)
+        seen = Observed(jobs, _announcements(replicas), _inflight(stats), frozenset(dead))
         views = [_view(r) for r in replicas if r.state in {s.value for s in ReplicaState}]
-        actions = reconcile(desired, views, seen, now, self.ready_timeout_s)
-        for action in actions:
-            self._apply(deployment, action, submitter, now)
+        for action in reconcile(desired, views, seen, tick.now, self.ready_timeout_s):
+            self._apply(deployment, action, tick)
+
+    def _trusted(self, deployment: Deployment, rows: list[Replica], tagged: list[Job]) -> dict[int, Job]:
+        """The replicas' own jobs by index; any other job tagged with the deployment is logged once."""
+        recorded = [Recorded(r.index, r.job_id) for r in rows]
+        trusted, ignored = trusted_jobs(deployment.owner, recorded, tagged)
+        for job in ignored:
+            if job.id not in self.ignored:
+                self.ignored.add(job.id)
+                log.warning("deployment %s: ignoring job %s of user %s tagged %s: not a replica the "
+                            "service submitted as %s", deployment.name, job.id, job.user, job.tag,
+                            deployment.owner)  # fmt: skip
+        return trusted
 
     def _drop_dead(
         self, name: str, replicas: list[Replica], jobs: Mapping[int, Job]
@@ -95,20 +126,37 @@ class ServingController:
         return [r for r in replicas if r.state != "dead"], dead
 
     def _autoscale(self, deployment: Deployment, replicas: list[Replica], stats: Mapping[int, EngineStats],
-                   now: datetime) -> int:  # fmt: skip
-        """The desired count after the autoscaler; a deleted deployment wants none."""
+                   tick: _Tick) -> int:  # fmt: skip
+        """The desired count after the autoscaler and the owner's limits; a deleted deployment wants none."""
         if deployment.deleted:
             return 0
         from hpcserve.serving.scaling import autoscale
 
+        record = tick.records.get(deployment.name, ScalerRecord())
         desired, state = (self.autoscaler or autoscale)(
-            deployment, replicas, stats, self._gateway_waiting(deployment.name, now),
-            self.scaler_states.get(deployment.name), now,
+            deployment, replicas, stats, self._gateway_waiting(deployment.name, tick.now), record.state,
+            tick.now,
         )  # fmt: skip
-        self.scaler_states[deployment.name] = state
+        current = sum(r.state in ("starting", "ready") for r in replicas)
+        desired, capped = cap_scale_up(
+            desired, current, _gpus(_spec(deployment)), self._limit(deployment, tick)
+        )
+        if capped and capped != record.capped:
+            log.warning("deployment %s: scale-up capped: %s", deployment.name, capped)
+        updated = ScalerRecord(state, capped)
+        if updated != record:
+            self.store.put_state(state_name(deployment.name), updated.to_json())
         if desired != deployment.desired_replicas:
             self.store.set_desired(deployment.name, desired, user=self.service_user)
         return desired
+
+    def _limit(self, deployment: Deployment, tick: _Tick) -> GpuLimit:
+        from hpcserve.config.policy import JobClassName
+        from hpcserve.jobs.policy import gpus_in_use
+
+        rules = self.policy.classes[JobClassName.INFERENCE]
+        used = gpus_in_use(tick.jobs, deployment.owner) + tick.launched_gpus[deployment.owner]
+        return GpuLimit(rules.max_gpus_per_user, rules.max_gpus_per_job, used, deployment.owner)
 
     def _gateway_waiting(self, name: str, now: datetime) -> int:
         since = now - timedelta(seconds=GATEWAY_SAMPLE_AGE_S)
@@ -134,48 +182,53 @@ class ServingController:
         with ThreadPoolExecutor(max_workers=min(len(urls), SCRAPE_WORKERS)) as pool:
             return list(pool.map(self.scrape, urls))
 
-    def _announcements(self, name: str, replicas: list[Replica], jobs: Mapping[int, Job]) -> dict[int, Any]:
-        indices = {r.index for r in replicas} | set(jobs)
-        found = {i: read_announcement(announcement_path(self.replica_dir, name, i)) for i in indices}
-        return {i: note for i, note in found.items() if note is not None}
-
-    def _apply(self, deployment: Deployment, action: Action, submitter: Submitter, now: datetime) -> None:
+    def _apply(self, deployment: Deployment, action: Action, tick: _Tick) -> None:
         name = deployment.name
         log.info("deployment %s: %s", name, action)
         match action:
             case Launch(index):
                 spec = _spec(deployment)
-                job_id = launch_replica(submitter, spec, index, self.replica_dir, self.ready_timeout_s)
-                self.store.upsert_replica(name, index, job_id=job_id, state="starting", started_at=now)
-            case Adopt(index, job_id):
-                self.store.upsert_replica(name, index, job_id=job_id, state="starting", started_at=now)
+                launched = self.launcher.launch(tick.submitter, deployment, spec, index)
+                tick.launched_gpus[deployment.owner] += _gpus(spec)
+                self.store.upsert_replica(name, index, job_id=launched.job_id, state="starting",
+                                          started_at=tick.now, secret_hash=launched.secret_hash, url=None,
+                                          host=None, port=None, ready_at=None)  # fmt: skip
             case SetState(index, state, url):
                 fields: dict[str, Any] = {"state": state.value}
                 if url is not None:
-                    fields |= {"url": url, "ready_at": now}
+                    fields |= {"url": url, "ready_at": tick.now}
                 self.store.upsert_replica(name, index, **fields)
             case Cancel(index, job_id, _):
                 self.client.cancel([job_id])
-                self.store.upsert_replica(name, index, state="dead")
+                self.store.upsert_replica(name, index, state="dead", secret_hash=None)
             case Forget(index, _):
                 self.store.remove_replica(name, index)
-                announcement_path(self.replica_dir, name, index).unlink(missing_ok=True)
 
 
-def _spec(deployment: Deployment) -> Any:
+def _spec(deployment: Deployment) -> DeploymentSpec:
     from hpcserve.serving.spec import DeploymentSpec
 
     return DeploymentSpec.model_validate(deployment.spec)
 
 
-def _replica_jobs(jobs: list[Job]) -> dict[str, dict[int, Job]]:
-    """hpcserve's live replica jobs by deployment and index (from their ``--comment`` tag)."""
-    found: dict[str, dict[int, Job]] = defaultdict(dict)
+def _gpus(spec: DeploymentSpec) -> int:
+    return spec.gpus_per_replica * spec.nodes_per_replica
+
+
+def _replica_jobs(jobs: Sequence[Job]) -> dict[str, list[Job]]:
+    """Live jobs tagged as replicas, by deployment: candidates only (``trusted_jobs`` decides)."""
+    found: dict[str, list[Job]] = defaultdict(list)
     for job in jobs:
         parsed = parse_replica_tag(job.tag)
-        if parsed is not None and not job.state.is_terminal:
-            found[parsed[0]][parsed[1]] = job
+        if parsed is not None:
+            found[parsed[0]].append(job)
     return found
+
+
+def _announcements(replicas: Sequence[Replica]) -> dict[int, Announcement]:
+    """What starting replicas announced to the API (``url`` and the time, with the recorded job id)."""
+    return {r.index: Announcement(r.job_id, r.url, r.ready_at) for r in replicas
+            if r.state == "starting" and r.url and r.ready_at and r.job_id}  # fmt: skip
 
 
 def _inflight(stats: Mapping[int, EngineStats]) -> dict[int, int]:

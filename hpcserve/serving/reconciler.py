@@ -5,6 +5,12 @@ database) and calls it again next tick, so a crash between two actions is repair
 Replica lifecycle: ``starting`` (job queued or engine loading) -> ``ready`` (announced and healthy; the
 gateway routes to it) -> ``draining`` (no new requests; cancelled once nothing is in flight) -> gone.
 A replica whose job ended, or that never became ready in time, is dropped and, if still wanted, replaced.
+
+Trust: a job is a replica only when the service submitted it (its id is the one recorded for that replica)
+and Slurm runs it as the deployment's owner (``trusted_jobs``). A tag in ``--comment`` proves nothing, as
+anyone may write it: another job tagged with the deployment is ignored, never adopted nor routed to, and
+cannot hide the real replica. The announcement (``host:port``) is the one the replica made to the service's
+API with its secret, as the store recorded it.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from hpcserve.serving.replica import Announcement
 from hpcserve.slurm.models import Job, JobState
 
 
@@ -64,23 +69,52 @@ class Forget:
     reason: str
 
 
+Action = Launch | Cancel | SetState | Forget
+
+
 @dataclass(frozen=True, slots=True)
-class Adopt:
-    index: int
+class Announcement:
+    """What a replica announced to the service (with its secret): where it serves, from which job, when."""
+
     job_id: str
-
-
-Action = Launch | Cancel | SetState | Forget | Adopt
+    url: str
+    at: datetime
 
 
 @dataclass(frozen=True, slots=True)
 class Observed:
-    """What the controller saw this tick: live jobs by replica index, announcements, in-flight requests."""
+    """What the controller saw this tick: the replicas' own live jobs by index (``trusted_jobs``), their
+    announcements, in-flight requests."""
 
     jobs: Mapping[int, Job]
     announced: Mapping[int, Announcement]
     inflight: Mapping[int, int]
     reserved: frozenset[int] = frozenset()  # indices still held by cancelled replicas' jobs: not reused
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """A replica row as far as trust goes: its index and the job id the service recorded at submit."""
+
+    index: int
+    job_id: str | None
+
+
+def trusted_jobs(
+    owner: str, recorded: Sequence[Recorded], jobs: Sequence[Job]
+) -> tuple[dict[int, Job], list[Job]]:
+    """The deployment's tagged ``jobs`` split into the replicas' own (by index: the recorded job id, run by
+    ``owner``) and the others, which are to be ignored."""
+    ours = {r.job_id.split("_")[0]: r.index for r in recorded if r.job_id}
+    trusted: dict[int, Job] = {}
+    ignored: list[Job] = []
+    for job in jobs:
+        index = ours.get(str(job.job_id))
+        if index is not None and job.user == owner:
+            trusted[index] = job
+        else:
+            ignored.append(job)
+    return trusted, ignored
 
 
 def reconcile(
@@ -95,9 +129,6 @@ def reconcile(
         if not any(isinstance(a, Forget | Cancel) for a in step):
             alive.append(replica)
     known = {r.index for r in replicas}
-    orphans = [(i, job) for i, job in sorted(seen.jobs.items()) if i not in known]
-    actions += [Adopt(i, job.id) for i, job in orphans]
-    alive += [ReplicaView(i, job.id, ReplicaState.STARTING, now) for i, job in orphans]
     return actions + _resize(desired, alive, seen, known | set(seen.jobs) | seen.reserved)
 
 
@@ -120,9 +151,9 @@ def _check(replica: ReplicaView, seen: Observed, now: datetime, timeout_s: float
 
 def _current(note: Announcement, job: Job) -> bool:
     """The announcement is from this job's current run (a requeued job keeps its id but starts again)."""
-    if note.job_id and note.job_id.split("_")[0] != str(job.job_id):
+    if note.job_id.split("_")[0] != str(job.job_id):
         return False
-    return job.start is None or datetime.fromisoformat(note.ready_at) >= job.start
+    return job.start is None or note.at >= job.start
 
 
 def _resize(desired: int, alive: list[ReplicaView], seen: Observed, used: set[int]) -> list[Action]:

@@ -1,14 +1,16 @@
-"""What a replica job runs on its node (through submitit): stage the weights, start the engine on a free
-port, wait for its /health, announce ``host:port``, pass SIGTERM on for a graceful drain, and exit with
-the engine.
+"""What a replica job runs on its node (through submitit, as the deployment's owner): stage the weights, start
+the engine on a free port, wait for its /health, announce ``host:port`` to the service, pass SIGTERM on for a
+graceful drain, and exit with the engine.
 
-The announcement is a small JSON file in the deployment's folder under ``serving.replica_dir`` (a shared
-filesystem, as submitit itself needs): the service's reconciler reads it and marks the replica ready.
+The announcement is ``POST /v1/replicas/announce`` on the service's API, authenticated by the replica's own
+secret (``Authorization: Replica <secret>``): the service issued it at submit, keeps only its hash, and
+handed it over in a 0600 file of the owner in the replica's folder. Over the Unix socket (nodes that share
+the login node's filesystem) the kernel also tells the service that the caller is the owner; over TCP the
+secret is the proof.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -16,8 +18,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -25,30 +25,14 @@ from typing import Any
 from hpcserve.errors import HpcserveError
 
 HEALTH_POLL_S = 0.05  # the engine is up a moment after it binds: poll often, it costs nothing
+ANNOUNCE_PATH = "/v1/replicas/announce"
+SECRET_SCHEME = "Replica"  # noqa: S105 (a scheme, not a secret): Authorization: Replica <secret>
+ANNOUNCE_RETRY_S = 1.0  # a service that restarts is back within seconds; the ready timeout bounds the wait
 
 
-@dataclass(frozen=True, slots=True)
-class Announcement:
-    deployment: str
-    index: int
-    job_id: str
-    host: str
-    port: int
-    url: str
-    ready_at: str  # ISO 8601, UTC
-
-
-def announcement_path(replica_dir: Path, deployment: str, index: int) -> Path:
-    return replica_dir / deployment / f"replica-{index}.json"
-
-
-def read_announcement(path: Path) -> Announcement | None:
-    """The replica's announcement, or None while there is none (or it is half written: never, it is
-    renamed into place)."""
-    try:
-        return Announcement(**json.loads(path.read_text()))
-    except (FileNotFoundError, json.JSONDecodeError, TypeError):
-        return None
+def secret_file_name(index: int) -> str:
+    """The replica's secret, in its deployment's folder (0600, the owner's)."""
+    return f"replica-{index}.secret"
 
 
 def free_port() -> int:
@@ -100,11 +84,15 @@ def job_rank() -> tuple[int, str]:
 
 
 class ReplicaMain:
-    """The callable a replica job runs. Plain data only, so submitit pickles it cheaply."""
+    """The callable a replica job runs. Plain data only, so submitit pickles it cheaply; the secret itself
+    is not in it, only the name of its file in ``folder``."""
 
-    def __init__(self, spec: dict[str, Any], index: int, replica_dir: str, ready_timeout_s: float) -> None:
-        self.spec, self.index = spec, index
-        self.replica_dir, self.ready_timeout_s = replica_dir, ready_timeout_s
+    def __init__(
+        self, spec: dict[str, Any], index: int, folder: str, ready_timeout_s: float, secret_name: str,
+        service_socket: str | None, service_url: str | None = None,
+    ) -> None:  # fmt: skip
+        self.spec, self.index, self.folder, self.ready_timeout_s = spec, index, folder, ready_timeout_s
+        self.secret_name, self.service_socket, self.service_url = secret_name, service_socket, service_url
 
     def __call__(self) -> int:
         from hpcserve.serving.spec import DeploymentSpec
@@ -117,24 +105,57 @@ class ReplicaMain:
             signal.sigwait({signal.SIGTERM})
             return 0
         host, port = socket.gethostname(), free_port()
-        url = f"http://{host}:{port}"
         argv = engine_argv(spec, "0.0.0.0", port, rank, head)  # noqa: S104 (the gateway connects)
         proc = subprocess.Popen(argv)
         _forward_sigterm(proc)
         if rank:  # a headless vLLM rank: no API of its own
             return proc.wait()
-        wait_healthy(url, proc, self.ready_timeout_s)
-        self._announce(spec.name, host, port, url)
+        try:
+            wait_healthy(f"http://{host}:{port}", proc, self.ready_timeout_s)
+            self.announce(spec.name, host, port, time.monotonic() + self.ready_timeout_s)
+        except BaseException:
+            _stop(proc)
+            raise
         return proc.wait()
 
-    def _announce(self, deployment: str, host: str, port: int, url: str) -> None:
-        job_id = os.environ.get("SLURM_JOB_ID", "")
-        path = announcement_path(Path(self.replica_dir), deployment, self.index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        note = Announcement(deployment, self.index, job_id, host, port, url, datetime.now(UTC).isoformat())
-        tmp = path.with_suffix(f".{job_id or os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(note)))
-        tmp.replace(path)
+    def announce(self, deployment: str, host: str, port: int, deadline: float) -> None:
+        """``host:port`` to the service, with this job's id and the secret; retried while the service
+        cannot be reached (it may be restarting), until ``deadline``. A refusal is final."""
+        from hpcserve.service.client import ServiceUnavailable
+
+        secret = (Path(self.folder) / self.secret_name).read_text().strip()
+        body = {"deployment": deployment, "index": self.index, "job_id": os.environ.get("SLURM_JOB_ID", ""),
+                "host": host, "port": port}  # fmt: skip
+        headers = {"Authorization": f"{SECRET_SCHEME} {secret}"}
+        while True:
+            try:
+                self.client().call("POST", ANNOUNCE_PATH, body, headers=headers)
+                return
+            except ServiceUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(ANNOUNCE_RETRY_S)
+
+    def client(self) -> Any:
+        """The service's API: its Unix socket when this node sees it, else its TCP address."""
+        from hpcserve.service.client import ServiceClient
+
+        if self.service_socket and (Path(self.service_socket).exists() or not self.service_url):
+            return ServiceClient(Path(self.service_socket))
+        if self.service_url:
+            return ServiceClient(None, self.service_url)
+        raise HpcserveError(
+            "the replica has no way to reach the service (fix: set service.socket or service.url)"
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _staged(spec: Any) -> Any:

@@ -1,10 +1,16 @@
-"""From what the controller loaded to the autoscaler's ``Observation``, and back to a replica count."""
+"""From what the controller loaded to the autoscaler's ``Observation``, and back to a replica count; the
+owner's GPU limit on every scale-up; and the autoscaler's state as the service keeps it between ticks (in
+the database, ``service_state`` ``scaler:<deployment>``, so a restarted or standby service goes on from it).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from hpcserve.serving.autoscaler import Observation, ReplicaLoad, ScalerState, decide
 from hpcserve.serving.reconciler import ReplicaState
@@ -42,3 +48,64 @@ def autoscale(
     spec = DeploymentSpec.model_validate(deployment.spec)
     decision, state = decide(spec, observe(replicas, stats, gateway_waiting), state or ScalerState(), now)
     return decision.replicas, state
+
+
+STATE_PREFIX = "scaler:"
+
+
+def state_name(deployment: str) -> str:
+    """The deployment's autoscaler state in ``service_state``."""
+    return f"{STATE_PREFIX}{deployment}"
+
+
+class ScalerRecord(msgspec.Struct, frozen=True):
+    """What the service keeps of a deployment's autoscaler: its state, and why the last scale-up was capped
+    (None when it was not), for ``hpcserve deployments`` to show."""
+
+    state: ScalerState = msgspec.field(default_factory=ScalerState)
+    capped: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(msgspec.to_builtins(self))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> ScalerRecord:
+        """The stored record; a fresh one when there is none or it no longer decodes (a changed type)."""
+        if data is None:
+            return cls()
+        try:
+            return msgspec.convert(data, cls)
+        except msgspec.ValidationError:
+            return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class GpuLimit:
+    """The owner's limits in the policy's inference class, and the GPUs they hold or wait for now (all
+    their Slurm jobs, as the policy counts them, plus what this tick already submitted)."""
+
+    per_user: int
+    per_job: int
+    used: int
+    user: str
+
+
+def cap_scale_up(
+    desired: int, current: int, gpus_per_replica: int, limit: GpuLimit
+) -> tuple[int, str | None]:
+    """``desired`` replicas, lowered so the replicas to add keep the owner within their GPU limits, and why
+    (None when nothing was lowered). Scaling down, or holding, is never capped."""
+    if desired <= current:
+        return desired, None
+    if gpus_per_replica > limit.per_job:
+        return current, (
+            f"max_gpus_per_job: a replica takes {gpus_per_replica} GPUs, the limit is {limit.per_job}"
+        )
+    room = max(0, (limit.per_user - limit.used) // gpus_per_replica) if gpus_per_replica else desired
+    allowed = current + room
+    if desired <= allowed:
+        return desired, None
+    return allowed, (
+        f"max_gpus_per_user: {limit.user} holds or waits for {limit.used} of {limit.per_user} GPUs; "
+        f"{desired} replicas wanted, {allowed} fit"
+    )

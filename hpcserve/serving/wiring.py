@@ -1,14 +1,21 @@
-"""Builds the serving controller from the config, and runs its tick under the database's leader lock, so
-``hpcserve service`` and ``hpcserve serve --wait`` never both act on the same deployments."""
+"""Builds the serving controller from the service's config, and runs its tick under the database's leader
+lock, so two services never both act on the same deployments.
+
+Only the service builds it: it submits every owner's replicas as that owner (``service.submit_as``), which
+takes root (``runuser``, ``sbatch --uid``) or a sudoers rule (``sudo``); a process that could not do that is
+refused here, at once, rather than at its first submission. Users act through the service's API.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from hpcserve.identity import current_user
 from hpcserve.serving.controller import ServingController
+from hpcserve.serving.launcher import ReplicaLauncher
 from hpcserve.store.leases import holder_id, take_lease
 
 if TYPE_CHECKING:
@@ -36,6 +43,24 @@ def scrape_metrics(url: str) -> EngineStats | None:
         return None
 
 
+def make_launcher(site: SiteConfig) -> ReplicaLauncher:
+    """Replicas submitted as their owners, in the way the site chose, announcing to this service's API."""
+    from hpcserve.jobs.runas import check_service_identity, owner_environ
+    from hpcserve.service.client import SOCKET_ENV
+    from hpcserve.slurm.runner import SubprocessRunner
+
+    check_service_identity(site.service.submit_as, os.geteuid())
+    return ReplicaLauncher(
+        replica_dir=site.serving.replica_path(),
+        method=site.service.submit_as,
+        runner=SubprocessRunner(env=owner_environ(os.environ)),
+        service_socket=os.environ.get(SOCKET_ENV) or site.service.socket,  # where the API listens
+        service_url=site.service.url,
+        ready_timeout_s=site.serving.ready_timeout_s,
+        timeout_s=site.slurm.command_timeout_s,
+    )
+
+
 def make_controller(
     site: SiteConfig, policy: Policy, store: HistoryStore, client: SlurmClient | None = None
 ) -> ServingController:
@@ -47,7 +72,8 @@ def make_controller(
         store=store,
         client=slurm,
         submitter=lambda: Submitter(slurm, site, policy),
-        replica_dir=site.serving.replica_path(),
+        launcher=make_launcher(site),
+        policy=policy,
         ready_timeout_s=site.serving.ready_timeout_s,
         scrape=scrape_metrics,
         service_user=current_user(),

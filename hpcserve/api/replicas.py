@@ -1,0 +1,93 @@
+"""Replicas announcing themselves: what an announcement must prove before the service believes it.
+
+A replica job (run by the deployment's owner) says where its engine serves, ``host:port``. The service
+believes it only when:
+- it carries the secret the service issued for exactly that replica at submit (only its sha256 is stored;
+  compared in constant time), so a forged or stale announcement changes nothing (401);
+- it names the job id the service recorded for that replica (403), so another job cannot speak for it;
+- on the Unix socket, the kernel says the caller is the deployment's owner (403). Over TCP the secret is the
+  proof: no munge credential is needed from inside a job.
+
+The announcement is recorded on the replica (``url``, ``host``, ``port``, and ``ready_at`` = when it was
+announced); the serving controller checks it against the replica's live job and marks it ready.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hpcserve.errors import ValidationError
+from hpcserve.service.http import Forbidden, Unauthenticated
+from hpcserve.serving.tags import secret_hash
+
+if TYPE_CHECKING:
+    from hpcserve.api.caller import Caller
+    from hpcserve.api.context import ApiContext
+    from hpcserve.store import Replica
+
+ANNOUNCEABLE = ("starting", "ready")  # a requeued ready replica announces again
+_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")  # a host name or an IPv4 address, nothing else
+_JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """``POST /v1/replicas/announce``'s body."""
+
+    deployment: str
+    index: int
+    job_id: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def parse_announce(body: dict[str, Any]) -> Announce:
+    """The body's fields, checked; a one-line ValidationError (400) naming the field otherwise."""
+    deployment, index, job_id = body.get("deployment"), body.get("index"), body.get("job_id")
+    host, port = body.get("host"), body.get("port")
+    if not isinstance(deployment, str) or not deployment:
+        raise ValidationError("deployment: expected the deployment's name")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValidationError(f"index: expected a replica index (0 or more), got {index!r}")
+    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+        raise ValidationError(f"job_id: expected a Slurm job id, got {job_id!r}")
+    if not isinstance(host, str) or not _HOST.match(host):
+        raise ValidationError(f"host: expected a host name, got {host!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValidationError(f"port: expected 1 to 65535, got {port!r}")
+    return Announce(deployment, index, job_id, host, port)
+
+
+def check_announce(
+    note: Announce, secret: str, caller: Caller | None, owner: str | None, replica: Replica | None
+) -> None:
+    """Whether the announcement is the replica's own (pure): raises ``Unauthenticated`` or ``Forbidden``."""
+    who = f"replica {note.deployment}:{note.index}"
+    if caller is not None and owner is not None and caller.user != owner:
+        raise Forbidden(f"{who}: only its owner's job may announce it, not {caller.user}")
+    stored = replica.secret_hash if replica is not None else None
+    if owner is None or not stored or not hmac.compare_digest(secret_hash(secret), stored):
+        raise Unauthenticated(f"{who}: unknown replica or wrong secret")
+    assert replica is not None  # a stored hash came from it
+    if replica.job_id != note.job_id:
+        raise Forbidden(f"{who}: job {note.job_id} is not the replica's job")
+    if replica.state not in ANNOUNCEABLE:
+        raise Forbidden(f"{who}: is {replica.state}, not starting")
+
+
+def announce(api: ApiContext, note: Announce, secret: str, caller: Caller | None) -> Replica:
+    """Record the announcement once ``check_announce`` passes; the replica as stored."""
+    deployment = api.store.get_deployment(note.deployment)
+    replica = None
+    if deployment is not None:
+        replica = next((r for r in api.store.replicas(note.deployment) if r.index == note.index), None)
+    check_announce(note, secret, caller, deployment.owner if deployment else None, replica)
+    return api.store.upsert_replica(note.deployment, note.index, url=note.url, host=note.host,
+                                    port=note.port, ready_at=api.clock())  # fmt: skip
