@@ -177,6 +177,34 @@ def test_max_tokens_clamped_to_the_keys_cap_and_said_so() -> None:
     run(scenario)
 
 
+def test_oversized_answer_is_502_and_a_slow_body_408(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        config = GatewayConfig(
+            refresh_interval_s=0.05, max_upstream_body_bytes=200, client_body_timeout_s=0.3
+        )
+        async with rig(config=config) as r:
+            r.ups[0].chunks = 40  # a ~260-byte answer (3 chunks: ~115 bytes)
+            status, _, body = await r.post({"model": "m", "prompt": "hi"})
+            assert status == 502 and "larger than 200 bytes" in body["error"]["message"]
+            r.ups[0].chunks = 3
+            again = await r.post({"model": "m", "prompt": "hi"})
+            assert again[0] == 200, again  # the pool still works
+            host, port = r.url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                         + b"\r\nContent-Length: 100\r\n\r\n{\"model\"")  # fmt: skip
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 408")
+
+    with caplog.at_level("WARNING", logger="hpcserve.serving.gateway.proxy"):
+        run(scenario)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("answered 502" in line for line in lines) and any(" 408 " in line for line in lines)
+    assert not any(r.exc_info for r in caplog.records)
+
+
 def test_rate_limit_is_429_with_retry_after() -> None:
     now = [1000.0]
 
