@@ -17,6 +17,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,19 @@ import httpx
 import pytest
 import yaml
 
+from hpcserve.config import load_policy, load_site_config
+from hpcserve.errors import SlurmCommandError
 from hpcserve.jobs.runas import Owner, as_owner, owner_environ, owner_prefix
+from hpcserve.jobs.submit import Submitter
 from hpcserve.serving.gateway_store import routes_from_store
-from hpcserve.serving.launcher import lookup_owner, prepare_replica_root, replica_folder
+from hpcserve.serving.launcher import ReplicaLauncher, lookup_owner, prepare_replica_root, replica_folder
 from hpcserve.serving.owner_files import encode_files
 from hpcserve.serving.replica import ANNOUNCE_PATH, secret_file_name
 from hpcserve.slurm.cli_backend import CliSlurmClient
-from hpcserve.store import Replica
+from hpcserve.slurm.runner import SubprocessRunner
+from hpcserve.store import Deployment, Replica
 from tests.api_fixtures import ApiService
-from tests.conftest import wait_until
+from tests.conftest import POLICY, SITE, wait_until
 
 SIM = {"model": "sim-model", "engine": "simulator", "gpus_per_replica": 1, "min_replicas": 1,
        "max_replicas": 1}  # fmt: skip
@@ -310,3 +315,46 @@ def test_forged_announcements_are_refused_and_change_nothing(served: Served) -> 
     assert (
         again.status_code == 200 and again.json()["url"] == served.replica.url
     )  # over TCP the secret is the proof
+
+
+# ------------------------------------------ the launcher alone: sbatch --uid, and Slurm's associations
+def launcher(method: str, replica_dir: Path) -> ReplicaLauncher:
+    return ReplicaLauncher(replica_dir, method, SubprocessRunner(env=owner_environ(os.environ)),
+                           service_socket=None, service_url=None, ready_timeout_s=60)  # fmt: skip
+
+
+def deployment(name: str, account: str | None) -> Deployment:
+    now = datetime.now(UTC)
+    spec = {"name": name, **SIM, "time_limit": "00:05:00"}
+    return Deployment(name, "alice", spec, 1, 1, now, now, None, name, account)
+
+
+@pytestmark_cluster
+@pytest.mark.parametrize("method", ["sbatch-uid", "runuser"])
+def test_the_launcher_submits_as_the_owner(method: str, base: Path, slurm: CliSlurmClient) -> None:
+    from hpcserve.serving.spec import DeploymentSpec
+
+    dep = deployment(f"uid-{uuid.uuid4().hex[:6]}", "acct-alice")
+    submitter = Submitter(slurm, load_site_config(SITE), load_policy(POLICY))
+    launched = launcher(method, base).launch(submitter, dep, DeploymentSpec.model_validate(dep.spec), 0)
+    try:
+        (job,) = [j for j in slurm.jobs() if j.id == launched.job_id]
+        assert (job.user, job.account, job.tag) == ("alice", "acct-alice", f"hpcserve:replica:{dep.name}:0")
+        secret = replica_folder(base, "alice", dep.name) / secret_file_name(0)
+        assert secret.stat().st_uid == lookup_owner("alice").uid
+        assert hashlib.sha256(secret.read_bytes()).hexdigest() == launched.secret_hash
+    finally:
+        slurm.cancel([launched.job_id])
+
+
+@pytestmark_cluster
+def test_slurms_associations_refuse_an_account_that_is_not_the_owners(
+    base: Path, slurm: CliSlurmClient
+) -> None:
+    from hpcserve.serving.spec import DeploymentSpec
+
+    dep = deployment(f"acct-{uuid.uuid4().hex[:6]}", "acct-bob")
+    submitter = Submitter(slurm, load_site_config(SITE), load_policy(POLICY))
+    with pytest.raises(SlurmCommandError, match=r"(?i)account|association"):
+        launcher("runuser", base).launch(submitter, dep, DeploymentSpec.model_validate(dep.spec), 0)
+    assert not [j for j in slurm.jobs() if j.tag and dep.name in j.tag]

@@ -183,3 +183,18 @@ def test_scaler_state_lives_in_the_database(store: HistoryStore) -> None:
     assert seen == [ScalerState(), ScalerState(last_traffic=NOW, needed_at=(NOW,), seen_capacity=3)]
     stored = store.get_state(state_name("llm"))
     assert stored is not None and stored["state"]["seen_capacity"] == 3 and stored["capped"] is None
+
+
+def test_a_launch_that_cannot_be_recorded_is_cancelled(
+    store: HistoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    serve(store, "llm", min_replicas=1)
+    slurm = FakeSlurm()
+    ctl = controller(store, slurm=slurm)
+
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise OSError("database unavailable")
+
+    monkeypatch.setattr(store, "upsert_replica", down)
+    ctl.tick()
+    assert slurm.cancelled == ["501"]  # never trusted, so never left holding alice's GPUs

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from hpcserve.config import Policy
     from hpcserve.jobs.submit import Submitter
     from hpcserve.serving.engine_stats import EngineStats
-    from hpcserve.serving.launcher import ReplicaLauncher
+    from hpcserve.serving.launcher import Launched, ReplicaLauncher
     from hpcserve.serving.spec import DeploymentSpec
     from hpcserve.slurm.models import Job
     from hpcserve.slurm.protocol import SlurmClient
@@ -86,6 +86,7 @@ class ServingController:
                    for name, data in self.store.states(STATE_PREFIX).items()}  # fmt: skip
         tick = _Tick(all_jobs, records, self.submitter(), self.clock())
         tagged = _replica_jobs(all_jobs)
+        self.ignored &= {job.id for jobs in tagged.values() for job in jobs}  # logged while they last
         for deployment in self.store.list_deployments():
             try:
                 self._tick_one(deployment, tagged.get(deployment.name, []), tick)
@@ -190,9 +191,7 @@ class ServingController:
                 spec = _spec(deployment)
                 launched = self.launcher.launch(tick.submitter, deployment, spec, index)
                 tick.launched_gpus[deployment.owner] += _gpus(spec)
-                self.store.upsert_replica(name, index, job_id=launched.job_id, state="starting",
-                                          started_at=tick.now, secret_hash=launched.secret_hash, url=None,
-                                          host=None, port=None, ready_at=None)  # fmt: skip
+                self._record_launch(name, index, launched, tick.now)
             case SetState(index, state, url):
                 fields: dict[str, Any] = {"state": state.value}
                 if url is not None:
@@ -203,6 +202,19 @@ class ServingController:
                 self.store.upsert_replica(name, index, state="dead", secret_hash=None)
             case Forget(index, _):
                 self.store.remove_replica(name, index)
+
+    def _record_launch(self, name: str, index: int, launched: Launched, now: datetime) -> None:
+        """The new replica's job id and secret hash; a job that cannot be recorded is cancelled at once: an
+        unrecorded job is never trusted, so it would only hold the owner's GPUs."""
+        try:
+            self.store.upsert_replica(name, index, job_id=launched.job_id, state="starting", started_at=now,
+                                      secret_hash=launched.secret_hash, url=None, host=None, port=None,
+                                      ready_at=None)  # fmt: skip
+        except Exception:
+            log.error("deployment %s: cannot record replica %d (job %s): cancelling it", name, index,
+                      launched.job_id)  # fmt: skip
+            self.client.cancel([launched.job_id])
+            raise
 
 
 def _spec(deployment: Deployment) -> DeploymentSpec:
