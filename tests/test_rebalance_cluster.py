@@ -346,19 +346,3 @@ def test_service_samples_the_queue_and_serves_metrics(tmp_path: Path, slurm_env:
     assert stamp is not None and abs(float(stamp[1]) - time.time()) < 60
     with HistoryStore(f"sqlite:///{tmp_path}/h.db") as store:
         assert {s.partition for s in store.queue_samples()} == {"train", "infer", "all"}
-
-
-def test_history_prints_and_plots_the_samples(tmp_path: Path, slurm_env: dict[str, str]) -> None:
-    env = {**slurm_env, "HPCSERVE_SITE": str(SITE), "HPCSERVE_POLICY": str(POLICY),
-           "HPCSERVE_DATABASE_URL": f"sqlite:///{tmp_path}/h.db"}  # fmt: skip
-    with HistoryStore(env["HPCSERVE_DATABASE_URL"]) as store:
-        store.upgrade()
-        sampler = Sampler(CliSlurmClient(timeout=30), store)
-        sampler.tick()
-        sampler.tick()
-    plot = tmp_path / "history.png"
-    out = subprocess.run([sys.executable, "-m", "hpcserve", "history", "--since", "1h", "--plot", str(plot)],
-                         capture_output=True, text=True, env=env, timeout=120, check=False)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert "6 samples" in out.stdout and "infer" in out.stdout and f"wrote {plot}" in out.stdout
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

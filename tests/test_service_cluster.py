@@ -15,9 +15,11 @@ Each test restores the split (train=node[1-4], infer=node[5-8]) afterwards.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,15 +60,18 @@ TRAINING_TAG = "--comment=hpcserve:training:ckpt-demo"
 
 @pytest.fixture
 def service(tmp_path: Path, slurm: CliSlurmClient, slurm_env: dict[str, str]) -> Iterator[Service]:
-    """A service with eager rules and its own SQLite database; afterwards it is stopped and the split
-    restored."""
+    """A service with eager rules, its own SQLite database and API socket (a short path: tmp_path may be
+    too long for one); afterwards it is stopped and the split restored."""
     assert all(members(p) == expand(n) for p, n in SPLIT.items()), "the cluster does not start split as usual"
     svc = Service(tmp_path, slurm_env, f"sqlite:///{tmp_path}/h.db", policy_file(tmp_path, EAGER_RULES, 60))
+    sockets = Path(tempfile.mkdtemp(prefix="hps-", dir="/tmp"))
+    svc.env["HPCSERVE_SOCKET"] = str(sockets / "api.sock")  # `rebalance --plans` asks this service
     try:
         yield svc
     finally:
         svc.stop()
         restore_split()
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 def training_backlog(slurm_env: dict[str, str], job_dir: Path, submitted: list[str], script: str) -> str:
