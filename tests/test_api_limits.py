@@ -1,0 +1,85 @@
+"""The API's pure checks without a cluster: the owner's GPU limits (other owners and the service's own
+replica jobs left out), the warm tier, and reading logs without following a link."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from hpcserve.api.deployments import check_model, check_shares, check_warm_tier
+from hpcserve.api.limits import OwnerUsage, check_replicas, owner_usage
+from hpcserve.api.replica_logs import open_under
+from hpcserve.config import load_policy, load_site_config
+from hpcserve.errors import HpcserveError, ValidationError
+from hpcserve.jobs.policy import PolicyViolation
+from hpcserve.slurm.models import Job, JobState
+from hpcserve.store import Deployment
+from tests.conftest import POLICY, SITE
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def deployment(
+    name: str, owner: str, desired: int, gpus: int = 1, low: int = 0, deleted: bool = False
+) -> Deployment:
+    spec = {"gpus_per_replica": gpus, "nodes_per_replica": 1, "min_replicas": low}
+    return Deployment(name, owner, spec, 1, desired, T0, T0, T0 if deleted else None)
+
+
+def job(job_id: str, user: str, gpus: int, state: JobState = JobState.RUNNING) -> Job:
+    return Job(job_id, int(job_id), "j", user, f"acct-{user}", "infer", state, 1, gpus=gpus)
+
+
+def test_owner_usage_counts_the_owners_other_deployments_and_own_jobs_only() -> None:
+    deployments = [deployment("mine", "alice", 3), deployment("other", "alice", 1, gpus=2, low=2),
+                   deployment("gone", "alice", 5, deleted=True), deployment("bobs", "bob", 4)]  # fmt: skip
+    jobs = [job("11", "alice", 2), job("12", "alice", 4), job("13", "alice", 8, JobState.COMPLETED),
+            job("14", "bob", 4)]  # fmt: skip
+    usage = owner_usage("alice", "mine", deployments, jobs, replica_job_ids=["12"])
+    assert usage == OwnerUsage(deployments=4, jobs=2)  # other: min 2 x 2 GPUs; job 12 is a replica
+
+
+def test_check_replicas_names_the_rule() -> None:
+    policy = load_policy(POLICY)  # inference: 4 GPUs per job, 16 per user
+    check_replicas(policy, "alice", 4, 3, OwnerUsage(4, 0))
+    with pytest.raises(PolicyViolation, match=r"^policy classes\.inference\.max_gpus_per_user: alice's"):
+        check_replicas(policy, "alice", 4, 3, OwnerUsage(4, 1))
+    with pytest.raises(PolicyViolation, match=r"^policy classes\.inference\.max_gpus_per_job"):
+        check_replicas(policy, "alice", 5, 1, OwnerUsage(0, 0))
+
+
+@pytest.mark.parametrize("tier", ["/tmp/hpcserve-mc/local/{node}/models",
+                                  "/tmp/hpcserve-mc/local/{node}/models/alice/",
+                                  "/tmp/hpcserve-mc/local/{node}//models/./x"])  # fmt: skip
+def test_a_warm_tier_under_the_sites_is_taken(tier: str) -> None:
+    check_warm_tier(load_site_config(SITE), tier)
+
+
+@pytest.mark.parametrize("tier", ["/tmp/hpcserve-mc/local/{node}/models/../../etc", "/etc/{node}", "/tmp",
+                                  "/tmp/hpcserve-mc/local/{node}/modelsX"])  # fmt: skip
+def test_a_warm_tier_elsewhere_is_refused(tier: str) -> None:
+    with pytest.raises(ValidationError, match=r"^warm_tier: "):
+        check_warm_tier(load_site_config(SITE), tier)
+
+
+def test_model_and_shares() -> None:
+    with pytest.raises(ValidationError, match=r"^model: '--trust-remote-code'"):
+        check_model("--trust-remote-code")
+    assert check_shares(["root", "@root", "all", "root"]) == ["root", "@root", "all"]
+    for bad in (["no-such-user-x"], ["@no-such-group-x"], ["-rf"], "root"):
+        with pytest.raises(ValidationError, match=r"^shares: "):
+            check_shares(bad)
+
+
+def test_open_under_never_follows_a_link(tmp_path: Path) -> None:
+    (tmp_path / "alice" / "dep").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    os.close(open_under(tmp_path, tmp_path / "alice" / "dep"))
+    (tmp_path / "bob").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        open_under(tmp_path, tmp_path / "bob")
+    with pytest.raises(HpcserveError, match="not under"):
+        open_under(tmp_path / "alice", tmp_path / "bob")
