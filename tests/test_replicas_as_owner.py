@@ -16,7 +16,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,18 @@ import httpx
 import pytest
 import yaml
 
+from hpcserve.api.caller import Caller
+from hpcserve.api.replicas import Announce, check_announce
 from hpcserve.config import load_policy, load_site_config
 from hpcserve.errors import SlurmCommandError
 from hpcserve.jobs.runas import Owner, as_owner, owner_environ, owner_prefix
 from hpcserve.jobs.submit import Submitter
+from hpcserve.service.http import Forbidden, Unauthenticated
 from hpcserve.serving.gateway_store import routes_from_store
 from hpcserve.serving.launcher import ReplicaLauncher, lookup_owner, prepare_replica_root, replica_folder
 from hpcserve.serving.owner_files import encode_files
 from hpcserve.serving.replica import ANNOUNCE_PATH, secret_file_name
+from hpcserve.serving.tags import secret_hash
 from hpcserve.slurm.cli_backend import CliSlurmClient
 from hpcserve.slurm.runner import SubprocessRunner
 from hpcserve.store import Deployment, Replica
@@ -62,6 +66,26 @@ def test_an_owner_name_is_never_an_option_or_a_path(name: str) -> None:
 def test_the_service_environment_never_reaches_the_owners_job() -> None:
     env = {"PATH": "/usr/bin", "SLURM_CONF": "/x", "HPCSERVE_DATABASE_URL": "postgresql://s:pw@db/h"}
     assert owner_environ(env) == {"PATH": "/usr/bin", "SLURM_CONF": "/x"}
+
+
+def test_an_announcement_must_be_the_replicas_own() -> None:
+    now = datetime.now(UTC)
+    row = Replica("d", 0, None, "77", "starting", None, None, None, now, None, now, secret_hash("s3cret"))
+    note = Announce("d", 0, "77", "node5", 8000)
+    alice, bob = Caller(1001, "alice", frozenset()), Caller(1002, "bob", frozenset())
+    check_announce(note, "s3cret", alice, "alice", row)  # her job, on the socket
+    check_announce(note, "s3cret", None, "alice", row)  # over TCP: the secret is the proof
+    refused = [
+        (Unauthenticated, note, "guess", alice, "alice", row),
+        (Unauthenticated, note, "s3cret", None, None, None),  # no such deployment
+        (Unauthenticated, note, "s3cret", None, "alice", replace(row, secret_hash=None)),  # cancelled
+        (Forbidden, note, "s3cret", bob, "alice", row),  # bob's process, even with the secret
+        (Forbidden, replace(note, job_id="78"), "s3cret", None, "alice", row),  # another job
+        (Forbidden, note, "s3cret", None, "alice", replace(row, state="draining")),
+    ]
+    for error, *args in refused:
+        with pytest.raises(error):
+            check_announce(*args)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------- real users: the owner's folder and files

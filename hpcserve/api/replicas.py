@@ -72,14 +72,17 @@ def check_announce(
     who = f"replica {note.deployment}:{note.index}"
     if caller is not None and owner is not None and caller.user != owner:
         raise Forbidden(f"{who}: only its owner's job may announce it, not {caller.user}")
-    stored = replica.secret_hash if replica is not None else None
-    if owner is None or not stored or not hmac.compare_digest(secret_hash(secret), stored):
+    if owner is None or replica is None or not _secret_matches(secret, replica.secret_hash):
         raise Unauthenticated(f"{who}: unknown replica or wrong secret")
-    assert replica is not None  # a stored hash came from it
     if replica.job_id != note.job_id:
         raise Forbidden(f"{who}: job {note.job_id} is not the replica's job")
     if replica.state not in ANNOUNCEABLE:
         raise Forbidden(f"{who}: is {replica.state}, not starting")
+
+
+def _secret_matches(secret: str, stored: str | None) -> bool:
+    """Whether ``secret`` hashes to ``stored``, compared in constant time; never for a replica without one."""
+    return bool(stored) and hmac.compare_digest(secret_hash(secret), str(stored))
 
 
 def announce(api: ApiContext, note: Announce, secret: str, caller: Caller | None) -> Replica:
