@@ -82,7 +82,7 @@ def stored_plan_json(plan: Plan) -> dict[str, Any]:
 
 
 def require_admin(api: ApiContext, caller: Caller, action: str) -> None:
-    from hpcserve.service.http import Forbidden
+    from hpcserve.api.errors import Forbidden
 
     if not is_admin(caller, api.site.admins):
         raise Forbidden(

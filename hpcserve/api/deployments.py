@@ -18,9 +18,9 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from hpcserve.api.caller import is_admin
+from hpcserve.api.errors import Forbidden
 from hpcserve.api.limits import check_replicas, owner_usage, replica_gpus, wanted_replicas
 from hpcserve.errors import ValidationError
-from hpcserve.service.http import Forbidden
 from hpcserve.store.errors import NotFound
 
 if TYPE_CHECKING:

@@ -135,7 +135,7 @@ def usage(
 
 
 def _require_admin(api: ApiContext, caller: Caller, what: str) -> None:
-    from hpcserve.service.http import Forbidden
+    from hpcserve.api.errors import Forbidden
 
     if not is_admin(caller, api.site.admins):
         raise Forbidden(f"only a site admin may {what}; {caller.user} is not one (drop --all)")

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from hpcserve.api.errors import Forbidden as Forbidden  # re-exported: handlers raise them
+from hpcserve.api.errors import Unauthenticated as Unauthenticated
 from hpcserve.errors import ConfigError, HpcserveError, ValidationError
 from hpcserve.service.munge import SCHEME, MungeError, check_request
 
@@ -37,18 +39,6 @@ T = TypeVar("T")
 API_KEY: web.AppKey[ApiContext] = web.AppKey("api")
 MAX_BODY = 1 << 20  # a deployment spec or a key request is a few kB
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class Unauthenticated(HpcserveError):
-    """A request with no identity the service can trust."""
-
-    exit_code = 77
-
-
-class Forbidden(HpcserveError):
-    """The caller is known, and this is not theirs to do."""
-
-    exit_code = 77
 
 
 def api_of(request: web.Request) -> ApiContext:
