@@ -266,7 +266,8 @@ def stack(tmp: Path, args: argparse.Namespace) -> Iterator[Rig]:
             model, decode = ("bench", 0.0) if i < len(bench) else ("stream", 200.0)
             procs.enter_context(process(engine_argv(port, model, decode), tmp / f"engine-{port}.log"))
         gateway = [sys.executable, "-m", "hpcserve", "gateway", "--host", "127.0.0.1", "--port", str(gw),
-                   "--keys", str(tmp / "keys.yaml"), "--routes", str(routes)]  # fmt: skip
+                   "--keys", str(tmp / "keys.yaml"), "--routes", str(routes),
+                   "--metrics-listen", "off"]  # fmt: skip
         gw_proc = procs.enter_context(process(gateway, tmp / "gateway.log"))
         nginx = ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "nginx-error.log")]
         nginx_proc = procs.enter_context(process(nginx, tmp / "nginx.log"))
