@@ -157,10 +157,12 @@ def _rebalancer(api: ApiContext, plan_fn: Any) -> Rebalancer:
     scheduled rebalancer runs in this same process as ``host:pid``, and the lease must keep the two
     apart (a holder renews its own lease)."""
     from hpcserve.rebalance.control import Rebalancer
+    from hpcserve.store.leases import holder_id
 
-    rebalancer = Rebalancer(_operator(api), api.store, api.site, api.policy, plan_fn, clock=api.clock)
-    rebalancer.lease.holder += API_HOLDER_SUFFIX
-    return rebalancer
+    holder = holder_id() + API_HOLDER_SUFFIX
+    return Rebalancer(
+        _operator(api), api.store, api.site, api.policy, plan_fn, clock=api.clock, holder=holder
+    )
 
 
 def plan_json(plan: RebalancePlan) -> dict[str, Any]:

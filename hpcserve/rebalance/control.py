@@ -61,9 +61,15 @@ class RoundReport:
 class Lease:
     """The database lease: taken for ``ttl_s``, renewed (at most every ``ttl_s / 4``) while work goes on."""
 
-    def __init__(self, store: HistoryStore, ttl_s: float, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self,
+        store: HistoryStore,
+        ttl_s: float,
+        clock: Callable[[], datetime] = utc_now,
+        holder: str | None = None,
+    ) -> None:
         self._store, self._ttl_s, self._clock = store, ttl_s, clock
-        self.holder = holder_id()
+        self.holder = holder or holder_id()
         self._renewed: datetime | None = None
 
     def take(self) -> bool:
@@ -112,11 +118,12 @@ class Rebalancer:
         self, client: SlurmOperator, store: HistoryStore, site: SiteConfig, policy: Policy,
         plan_fn: PlanFn | None = None, *, ttl_s: float = 120.0,
         clock: Callable[[], datetime] = utc_now, sleep: Callable[[float], None] = time.sleep,
+        holder: str | None = None,  # the lease holder (default "host:pid")
     ) -> None:  # fmt: skip
         self._client, self._store, self._site, self._policy = client, store, site, policy
         self._plan_fn, self._clock = plan_fn, clock
         self.layout = Layout.from_site(site)
-        self.lease = Lease(store, ttl_s, clock)
+        self.lease = Lease(store, ttl_s, clock, holder)
         self.executor = Executor(client, store, self.layout, executor_settings(policy), clock=clock,
                                  sleep=sleep, keepalive=self.lease.renew, crash=crash_point(),
                                  holder=self.lease.holder)  # fmt: skip
