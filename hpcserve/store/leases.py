@@ -1,9 +1,10 @@
 """Named leases in the database (the service's leader locks): who we are, and taking a lease over from a
 holder that died.
 
-A holder is ``host:pid``. A lease normally frees itself when its ttl runs out; a process restarted after a
-crash (kill -9, OOM) on the same host need not wait for that: when the holder named in the lease is a
-process of this host that no longer exists, the lease is taken over at once. The takeover is atomic (it
+A holder is ``host:pid`` (or ``host:pid/role`` for a second holder inside one process). A lease normally
+frees itself when its ttl runs out; a process restarted after a crash (kill -9, OOM) on the same host need
+not wait for that: when the holder named in the lease is a process of this host that no longer exists, the
+lease is taken over at once. The takeover is atomic (it
 only succeeds while that dead holder is still the one named), so two restarted processes cannot both win.
 """
 
@@ -31,6 +32,7 @@ def dead_local_holder(holder: str | None) -> bool:
     if not holder:
         return False
     host, _, pid_text = holder.rpartition(":")
+    pid_text = pid_text.partition("/")[0]  # "host:pid/api": a second holder inside the same process
     if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
         return False
     try:
