@@ -26,12 +26,12 @@ import pytest
 import yaml
 
 from hpcserve.api.caller import Caller
+from hpcserve.api.errors import Forbidden, Unauthenticated
 from hpcserve.api.replicas import Announce, check_announce
 from hpcserve.config import load_policy, load_site_config
 from hpcserve.errors import SlurmCommandError
 from hpcserve.jobs.runas import Owner, as_owner, owner_environ, owner_prefix
 from hpcserve.jobs.submit import Submitter
-from hpcserve.service.http import Forbidden, Unauthenticated
 from hpcserve.serving.gateway_store import routes_from_store
 from hpcserve.serving.launcher import ReplicaLauncher, lookup_owner, prepare_replica_root, replica_folder
 from hpcserve.serving.owner_files import encode_files

@@ -19,8 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from hpcserve.api.errors import Forbidden, Unauthenticated
 from hpcserve.errors import ValidationError
-from hpcserve.service.http import Forbidden, Unauthenticated
 from hpcserve.serving.tags import secret_hash
 
 if TYPE_CHECKING:
