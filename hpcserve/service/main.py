@@ -57,7 +57,7 @@ def run_service(site: SiteConfig, policy: Policy, store: HistoryStore, runner: S
         return
     if options.metrics_port:
         _serve_metrics(metrics, options.metrics_port, site)
-    api = _start_api(site, policy, store)
+    api = start_api(site, policy, store)
     try:
         _schedule(jobs, metrics)
     finally:
@@ -108,7 +108,7 @@ def _count(metrics: ServiceMetrics | None, name: str) -> None:
         metrics.failed(name)
 
 
-def _start_api(site: SiteConfig, policy: Policy, store: HistoryStore) -> ApiServer:
+def start_api(site: SiteConfig, policy: Policy, store: HistoryStore) -> ApiServer:
     """The HTTP API on the service's socket (and TCP with munge, when ``service.listen`` is set)."""
     from hpcserve.api.context import ApiContext
     from hpcserve.service.client import SOCKET_ENV

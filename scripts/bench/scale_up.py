@@ -25,7 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from hpcserve.config import load_policy, load_site_config
+from hpcserve.config import Policy, SiteConfig, load_policy, load_site_config
+from hpcserve.service.server import ApiServer
 from hpcserve.serving.spec import build_deployment
 from hpcserve.serving.wiring import make_controller
 from hpcserve.store import HistoryStore
@@ -40,6 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=5, help="scale-ups and plain jobs each (default 5)")
     p.add_argument("--tick", type=float, default=0.2, help="controller tick in seconds (default 0.2)")
     p.add_argument("--partition", default="infer", help="partition of both (default infer)")
+    p.add_argument("--owner", default="alice", help="the deployment's owner: its replicas run as this user")
     return p.parse_args()
 
 
@@ -82,21 +84,31 @@ def scale_down(store: HistoryStore, controller_tick: Callable[[], None], name: s
         time.sleep(0.2)
 
 
+def start_api(site: SiteConfig, policy: Policy, store: HistoryStore) -> ApiServer:
+    from hpcserve.service.main import start_api as serve_api
+
+    os.environ["HPCSERVE_SOCKET"] = site.service.socket
+    return serve_api(site, policy, store)
+
+
 def main() -> int:
     args = parse_args()
     os.environ.setdefault("SLURM_CONF", "/tmp/hpcserve-mc/etc/slurm.conf")
     site = load_site_config(REPO / "site_configs" / "minicluster.yaml")
     policy = load_policy(REPO / "policies" / "default.yaml")
-    with tempfile.TemporaryDirectory(prefix="hpcserve-bench-") as tmp:
-        store = HistoryStore(f"sqlite:///{tmp}/bench.db", admins=["root"])
+    with tempfile.TemporaryDirectory(prefix="hpcserve-bench-", dir="/tmp") as tmp:
+        Path(tmp).chmod(0o755)  # the owner's replica job reaches the API socket in here
+        store = HistoryStore(f"sqlite:///{tmp}/state/bench.db", admins=["root"])
         store.upgrade()
         name = f"bench-{uuid.uuid4().hex[:6]}"
         spec = build_deployment({"name": name, "model": "bench", "engine": "simulator", "gpus_per_replica": 1,
                                  "min_replicas": 0, "max_replicas": 1, "idle_to_zero_s": 0})  # fmt: skip
-        store.create_deployment(name, "root", spec.model_dump(mode="json"), 0)
+        store.create_deployment(name, args.owner, spec.model_dump(mode="json"), 0)
         data = yaml.safe_load((REPO / "site_configs" / "minicluster.yaml").read_text())
         data["serving"]["replica_dir"] = f"{tmp}/replicas"
+        data["service"] = {"socket": f"{tmp}/api.sock"}
         site = type(site).model_validate(data)
+        api = start_api(site, policy, store)  # replicas announce themselves to the service's API
         controller = make_controller(site, policy, store)
         controller.autoscaler = lambda deployment, *_: (deployment.desired_replicas, None)  # decisions: ours
         tick = controller.tick
@@ -107,6 +119,7 @@ def main() -> int:
             print(f"  run {run + 1}: sbatch->RUNNING {plain[-1]:.2f} s, decision->ready {ours[-1]:.2f} s")
             scale_down(store, tick, name)
         store.delete_deployment(name, user="root")
+        api.stop()
     report(statistics.median(ours), statistics.median(plain), args.tick)
     return 0
 
