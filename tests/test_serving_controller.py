@@ -163,6 +163,19 @@ def test_scale_up_is_capped_by_the_owners_gpus_across_deployments(store: History
     assert records["big"].capped and "max_gpus_per_user" in records["big"].capped
     assert records["other"].capped and "alice holds or waits for 6 of 6" in records["other"].capped
     assert records["bobs"].capped is None  # bob's limit is his own
+    shown = {r["name"]: r for r in _rows_as_alice(store, slurm)}  # what `hpcserve deployments` shows
+    assert shown["big"]["capped"] == records["big"].capped and shown["bobs"]["capped"] is None
+
+
+def _rows_as_alice(store: HistoryStore, slurm: FakeSlurm) -> list[dict[str, Any]]:
+    from hpcserve.api import deployments as api_deployments
+    from hpcserve.api.caller import Caller
+    from hpcserve.api.context import ApiContext
+    from hpcserve.config import load_site_config
+    from tests.conftest import SITE
+
+    api = ApiContext(load_site_config(SITE), policy(6), store, slurm)  # type: ignore[arg-type]
+    return api_deployments.list_rows(api, Caller(1001, "alice", frozenset()))
 
 
 def test_scaler_state_lives_in_the_database(store: HistoryStore) -> None:

@@ -234,24 +234,34 @@ def remove(api: ApiContext, caller: Caller, name: str) -> dict[str, Any]:
 
 def list_rows(api: ApiContext, caller: Caller) -> list[dict[str, Any]]:
     """Every deployment (everyone sees the list), those being deleted included."""
+    from hpcserve.serving.scaling import STATE_PREFIX
+
     by_name: dict[str, list[Replica]] = {}
     for replica in api.store.replicas():
         by_name.setdefault(replica.deployment, []).append(replica)
-    return [row(api, caller, d, by_name.get(d.name, [])) for d in api.store.list_deployments()]
+    scalers = api.store.states(STATE_PREFIX)  # one query for every deployment's autoscaler
+    return [row(api, caller, d, by_name.get(d.name, []), scalers.get(STATE_PREFIX + d.name))
+            for d in api.store.list_deployments()]  # fmt: skip
 
 
 def show(api: ApiContext, caller: Caller, name: str) -> dict[str, Any]:
     deployment = api.store.get_deployment(name)
     if deployment is None:
         raise NotFound(f"no deployment {name!r} (see: hpcserve deployments)")
-    return row(api, caller, deployment, api.store.replicas(name))
+    from hpcserve.serving.scaling import state_name
+
+    return row(api, caller, deployment, api.store.replicas(name), api.store.get_state(state_name(name)))
 
 
 def row(
-    api: ApiContext, caller: Caller, deployment: Deployment, replicas: Sequence[Replica]
-) -> dict[str, Any]:
+    api: ApiContext, caller: Caller, deployment: Deployment, replicas: Sequence[Replica],
+    scaler: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """What ``hpcserve deployments`` shows. Replica URLs (an engine's host:port, which no key guards) only
-    to the owner and admins."""
+    to the owner and admins; ``capped``: why the autoscaler's last scale-up was lowered (the owner's
+    limits), None when it was not."""
+    from hpcserve.serving.scaling import ScalerRecord
+
     spec = deployment.spec
     insider = deployment.owner == caller.user or is_admin(caller, api.site.admins)
     return {
@@ -266,6 +276,7 @@ def row(
         "queue_depth": queue_depth(api, deployment.name),
         "endpoint": f"{api.site.serving.gateway_url}/v1", "deleting": deployment.deleted,
         "account": deployment.account, "shares": list(deployment.shares or []),
+        "capped": ScalerRecord.from_json(scaler).capped,
         "replicas": [{"index": r.index, "state": r.state, "job_id": r.job_id,
                       "url": r.url if insider else None} for r in replicas],
     }  # fmt: skip

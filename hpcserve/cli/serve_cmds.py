@@ -143,7 +143,8 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
-    table = [(r["name"], r["owner"], r["served_model_name"], r["engine"], f"{r['ready']}/{r['desired']}",
+    table = [(r["name"], r["owner"], r["served_model_name"], r["engine"],
+              f"{r['ready']}/{r['desired']}" + (f" (capped: {r['capped']})" if r.get("capped") else ""),
               r["starting"], r["queue_depth"], r["endpoint"] + (" (deleting)" if r["deleting"] else ""))
              for r in rows]  # fmt: skip
     cols = ("DEPLOYMENT", "OWNER", "MODEL", "ENGINE", "READY/DESIRED", "STARTING", "QUEUE", "ENDPOINT")
