@@ -42,6 +42,7 @@ def run_checks(inp: DoctorInput) -> list[Check]:
         _check_munge(inp.runner),
         _check_accounting(inp.runner, cluster),
         config_check,
+        _check_service(site),
         _check_database(site),
     ]
 
@@ -102,12 +103,31 @@ def _check_config(site_path: Path | None, policy_path: Path | None) -> tuple[Sit
     return site, Check("config", True, f"{site_path} and {policy_path} are valid")
 
 
+def _check_service(site: SiteConfig | None) -> Check:
+    """The service's API answers, and says who the caller is (the kernel's word, over the socket)."""
+    from hpcserve.service.client import ServiceClient
+
+    client = ServiceClient.for_site(site)
+    fix = "ask your admin to start it (systemctl start hpcserve), or set service.socket / $HPCSERVE_SOCKET"
+
+    def body() -> Check:
+        me = client.call("GET", "/v1/whoami")
+        role = "an admin" if me.get("admin") else "not an admin"
+        return Check("service", True, f"answers at {client.where}: you are {me.get('user')} ({role})")
+
+    return _guard("service", fix, body)
+
+
 def _check_database(site: SiteConfig | None) -> Check:
     if site is None:
         return Check(
             "database", False, "no valid site config to read database.url from", "fix the config first"
         )
     url = site.database_url()
+    if _the_services_own(url):
+        return Check(
+            "database", True, f"{_redact(url)} is the service's alone (users reach it through the API)"
+        )
     fix = "check database.url (SQLite: a writable folder; Postgres: server up, user known)"
     try:
         _ping_database(url)
@@ -116,11 +136,29 @@ def _check_database(site: SiteConfig | None) -> Check:
     return Check("database", True, f"{_redact(url)} answers")
 
 
+def _the_services_own(url: str) -> bool:
+    """A SQLite database that exists but that the caller may not open: the service's, as it should be."""
+    import os
+
+    if not url.startswith("sqlite:///"):
+        return False
+    path = Path(url.removeprefix("sqlite:///"))
+    try:
+        path.stat()
+    except PermissionError:  # in the service's 0700 folder
+        return True
+    except OSError:
+        return False
+    return not os.access(path, os.R_OK | os.W_OK)
+
+
 def _ping_database(url: str) -> None:
     import sqlalchemy
 
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        from hpcserve.store.engine import create_private
+
+        create_private(Path(url.removeprefix("sqlite:///")))  # 0600 in a 0700 folder, like the store's
     engine = sqlalchemy.create_engine(url)
     try:
         with engine.connect() as conn:

@@ -28,12 +28,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def site_file(root: Path, **service: Any) -> Path:
+def site_file(root: Path, database: str | None = None, **service: Any) -> Path:
     """site_configs/minicluster.yaml with the service's socket, TCP listener and admins (root and the
     group hpcadmin) set for this test."""
     data = yaml.safe_load(SITE.read_text())
     data["service"] = {**(data.get("service") or {}), **service}
     data["admins"] = ["root", "@hpcadmin"]
+    if database:
+        data["database"] = {"url": database}
     path = root / "site.yaml"
     path.write_text(yaml.safe_dump(data))
     path.chmod(0o644)
@@ -47,7 +49,7 @@ class ApiService(Service):
         super().__init__(root, slurm_env, db_url, policy)
         self.port = free_port()
         self.socket = root / "api.sock"
-        self.site = site_file(root, socket=str(self.socket), listen=f"127.0.0.1:{self.port}",
+        self.site = site_file(root, db_url, socket=str(self.socket), listen=f"127.0.0.1:{self.port}",
                               url=f"http://127.0.0.1:{self.port}")  # fmt: skip
         self.env |= {"HPCSERVE_SITE": str(self.site), "HPCSERVE_SOCKET": str(self.socket)}
 

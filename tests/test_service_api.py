@@ -84,3 +84,10 @@ def test_the_cli_says_in_one_line_when_the_service_is_down(
     assert done.returncode == 69
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach the hpcserve service" in lines[0] and "fix:" in lines[0]
+
+
+def test_doctor_as_a_user_finds_the_service_and_leaves_its_database_alone(api_service: ApiService) -> None:
+    done = api_service.run_as("alice", "doctor", "--json")
+    checks = {c["check"]: c for c in json.loads(done.stdout)}
+    assert checks["service"]["ok"] and "you are alice (not an admin)" in checks["service"]["detail"]
+    assert checks["database"]["ok"] and "the service's alone" in checks["database"]["detail"]
