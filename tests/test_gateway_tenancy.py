@@ -89,7 +89,6 @@ class Rig:
     url: str  # the gateway's public address
     admin: str  # its /metrics address
     log: Path
-    last: httpx.Response | None = None
 
     def store(self) -> HistoryStore:
         return self.service.store()
@@ -109,10 +108,22 @@ class Rig:
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         return httpx.post(self.url + path, content=content, headers=headers, timeout=30)
 
-    def answers(self, key: str, body: dict[str, Any], status: int) -> bool:
-        """Whether ``body`` gets ``status`` now (for wait_until; the last answer is kept for the report)."""
-        self.last = self.post(key, body)
-        return self.last.status_code == status
+    def await_answer(self, key: str, body: dict[str, Any], status: int) -> None:
+        """Until ``body`` gets ``status`` (the gateway re-reads keys and routes every few seconds); on
+        timeout, the last answer and the gateway's log say why."""
+        last: list[httpx.Response] = []
+
+        def answered() -> bool:
+            last[:] = [self.post(key, body)]
+            return last[0].status_code == status
+
+        try:
+            wait_until(answered, timeout=30)
+        except AssertionError:
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise AssertionError(
+                f"last answer {last[0].status_code} {last[0].text[:300]}; log:\n{tail}"
+            ) from None
 
     def models(self, key: str) -> list[str]:
         answer = httpx.get(self.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
@@ -198,7 +209,7 @@ def test_keys_reach_only_their_owners_models_until_shared(rig: Rig) -> None:
 
     # new keys work within seconds; bob reaches his own model, not alice's unshared one (404 as OpenAI
     # answers it), and it is not listed for him
-    wait_until(lambda: rig.answers(bob_key, _chat("bob-llm", max_tokens=3), 200), timeout=10)
+    rig.await_answer(bob_key, _chat("bob-llm", max_tokens=3), 200)
     refused = rig.post(bob_key, _chat("alice-llm"))
     assert refused.status_code == 404 and refused.json() == {"error": {
         "message": "The model `alice-llm` does not exist or you do not have access to it.",
@@ -209,7 +220,7 @@ def test_keys_reach_only_their_owners_models_until_shared(rig: Rig) -> None:
 
     # alice shares with bob (through the service, as herself): within seconds his key reaches her model
     rig.cli("alice", "share", "alice-llm", "bob")
-    wait_until(lambda: rig.answers(bob_key, _chat("alice-llm", max_tokens=2), 200), timeout=10)
+    rig.await_answer(bob_key, _chat("alice-llm", max_tokens=2), 200)
     assert rig.models(bob_key) == ["alice-llm", "bob-llm"]
     assert rig.post(bob_key, _chat("alice-zero")).status_code == 404  # only what she shared
 
@@ -233,14 +244,14 @@ def test_keys_reach_only_their_owners_models_until_shared(rig: Rig) -> None:
 
     # revoked: refused within seconds
     rig.cli("alice", "keys", "revoke", alice["id"])
-    wait_until(lambda: rig.answers(alice["key"], _chat("alice-llm"), 401), timeout=10)
+    rig.await_answer(alice["key"], _chat("alice-llm"), 401)
     assert rig.post(bob_key, _chat("alice-llm", max_tokens=1)).status_code == 200  # other keys still work
 
 
 def test_an_unreachable_model_at_zero_is_not_woken_and_metrics_stay_off_the_public_port(rig: Rig) -> None:
     bob = rig.make_key("bob")
     alice = rig.make_key("alice")
-    wait_until(lambda: rig.answers(bob["key"], _chat("bob-llm", max_tokens=1), 200), timeout=10)
+    rig.await_answer(bob["key"], _chat("bob-llm", max_tokens=1), 200)
     for _ in range(3):
         assert rig.post(bob["key"], _chat("alice-zero")).status_code == 404
     assert rig.post(alice["key"], _chat("alice-zero")).status_code == 503  # hers: buffered, then 503

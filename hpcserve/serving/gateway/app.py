@@ -84,7 +84,13 @@ class Gateway:
     async def refresh_keys(self) -> None:
         assert self.key_source is not None
         snapshot: KeySnapshot = await _in_thread(self.key_source)
+        before = self.state.key_ids
         self.state.set_keys(snapshot.keys, snapshot.groups)
+        after = self.state.key_ids
+        if after != before:
+            log.info(
+                "API keys: %d live (%d new, %d gone)", len(after), len(after - before), len(before - after)
+            )
 
     async def tick(self) -> None:
         state = self.state
