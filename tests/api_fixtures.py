@@ -100,3 +100,16 @@ def api_service(short_root: Path, slurm_env: dict[str, str]) -> Iterator[ApiServ
         yield service
     finally:
         service.stop()
+        cancel_replicas(service)
+
+
+def cancel_replicas(service: Service) -> None:
+    """Cancel the replica jobs the service recorded: a stopped service leaves its replicas running (as a
+    real one does across restarts), and they would hold the next test's GPUs."""
+    try:
+        with service.store() as store:
+            ids = [r.job_id for r in store.replicas() if r.job_id]
+    except Exception:  # the test never got as far as a database
+        return
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, check=False, timeout=60)
