@@ -27,7 +27,7 @@ from hpcserve.rebalance.sampler import Sampler
 from hpcserve.slurm.cli_backend import CliSlurmClient
 from hpcserve.slurm.protocol import JobFilter
 from hpcserve.store import NewStep
-from tests.api_fixtures import ApiService, short_root  # noqa: F401 (fixtures)
+from tests.api_fixtures import ApiService, cancel_replicas, short_root  # noqa: F401 (fixtures)
 from tests.conftest import POLICY
 
 pytestmark = pytest.mark.cluster
@@ -61,6 +61,7 @@ def service(short_root: Path, slurm_env: dict[str, str]) -> Iterator[ApiService]
         yield svc
     finally:
         svc.stop()
+        cancel_replicas(svc)
 
 
 def name(base: str) -> str:

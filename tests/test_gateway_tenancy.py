@@ -30,7 +30,7 @@ from hpcserve.serving import engine_sim
 from hpcserve.serving.engine_sim_core import SimConfig
 from hpcserve.serving.spec import DeploymentSpec
 from hpcserve.store import HistoryStore
-from tests.api_fixtures import ApiService, free_port, short_root  # noqa: F401 (fixtures)
+from tests.api_fixtures import ApiService, cancel_replicas, free_port, short_root  # noqa: F401 (fixtures)
 from tests.conftest import wait_until
 from tests.service_fixtures import terminate
 
@@ -173,6 +173,7 @@ def rig(short_root: Path, slurm_env: dict[str, str]) -> Iterator[Rig]:  # noqa: 
             terminate([gateway])
         sims.stop()
         service.stop()
+        cancel_replicas(service)
 
 
 def _answers(url: str) -> bool:
