@@ -15,6 +15,7 @@ from hpcserve.errors import SlurmCommandError
 from hpcserve.slurm.cli_backend import CliSlurmClient
 from hpcserve.slurm.models import JobState
 from hpcserve.slurm.protocol import JobFilter
+from tests.api_fixtures import ApiService
 from tests.conftest import POLICY, SITE, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -136,11 +137,17 @@ def test_jobs_for_unknown_id_is_empty(slurm: CliSlurmClient, hpcserve: Cli) -> N
     assert ps_json(hpcserve, "-j", "1") == []
 
 
-def test_doctor_passes_on_a_running_cluster(hpcserve: Cli) -> None:
-    out = hpcserve("--site", str(SITE), "--policy", str(POLICY), "doctor", "--json")
+def test_doctor_passes_on_a_running_cluster(hpcserve: Cli, api_service: ApiService) -> None:
+    env = {"HPCSERVE_SOCKET": str(api_service.socket)}
+    out = hpcserve("--site", str(SITE), "--policy", str(POLICY), "doctor", "--json", env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     checks = {c["check"]: c["ok"] for c in json.loads(out.stdout)}
-    assert checks == {"slurm": True, "munge": True, "accounting": True, "config": True, "database": True}
+    assert checks == {"slurm": True, "munge": True, "accounting": True, "config": True, "service": True,
+                      "database": True}  # fmt: skip
+    down = hpcserve(
+        "--site", str(SITE), "--policy", str(POLICY), "doctor", env={"HPCSERVE_SOCKET": "/nonexistent"}
+    )
+    assert down.returncode == 1 and "FAIL  service: cannot reach the hpcserve service" in down.stdout
 
 
 def test_unknown_job_or_user_is_an_error_not_silence(hpcserve: Cli) -> None:

@@ -210,3 +210,34 @@ def test_only_the_services_role_connects_to_its_postgres_database(service_databa
     cli = as_user("bob", sys.executable, "-m", "hpcserve", "rebalance", "--dry-run", env=env)
     [line] = cli.stderr.splitlines()
     assert cli.returncode != 0 and "permission denied for database" in line, cli.stderr
+
+
+@pytest.mark.postgres
+@pytest.mark.cluster
+def test_the_service_on_postgres_serves_users_with_its_own_role(
+    service_database: tuple[str, str], short_root: Path, slurm_env: dict[str, str]
+) -> None:
+    """The whole path on PostgreSQL: the service connects as its role (and migrates the empty database at
+    start); alice serves through the API; the row lands in the service's database; bob, connecting as
+    himself, is refused by PostgreSQL."""
+    from tests.api_fixtures import ApiService, cancel_replicas
+
+    role, name = service_database
+    service = ApiService(short_root, slurm_env, f"postgresql+psycopg://{role}@127.0.0.1:5432/{name}")
+    service.start("--sample-interval", "0", "--rebalance-interval", "0")
+    try:
+        service.wait_ready()
+        made = service.run_as(
+            "alice", "serve", "pg-llm", "--engine", "simulator", "--min-replicas", "0", "--json"
+        )
+        assert made.returncode == 0, made.stderr
+        listed = service.run_as("bob", "deployments", "--json")
+        assert [(d["name"], d["owner"]) for d in json.loads(listed.stdout)] == [("pg-llm", "alice")]
+    finally:
+        service.stop()
+        cancel_replicas(service)
+    with HistoryStore(service.db_url) as store:
+        assert [(d.name, d.owner) for d in store.list_deployments()] == [("pg-llm", "alice")]
+    bob_url = f"postgresql://bob@127.0.0.1:5432/{name}"
+    raw = as_user("bob", sys.executable, "-c", f"import psycopg; psycopg.connect({bob_url!r})")
+    assert raw.returncode != 0 and "permission denied for database" in raw.stderr

@@ -32,7 +32,7 @@ def test_doctor_fails_with_one_line_per_check_and_its_fix(hpcserve: Cli) -> None
     assert out.returncode == 1
     lines = out.stdout.splitlines()
     failed = {line.split()[1].rstrip(":"): line for line in lines if line.startswith("FAIL")}
-    assert set(failed) == {"slurm", "munge", "accounting"}
+    assert set(failed) == {"slurm", "munge", "accounting", "service"}  # no service runs here either
     assert all("(fix: " in line and "minicluster.sh start" in line for line in failed.values())
     assert {line.split()[1].rstrip(":") for line in lines if line.startswith("ok")} == {"config", "database"}
     assert len(lines) == 5 and out.stderr == ""
