@@ -25,13 +25,14 @@ EARLIER = NOW - timedelta(seconds=30)
 
 
 def job(
-    job_id: int, state: JobState = JobState.RUNNING, start: datetime | None = EARLIER, user: str = "alice"
-) -> Job:
-    return Job(str(job_id), job_id, "d-r", user, "a", "infer", state, 1, start=start)
+    job_id: int, state: JobState = JobState.RUNNING, start: datetime | None = EARLIER, user: str = "alice",
+    node: str = "node5",
+) -> Job:  # fmt: skip
+    return Job(str(job_id), job_id, "d-r", user, "a", "infer", state, 1, nodes=(node,), start=start)
 
 
-def note(index: int, job_id: int, at: datetime = NOW) -> Announcement:
-    return Announcement(str(job_id), f"http://node5:{8000 + index}", at)
+def note(index: int, job_id: int, at: datetime = NOW, host: str = "node5") -> Announcement:
+    return Announcement(str(job_id), f"http://{host}:{8000 + index}", at, host)
 
 
 def view(index: int, job_id: int, state: ReplicaState = ReplicaState.READY) -> ReplicaView:
@@ -57,6 +58,16 @@ def test_stale_announcement_of_a_requeued_job_is_ignored() -> None:
     replicas = [view(0, 10, ReplicaState.STARTING)]
     stale = note(0, 10, at=EARLIER - timedelta(seconds=60))
     assert reconcile(1, replicas, seen({0: job(10)}, {0: stale}), NOW, 600) == []
+
+
+def test_an_announcement_naming_another_node_than_the_jobs_is_not_believed() -> None:
+    """The replica's own code announces: it must not send its deployment's traffic to another machine."""
+    replicas = [view(0, 10, ReplicaState.STARTING)]
+    elsewhere = note(0, 10, host="node6")  # another user's engine may serve there
+    assert reconcile(1, replicas, seen({0: job(10, node="node5")}, {0: elsewhere}), NOW, 600) == []
+    fqdn = note(0, 10, host="node5.cluster.example")  # the node's full name is the node
+    actions = reconcile(1, replicas, seen({0: job(10)}, {0: fqdn}), NOW, 600)
+    assert actions == [SetState(0, ReplicaState.READY, "http://node5.cluster.example:8000")]
 
 
 def test_dead_replica_is_forgotten_and_replaced() -> None:

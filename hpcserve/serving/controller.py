@@ -239,7 +239,7 @@ def _replica_jobs(jobs: Sequence[Job]) -> dict[str, list[Job]]:
 
 def _announcements(replicas: Sequence[Replica]) -> dict[int, Announcement]:
     """What starting replicas announced to the API (``url`` and the time, with the recorded job id)."""
-    return {r.index: Announcement(r.job_id, r.url, r.ready_at) for r in replicas
+    return {r.index: Announcement(r.job_id, r.url, r.ready_at, r.host or "") for r in replicas
             if r.state == "starting" and r.url and r.ready_at and r.job_id}  # fmt: skip
 
 

@@ -79,6 +79,7 @@ class Announcement:
     job_id: str
     url: str
     at: datetime
+    host: str = ""  # the host it named: it must be one of its job's nodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,8 +151,12 @@ def _check(replica: ReplicaView, seen: Observed, now: datetime, timeout_s: float
 
 
 def _current(note: Announcement, job: Job) -> bool:
-    """The announcement is from this job's current run (a requeued job keeps its id but starts again)."""
+    """The announcement is from this job's current run (a requeued job keeps its id but starts again), and
+    names one of the nodes Slurm gave that job: a replica cannot point its deployment's traffic at another
+    machine (or another user's engine elsewhere)."""
     if note.job_id.split("_")[0] != str(job.job_id):
+        return False
+    if job.nodes and note.host.split(".")[0] not in job.nodes:
         return False
     return job.start is None or note.at >= job.start
 
