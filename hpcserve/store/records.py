@@ -6,7 +6,7 @@ States are plain strings checked against the tuples below, so a caller's ``StrEn
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, TypedDict
 
@@ -111,6 +111,7 @@ class ReplicaFields(TypedDict, total=False):
     started_at: datetime | None
     ready_at: datetime | None
     secret_hash: str | None
+    engine_key: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,7 @@ class Replica:
     ready_at: datetime | None
     updated_at: datetime
     secret_hash: str | None = None  # sha256 of the replica's secret (issued at submit)
+    engine_key: str | None = field(default=None, repr=False)  # its engine's /v1 key (the gateway's only)
 
 
 @dataclass(frozen=True, slots=True)

@@ -185,6 +185,8 @@ class ReplicaRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
     # sha256 of the secret the service issued at submit; the replica proves itself with it when it announces
     secret_hash: Mapped[str | None] = mapped_column(String(64))
+    # the key the replica's engine requires on /v1 (VLLM_API_KEY): the gateway sends it upstream
+    engine_key: Mapped[str | None] = mapped_column(String(64))
 
 
 class RebalancePlanRow(Base):

@@ -1,5 +1,5 @@
-"""tenancy: deployments' served model name (unique), account and shares; replica secrets; API keys; service
-state
+"""tenancy: deployments' served model name (unique), account and shares; replica secrets and engine keys;
+API keys; service state
 
 ``deployments.served_model_name`` is backfilled from each spec (its ``served_model_name``, else the name);
 should two old deployments claim the same one, the older keeps it and the newer gets NULL (it is then
@@ -35,6 +35,7 @@ def upgrade() -> None:
     op.create_index("ix_deployments_served_model_name", "deployments", ["served_model_name"], unique=True)
     with op.batch_alter_table("replicas") as batch:
         batch.add_column(sa.Column("secret_hash", sa.String(64), nullable=True))
+        batch.add_column(sa.Column("engine_key", sa.String(64), nullable=True))
     op.create_table(
         "api_keys",
         sa.Column("id", sa.String(32), nullable=False),
@@ -81,6 +82,7 @@ def downgrade() -> None:
     op.drop_index("ix_api_keys_owner", table_name="api_keys")
     op.drop_table("api_keys")
     with op.batch_alter_table("replicas", recreate="never") as batch:
+        batch.drop_column("engine_key")
         batch.drop_column("secret_hash")
     op.drop_index("ix_deployments_served_model_name", table_name="deployments")
     with op.batch_alter_table("deployments", recreate="never") as batch:
