@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -286,3 +288,65 @@ def test_sigterm_drains_then_exits_zero() -> None:
     assert len(events) == 42 and events[-1] == "[DONE]"
     assert events[-2]["choices"][0]["finish_reason"] == "length"
     assert b"SIMULATOR (not vLLM)" in err and b"drained" in err
+
+
+# the engine key (vLLM's --api-key / VLLM_API_KEY) -------------------------------------------------------
+
+ENGINE_KEY = "engine-key-for-tests"
+
+
+def test_with_a_key_v1_needs_it_and_health_and_metrics_stay_open() -> None:
+    async def scenario(server: SimServer, s: aiohttp.ClientSession) -> None:
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": ENGINE_KEY},
+                        {"Authorization": f"Bearer {ENGINE_KEY}x"}):  # fmt: skip
+            for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/chat/completions", chat),
+                                       ("POST", "/v1/completions", {"prompt": "hi"})):  # fmt: skip
+                async with s.request(method, path, json=body, headers=headers) as r:
+                    error = (await r.json())["error"]
+                    assert (r.status, error["code"], error["type"]) == (401, 401, "AuthenticationError")
+                    assert r.headers["WWW-Authenticate"] == "Bearer" and ENGINE_KEY not in error["message"]
+        good = {"Authorization": f"Bearer {ENGINE_KEY}"}
+        async with s.get("/v1/models", headers=good) as r:
+            assert r.status == 200 and (await r.json())["data"][0]["id"] == "sim/m"
+        async with s.post("/v1/chat/completions", json=chat, headers=good) as r:
+            assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 2
+        for path in ("/health", "/metrics"):
+            async with s.get(path) as r:
+                assert r.status == 200, path
+
+    run_sim(SimConfig(model="sim/m", port=0, decode_s_per_token=0.001, api_key=ENGINE_KEY), scenario)
+    assert ENGINE_KEY not in repr(SimConfig(model="m", api_key=ENGINE_KEY))
+
+
+def test_without_a_key_nothing_is_checked() -> None:
+    async def scenario(server: SimServer, s: aiohttp.ClientSession) -> None:
+        async with s.get("/v1/models", headers={"Authorization": "Bearer anything"}) as r:
+            assert r.status == 200
+
+    run_sim(FAST, scenario)
+
+
+def test_the_cli_takes_the_key_from_vllm_api_key_not_argv() -> None:
+    port = _free_port()
+    argv = [sys.executable, "-m", "hpcserve", "engine-sim", "sim/m", "--port", str(port)]
+    env = {**os.environ, "VLLM_API_KEY": ENGINE_KEY}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+    async def scenario() -> list[int]:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as s:
+            await _wait_healthy(s, proc)
+            statuses = []
+            for headers in ({}, {"Authorization": f"Bearer {ENGINE_KEY}"}):
+                async with s.get("/v1/models", headers=headers) as r:
+                    statuses.append(r.status)
+            return statuses
+
+    try:
+        assert asyncio.run(scenario()) == [401, 200]
+        assert ENGINE_KEY.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    _, err = proc.communicate()
+    assert b"needs its API key" in err and ENGINE_KEY.encode() not in err

@@ -7,6 +7,10 @@ Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed 
 ``GET /v1/models``, ``GET /health`` (503 until ``startup_delay_s`` has passed and while draining, then 200),
 ``GET /metrics`` (Prometheus text, see ``engine_sim_metrics``).
 
+With an API key (``SimConfig.api_key``; ``run`` takes it from ``VLLM_API_KEY``, as ``vllm serve`` does, so
+it is never in the command line) every /v1 request without ``Authorization: Bearer <key>`` gets 401;
+/health and /metrics stay open. Without one, nothing is checked.
+
 SIGTERM (what Slurm sends a replica it cancels) drains: new requests get 503, requests in flight finish,
 for up to ``drain_timeout_s``, then the process exits 0.
 """
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,6 +41,7 @@ log = logging.getLogger("hpcserve.engine_sim")
 ENGINE_HEADER = ("x-hpcserve-engine", "simulator")
 OWNED_BY = "hpcserve-engine-simulator"
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+KEY_ENV = "VLLM_API_KEY"  # where vllm serve (and this simulator's CLI) read the key /v1 requires
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -84,7 +91,7 @@ ENGINE = web.AppKey("hpcserve_engine_sim", SimEngine)
 
 def make_app(config: SimConfig, clock: Callable[[], float] = time.monotonic) -> web.Application:
     """The simulator as an aiohttp app; the scheduler task runs while the app does."""
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_check_key])
     app[ENGINE] = SimEngine(config, clock)
     app.cleanup_ctx.append(_engine_task)
     app.on_response_prepare.append(_mark_simulator)
@@ -109,6 +116,17 @@ async def _engine_task(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+@web.middleware
+async def _check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """401 for a /v1 request without the engine's key (when it has one), before any work is done."""
+    key = request.app[ENGINE].config.api_key
+    if api.authorized(key, request.path, request.headers.get("Authorization")):
+        return await handler(request)
+    response = _error(api.UNAUTHORIZED)
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 async def _mark_simulator(_request: web.Request, response: web.StreamResponse) -> None:
@@ -246,17 +264,21 @@ async def start(config: SimConfig, clock: Callable[[], float] = time.monotonic) 
     await site.start()
     port = int(runner.addresses[0][1])
     log.info(
-        "hpcserve engine SIMULATOR (not vLLM) serving %r on %s:%d; ready in %.1f s",
+        "hpcserve engine SIMULATOR (not vLLM) serving %r on %s:%d; ready in %.1f s; /v1 %s",
         config.name,
         config.host,
         port,
         config.startup_delay_s,
+        "needs its API key" if config.api_key else "open (no API key)",
     )
     return SimServer(app, runner, port)
 
 
 def run(config: SimConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and return (the CLI exits 0)."""
+    """Serve until SIGTERM or SIGINT, then drain and return (the CLI exits 0). Without a key in ``config``,
+    the key is ``$VLLM_API_KEY`` when set."""
+    if config.api_key is None and os.environ.get(KEY_ENV):
+        config = dataclasses.replace(config, api_key=os.environ[KEY_ENV])
     asyncio.run(_serve_until_signal(config))
 
 

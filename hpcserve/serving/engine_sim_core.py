@@ -24,7 +24,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hpcserve.serving.engine_sim_metrics import Load, SimMetrics
 
@@ -35,7 +35,8 @@ MAX_LAG_S = 0.1
 class SimConfig:
     """The simulated engine. ``max_batch`` is vLLM's ``--max-num-seqs``; ``max_waiting`` bounds the queue
     (requests past it get 503, so memory stays bounded); ``drain_timeout_s`` is how long SIGTERM waits for
-    in-flight requests (keep it under Slurm's KillWait, 30 s by default)."""
+    in-flight requests (keep it under Slurm's KillWait, 30 s by default); with ``api_key``, every /v1 request
+    must carry ``Authorization: Bearer <api_key>`` (/health and /metrics stay open), as in vLLM."""
 
     model: str
     served_model_name: str | None = None
@@ -52,6 +53,7 @@ class SimConfig:
     default_max_tokens: int = 16
     max_waiting: int = 10000
     drain_timeout_s: float = 20.0
+    api_key: str | None = field(default=None, repr=False)  # vLLM's --api-key: required on /v1; None: open
 
     @property
     def name(self) -> str:

@@ -12,6 +12,7 @@ nothing.
 
 from __future__ import annotations
 
+import hmac
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,6 +35,21 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.status}}
+
+
+GUARDED_PREFIX = "/v1"  # vLLM's AuthenticationMiddleware guards the paths under /v1 (and leaves the rest)
+UNAUTHORIZED = ApiError(
+    401, "Unauthorized: send 'Authorization: Bearer <key>' with this engine's key", "AuthenticationError"
+)
+
+
+def authorized(api_key: str | None, path: str, authorization: str | None) -> bool:
+    """Whether a request to ``path`` may pass: always without a key; with one, a path outside /v1, or an
+    ``Authorization: Bearer <api_key>`` header (compared in constant time)."""
+    if api_key is None or not path.startswith(GUARDED_PREFIX):
+        return True
+    expected = f"Bearer {api_key}".encode()
+    return authorization is not None and hmac.compare_digest(authorization.encode(), expected)
 
 
 class StreamOptions(msgspec.Struct):
