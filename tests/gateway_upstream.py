@@ -1,7 +1,8 @@
 """A tiny OpenAI-style upstream for the gateway tests (not the engine simulator): answers at once, streams
 ``chunks`` events (each written on its own), holds requests while ``hold`` is set, and records the bodies
-it got. ``python tests/gateway_upstream.py [--stall]`` serves one on a free port, prints the port and,
-with ``--stall``, stops after two events (streamed) or half the body (not streamed) until it is killed.
+it got and their Authorization headers. ``python tests/gateway_upstream.py [--stall]`` serves one on a free
+port, prints the port and, with ``--stall``, stops after two events (streamed) or half the body (not
+streamed) until it is killed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Upstream:
     stall: bool = False
     hold: asyncio.Event | None = None
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    auth: list[str | None] = field(default_factory=list)  # each request's Authorization header
     active: int = 0
 
 
@@ -38,6 +40,7 @@ async def _answer(request: web.Request) -> web.StreamResponse:
     up: Upstream = request.app[UP]
     body = msgspec.json.decode(await request.read())
     up.bodies.append(body)
+    up.auth.append(request.headers.get("Authorization"))
     up.active += 1
     try:
         if up.hold is not None:

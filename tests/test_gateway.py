@@ -5,13 +5,14 @@ engine simulator."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -473,3 +474,52 @@ def test_end_to_end_against_the_engine_simulator() -> None:
                 assert sum(row.completion_tokens for row in rows) == 16
 
     run(scenario)
+
+
+# -- engine keys: the gateway is the only client the engines answer ---------------------------------------
+def test_each_replica_gets_its_own_engine_key_never_the_clients() -> None:
+    async def scenario() -> None:
+        async with rig(replicas=2) as r:
+            keyed = tuple(Endpoint("m", i, r.up_urls[i], key=f"engine-{i}") for i in (0, 1))
+            r.routes.set(DeploymentRoute("m", keyed))
+            await asyncio.sleep(0.1)
+            for stream in (False, True, False, True):
+                status, _, _ = await r.post({"model": "m", "prompt": "hi", "stream": stream})
+                assert status == 200
+            assert [set(up.auth) for up in r.ups] == [{"Bearer engine-0"}, {"Bearer engine-1"}]
+            assert not any(KEY in (a or "") for up in r.ups for a in up.auth)
+            r.routes.set(DeploymentRoute("m", r.endpoints(0)))  # a routes file without keys
+            await asyncio.sleep(0.1)
+            assert (await r.post({"model": "m", "prompt": "hi"}))[0] == 200 and r.ups[0].auth[-1] is None
+            assert "engine-0" not in repr(keyed)
+
+    run(scenario)
+
+
+def test_an_engine_that_refuses_the_replicas_key_is_skipped_and_never_401s_the_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A replica that announced another engine (bob's, with bob's key) gets its 401s: the gateway takes the
+    request to a replica whose engine knows its key, or answers 502; the client never sees the 401."""
+    sim = pytest.importorskip("hpcserve.serving.engine_sim")
+
+    async def scenario() -> None:
+        config = sim.SimConfig(model="m", decode_s_per_token=0.0005, api_key="bobs-engine-key")
+        async with rig() as r, serving(sim.make_app(config)) as bobs:
+            alices, squatted = r.endpoints(0)[0], Endpoint("m", 7, bobs, key="alices-engine-key")
+            r.routes.set(DeploymentRoute("m", (squatted, alices)))
+            await asyncio.sleep(0.1)
+            assert [(await r.post({"model": "m", "prompt": "hi"}))[0] for _ in range(4)] == [200] * 4
+            r.routes.set(DeploymentRoute("m", (squatted,)))
+            await asyncio.sleep(0.1)
+            status, _, body = await r.post({"model": "m", "prompt": "hi"})
+            assert status == 502 and body["error"]["code"] == "upstream_unreachable"
+            assert "refused the replica's engine key" in body["error"]["message"]
+            assert "alices-engine-key" not in body["error"]["message"]
+            r.routes.set(DeploymentRoute("m", (replace(squatted, key="bobs-engine-key"),)))
+            await asyncio.sleep(0.1)
+            assert (await r.post({"model": "m", "prompt": "hi"}))[0] == 200  # the right key: answered
+
+    with caplog.at_level(logging.WARNING):
+        run(scenario)
+    assert "its engine refused the replica's engine key" in caplog.text and "engine-key" not in caplog.text

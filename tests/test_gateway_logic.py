@@ -24,9 +24,9 @@ from hpcserve.serving.gateway import (
 from hpcserve.serving.gateway.admission import Admitted, Rejection, admit
 from hpcserve.serving.gateway.buffer import ReplicaBuffer
 from hpcserve.serving.gateway.chunked import ChunkedDecoder, ChunkedError
-from hpcserve.serving.gateway.client import UpstreamPool
+from hpcserve.serving.gateway.client import UpstreamPool, auth_line
 from hpcserve.serving.gateway.keys import Keyring, TokenBucket
-from hpcserve.serving.gateway.response import Connection, Response
+from hpcserve.serving.gateway.response import Connection, Response, UpstreamError
 from hpcserve.serving.gateway.routing import pick_endpoint, prefix_digest
 from hpcserve.serving.gateway.stats import Stats
 from hpcserve.serving.gateway.upstream import SseRelay, read_usage
@@ -180,6 +180,21 @@ def test_routes_file_with_aliases_draining_and_reload(tmp_path: Path) -> None:
     assert set(source()) == {"other"}  # a broken file keeps the last good routes
     with pytest.raises(ConfigError, match="unknown field"):
         routes_from_file(path)
+
+
+def test_routes_file_engine_keys_are_optional_bearer_tokens() -> None:
+    replicas = [
+        {"replica": 0, "url": "http://a:1", "engine_key": "k3y_-.~+/="},
+        {"replica": 1, "url": "http://b:1"},
+    ]
+    (first, second) = parse_routes({"deployments": [{"name": "m", "replicas": replicas}]})["m"].endpoints
+    assert (first.key, second.key) == ("k3y_-.~+/=", None) and "k3y" not in repr(first)
+    assert auth_line(first.key) == b"\r\nAuthorization: Bearer k3y_-.~+/=" and auth_line(None) == b""
+    for bad in ("k\r\nX-Evil: 1", "k\n", "", "a b"):
+        with pytest.raises(ConfigError, match="engine_key"):
+            parse_routes({"deployments": [{"name": "m", "replicas": [{**replicas[0], "engine_key": bad}]}]})
+        with pytest.raises(UpstreamError, match="not a bearer token"):
+            auth_line(bad)
 
 
 # -- framing and relays ----------------------------------------------------------------------------------

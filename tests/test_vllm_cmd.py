@@ -136,7 +136,12 @@ def test_builder_checks_specs_that_skipped_validation() -> None:
 
 @pytest.mark.parametrize(
     ("key", "fix"),
-    [("port", "free port"), ("tensor_parallel_size", "gpus_per_replica"), ("--model", "`model`")],
+    [
+        ("port", "free port"),
+        ("tensor_parallel_size", "gpus_per_replica"),
+        ("--model", "`model`"),
+        ("api_key", "its own key"),
+    ],
 )
 def test_flags_hpcserve_sets_are_refused(key: str, fix: str) -> None:
     with pytest.raises(ValidationError, match=f"is set by hpcserve.*{fix}"):

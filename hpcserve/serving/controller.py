@@ -199,17 +199,17 @@ class ServingController:
                 self.store.upsert_replica(name, index, **fields)
             case Cancel(index, job_id, _):
                 self.client.cancel([job_id])
-                self.store.upsert_replica(name, index, state="dead", secret_hash=None)
+                self.store.upsert_replica(name, index, state="dead", secret_hash=None, engine_key=None)
             case Forget(index, _):
                 self.store.remove_replica(name, index)
 
     def _record_launch(self, name: str, index: int, launched: Launched, now: datetime) -> None:
-        """The new replica's job id and secret hash; a job that cannot be recorded is cancelled at once: an
-        unrecorded job is never trusted, so it would only hold the owner's GPUs."""
+        """The new replica's job id, secret hash and engine key; a job that cannot be recorded is cancelled
+        at once: an unrecorded job is never trusted, so it would only hold the owner's GPUs."""
         try:
             self.store.upsert_replica(name, index, job_id=launched.job_id, state="starting", started_at=now,
-                                      secret_hash=launched.secret_hash, url=None, host=None, port=None,
-                                      ready_at=None)  # fmt: skip
+                                      secret_hash=launched.secret_hash, engine_key=launched.engine_key,
+                                      url=None, host=None, port=None, ready_at=None)  # fmt: skip
         except Exception:
             log.error("deployment %s: cannot record replica %d (job %s): cancelling it", name, index,
                       launched.job_id)  # fmt: skip

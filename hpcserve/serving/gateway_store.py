@@ -1,7 +1,8 @@
 """The gateway wired to hpcserve's database, read as the service account: routes from the deployments and
-replicas tables (each deployment under its one served model name, with its owner and shares), the live API
-keys with their owners' Unix groups, its buffered-request samples into the engine samples (replica NULL,
-what the autoscaler reads to scale from zero), usage per key."""
+replicas tables (each deployment under its one served model name, with its owner and shares; each replica
+with the engine key the gateway sends it), the live API keys with their owners' Unix groups, its
+buffered-request samples into the engine samples (replica NULL, what the autoscaler reads to scale from
+zero), usage per key."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def _route(deployment: Deployment, replicas: list[Replica]) -> DeploymentRoute:
     serving = [r for r in replicas if r.url and r.state in ("ready", "draining")]
     return DeploymentRoute(
         name=deployment.name,
-        endpoints=tuple(Endpoint(deployment.name, r.index, str(r.url)) for r in serving),
+        endpoints=tuple(Endpoint(deployment.name, r.index, str(r.url), r.engine_key) for r in serving),
         draining=frozenset(r.index for r in serving if r.state == "draining"),
         owner=deployment.owner,
         shares=frozenset(deployment.shares or ()),

@@ -7,10 +7,12 @@ decides partition, QoS and limits, counted against the owner, like any submissio
 charged to the deployment's ``account``, or to the owner's default association when it has none.
 
 Files: ``<replica_dir>/<owner>/<deployment>/`` (``replica_folder``) holds submitit's pickle and logs and the
-replica's secret. ``replica_dir`` is the service's own (0755; 1733 for a non-root service, whose owners make
-their folders themselves); each ``<owner>`` folder is the owner's, 0700. Everything inside is written by a
-process of the owner (``hpcserve.serving.owner_files``), never by the service, so the owner's code runs with
-the owner's rights only, and no path a user controls is followed with the service's.
+replica's secret and engine key (one 0600 file; never in argv nor in the sbatch script, which other users
+read in /proc and ``scontrol show job``). ``replica_dir`` is the service's own (0755; 1733 for a non-root
+service, whose owners make their folders themselves); each ``<owner>`` folder is the owner's, 0700.
+Everything inside is written by a process of the owner (``hpcserve.serving.owner_files``), never by the
+service, so the owner's code runs with the owner's rights only, and no path a user controls is followed
+with the service's.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from hpcserve.errors import ConfigError, ValidationError
 from hpcserve.jobs.runas import Owner, OwnerRunner, owner_files_argv
 from hpcserve.jobs.spec import JobRequest
 from hpcserve.serving.owner_files import encode_files
-from hpcserve.serving.replica import ReplicaMain, secret_file_name
+from hpcserve.serving.replica import ReplicaCredentials, ReplicaMain, secret_file_name
 from hpcserve.serving.tags import REPLICA_KIND, replica_tag, secret_hash
 
 if TYPE_CHECKING:
@@ -132,10 +134,12 @@ def _give_owner_folder(base_fd: int, replica_dir: Path, owner: Owner) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Launched:
-    """A submitted replica: its Slurm job id and the hash of the secret it announces itself with."""
+    """A submitted replica: its Slurm job id, the hash of the secret it announces itself with, and the key
+    its engine requires on /v1 (the service keeps it, for the gateway)."""
 
     job_id: str
     secret_hash: str
+    engine_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -158,19 +162,22 @@ class ReplicaLauncher:
     def launch(
         self, submitter: Submitter, deployment: Deployment, spec: DeploymentSpec, index: int
     ) -> Launched:
-        """Submit replica ``index`` of ``deployment`` as its owner; its secret goes only into a 0600 file of
-        the owner, and only its hash comes back."""
+        """Submit replica ``index`` of ``deployment`` as its owner; its secret and engine key go only into a
+        0600 file of the owner; the secret's hash and the engine key come back."""
         from hpcserve.slurm.cli_backend import CliSlurmClient
 
         owner = self.owner_of(deployment.owner)
         self.prepare(self.replica_dir, owner)
         folder = replica_folder(self.replica_dir, owner.user, spec.name)
-        secret, secret_name = secrets.token_urlsafe(32), secret_file_name(index)
+        credentials = ReplicaCredentials(secrets.token_urlsafe(32), secrets.token_urlsafe(32))
+        secret_name = secret_file_name(index)
         runner = OwnerRunner(self.runner, self.method, owner)
 
         def write(files: Mapping[str, bytes]) -> None:
             argv = owner_files_argv(self.python, str(self.replica_dir), spec.name)
-            runner(argv, timeout=self.timeout_s, stdin=encode_files({**files, secret_name: secret.encode()}))
+            runner(
+                argv, timeout=self.timeout_s, stdin=encode_files({**files, secret_name: credentials.encode()})
+            )
 
         main = ReplicaMain(spec.model_dump(mode="json"), index, str(folder), self.ready_timeout_s,
                            secret_name, self.service_socket, self.service_url)  # fmt: skip
@@ -179,4 +186,4 @@ class ReplicaLauncher:
             write=write, sbatch=CliSlurmClient(runner, timeout=self.timeout_s), kind=REPLICA_KIND,
             tag=replica_tag(spec.name, index), requeue=True,
         )  # fmt: skip
-        return Launched(job_id, secret_hash(secret))
+        return Launched(job_id, secret_hash(credentials.secret), credentials.engine_key)

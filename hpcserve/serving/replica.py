@@ -7,10 +7,17 @@ secret (``Authorization: Replica <secret>``): the service issued it at submit, k
 handed it over in a 0600 file of the owner in the replica's folder. Over the Unix socket (nodes that share
 the login node's filesystem) the kernel also tells the service that the caller is the owner; over TCP the
 secret is the proof.
+
+The same file holds the engine key (JSON ``{"secret": ..., "engine_key": ...}``): the engine gets it in its
+environment (``VLLM_API_KEY``, read by ``vllm serve`` and by hpcserve's simulator), never in its command
+line, and then answers /v1 only to requests that carry it, which only the gateway has. So nobody reaches
+the engine around the gateway's keys and limits, and a replica that announces another user's engine gets
+401s from it, never its GPUs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -18,6 +25,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -28,11 +37,42 @@ HEALTH_POLL_S = 0.05  # the engine is up a moment after it binds: poll often, it
 ANNOUNCE_PATH = "/v1/replicas/announce"
 SECRET_SCHEME = "Replica"  # noqa: S105 (a scheme, not a secret): Authorization: Replica <secret>
 ANNOUNCE_RETRY_S = 1.0  # a service that restarts is back within seconds; the ready timeout bounds the wait
+ENGINE_KEY_ENV = "VLLM_API_KEY"  # vllm serve's (and the simulator's) key for /v1, from the environment
 
 
 def secret_file_name(index: int) -> str:
-    """The replica's secret, in its deployment's folder (0600, the owner's)."""
+    """The replica's secret and engine key, in its deployment's folder (0600, the owner's)."""
     return f"replica-{index}.secret"
+
+
+@dataclass(frozen=True)
+class ReplicaCredentials:
+    """What the service hands a replica at submit: the ``secret`` it announces itself with, and the key its
+    engine requires on /v1 (None: an engine open to all, as before engine keys)."""
+
+    secret: str = field(repr=False)
+    engine_key: str | None = field(default=None, repr=False)
+
+    def encode(self) -> bytes:
+        return json.dumps({"secret": self.secret, "engine_key": self.engine_key}).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ReplicaCredentials:
+        """The file's JSON; a file of plain text is a secret alone (written before engine keys)."""
+        text = data.decode().strip()
+        if not text.startswith("{"):
+            return cls(text)
+        raw = json.loads(text)
+        return cls(str(raw["secret"]), str(raw["engine_key"]) if raw.get("engine_key") else None)
+
+
+def engine_environ(base: Mapping[str, str], engine_key: str | None) -> dict[str, str]:
+    """The engine's environment: ``base`` with the engine key as ``VLLM_API_KEY`` (argv is readable by
+    every user of the node, in /proc; the environment only by the owner)."""
+    env = dict(base)
+    if engine_key:
+        env[ENGINE_KEY_ENV] = engine_key
+    return env
 
 
 def free_port() -> int:
@@ -106,7 +146,7 @@ class ReplicaMain:
             return 0
         host, port = socket.gethostname(), free_port()
         argv = engine_argv(spec, "0.0.0.0", port, rank, head)  # noqa: S104 (the gateway connects)
-        proc = subprocess.Popen(argv)
+        proc = subprocess.Popen(argv, env=engine_environ(os.environ, self.credentials().engine_key))
         _forward_sigterm(proc)
         if rank:  # a headless vLLM rank: no API of its own
             return proc.wait()
@@ -123,7 +163,7 @@ class ReplicaMain:
         cannot be reached (it may be restarting), until ``deadline``. A refusal is final."""
         from hpcserve.service.client import ServiceUnavailable
 
-        secret = (Path(self.folder) / self.secret_name).read_text().strip()
+        secret = self.credentials().secret
         body = {"deployment": deployment, "index": self.index, "job_id": os.environ.get("SLURM_JOB_ID", ""),
                 "host": host, "port": port}  # fmt: skip
         headers = {"Authorization": f"{SECRET_SCHEME} {secret}"}
@@ -135,6 +175,10 @@ class ReplicaMain:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(ANNOUNCE_RETRY_S)
+
+    def credentials(self) -> ReplicaCredentials:
+        """The secret and engine key the service left in this replica's 0600 file."""
+        return ReplicaCredentials.decode((Path(self.folder) / self.secret_name).read_bytes())
 
     def client(self) -> Any:
         """The service's API: its Unix socket when this node sees it, else its TCP address."""

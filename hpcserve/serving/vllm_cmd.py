@@ -29,6 +29,7 @@ RESERVED = {
     "--tensor-parallel-size": "set `gpus_per_replica`",
     "--pipeline-parallel-size": "set `nodes_per_replica`",
     "--data-parallel-size": "raise `max_replicas`: each replica is one data-parallel copy",
+    "--api-key": "leave it out: the service gives each replica's engine its own key (VLLM_API_KEY)",
     "--help": "leave it out",
 }
 

@@ -5,9 +5,10 @@ Why not aiohttp's ClientSession: on the 2-core bench box a bare aiohttp server+C
 body to ``http://host:port``, an answer with Content-Length, chunked or read-to-close framing), so this
 client does only that, on asyncio protocols: one write per request, response parsing on bytes.
 
-- ``UpstreamPool.post`` returns a ``Response`` once its status and headers arrived. A connection that
-  could not be made, or was lost before any byte of the answer, raises ``UpstreamError`` with
-  ``retryable`` (nothing was answered; a reused keep-alive connection is first retried once fresh).
+- ``UpstreamPool.post`` returns a ``Response`` once its status and headers arrived; with the replica's
+  engine key it sends ``Authorization: Bearer <key>`` (the client's own headers never go upstream). A
+  connection that could not be made, or was lost before any byte of the answer, raises ``UpstreamError``
+  with ``retryable`` (nothing was answered; a reused keep-alive connection is first retried once fresh).
 - ``read()`` gives the whole body; ``readany()`` the next decoded bytes as they arrive (b"" at the end).
   A silence longer than ``read_timeout`` raises ``ReadTimeout``; a connection lost mid-answer raises
   ``UpstreamError``. Reading pauses while more than ``HIGH_WATER`` bytes wait for the consumer.
@@ -21,11 +22,13 @@ connection to a node that vanished without a FIN or RST within ~4 s, so a stream
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from functools import lru_cache
 from urllib.parse import urlsplit
 
 from hpcserve.serving.gateway.response import Connection, ReadTimeout, Response, UpstreamError
+from hpcserve.serving.gateway.routes import ENGINE_KEY_PATTERN
 
 __all__ = ["ReadTimeout", "Response", "UpstreamError", "UpstreamPool", "host_port"]
 
@@ -38,6 +41,17 @@ def host_port(url: str) -> tuple[str, int, bytes]:
         raise UpstreamError(f"replica URL {url!r} is not http://host:port", connect=True)
     port = parts.port or 80
     return parts.hostname, port, parts.netloc.encode()
+
+
+@lru_cache(maxsize=4096)
+def auth_line(key: str | None) -> bytes:
+    """The request's ``Authorization`` header line for an engine key (nothing without one); a key that is
+    not one header token is refused, never written into the request."""
+    if key is None:
+        return b""
+    if not re.fullmatch(ENGINE_KEY_PATTERN, key):
+        raise UpstreamError("the replica's engine key is not a bearer token", connect=True)
+    return b"\r\nAuthorization: Bearer " + key.encode()
 
 
 class UpstreamPool:
@@ -60,12 +74,13 @@ class UpstreamPool:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    async def post(self, url: str, path: str, body: bytes) -> Response:
-        """Send a JSON POST and wait for the answer's head (see the module docstring for errors)."""
+    async def post(self, url: str, path: str, body: bytes, key: str | None = None) -> Response:
+        """Send a JSON POST (with the engine ``key`` as its bearer token) and wait for the answer's head
+        (see the module docstring for errors)."""
         host, port, netloc = host_port(url)
         request = b"".join((
             b"POST ", path.encode(), b" HTTP/1.1\r\nHost: ", netloc, b"\r\nContent-Type: application/json",
-            b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n\r\n", body,
+            auth_line(key), b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n\r\n", body,
         ))  # fmt: skip
         if self._active >= self.limit or self._slot_waiters:
             await self._wait_for_slot()

@@ -5,11 +5,17 @@ Answers the gateway makes itself (all OpenAI-style ``{"error": {"message", "type
 admission (404 also for a model the key may not reach: checked before any buffering, so it never wakes a
 deployment); 429 over the key's token rate (Retry-After: when the bucket will hold the request); 503 no
 replica ready (buffer full, or none within ``buffer_timeout_s``; Retry-After: ``retry_after_s``); 502 no
-replica reachable (a refused connection is retried once on another replica), the replica broke
-mid-answer, or its non-streamed answer passed ``max_upstream_body_bytes``; 504 the replica was silent past
-``read_timeout_s``; 499 (counted, not sent) the client went away, and the replica's connection is closed so
-it stops. A clamped or set max_tokens is announced in ``X-Hpcserve-Max-Tokens``; ``X-Hpcserve-Replica``
-names the replica. Malformed requests and oversized answers are logged in one line each (throttled).
+replica reachable (a refused connection, or an engine that refuses the replica's engine key with 401,
+is retried once on another replica), the replica broke mid-answer, or its non-streamed answer passed
+``max_upstream_body_bytes``; 504 the replica was silent past ``read_timeout_s``; 499 (counted, not sent)
+the client went away, and the replica's connection is closed so it stops. A clamped or set max_tokens is
+announced in ``X-Hpcserve-Max-Tokens``; ``X-Hpcserve-Replica`` names the replica. Malformed requests and
+oversized answers are logged in one line each (throttled).
+
+Upstream, each request carries ``Authorization: Bearer <engine key>`` of the replica it goes to (from the
+routes), never the client's key: engines answer only the gateway. An engine that answers 401 is not the
+replica's own (a replica announced another engine's port): it is ejected, logged, and its 401 never
+reaches the client.
 """
 
 from __future__ import annotations
@@ -171,7 +177,8 @@ class Proxy:
         return Rejection(503, message, "no_replica_ready", "service_unavailable", retry, name)
 
     async def _send(self, adm: Admitted, path: str) -> tuple[Endpoint, Response] | Rejection:
-        """POST to a replica; a connection that fails before any answer is retried once on another."""
+        """POST to a replica; a connection that fails before any answer, or an engine that refuses the
+        replica's key, is retried once on another."""
         tried: list[str] = []
         problem = "no ready replica"
         for _ in range(2):
@@ -180,7 +187,7 @@ class Proxy:
                 break
             self.state.acquire(endpoint)
             try:
-                return endpoint, await self._pool().post(endpoint.url, path, adm.body)
+                upstream = await self._pool().post(endpoint.url, path, adm.body, endpoint.key)
             except UpstreamError as err:
                 self.state.release(endpoint)
                 if not err.retryable:
@@ -189,8 +196,23 @@ class Proxy:
                     self.state.eject(endpoint)
                 problem = f"replica {endpoint.replica} ({endpoint.url}): {err}"
                 tried.append(endpoint.url)
+                continue
+            if upstream.status != UNAUTHORIZED.status:
+                return endpoint, upstream
+            problem = self._refused_key(endpoint, upstream)
+            tried.append(endpoint.url)
         message = f"no replica of {adm.route.name} could be reached: {problem}"
         return Rejection(502, message, "upstream_unreachable", "upstream_error", deployment=adm.route.name)
+
+    def _refused_key(self, endpoint: Endpoint, upstream: Response) -> str:
+        """An engine that answered 401 to the replica's engine key: not the replica's own engine. It gets no
+        requests for a while; what happened is logged (throttled) and said in the 502, if no other answers."""
+        upstream.close()
+        self.state.release(endpoint)
+        self.state.eject(endpoint)
+        problem = f"replica {endpoint.replica} ({endpoint.url}): its engine refused the replica's engine key"
+        self.log.warning("deployment %s: %s (is it that replica's own engine?)", endpoint.deployment, problem)
+        return problem
 
     async def _relay_body(
         self, adm: Admitted, upstream: Response, headers: dict[str, str], ex: Exchange

@@ -14,9 +14,12 @@ worker thread. ``StaticRoutes`` serves tests and benches; ``routes_from_file`` r
         replicas:                            # READY replicas only; none = scaled to zero (requests wait)
           - {replica: 0, url: "http://node1:8001"}
           - {replica: 1, url: "http://node2:8001", draining: true}   # finishes its requests, gets no new
+          - {replica: 2, url: "http://node3:8001", engine_key: "..."}  # sent upstream as the Bearer token
 
-JSON with the same shape works too. The file is re-read when its mtime or size changes; a file that stops
-parsing keeps the last good routes (and logs why).
+A replica's ``engine_key`` (optional) is what its engine requires on /v1 (vLLM's ``--api-key``): the
+gateway sends ``Authorization: Bearer <engine_key>`` to it, never the client's own key. JSON with the same
+shape works too. The file is re-read when its mtime or size changes; a file that stops parsing keeps the
+last good routes (and logs why).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 
@@ -33,13 +37,18 @@ from hpcserve.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+ENGINE_KEY_PATTERN = r"\A[A-Za-z0-9._~+/=-]{1,256}\Z"  # RFC 6750's b64token: one header value, no CR/LF
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One READY replica: ``url`` is its base URL (``http://host:port``, no ``/v1``)."""
+    """One READY replica: ``url`` is its base URL (``http://host:port``, no ``/v1``); ``key`` the engine key
+    the gateway sends it as ``Authorization: Bearer`` (None: the engine wants none)."""
 
     deployment: str
     replica: int
     url: str
+    key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +113,7 @@ class _ReplicaEntry(msgspec.Struct, forbid_unknown_fields=True):
     replica: int
     url: str
     draining: bool = False
+    engine_key: Annotated[str, msgspec.Meta(pattern=ENGINE_KEY_PATTERN)] | None = None
 
 
 class _DeploymentEntry(msgspec.Struct, forbid_unknown_fields=True):
@@ -133,7 +143,9 @@ def parse_routes(data: object, where: str = "routes") -> Routes:
 
 
 def _route(entry: _DeploymentEntry) -> DeploymentRoute:
-    endpoints = tuple(Endpoint(entry.name, r.replica, r.url.rstrip("/")) for r in entry.replicas)
+    endpoints = tuple(
+        Endpoint(entry.name, r.replica, r.url.rstrip("/"), r.engine_key) for r in entry.replicas
+    )
     draining = frozenset(r.replica for r in entry.replicas if r.draining)
     return DeploymentRoute(entry.name, endpoints, draining, entry.max_prompt_tokens, entry.max_tokens,
                            entry.owner, frozenset(entry.shares))  # fmt: skip
