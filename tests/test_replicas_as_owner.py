@@ -2,7 +2,8 @@
 real users: alice serves through the API and her replica is her Slurm job (sacct: User=alice,
 Account=acct-alice), in her 0700 folder with a 0600 secret, its engine a process of hers. bob's jobs tagged
 as her replicas are never adopted nor routed to, and announcements that are not her replica's own (wrong
-secret, bob's socket, another job) are refused and change nothing."""
+secret, bob's socket, another job) are refused and change nothing. Her engine answers /v1 only with its
+engine key, which is in no command line nor in Slurm's view of the job."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from hpcserve.jobs.submit import Submitter
 from hpcserve.serving.gateway_store import routes_from_store
 from hpcserve.serving.launcher import ReplicaLauncher, lookup_owner, prepare_replica_root, replica_folder
 from hpcserve.serving.owner_files import encode_files
-from hpcserve.serving.replica import ANNOUNCE_PATH, secret_file_name
+from hpcserve.serving.replica import ANNOUNCE_PATH, ReplicaCredentials, engine_environ, secret_file_name
 from hpcserve.serving.tags import secret_hash
 from hpcserve.slurm.cli_backend import CliSlurmClient
 from hpcserve.slurm.runner import SubprocessRunner
@@ -86,6 +87,20 @@ def test_an_announcement_must_be_the_replicas_own() -> None:
     for error, *args in refused:
         with pytest.raises(error):
             check_announce(*args)  # type: ignore[arg-type]
+
+
+def test_the_credentials_file_holds_the_secret_and_the_engine_key() -> None:
+    both = ReplicaCredentials("s3cret", "engine-key")
+    assert ReplicaCredentials.decode(both.encode()) == both
+    assert ReplicaCredentials.decode(b"s3cret\n") == ReplicaCredentials(
+        "s3cret"
+    )  # written before engine keys
+    assert "s3cret" not in repr(both) and "engine-key" not in repr(both)
+
+
+def test_the_engine_key_reaches_the_engine_in_its_environment() -> None:
+    assert engine_environ({"PATH": "/bin"}, "engine-key") == {"PATH": "/bin", "VLLM_API_KEY": "engine-key"}
+    assert engine_environ({"PATH": "/bin"}, None) == {"PATH": "/bin"}
 
 
 # ------------------------------------------------------------- real users: the owner's folder and files
@@ -233,7 +248,9 @@ def test_the_replicas_files_are_alices_and_private(served: Served) -> None:
         assert (path.stat().st_uid, stat.S_IMODE(path.stat().st_mode)) == (alice, 0o700)
     secret = folder / secret_file_name(served.replica.index)
     assert (secret.stat().st_uid, stat.S_IMODE(secret.stat().st_mode)) == (alice, 0o600)
-    assert hashlib.sha256(secret.read_text().strip().encode()).hexdigest() == served.replica.secret_hash
+    credentials = ReplicaCredentials.decode(secret.read_bytes())
+    assert hashlib.sha256(credentials.secret.encode()).hexdigest() == served.replica.secret_hash
+    assert credentials.engine_key and credentials.engine_key == served.replica.engine_key
     job_files = sorted(folder.glob(f"{served.replica.job_id}_*"))
     assert {p.name.removeprefix(f"{served.replica.job_id}_") for p in job_files} >= {"submitted.pkl",
                                                                                      "0_log.out"}  # fmt: skip
@@ -275,8 +292,71 @@ def test_the_gateway_routes_to_the_ready_replica(served: Served) -> None:
     assert served.replica.url is not None
     assert f"{served.replica.host}:{served.replica.port}" in served.replica.url
     assert served.replica.url in repr(routes)
-    models = httpx.get(f"{served.replica.url}/v1/models", timeout=10)
+    key = {"Authorization": f"Bearer {served.replica.engine_key}"}
+    models = httpx.get(f"{served.replica.url}/v1/models", headers=key, timeout=10)
     assert models.status_code == 200 and served.name in models.text
+    (route,) = [r for r in routes.values() if r.name == served.name]
+    assert [(e.url, e.key) for e in route.endpoints] == [(served.replica.url, served.replica.engine_key)]
+
+
+def http_as(user: str, url: str, method: str = "GET", body: Any = None, key: str | None = None) -> int:
+    """The HTTP status a process of ``user`` on this login node gets from ``url``, with ``Authorization:
+    Bearer <key>`` when a key is given (handed over on stdin, so no key is ever in a command line)."""
+    code = (
+        "import json, sys, urllib.request, urllib.error\n"
+        "a = json.load(sys.stdin)\n"
+        "data = None if a['body'] is None else json.dumps(a['body']).encode()\n"
+        "r = urllib.request.Request(a['url'], data=data, method=a['method'], headers=a['headers'])\n"
+        "try: print(urllib.request.urlopen(r, timeout=30).status)\n"
+        "except urllib.error.HTTPError as e: print(e.code)\n"
+    )
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    args = {"url": url, "method": method, "body": body, "headers": headers}
+    argv = ["runuser", "-u", user, "--", sys.executable, "-I", "-c", code]
+    done = subprocess.run(argv, cwd="/", input=json.dumps(args), capture_output=True, text=True, timeout=60,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+@pytestmark_cluster
+def test_alices_engine_answers_bob_only_with_its_engine_key(served: Served) -> None:
+    """bob, a user on the login node, reaches alice's engine's port; without its engine key (none, or a
+    guess) /v1 is refused, so nobody goes around the gateway's keys, tenancy and limits."""
+    url, key = served.replica.url, served.replica.engine_key
+    assert url and key
+    chat = {"model": served.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/chat/completions", chat)):
+        statuses = [http_as("bob", f"{url}{path}", method, body, k) for k in (None, "guessed", key)]
+        assert statuses == [401, 401, 200], (path, statuses)
+    assert http_as("bob", f"{url}/health") == 200  # health (and /metrics) stay open, as in vLLM
+
+
+@pytestmark_cluster
+def test_the_engine_key_is_in_no_command_line_nor_in_slurms_view_of_the_job(served: Served) -> None:
+    assert served.replica.port is not None and served.replica.engine_key
+    secret_path = replica_folder(served.replica_dir, "alice", served.name) / secret_file_name(0)
+    credentials = ReplicaCredentials.decode(secret_path.read_bytes())
+    key, secret = served.replica.engine_key.encode(), credentials.secret.encode()
+    pid = engine_pid(served.replica.port)
+    environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    assert b"VLLM_API_KEY=" + key in environ  # the engine's environment: its owner's (and root's) to read
+    peek = subprocess.run(["runuser", "-u", "bob", "--", "cat", f"/proc/{pid}/environ"], capture_output=True,
+                          check=False, timeout=30)  # fmt: skip
+    assert peek.returncode != 0 and key not in peek.stdout
+    cmdlines = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdlines.append((proc.name, (proc / "cmdline").read_bytes()))
+        except OSError:
+            continue
+    assert str(pid) in dict(cmdlines)
+    assert [n for n, argv in cmdlines if key in argv or secret in argv] == []
+    job = str(served.replica.job_id)
+    for argv in (["scontrol", "show", "job", "-dd", job], ["scontrol", "write", "batch_script", job, "-"]):
+        shown = subprocess.run(argv, capture_output=True, check=True, timeout=30).stdout
+        assert job.encode() in shown or b"#!" in shown, argv
+        assert key not in shown and secret not in shown, argv
 
 
 def submit_as_bob(tag: str) -> str:
@@ -318,7 +398,7 @@ def announce_tcp(served: Served, secret: str, **fields: Any) -> httpx.Response:
 @pytestmark_cluster
 def test_forged_announcements_are_refused_and_change_nothing(served: Served) -> None:
     secret_path = replica_folder(served.replica_dir, "alice", served.name) / secret_file_name(0)
-    secret = secret_path.read_text().strip()  # root reads it, to show what else than the secret is checked
+    secret = ReplicaCredentials.decode(secret_path.read_bytes()).secret  # root reads it: what else is checked
     before = served.store_replicas()
     forged = {"deployment": served.name, "index": 0, "job_id": served.replica.job_id, "host": "evil",
               "port": 1}  # fmt: skip
@@ -366,7 +446,9 @@ def test_the_launcher_submits_as_the_owner(method: str, base: Path, slurm: CliSl
         assert (job.user, job.account, job.tag) == ("alice", "acct-alice", f"hpcserve:replica:{dep.name}:0")
         secret = replica_folder(base, "alice", dep.name) / secret_file_name(0)
         assert secret.stat().st_uid == lookup_owner("alice").uid
-        assert hashlib.sha256(secret.read_bytes()).hexdigest() == launched.secret_hash
+        credentials = ReplicaCredentials.decode(secret.read_bytes())
+        assert hashlib.sha256(credentials.secret.encode()).hexdigest() == launched.secret_hash
+        assert credentials.engine_key == launched.engine_key and launched.engine_key
     finally:
         slurm.cancel([launched.job_id])
 
