@@ -33,10 +33,13 @@ def test_doctor_fails_with_one_line_per_check_and_its_fix(hpcserve: Cli) -> None
     lines = out.stdout.splitlines()
     failed = {line.split()[1].rstrip(":"): line for line in lines if line.startswith("FAIL")}
     assert set(failed) == {"slurm", "munge", "accounting", "service"}  # no service runs here either
-    assert all("(fix: " in line and "minicluster.sh start" in line for line in failed.values())
+    slurm_side = [line for name, line in failed.items() if name != "service"]
+    assert all("(fix: " in line and "minicluster.sh start" in line for line in slurm_side)
+    assert "(fix: " in failed["service"] and "systemctl start hpcserve" in failed["service"]
     assert {line.split()[1].rstrip(":") for line in lines if line.startswith("ok")} == {"config", "database"}
-    assert len(lines) == 5 and out.stderr == ""
+    assert len(lines) == 6 and out.stderr == ""
 
     as_json = hpcserve("--site", str(SITE), "--policy", str(POLICY), "doctor", "--json")
     assert as_json.returncode == 1
-    assert {c["check"] for c in json.loads(as_json.stdout) if not c["ok"]} == {"slurm", "munge", "accounting"}
+    failing = {c["check"] for c in json.loads(as_json.stdout) if not c["ok"]}
+    assert failing == {"slurm", "munge", "accounting", "service"}
