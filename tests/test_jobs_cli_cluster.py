@@ -114,9 +114,12 @@ def test_hostile_parameter_and_name_are_inert(
     assert wait_done(slurm, job_id) == JobState.COMPLETED, (job_dir / f"{job_id}.out").read_text()
     assert not marker.exists()
     assert f"rank=0 run_name={json.dumps(hostile)}" in (job_dir / f"{job_id}.out").read_text()
+
     # The name reached Slurm as text, not as a command (slurmdbd itself stores " as `). Right after a job
     # ends, slurmdbd may show its row as "allocation" for a moment (shared/minicluster/REPORT.md).
-    names = lambda: [r.name for r in slurm.accounting([job_id])]  # noqa: E731
+    def names() -> list[str]:
+        return [r.name for r in slurm.accounting([job_id])]
+
     wait_until(lambda: names() != ["allocation"], timeout=30)
     assert names() == [name.replace('"', "`")]
     refused = cli("submit", "train-torchrun", "-J", hostile)  # a newline would forge a line in squeue
