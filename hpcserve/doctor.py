@@ -14,6 +14,7 @@ from hpcserve.slurm.protocol import CommandRunner
 
 if TYPE_CHECKING:
     from hpcserve.config import SiteConfig
+    from hpcserve.slurm.preempt_conf import LiveSlurm
 
 CHECK_TIMEOUT_S = 15.0
 LOCAL_START = "on the local cluster: scripts/minicluster.sh start"
@@ -42,6 +43,7 @@ def run_checks(inp: DoctorInput) -> list[Check]:
         _check_munge(inp.runner),
         _check_accounting(inp.runner, cluster),
         config_check,
+        *_check_lending(inp.runner, site),
         _check_service(site),
         _check_database(site),
     ]
@@ -101,6 +103,32 @@ def _check_config(site_path: Path | None, policy_path: Path | None) -> tuple[Sit
     except HpcserveError as exc:
         return None, Check("config", False, str(exc), "edit the file as the message says")
     return site, Check("config", True, f"{site_path} and {policy_path} are valid")
+
+
+def _check_lending(runner: CommandRunner, site: SiteConfig | None) -> list[Check]:
+    """The live slurm.conf (and QOS) against the site's ``lending`` section: one FAIL line per mismatch."""
+    from hpcserve.config.lending import lending_mismatches, summary
+
+    if site is None:
+        return []
+    try:
+        found = lending_mismatches(site, _read_live_slurm(runner, site.lending.preempt == "qos"))
+    except HpcserveError as exc:
+        detail = exc.reason if isinstance(exc, SlurmCommandError) else str(exc)
+        return [Check("lending", False, detail, f"start slurmctld and slurmdbd; {LOCAL_START}")]
+    if not found:
+        return [Check("lending", True, summary(site))]
+    return [Check("lending", False, m.problem, m.fix) for m in found]
+
+
+def _read_live_slurm(runner: CommandRunner, with_qos: bool) -> LiveSlurm:
+    from hpcserve.slurm import preempt_conf as pc
+
+    def read(argv: tuple[str, ...]) -> str:
+        return runner(list(argv), timeout=CHECK_TIMEOUT_S).stdout
+
+    qos = read(pc.SHOW_QOS_ARGV) if with_qos else None
+    return pc.live_slurm(read(pc.SHOW_CONFIG_ARGV), read(pc.SHOW_PARTITIONS_ARGV), qos)
 
 
 def _check_service(site: SiteConfig | None) -> Check:

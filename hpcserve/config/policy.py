@@ -168,3 +168,18 @@ def check_policy(policy: Policy, site: SiteConfig, path: str | Path) -> None:
                 f"partition {job_class.partition!r} is not in site {site.name!r}",
                 f"use one of the site's partitions: {', '.join(sorted(set(known)))}",
             )
+    _check_grace(policy, site, path)
+
+
+def _check_grace(policy: Policy, site: SiteConfig, path: str | Path) -> None:
+    """With lending through preemption, Slurm's GraceTime must give training the time its class promises."""
+    grace_s = policy.classes[JobClassName.TRAINING].grace_s
+    if site.lending.mode == "overlap" and site.lending.grace_time_s < grace_s:
+        raise ConfigError(
+            str(path),
+            "classes.training.grace_s",
+            f"{grace_s} s is longer than the site's lending.grace_time_s ({site.lending.grace_time_s} s): "
+            "Slurm would kill a preempted job before it checkpoints",
+            f"lower grace_s to {site.lending.grace_time_s}, or raise GraceTime in slurm.conf and "
+            "lending.grace_time_s",
+        )

@@ -89,6 +89,56 @@ class ManagedPool(Frozen):
         return self
 
 
+LendingMode = Literal["overlap", "moves"]
+PreemptBy = Literal["partition_prio", "qos"]
+
+
+class Lending(Frozen):
+    """How inference borrows training's GPUs.
+
+    ``overlap``: through Slurm's own preemption. The training and inference partitions both span
+    ``shared_nodes``; inference sits at the higher PriorityTier (``preempt: partition_prio``) or its QOS lists
+    training's in ``Preempt=`` (``preempt: qos``); PreemptMode=REQUEUE, and the victim gets ``grace_time_s``
+    to checkpoint. ``moves``: hpcserve moves the nodes of ``managed_pool`` between the two partitions.
+    """
+
+    mode: LendingMode = "moves"
+    shared_nodes: HostList = ()  # overlap: the nodes in both the training and the inference partition
+    preempt: PreemptBy = "partition_prio"
+    grace_time_s: int = Field(default=120, ge=0)  # GraceTime of training's partition (or QOS)
+    training_qos: str | None = None  # preempt: qos
+    inference_qos: str | None = None  # preempt: qos, its Preempt= lists training_qos
+
+    @model_validator(mode="after")
+    def _fits_mode(self) -> Lending:
+        if self.mode == "moves" and self.shared_nodes:
+            raise Invalid(
+                "shared_nodes", "only lending.mode overlap shares nodes",
+                "set mode: overlap, or list the nodes that move under managed_pool",
+            )  # fmt: skip
+        if self.mode == "overlap" and not self.shared_nodes:
+            raise Invalid(
+                "shared_nodes", "mode overlap needs the shared nodes",
+                "list the nodes both partitions span, like node[3-6]",
+            )  # fmt: skip
+        return self._fits_preempt()
+
+    def _fits_preempt(self) -> Lending:
+        qos = {"training_qos": self.training_qos, "inference_qos": self.inference_qos}
+        for field, name in qos.items():
+            if self.preempt == "qos" and not name:
+                raise Invalid(
+                    field, "preempt: qos needs both QOS names", f"add `{field}`, as sacctmgr shows it"
+                )
+            if self.preempt != "qos" and name:
+                raise Invalid(
+                    field, "only preempt: qos takes QOS names", f"remove `{field}` or set preempt: qos"
+                )
+        if self.preempt == "qos" and self.training_qos == self.inference_qos:
+            raise Invalid("inference_qos", "same QOS as training", "give inference a QOS of its own")
+        return self
+
+
 class Fabric(Frozen):
     """A network fabric: what NCCL needs to use it."""
 

@@ -10,6 +10,7 @@ from hpcserve.config.base import Frozen, Invalid, Name, nodes_text
 from hpcserve.config.sections import (
     DatabaseSettings,
     Fabric,
+    Lending,
     ManagedPool,
     NodeGroup,
     Partitions,
@@ -30,6 +31,7 @@ class SiteConfig(Frozen):
     nodes: tuple[NodeGroup, ...]
     partitions: Partitions
     managed_pool: ManagedPool = Field(default_factory=ManagedPool)
+    lending: Lending = Field(default_factory=Lending)
     fabrics: dict[str, Fabric] = Field(default_factory=dict)
     switches: dict[str, Switch] = Field(default_factory=dict)
     storage: Storage
@@ -58,6 +60,7 @@ class SiteConfig(Frozen):
         _check_unique_nodes(self)
         _check_partitions(self, known)
         _check_managed_pool(self, known)
+        _check_lending(self, known)
         _check_switches(self, known)
         return self
 
@@ -114,13 +117,33 @@ def _check_partitions(site: SiteConfig, known: frozenset[str]) -> None:
     for role, part in site.partitions.by_role().items():
         _require_known(f"partitions.{role}.nodes", part.nodes, known, fix)
     training = set(site.partitions.training.nodes)
-    both = [node for node in site.partitions.inference.nodes if node in training]
+    shared = set(site.lending.shared_nodes)
+    both = [node for node in site.partitions.inference.nodes if node in training and node not in shared]
     if both:
         raise Invalid(
             "partitions.inference.nodes",
             f"{nodes_text(both)} also in the training partition",
-            "give each node to training or inference; use `shared` for a partition spanning both",
+            "give each node to training or inference; to lend them through preemption, list them under "
+            "lending.shared_nodes (mode: overlap)",
         )
+
+
+def _check_lending(site: SiteConfig, known: frozenset[str]) -> None:
+    lending = site.lending
+    if lending.mode != "overlap":
+        return
+    _require_known("lending.shared_nodes", lending.shared_nodes, known, "add them to `nodes` or remove them")
+    for role in ("training", "inference"):
+        partition = site.partitions.by_role()[role]
+        outside = [node for node in lending.shared_nodes if node not in partition.nodes]
+        if outside:
+            problem = f"{nodes_text(outside)} not in the {role} partition ({partition.name})"
+            raise Invalid("lending.shared_nodes", problem, f"add them to partitions.{role}.nodes")
+    if site.managed_pool.training or site.managed_pool.inference:
+        raise Invalid(
+            "managed_pool", "lending.mode overlap moves no nodes",
+            "remove managed_pool, or set lending.mode: moves",
+        )  # fmt: skip
 
 
 def _check_managed_pool(site: SiteConfig, known: frozenset[str]) -> None:
