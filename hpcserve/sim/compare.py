@@ -8,6 +8,11 @@ The policies (``POLICIES``; ``hpcserve.sim.policies`` says how each decides):
   under the same replay mechanics as every policy (node moves take ``move_delay_s``, replicas on a node
   drain first, training jobs on a node get their grace and lose their work since the last checkpoint,
   every replica starts for ``replica_startup_s``);
+- lending through Slurm's preemption, no node moves (``LENDING``; ``hpcserve.sim.overlap``): slurm-preempt
+  (the baseline: overlapping partitions over every node, Slurm's own victims, lowest priority = youngest
+  submission first), slurm-preempt-youngest (``PreemptParameters=youngest_first``: latest start first),
+  overlap-prewarm (hpcserve's ``lending: overlap``: forecast pre-warm, gentle victims that checkpoint on
+  the signal) and prewarm-foresight (the same told the true rate ahead);
 - extra (``EXTRA``, not run by default): planner-foresight, the planner told the true future demand over
   its horizon (``Foresight``): predictive against it is what the forecast alone costs.
 
@@ -27,12 +32,15 @@ from hpcserve.config import Policy, SiteConfig
 from hpcserve.errors import ValidationError
 from hpcserve.sim.engine import Replay
 from hpcserve.sim.metrics import PolicyResult
+from hpcserve.sim.overlap import ForecastRate, OverlapPolicy, TrueRate
 from hpcserve.sim.planned import Forecaster, Foresight, PlannerPolicy, demand_now
 from hpcserve.sim.policies import IdealSplit, SplitPolicy, StaticPolicy
 from hpcserve.sim.scenario import Scenario, SimSettings, load_scenario
 
 POLICIES = ("static", "reactive", "predictive", "oracle")
-EXTRA = ("planner-foresight",)  # not run by default: the planner told the true future demand
+LENDING = ("slurm-preempt", "slurm-preempt-youngest", "overlap-prewarm", "prewarm-foresight")
+EXTRA = ("planner-foresight", *LENDING)  # not run by default
+LABELS = {"oracle": "oracle (best node-moving split)", "predictive": "moves-predictive"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,8 @@ def make_policy(name: str, scenario: Scenario, policy: Policy) -> SplitPolicy:
         return PlannerPolicy(name, policy, site, Forecaster(policy))
     if name == "oracle":
         return oracle(scenario, policy, name)
+    if name in LENDING:
+        return lending(name, scenario, policy)
     if name == "planner-foresight":
         truth = Foresight(scenario.need_gpus, scenario.training.gpus_submitted, horizon)
         return PlannerPolicy(name, policy, site, truth)
@@ -83,6 +93,28 @@ def oracle(scenario: Scenario, policy: Policy, name: str = "oracle") -> IdealSpl
         hold_s=policy.rebalance.release_window_s,
         name=name,
     )
+
+
+def prewarm_horizon_s(scenario: Scenario) -> float:
+    """How far ahead replicas are pre-warmed: the victim's grace, the engine's start, two autoscaler
+    ticks (one to raise the floor, one to lend the node)."""
+    s = scenario.settings
+    return scenario.grace_s + s.replica_startup_s + 2 * s.autoscale_interval_s
+
+
+def lending(name: str, scenario: Scenario, policy: Policy) -> OverlapPolicy:
+    """One of ``LENDING`` (``hpcserve.sim.overlap``)."""
+    if name == "slurm-preempt":
+        return OverlapPolicy(name, victims="priority")
+    if name == "slurm-preempt-youngest":
+        return OverlapPolicy(name, victims="youngest")
+    horizon = prewarm_horizon_s(scenario)
+    source = (
+        TrueRate(scenario.inference.curve.peak, horizon)
+        if name == "prewarm-foresight"
+        else ForecastRate(policy, horizon)
+    )
+    return OverlapPolicy(name, victims="gentle", save_on_signal=True, prewarm=source, spare_s=horizon)
 
 
 def check_names(names: Sequence[str]) -> None:

@@ -15,6 +15,12 @@ requests are done, so replicas drain as on any move, within the grace);
 invalid ones (a node outside the pool, or not on the move's source side) are skipped. A decision that
 names a target count lets the replay pick the pool nodes: to inference, free nodes first, then those
 whose jobs lose the least work; to training, nodes without replicas first.
+
+An ``OverlapPolicy`` (``hpcserve.sim.overlap``) moves no node: every node starts on the training side
+(both partitions span every node), and every ``lend_interval_s`` the replay lends: nodes whose replicas
+are gone go back to training, the pre-warm floor is set, and each replica waiting for a slot gets an
+idle node or one freed by preemption (the policy's victims, signalled, killed after the grace or after
+their save, then the node is the replica's at once: no move delay).
 """
 
 from __future__ import annotations
@@ -23,16 +29,18 @@ import heapq
 import time
 from datetime import datetime, timedelta
 
+from hpcserve.placement import natural_key
 from hpcserve.rebalance.types import Demand, Side
 from hpcserve.sim.inference import InferenceSide, Waits
 from hpcserve.sim.metrics import PolicyResult, training_figures
+from hpcserve.sim.overlap import FloorView, OverlapPolicy, gentle_victims, slurm_victims
 from hpcserve.sim.policies import SplitDecision, SplitPolicy, SplitView
 from hpcserve.sim.scenario import AT0, Scenario
 from hpcserve.sim.snapshot import build_snapshot
 from hpcserve.sim.traces import DAY_S
 from hpcserve.sim.training import TrainingSide
 
-WARMUP, END, KILL, ARRIVE, SUBMIT, SAMPLE, REBALANCE = range(7)
+WARMUP, END, KILL, ARRIVE, SUBMIT, SAMPLE, REBALANCE, LEND = range(8)
 Event = tuple[float, int, int, str, int, int]  # (time, kind, sequence, node, job, run token)
 
 
@@ -42,7 +50,13 @@ class Replay:
     def __init__(self, scenario: Scenario, policy: SplitPolicy) -> None:
         s = self.scenario = scenario
         self.policy, self.settings = policy, s.settings
+        self.lender = policy if isinstance(policy, OverlapPolicy) else None
         self.side: dict[str, Side] = dict(s.start_side)
+        if self.lender is not None:  # overlapping partitions: every node is training's until lent
+            self.side = dict.fromkeys(s.start_side, Side.TRAINING)
+        self.delay = 0.0 if self.lender else self.settings.move_delay_s
+        self.rates: list[tuple[datetime, float]] = []  # the deployment's request rate, per sample
+        self._rate_step = 0
         self.transit: dict[str, Side] = {}  # moving nodes -> where they go
         self.training = TrainingSide(
             s.training.jobs, self._settled(Side.TRAINING), s.gpus, s.topology,
@@ -69,6 +83,9 @@ class Replay:
         started = time.perf_counter()
         span = self.settings.span_s
         self._initial_split()
+        if self.lender is not None:
+            self._initial_lend()
+            self._push(0.0, LEND)
         self.inference.warm_start()
         for job in self.scenario.training.jobs:
             self._push(job.submit, SUBMIT, job=job.id)
@@ -108,7 +125,11 @@ class Replay:
             self.training.submit(self.scenario.training.jobs[job], now)
         elif kind == SAMPLE:
             self.history.append((AT0 + timedelta(seconds=now), self._demand()))
+            self._sample_rate(now)
             self._push(now + self.settings.sample_interval_s, SAMPLE)
+        elif kind == LEND:
+            self._lend(now)
+            self._push(now + self.settings.autoscale_interval_s, LEND)
         else:
             view = self._view(now)
             self._apply(self.policy.decide(view), view)
@@ -160,7 +181,7 @@ class Replay:
     def _move(self, node: str, dst: Side, now: float, grace: float | None) -> None:
         """Start moving ``node``: its jobs get ``grace`` (the training class's by default) before they are
         killed; its replicas ``replica_drain_s`` (at most ``grace``) to finish their requests."""
-        self.moves += 1
+        self.moves += self.lender is None
         del self.side[node]
         self.transit[node] = dst
         if dst is Side.INFERENCE:
@@ -169,11 +190,71 @@ class Replay:
             return
         hosted = self.inference.remove_node(node)
         drain = self.settings.replica_drain_s if grace is None else min(grace, self.settings.replica_drain_s)
-        self._push(now + (drain if hosted else 0.0) + self.settings.move_delay_s, ARRIVE, node=node)
+        self._push(now + (drain if hosted else 0.0) + self.delay, ARRIVE, node=node)
 
     def _moved_off_training(self, now: float) -> None:
         for node in self.training.pop_drained():
-            self._push(now + self.settings.move_delay_s, ARRIVE, node=node)
+            self._push(now + self.delay, ARRIVE, node=node)
+
+    # --- lending (overlapping partitions) ---------------------------------------------------------
+
+    def _initial_lend(self) -> None:
+        """Time 0: the replicas the first minute needs get the last nodes (all idle yet)."""
+        count = self.scenario.replicas_to_nodes(self.inference.wanted)
+        for node in list(reversed(self.scenario.nodes))[:count]:
+            self.training.take_node(node)
+            self.training.pop_drained()
+            self.side[node] = Side.INFERENCE
+            self.inference.add_node(node)
+
+    def _lend(self, now: float) -> None:
+        lender = self.lender
+        assert lender is not None
+        if lender.prewarm is not None:
+            view = FloorView(now, AT0 + timedelta(seconds=now), self.rates)
+            self.inference.floor = self.scenario.serving.replicas_for(lender.prewarm(view))
+        pending = self.inference.pending_count()
+        if not pending:
+            for node in self.inference.empty_nodes():
+                self._move(node, Side.TRAINING, now, 0.0)
+            return
+        coming = sum(d is Side.INFERENCE for d in self.transit.values()) * self.scenario.serving.per_node
+        for _ in range(self.scenario.replicas_to_nodes(max(pending - coming, 0))):
+            if not self._lend_one(now, lender):
+                return
+
+    def _lend_one(self, now: float, lender: OverlapPolicy) -> bool:
+        """Free one node for a waiting replica: an idle one, else the policy's victims'."""
+        idle = [n for n, free in self.training.free.items() if free >= self.scenario.gpus[n]]
+        if idle:
+            self._move(max(idle, key=natural_key), Side.INFERENCE, now, 0.0)
+            return True
+        if lender.victims == "gentle":
+            pick = gentle_victims(self.training, now, lender.spare_s)
+        else:
+            pick = slurm_victims(self.training, lender.victims)
+        if pick is None:
+            return False
+        node, victims = pick
+        self.training.signal(victims, now, save=lender.save_on_signal)
+        grace = self.scenario.grace_s
+        self._move(
+            node,
+            Side.INFERENCE,
+            now,
+            min(self.settings.checkpoint_save_s, grace) if lender.save_on_signal else grace,
+        )
+        return True
+
+    def _sample_rate(self, now: float) -> None:
+        """The deployment's mean request rate since the last sample (what the gateway would store)."""
+        step = min(int(now / self.settings.step_s), len(self.scenario.arrivals))
+        if step > self._rate_step:
+            count = sum(self.scenario.arrivals[self._rate_step : step])
+            self.rates.append(
+                (AT0 + timedelta(seconds=now), count / ((step - self._rate_step) * self.settings.step_s))
+            )
+            self._rate_step = step
 
     def _arrive(self, node: str) -> None:
         dst = self.transit.pop(node)

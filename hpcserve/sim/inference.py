@@ -127,6 +127,8 @@ class InferenceSide:
         self._next_index = 0
         self._next_ready = float("inf")
         self._ready = self._placed = 0
+        self.floor = 0  # replicas the autoscaler keeps at least (a pre-warm floor; 0: the spec's own)
+        self._floored: dict[int, DeploymentSpec] = {}
         for node in sorted(nodes, key=natural_key):
             self.nodes[node] = []
         rate = max(self.arrivals[: max(round(60 / model.step_s), 1)], default=0.0) / model.step_s
@@ -222,13 +224,30 @@ class InferenceSide:
     def _autoscale(self, now: float) -> None:
         obs = self._observation(now)
         at = self.model.at0 + timedelta(seconds=now)
-        decision, self.state = decide(self.model.spec, obs, self.state, at)
+        decision, self.state = decide(self._spec(), obs, self.state, at)
         for index in decision.drain:
             self._drop_replica(index)
         for _ in range(decision.replicas - len(self.replicas)):
             self._add_replica()
         self.wanted = len(self.replicas)
         self._place(now)
+
+    def _spec(self) -> DeploymentSpec:
+        """The deployment with ``min_replicas`` raised to the pre-warm floor (within ``max_replicas``)."""
+        spec = self.model.spec
+        floor = min(self.floor, spec.max_replicas)
+        if floor <= spec.min_replicas:
+            return spec
+        if floor not in self._floored:
+            self._floored[floor] = spec.model_copy(update={"min_replicas": floor})
+        return self._floored[floor]
+
+    def pending_count(self) -> int:
+        """Replicas waiting for a slot."""
+        return sum(r.node is None for r in self.replicas.values())
+
+    def empty_nodes(self) -> list[str]:
+        return [node for node, held in self.nodes.items() if not held]
 
     def _observation(self, now: float) -> Observation:
         ready = sorted(i for i, r in self.replicas.items() if r.ready(now))

@@ -55,6 +55,7 @@ class SimSettings:
     replica_startup_s: float = 180.0  # a replica's engine start (weights from the warm tier) on a node
     replica_drain_s: float = 30.0  # a replica finishing its requests before its node can move
     checkpoint_interval_s: float = 1800.0  # training jobs checkpoint this often (run time)
+    checkpoint_save_s: float = 60.0  # a job checkpointing on its signal saves in this long, then exits
     training_load: float = 0.7  # offered training GPUs / the training partition's GPUs
     inference_peak: float = 0.85  # peak rate / what the most inference nodes serve at full batch
     gpu_scale: int = 0  # GPUs per trace GPU; 0: the site's GPUs per node

@@ -9,7 +9,9 @@
   training side's nodes, called only for jobs that fit now (the cheap count below says so first).
 - Preemption: when a node leaves for the inference side, the jobs on it get their signal and are killed
   ``grace_s`` later; a killed job is requeued and keeps only the work up to its last checkpoint
-  (every ``checkpoint_s`` of run time), so it loses the rest.
+  (every ``checkpoint_s`` of run time), so it loses the rest. A job told to checkpoint on its signal
+  (``signal(..., save=True)``: the overlap policies' gentle preemption) saves at the signal and loses
+  only the save itself (the time from the signal to its kill).
 """
 
 from __future__ import annotations
@@ -40,10 +42,15 @@ class Run:
     preemptions: int = 0
     lost_s: float = 0.0  # run time thrown away by preemptions
     killing: bool = False
+    saved_at: float | None = None  # the signal it checkpointed at (checkpoint on signal), if any
 
     @property
     def remaining(self) -> float:
         return self.job.duration - self.done
+
+    def ends_at(self) -> float:
+        """When the current run ends if left alone (inf when not running)."""
+        return self.start + self.remaining if self.start is not None else float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,13 +140,16 @@ class TrainingSide:
             return
         assert run.start is not None
         ran = now - run.start
-        kept = (ran // self.checkpoint_s) * self.checkpoint_s
+        if run.saved_at is not None:
+            kept = run.saved_at - run.start
+        else:
+            kept = (ran // self.checkpoint_s) * self.checkpoint_s
         run.done, run.lost_s = min(run.done + kept, run.job.duration), run.lost_s + ran - kept
         run.preemptions += 1
         self.preemptions += 1
         self.lost_gpu_s += (ran - kept) * run.job.gpus
         self._release(run)
-        run.queued_since, run.killing = now, False
+        run.queued_since, run.killing, run.saved_at = now, False, None
         bisect.insort(self.queue, (run.job.submit, run.job.id))
 
     def _release(self, run: Run) -> None:
@@ -170,6 +180,15 @@ class TrainingSide:
 
     def add_node(self, node: str) -> None:
         self.free[node] = self.gpus[node]
+
+    def since_checkpoint(self, run: Run, now: float) -> float:
+        """Run time since the job's last periodic checkpoint (what a kill now would lose)."""
+        return (now - (run.start if run.start is not None else now)) % self.checkpoint_s
+
+    def signal(self, job_ids: Sequence[int], now: float, *, save: bool) -> None:
+        """The jobs got their preemption signal at ``now``; ``save``: they checkpoint on it."""
+        for job_id in job_ids:
+            self.running[job_id].saved_at = now if save else None
 
     def loss_if_taken(self, node: str, now: float) -> float:
         """GPU-seconds of work lost if ``node`` were taken now (0 for a free node)."""
