@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# minicluster.sh start|stop|status - a real Slurm 22.05 cluster on one Debian machine (root, no systemd).
+# minicluster.sh start|stop|status|partitions - a real Slurm 22.05 cluster on one Debian machine (root, no systemd).
 #
 # Layout (see README.md, "The local cluster"):
 #   head (root namespace): munged, MariaDB (own datadir), slurmdbd, slurmctld
@@ -15,6 +15,10 @@
 #   TEST_USERS ("alice bob carol"): real Unix users made if missing, each registered in slurmdbd with a Slurm
 #   account of its own (acct-USER) as default, so sacct shows who ran what and who paid. Group hpcadmin (carol is
 #   in it) and the service account hpcserve (a system user) are made too.
+#   LENDING (moves): moves = train and infer on their own halves, as above (hpcserve moves nodes); overlap = both
+#   span the middle nodes (train=node[1-6], infer=node[3-8] at PriorityTier 20 over train's 10, train requeued
+#   by preempt/partition_prio after GRACE_TIME (120) s); see lending: in site_configs/minicluster.yaml. Changing
+#   it on a running cluster needs a restart (stop, then start) so slurmctld reads the new partitions.
 set -euo pipefail
 
 PREFIX=${PREFIX:-/tmp/hpcserve-mc}
@@ -35,6 +39,8 @@ PURGE=${PURGE:-0}
 TEST_USERS=${TEST_USERS-alice bob carol}
 ADMIN_GROUP=${ADMIN_GROUP:-hpcadmin}
 SERVICE_USER=${SERVICE_USER:-hpcserve}
+LENDING=${LENDING:-moves}
+GRACE_TIME=${GRACE_TIME:-120}
 DB_PASS=hpcserve-slurmdb
 ETC=$PREFIX/etc RUN=$PREFIX/run LOG=$PREFIX/log OWN=$PREFIX/run/owned DBDIR=$PREFIX/mysql
 DBSOCK=$DBDIR/run/mysqld.sock
@@ -228,11 +234,27 @@ JobCompType=jobcomp/none
 EOF
   local i
   for i in $(seq 1 "$NNODES"); do node_line "$i" >>"$ETC/slurm.conf"; done
-  cat >>"$ETC/slurm.conf" <<EOF
-PartitionName=train Nodes=$(hl 1 $half) Default=YES DefaultTime=01:00:00 MaxTime=7-00:00:00 PriorityTier=10 State=UP
-PartitionName=infer Nodes=$(hl $((half + 1)) "$NNODES") DefaultTime=01:00:00 MaxTime=7-00:00:00 PriorityTier=10 State=UP
-PartitionName=all Nodes=$(hl 1 "$NNODES") DefaultTime=01:00:00 MaxTime=1-00:00:00 PriorityTier=1 PreemptMode=REQUEUE State=UP
-EOF
+  partition_lines >>"$ETC/slurm.conf"
+}
+
+# partition_lines: LENDING=moves (default) gives train and infer their own halves (hpcserve moves nodes between
+# them); LENDING=overlap makes both span the middle nodes (node[3-6] of 8) with infer one PriorityTier above, so
+# Slurm's preempt/partition_prio requeues training there after GraceTime=$GRACE_TIME s (site_configs: lending)
+partition_lines() {
+  local times="DefaultTime=01:00:00 MaxTime=7-00:00:00"
+  case $LENDING in
+    moves)
+      echo "PartitionName=train Nodes=$(hl 1 $half) Default=YES $times PriorityTier=10 State=UP"
+      echo "PartitionName=infer Nodes=$(hl $((half + 1)) "$NNODES") $times PriorityTier=10 State=UP" ;;
+    overlap)
+      local lo=$(( half > 2 ? half - 1 : 1 )) hi=$(( half + 2 < NNODES ? half + 2 : NNODES ))
+      echo "PartitionName=train Nodes=$(hl 1 $hi) Default=YES $times PriorityTier=10 PreemptMode=REQUEUE" \
+        "GraceTime=$GRACE_TIME State=UP"
+      echo "PartitionName=infer Nodes=$(hl $lo "$NNODES") $times PriorityTier=20 State=UP" ;;
+    *) die "LENDING=$LENDING: use moves or overlap" ;;
+  esac
+  echo "PartitionName=all Nodes=$(hl 1 "$NNODES") DefaultTime=01:00:00 MaxTime=1-00:00:00 PriorityTier=1" \
+    "PreemptMode=REQUEUE State=UP"
 }
 
 write_configs() {
@@ -435,5 +457,7 @@ case ${1:-} in
   start) do_start ;;
   stop) do_stop ;;
   status) do_status ;;
-  *) echo "usage: $0 start|stop|status   (environment: PREFIX NNODES RESET=1 PURGE=1 ...)" >&2; exit 2 ;;
+  partitions) partition_lines ;;  # print the PartitionName= lines start would write (no side effects)
+  *) echo "usage: $0 start|stop|status|partitions   (environment: PREFIX NNODES LENDING RESET=1 PURGE=1 ...)" >&2
+     exit 2 ;;
 esac
