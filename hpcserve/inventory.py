@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from hpcserve.slurm.models import Job, Node
+from hpcserve.model.cluster import Job, Node
 
 if TYPE_CHECKING:
     from hpcserve.config import SiteConfig

@@ -9,6 +9,7 @@ source "${PREFIX:-/tmp/hpcserve-mc}/env.sh"
 .venv/bin/ruff check hpcserve tests scripts/bench
 .venv/bin/ruff format --check hpcserve tests scripts/bench
 .venv/bin/mypy
+.venv/bin/lint-imports --no-cache
 if grep -rn --include='*.py' 'shell=True' hpcserve scripts tests | grep -v 'never shell=True'; then
   echo "test.sh: shell=True found" >&2; exit 1
 fi

@@ -17,7 +17,7 @@ from hpcserve.jobs.policy import PolicyViolation
 
 if TYPE_CHECKING:
     from hpcserve.config.policy import Policy
-    from hpcserve.slurm.models import Job
+    from hpcserve.model.cluster import Job
     from hpcserve.store.records import Deployment
 
 INFERENCE = JobClassName.INFERENCE.value

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from hpcserve.config.policy import JobClass, Policy
 from hpcserve.errors import ValidationError
 from hpcserve.jobs.spec import JobRequest, ResolvedJob, make_tag, seconds_to_slurm
-from hpcserve.slurm.models import Job
+from hpcserve.model.cluster import Job
 
 _ARRAY_ITEM = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from hpcserve.config.policy import JobClassName
-from hpcserve.slurm.models import TAG_PREFIX
+from hpcserve.model.cluster import TAG_PREFIX
 
 
 def seconds_to_slurm(seconds: int) -> str:

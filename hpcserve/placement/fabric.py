@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from itertools import groupby
 from types import MappingProxyType
 
-from hpcserve.config import Fabric, SiteConfig
-from hpcserve.slurm.models import Topology
+from hpcserve.config.sections import Fabric
+from hpcserve.config.site import SiteConfig
+from hpcserve.model.cluster import Topology
 
 UNMAPPED = "unmapped"
 UNMAPPED_FABRIC = Fabric(kind="tcp")

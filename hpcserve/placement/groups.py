@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from hpcserve.model.cluster import Node
 from hpcserve.placement.fabric import FabricTopology, natural_key
-from hpcserve.slurm.models import Node
 
 NameKey = tuple[tuple[int, int | str], ...]
 

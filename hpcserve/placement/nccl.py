@@ -12,7 +12,7 @@ torch's gloo backend (the local cluster's, which has no GPUs to run NCCL) reads 
 
 from __future__ import annotations
 
-from hpcserve.config import Fabric
+from hpcserve.config.sections import Fabric
 
 
 def nccl_env(fabric: Fabric, name: str) -> dict[str, str]:

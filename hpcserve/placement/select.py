@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from hpcserve.errors import HpcserveError
+from hpcserve.model.cluster import ClusterSnapshot, Node
 from hpcserve.placement.fabric import FabricTopology, natural_key
 from hpcserve.placement.groups import (
     Islands,
@@ -26,7 +27,6 @@ from hpcserve.placement.groups import (
     group_nodes,
 )
 from hpcserve.placement.nccl import nccl_env
-from hpcserve.slurm.models import ClusterSnapshot, Node
 
 
 class PlacementError(HpcserveError):

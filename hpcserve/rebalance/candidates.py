@@ -32,9 +32,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from hpcserve.config.policy import JobClass, JobClassName
-from hpcserve.rebalance.types import NodeMove, Side
+from hpcserve.model.cluster import ClusterSnapshot, Job, JobState
+from hpcserve.model.rebalance import NodeMove, Side
 from hpcserve.serving.tags import parse_replica_tag
-from hpcserve.slurm.models import ClusterSnapshot, Job, JobState
 
 if TYPE_CHECKING:
     from hpcserve.config.policy import Policy

@@ -17,11 +17,11 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from hpcserve.errors import HpcserveError, ValidationError
+from hpcserve.model.rebalance import NodeMove, RebalancePlan, Side
 from hpcserve.rebalance.executor import Executor, ExecutorSettings, crash_point
 from hpcserve.rebalance.planner import PlannerState
 from hpcserve.rebalance.planning import PlanFn, PlanInput
 from hpcserve.rebalance.split import Layout, current_side
-from hpcserve.rebalance.types import NodeMove, RebalancePlan, Side
 from hpcserve.store.leases import holder_id, take_lease
 from hpcserve.store.store import utc_now
 

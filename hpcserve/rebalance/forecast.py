@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from hpcserve.rebalance.types import Demand
+from hpcserve.model.rebalance import Demand
 
 if TYPE_CHECKING:
     from hpcserve.config.policy import RebalanceRules

@@ -31,10 +31,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from hpcserve.model.cluster import ClusterSnapshot, Job
+from hpcserve.model.rebalance import Demand, RebalancePlan, Side
 from hpcserve.rebalance.candidates import Cycle, choose_moves
 from hpcserve.rebalance.forecast import DemandHistory, recent_peak
-from hpcserve.rebalance.types import Demand, RebalancePlan, Side
-from hpcserve.slurm.models import ClusterSnapshot, Job
 
 if TYPE_CHECKING:
     from hpcserve.config.policy import Policy, RebalanceRules

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from hpcserve.rebalance.types import RebalancePlan, Side
+from hpcserve.model.rebalance import RebalancePlan, Side
 
 if TYPE_CHECKING:
     from hpcserve.config import Policy, SiteConfig
+    from hpcserve.model.cluster import ClusterSnapshot
     from hpcserve.rebalance.planner import PlannerState
-    from hpcserve.slurm.models import ClusterSnapshot
     from hpcserve.store import Plan, QueueSample
 
 COUNTED = ("pending", "running", "done")  # plans whose moves count for the cooldown

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 
 from hpcserve.errors import SlurmCommandError
-from hpcserve.slurm.models import Job, JobState, Node
+from hpcserve.model.cluster import Job, JobState, Node
 from hpcserve.slurm.protocol import SlurmReader
 from hpcserve.store import HistoryStore, QueueSample
 from hpcserve.store.store import utc_now

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from hpcserve.rebalance.types import Side
+from hpcserve.model.rebalance import Side
 
 if TYPE_CHECKING:
     from hpcserve.config import SiteConfig

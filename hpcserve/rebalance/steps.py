@@ -13,10 +13,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hpcserve.hostlists import collect
+from hpcserve.model.cluster import TAG_PREFIX, Job, JobState
+from hpcserve.model.rebalance import NodeMove, RebalancePlan, Side
 from hpcserve.rebalance.candidates import preemptible_now
 from hpcserve.rebalance.split import Layout
-from hpcserve.rebalance.types import NodeMove, RebalancePlan, Side
-from hpcserve.slurm.models import TAG_PREFIX, Job, JobState
 from hpcserve.store.records import NewStep, Step
 
 if TYPE_CHECKING:

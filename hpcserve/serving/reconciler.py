@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from hpcserve.slurm.models import Job, JobState
+from hpcserve.model.cluster import Job, JobState
 
 
 class ReplicaState(StrEnum):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
-from hpcserve.slurm.models import TAG_PREFIX
+from hpcserve.model.cluster import TAG_PREFIX
 
 REPLICA_KIND = "replica"
 

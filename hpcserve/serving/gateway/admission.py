@@ -24,9 +24,8 @@ from typing import Any
 
 import msgspec
 
+from hpcserve.model.gateway import NO_GROUPS, ApiKey, DeploymentRoute
 from hpcserve.serving.gateway.config import GatewayConfig
-from hpcserve.serving.gateway.keys import NO_GROUPS, ApiKey
-from hpcserve.serving.gateway.routes import DeploymentRoute
 from hpcserve.serving.gateway.tenancy import may_reach
 
 _decode = msgspec.json.Decoder().decode

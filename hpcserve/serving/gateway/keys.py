@@ -32,10 +32,11 @@ from pathlib import Path
 import msgspec
 
 from hpcserve.errors import ConfigError
+from hpcserve.model.gateway import NO_GROUPS as NO_GROUPS
+from hpcserve.model.gateway import ApiKey as ApiKey
 
 BURST_SECONDS = 60.0
 PREFIX = "hpk_"
-NO_GROUPS: frozenset[str] = frozenset()
 
 
 def hash_key(key: str) -> str:
@@ -69,21 +70,6 @@ def split_key(key: str) -> tuple[str, str] | None:
         return None
     key_id, sep, secret = key[len(PREFIX) :].partition("_")
     return (key_id, secret) if sep and key_id and secret else None
-
-
-class ApiKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A key the gateway takes: an entry of the keys file (``sha256``) or a service-made key (``salt``
-    and ``digest``). ``models`` None: every model the owner may reach."""
-
-    id: str
-    owner: str
-    sha256: str = ""
-    rate: float | None = None
-    burst: float | None = None
-    max_tokens: int | None = None
-    models: frozenset[str] | None = None
-    salt: str = ""
-    digest: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""What the gateway knows about deployments: the snapshot types, and two sources of snapshots.
+"""What the gateway knows about deployments: the snapshot types (from hpcserve.model.gateway), and sources.
 
 A *source* is any ``refresh() -> Mapping[str, DeploymentRoute]``: model name (the deployment's name, its
 served name, aliases) to the deployment with its READY endpoints. The gateway calls it every ~0.5 s in a
@@ -33,6 +33,9 @@ from typing import Annotated
 import msgspec
 
 from hpcserve.errors import ConfigError
+from hpcserve.model.gateway import DeploymentRoute as DeploymentRoute
+from hpcserve.model.gateway import Endpoint as Endpoint
+from hpcserve.model.gateway import Routes as Routes
 
 log = logging.getLogger(__name__)
 
@@ -40,42 +43,6 @@ log = logging.getLogger(__name__)
 ENGINE_KEY_PATTERN = r"\A[A-Za-z0-9._~+/=-]{1,256}\Z"  # RFC 6750's b64token: one header value, no CR/LF
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One READY replica: ``url`` is its base URL (``http://host:port``, no ``/v1``); ``key`` the engine key
-    the gateway sends it as ``Authorization: Bearer`` (None: the engine wants none)."""
-
-    deployment: str
-    replica: int
-    url: str
-    key: str | None = field(default=None, repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class DeploymentRoute:
-    """A known deployment. No endpoints means scaled to zero: its requests wait in the buffer.
-
-    ``draining`` replicas finish what they have and get nothing new. ``max_prompt_tokens`` and
-    ``max_tokens`` override the gateway's defaults for this deployment. ``owner`` and ``shares`` decide
-    which keys reach it (tenancy.py); no owner: every key.
-    """
-
-    name: str
-    endpoints: tuple[Endpoint, ...] = ()
-    draining: frozenset[int] = frozenset()
-    max_prompt_tokens: int | None = None
-    max_tokens: int | None = None
-    owner: str | None = None
-    shares: frozenset[str] = frozenset()
-
-    def ready(self) -> tuple[Endpoint, ...]:
-        """Endpoints that may take new requests."""
-        if not self.draining:
-            return self.endpoints
-        return tuple(e for e in self.endpoints if e.replica not in self.draining)
-
-
-Routes = Mapping[str, DeploymentRoute]
 Refresh = Callable[[], Routes]
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection, Mapping, Sequence
 
-from hpcserve.serving.gateway.routes import Endpoint
+from hpcserve.model.gateway import Endpoint
 
 
 def prefix_digest(text: str, chars: int) -> bytes | None:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from hpcserve.serving.gateway.keys import ApiKey
-from hpcserve.serving.gateway.routes import DeploymentRoute, Routes
+from hpcserve.model.gateway import ApiKey, DeploymentRoute, Routes
 
 EVERYONE = "all"
 GROUP_PREFIX = "@"
