@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ def edited(source: Path, tmp_path: Path, edits: dict[str, object]) -> Path:
         if value is DROP:
             del node[last]
         else:
-            node[last] = value
+            node[last] = copy.deepcopy(value)  # later edits may change it in place
     out = tmp_path / source.name
     out.write_text(yaml.safe_dump(data))
     return out
@@ -238,3 +239,60 @@ def test_unreadable_yaml(tmp_path: Path, text: str, expected: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     assert "no such file" in config_error(load_policy, path, "")
+
+
+# The minicluster config turned into lending through Slurm's preemption (LENDING=overlap in minicluster.sh).
+OVERLAP: dict[str, object] = {
+    "managed_pool": DROP,
+    "partitions.training.nodes": "node[1-6]",
+    "partitions.inference.nodes": "node[3-8]",
+    "lending": {"mode": "overlap", "shared_nodes": "node[3-6]", "grace_time_s": 120},
+}
+
+
+def test_lending_defaults_to_moves_and_overlap_loads(tmp_path: Path) -> None:
+    assert load_site_config(MINI).lending.mode == "moves"
+    site = load_site_config(edited(MINI, tmp_path, OVERLAP))
+    assert (site.lending.mode, site.lending.preempt) == ("overlap", "partition_prio")
+    assert site.lending.shared_nodes == tuple(f"node{i}" for i in range(3, 7))
+    check_policy(load_policy(POLICY), site, POLICY)
+
+
+LENDING_CASES = [
+    pytest.param({"lending": {"mode": "steal"}}, "lending.mode", "'overlap' or 'moves'", id="mode"),
+    pytest.param({"lending": {"shared_nodes": "node3"}}, "lending.shared_nodes", "mode: overlap", id="moves"),
+    pytest.param({**OVERLAP, "lending": {"mode": "overlap"}}, "lending.shared_nodes", "node[3-6]", id="none"),
+    pytest.param(
+        {**OVERLAP, "partitions.training.nodes": "node[1-4]", "partitions.inference.nodes": "node[3-8]",
+         "lending.shared_nodes": "node[3-6]"},
+        "lending.shared_nodes", "node[5-6] not in the training partition (train)", id="outside",
+    ),
+    pytest.param(
+        {**OVERLAP, "lending.shared_nodes": "node[3-4]"},
+        "partitions.inference.nodes", "node[5-6] also in the training partition", id="undeclared-overlap",
+    ),
+    pytest.param(
+        {**OVERLAP, "managed_pool": {"training": "node[1-2]"}}, "managed_pool", "moves no nodes", id="pool"
+    ),
+    pytest.param(
+        {**OVERLAP, "lending.preempt": "qos"}, "lending.training_qos", "needs both QOS names", id="qos-names"
+    ),
+    pytest.param(
+        {"lending": {"training_qos": "low"}}, "lending.training_qos", "set preempt: qos", id="qos-unused"
+    ),
+    pytest.param({"lending": {"tier": 20}}, "lending.tier", "", id="unknown-key"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("edits", "field", "expected"), LENDING_CASES)
+def test_bad_lending(tmp_path: Path, edits: dict[str, object], field: str, expected: str) -> None:
+    assert expected in config_error(load_site_config, edited(MINI, tmp_path, edits), field)
+
+
+def test_grace_time_must_cover_the_training_class(tmp_path: Path) -> None:
+    site = load_site_config(edited(MINI, tmp_path, {**OVERLAP, "lending.grace_time_s": 60}))
+    with pytest.raises(ConfigError) as info:
+        check_policy(load_policy(POLICY), site, POLICY)
+    message = str(info.value)
+    assert message.startswith(f"{POLICY}: classes.training.grace_s: 120 s is longer than the site's ")
+    assert "(fix: lower grace_s to 60, or raise GraceTime in slurm.conf" in message
