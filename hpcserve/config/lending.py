@@ -128,9 +128,7 @@ def _moves(site: SiteConfig, train: PartitionPreempt, infer: PartitionPreempt) -
         fixed = [n for n in site.partitions.by_role()[role].nodes if n not in pool and n not in part.nodes]
         if fixed:
             nodes = nodes_text([*{*part.nodes, *fixed}])
-            problem = (
-                f"partition {part.name} lacks {nodes_text(fixed)} (partitions.{role}.nodes, not in the pool)"
-            )
+            problem = f"partition {part.name} lacks {nodes_text(fixed)} of partitions.{role}.nodes"
             out.append(Mismatch(problem, f"Nodes={nodes} on PartitionName={part.name} {RECONFIGURE}"))
     return out
 
