@@ -18,13 +18,14 @@ from hpcserve.cli.simulate_cmd import simulate
 from hpcserve.config import SiteConfig
 from hpcserve.rebalance.planner import demand_now
 from hpcserve.rebalance.types import NodeMove, Side
-from hpcserve.sim.compare import POLICIES, Inputs, make_policy, replay, run_policies
+from hpcserve.sim.compare import LENDING, POLICIES, Inputs, make_policy, replay, run_policies
 from hpcserve.sim.engine import Replay
 from hpcserve.sim.inference import InferenceSide, Waits
 from hpcserve.sim.metrics import percentile
+from hpcserve.sim.overlap import OverlapPolicy, gentle_victims, slurm_victims
 from hpcserve.sim.planned import Foresight, PlannerPolicy
 from hpcserve.sim.policies import IdealSplit, SplitDecision, SplitView, StaticPolicy
-from hpcserve.sim.scenario import Scenario, SimSettings, build_scenario, default_policy
+from hpcserve.sim.scenario import AT0, Scenario, SimSettings, build_scenario, default_policy
 from hpcserve.sim.traces import (
     InferenceWorkload,
     Pod,
@@ -36,6 +37,7 @@ from hpcserve.sim.traces import (
     read_pods,
     scale_training,
 )
+from hpcserve.sim.training import TrainingSide
 from tests.conftest import TRACES
 
 HOUR = 3600.0
@@ -349,3 +351,97 @@ def test_four_policies_on_a_slice_of_the_shared_traces() -> None:
         assert result.jobs > 50 and 0.9 < result.slo_attainment <= 1.0 and 0 < result.gpu_util < 1
         assert 16 <= result.mean_inference_nodes <= 32
     assert results[0].moves == 0 and results[0].mean_inference_nodes == 32
+
+
+# --- lending through Slurm's preemption (hpcserve.sim.overlap) ----------------------------------------
+
+
+def burst_inference(at: float, low: float = 1.0, high: float = 3.0) -> InferenceWorkload:
+    """A flat rate that steps up at ``at`` (within one second) and stays up for the rest of the replay."""
+    curve = RateCurve((0.0, at, at + 1.0), (low, low, high), 86400.0 * 10)
+    return InferenceWorkload(curve, 1155.0, 211.0, "burst")
+
+
+def running_side(submits: list[float], ends: dict[int, float] | None = None) -> TrainingSide:
+    """The tiny site's training side on six nodes, one 1-node job started at each submit time (a job
+    runs 10,000 s unless ``ends`` gives its run time); checkpoints every 600 s."""
+    scenario = scenario_with([], flat_inference())
+    nodes = ["t1", "t2", "t3", "t4", "i1", "i2"]
+    jobs = [job(i, at, 1, (ends or {}).get(i, 10_000.0)) for i, at in enumerate(submits)]
+    side = TrainingSide(jobs, nodes, scenario.gpus, scenario.topology, checkpoint_s=600.0, depth=100, at0=AT0)
+    for j in jobs:
+        side.submit(j, j.submit)
+        side.schedule(j.submit)
+    return side
+
+
+def test_slurm_picks_the_lowest_priority_job_the_youngest_submission_or_the_latest_start() -> None:
+    side = running_side([0.0, 100.0, 200.0, 300.0, 400.0, 500.0])
+    node, victims = slurm_victims(side, "priority") or ("", ())
+    assert victims == (5,) and side.running[5].nodes == (node,)
+    side.running[2].start = 900.0  # started last (e.g. after a requeue): youngest_first takes it
+    assert slurm_victims(side, "youngest") == (side.running[2].nodes[0], (2,))
+
+
+def test_gentle_victims_checkpointed_most_recently_never_one_ending_within_the_spare_window() -> None:
+    """At 1680 s the jobs started at 0..500 s are 480, 380, 280, 180, 80, 580 s past their checkpoint:
+    job 4 loses least. Once job 4 ends within the spare window it is never picked: job 3 is."""
+    side = running_side([0.0, 100.0, 200.0, 300.0, 400.0, 500.0])
+    assert gentle_victims(side, 1680.0, spare_s=320.0) == (side.running[4].nodes[0], (4,))
+    ending = running_side([0.0, 100.0, 200.0, 300.0, 400.0, 500.0], ends={4: 1500.0})
+    assert gentle_victims(ending, 1680.0, spare_s=320.0) == (ending.running[3].nodes[0], (3,))
+    assert gentle_victims(ending, 1680.0, spare_s=20_000.0) is None
+
+
+def lending_scenario() -> Scenario:
+    """Six 1-node jobs fill what the two warm replicas leave; the rate triples at 2000 s."""
+    jobs = [job(i, 100.0 * i, 1, 20_000.0) for i in range(6)]
+    return scenario_with(jobs, burst_inference(2000.0), checkpoint_interval_s=600.0, inference_peak=0.5)
+
+
+def test_slurm_preempt_requeues_the_youngest_job_for_a_replica_with_its_work_since_the_checkpoint_lost() -> (
+    None
+):
+    run = Replay(
+        lending_scenario(), make_policy("slurm-preempt", lending_scenario(), default_policy(tiny_site()))
+    )
+    result = run.run()
+    preempted = {j for j, r in run.training.runs.items() if r.preemptions}
+    assert result.preemptions >= 1 and result.moves == 0
+    assert min(preempted) > max(set(run.training.runs) - preempted)  # the youngest submissions
+    youngest = run.training.runs[5]
+    assert 0 < youngest.lost_s < 600.0 and youngest.saved_at is None  # since its periodic checkpoint
+    assert result.lost_gpu_h == pytest.approx(sum(r.lost_s * 8 for r in run.training.runs.values()) / 3600)
+    assert result.slo_attainment < 1.0  # the replicas start after the burst: grace + engine start
+
+
+def test_overlap_prewarm_starts_replicas_before_the_burst_from_gentle_victims_that_save_on_signal() -> None:
+    scenario = lending_scenario()
+    policy = make_policy("prewarm-foresight", scenario, default_policy(tiny_site()))
+    assert isinstance(policy, OverlapPolicy) and policy.victims == "gentle" and policy.save_on_signal
+    run = Replay(scenario, policy)
+    result = run.run()
+    assert result.preemptions >= 1 and result.slo_attainment == 1.0 and result.p99_wait_s == 0.0
+    preempted = [r for r in run.training.runs.values() if r.preemptions]
+    assert all(r.lost_s == pytest.approx(scenario.settings.checkpoint_save_s) for r in preempted)
+    baseline = Replay(scenario, make_policy("slurm-preempt", scenario, default_policy(tiny_site()))).run()
+    assert result.lost_gpu_h < baseline.lost_gpu_h
+
+
+def test_forecast_prewarm_and_the_lending_policies_run_on_the_cli_names() -> None:
+    scenario = lending_scenario()
+    for name in LENDING:
+        result = replay(scenario, name, default_policy(scenario.site))
+        assert result.policy == name and result.jobs == 6
+
+
+def test_request_traces_replay_at_their_real_timestamps(tmp_path: Path) -> None:
+    trace = tmp_path / "requests.csv"
+    trace.write_text(
+        "arrival_time_s,prompt_tokens,output_tokens\n0.2,10,5\n0.7,10,5\n59.5,10,5\n119.0,10,5\n"
+    )
+    workload = read_inference(trace)
+    assert workload.arrival_times == (0.2, 0.7, 59.5, 119.0)
+    steps = workload.per_step(1.0, 240)
+    assert steps[0] == 2.0 and steps[59] == 1.0 and steps[119] == 1.0 and steps[120] == 2.0
+    assert sum(steps[1:59]) == 0.0

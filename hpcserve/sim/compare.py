@@ -40,7 +40,6 @@ from hpcserve.sim.scenario import Scenario, SimSettings, load_scenario
 POLICIES = ("static", "reactive", "predictive", "oracle")
 LENDING = ("slurm-preempt", "slurm-preempt-youngest", "overlap-prewarm", "prewarm-foresight")
 EXTRA = ("planner-foresight", *LENDING)  # not run by default
-LABELS = {"oracle": "oracle (best node-moving split)", "predictive": "moves-predictive"}
 
 
 @dataclass(frozen=True, slots=True)

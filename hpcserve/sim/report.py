@@ -6,6 +6,18 @@ from collections.abc import Sequence
 
 from hpcserve.sim.metrics import PolicyResult
 
+LABELS = {
+    "oracle": "oracle (best node-moving split)",
+    "predictive": "moves-predictive",
+    "static": "static (context)",
+}
+
+
+def label(policy: str) -> str:
+    """The name a table shows for a policy (the oracle is only the best node-moving split, not a bound)."""
+    return LABELS.get(policy, policy)
+
+
 COLUMNS = (
     "POLICY", "QUEUE MEAN", "QUEUE P95", "JCT MEAN", "GPU UTIL", "SLO MET", "P99 WAIT",
     "MOVES/DAY", "PREEMPT", "LOST GPU-H", "INF NODES", "WALL",
@@ -25,7 +37,7 @@ def duration(seconds: float) -> str:
 def row(result: PolicyResult) -> tuple[str, ...]:
     r = result
     return (
-        r.policy, duration(r.queue_mean_s), duration(r.queue_p95_s), duration(r.jct_mean_s),
+        label(r.policy), duration(r.queue_mean_s), duration(r.queue_p95_s), duration(r.jct_mean_s),
         f"{r.gpu_util:.1%}", f"{r.slo_attainment:.2%}", duration(r.p99_wait_s), f"{r.moves_per_day:.1f}",
         f"{r.preemptions:.0f}", f"{r.lost_gpu_h:.0f}", f"{r.mean_inference_nodes:.1f}", f"{r.wall_s:.0f}s",
     )  # fmt: skip

@@ -6,7 +6,9 @@ the two trace files first. Every policy of one comparison runs on the same ``Sce
 Inference scaling: the rate curve is multiplied so that the replay's peak rate equals ``inference_peak``
 x the saturated throughput of the most replicas the inference side can ever hold (its own nodes plus the
 whole managed pool). Arrivals per step are that rate x ``step_s``, drawn as Poisson counts (seeded by
-``seed``) when ``noise`` is on, so a step's arrivals vary as independent requests would.
+``seed``) when ``noise`` is on, so a step's arrivals vary as independent requests would. A request
+trace (Azure, Mooncake) is replayed at its real timestamps (``InferenceWorkload.per_step``): a step's
+mean is the trace's own arrivals in it, times the scale.
 """
 
 from __future__ import annotations
@@ -218,7 +220,7 @@ def _start_sides(site: SiteConfig) -> dict[str, Side]:
 
 def _arrivals(workload: InferenceWorkload, settings: SimSettings) -> array[float]:
     steps = int(settings.span_s / settings.step_s)
-    mean = workload.curve.per_step(settings.step_s, steps)
+    mean = workload.per_step(settings.step_s, steps)
     if not settings.noise:
         return array("d", mean)
     rng = random.Random(settings.seed)  # noqa: S311 - simulation noise, not cryptography

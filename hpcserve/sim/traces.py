@@ -16,8 +16,10 @@ Inference side, as a request rate over time (a ``RateCurve``), scaled later to t
   the language models), linear between window midpoints, repeated after its span (14 days = two weeks,
   so weekdays line up). Token counts are not in that file: the means of the Azure 2023 conversation trace
   (``AZURE_CONV_TOKENS``) stand in.
-- Per-request traces (Azure 2023 code/conv, Mooncake): arrivals counted per ``bin_s`` bin, linear between
-  bin midpoints, repeated after the trace's span; the mean prompt and output tokens come from the file.
+- Per-request traces (Azure 2023 code/conv, Mooncake): replayed at their real timestamps (the arrivals of
+  each replay step are the trace's own in that second, times the site's scale, repeated after the trace's
+  span, ``arrival_times``); the rate curve (for scaling, the oracle and foresight) counts them per
+  ``bin_s`` bin, linear between bin midpoints; the mean prompt and output tokens come from the file.
 """
 
 from __future__ import annotations
@@ -180,6 +182,18 @@ class InferenceWorkload:
     prompt_tokens: float
     output_tokens: float
     source: str
+    arrival_times: tuple[float, ...] = ()  # a request trace's own arrivals (seconds, sorted); () for rates
+
+    def per_step(self, step: float, count: int) -> list[float]:
+        """Mean requests arriving in each of ``count`` steps: the real timestamps (repeated every curve
+        period, times its scale) when the trace has them, else the rate curve's."""
+        if not self.arrival_times:
+            return self.curve.per_step(step, count)
+        period = max(round(self.curve.period / step), 1)
+        one = [0.0] * period
+        for t in self.arrival_times:
+            one[min(int(t // step), period - 1)] += self.curve.scale
+        return [one[k % period] for k in range(count)]
 
 
 def read_inference(path: Path, *, model: str = SERVEGEN_MODEL, bin_s: float = 60.0) -> InferenceWorkload:
@@ -226,7 +240,9 @@ def _requests(rows: Iterable[dict[str, str]], bin_s: float, path: Path) -> Infer
         tuple((i + 0.5) * bin_s for i in range(len(bins))), tuple(n / bin_s for n in bins), len(bins) * bin_s
     )
     count = len(arrivals)
-    return InferenceWorkload(_from_zero(curve), prompt / count, output / count, path.name)
+    return InferenceWorkload(
+        _from_zero(curve), prompt / count, output / count, path.name, tuple(sorted(arrivals))
+    )
 
 
 def _from_zero(curve: RateCurve) -> RateCurve:
