@@ -14,11 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 from hpcserve.cli.main import Context
-from hpcserve.cli.simulate_cmd import simulate
+from hpcserve.cli.simulate_cmd import SIM_POLICIES, simulate
 from hpcserve.config import SiteConfig
 from hpcserve.rebalance.planner import demand_now
 from hpcserve.rebalance.types import NodeMove, Side
-from hpcserve.sim.compare import LENDING, POLICIES, Inputs, make_policy, replay, run_policies
+from hpcserve.sim.compare import EXTRA, LENDING, POLICIES, Inputs, make_policy, replay, run_policies
 from hpcserve.sim.engine import Replay
 from hpcserve.sim.inference import InferenceSide, Waits
 from hpcserve.sim.metrics import percentile
@@ -429,6 +429,7 @@ def test_overlap_prewarm_starts_replicas_before_the_burst_from_gentle_victims_th
 
 
 def test_forecast_prewarm_and_the_lending_policies_run_on_the_cli_names() -> None:
+    assert set(SIM_POLICIES) == set(POLICIES + EXTRA)
     scenario = lending_scenario()
     for name in LENDING:
         result = replay(scenario, name, default_policy(scenario.site))

@@ -1,5 +1,6 @@
 """``hpcserve simulate``: replay a training-job trace and an inference-arrival trace on the site, and
-compare node-split policies (static, reactive, predictive, oracle) with the service's own placement,
+compare node-split policies (static, reactive, predictive, oracle) and lending through Slurm's preemption
+(slurm-preempt, overlap-prewarm, prewarm-foresight) with the service's own placement,
 autoscaler, forecast and planner. How the traces are scaled and what is approximated: hpcserve/sim/."""
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ if TYPE_CHECKING:
 TRAINING_TRACE = "alibaba_gpu2023_openb_pods.csv"
 INFERENCE_TRACE = "servegen_total_rate_10min.csv"
 JSON_HELP = "Print machine-readable JSON instead of a table."
+SIM_POLICIES = (
+    "static", "reactive", "predictive", "oracle", "planner-foresight",
+    "slurm-preempt", "slurm-preempt-youngest", "overlap-prewarm", "prewarm-foresight",
+)  # fmt: skip
 TRACE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
@@ -56,9 +61,10 @@ def default_trace(name: str, flag: str) -> Path:
     "--policy",
     "policies",
     multiple=True,
-    type=click.Choice(["static", "reactive", "predictive", "oracle", "planner-foresight"]),  # compare.py's
-    help="Split policy to replay (repeat; default: static, reactive, predictive, oracle). Not the job-class "
-    "policy file: that is hpcserve --policy FILE.",
+    type=click.Choice(SIM_POLICIES),  # compare.py's POLICIES + EXTRA
+    help="Policy to replay (repeat; default: static, reactive, predictive, oracle). slurm-preempt is Slurm's "
+    "own preemption over overlapping partitions (the baseline); overlap-prewarm is lending: overlap. Not the "
+    "job-class policy file: that is hpcserve --policy FILE.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the arrival noise.")
 @click.option("-j", "--jobs", "workers", type=click.IntRange(1), default=1, show_default=True,

@@ -6,7 +6,11 @@ and compare node-split policies, with the service's own decision code where it e
 Modules (imports point down this list):
 - ``compare``: ``run_policies(Inputs, names)`` -> one ``PolicyResult`` per policy (the CLI's and the
   benchmark's entry point); ``POLICIES`` = static, reactive, predictive, oracle (the perfect-foresight
-  split); ``EXTRA``: planner-foresight (the planner told the true future);
+  node-moving split: the best node-moving split, not a lower bound); ``EXTRA``: planner-foresight (the
+  planner told the true future) and ``LENDING``: slurm-preempt (the baseline), slurm-preempt-youngest,
+  overlap-prewarm (``lending: overlap``), prewarm-foresight;
+- ``overlap``: lending through Slurm's preemption over overlapping partitions (no node moves), Slurm's
+  and hpcserve's victim choice, the pre-warm floor (forecast or true rate);
 - ``engine``: ``Replay(scenario, policy).run()``: the event loop, node moves, preemptions, figures;
 - ``planned``: reactive / predictive / planner-foresight = the planner told the demand now / the forecast /
   the truth;
@@ -21,7 +25,34 @@ Modules (imports point down this list):
 Approximations (each module says more): inference is a fluid model per 1 s step (Poisson counts per step,
 FIFO cohorts, waits counted to the step), not per request; a replica's capacity is its saturated
 throughput under the engine simulator's latency model; ServeGen's 10-minute rates are interpolated
-linearly (no burstiness inside a window); training run times are known exactly (backfill estimates,
+linearly (no burstiness inside a window; request traces replay at their real timestamps, scaled so the
+peak of their 60-s bins fits the site); training run times are known exactly (backfill estimates,
 time limits); the autoscaler ticks every 10 s and the planner every 60 s; a node move takes the jobs'
 grace, then ``move_delay_s``. Deterministic: the same inputs and seed give the same figures.
+
+Simplifications per policy:
+- static (context only): a fixed split sized for the replay's inference peak; never moves.
+- reactive / moves-predictive (``lending: moves``): whole-node moves within the managed pool, the
+  planner every 60 s, its forecast refitted every 30 min of samples (``planned.REFIT_S``), moves carried
+  out as named with their grace, then ``move_delay_s``; victims lose their work since the last periodic
+  checkpoint (``checkpoint_interval_s``).
+- oracle: the best node-moving split (perfect foresight of the rate curve, no planner margins); not a
+  bound on lending through preemption, which shares every node.
+- slurm-preempt (the baseline): both partitions span every node, inference at the higher tier,
+  REQUEUE after ``grace_s``; Slurm's victim order modelled as the multifactor age factor alone (latest
+  submission first; ``slurm-preempt-youngest``: latest start first), taken until one node is free; the
+  victims lose their work since the last periodic checkpoint (they do not checkpoint on SIGTERM); the
+  pending replica is seen every ``autoscale_interval_s`` (not Slurm's sched/backfill cycles); a freed
+  node goes to the replica at once and an empty one back to training at once (no epilog/health check).
+- overlap-prewarm (``lending: overlap``): the same, plus a replica floor from the forecast
+  (``rebalance.forecast`` on the request rate sampled every ``sample_interval_s``: 5-minute means, so it
+  cannot see bursts shorter than that) one horizon (grace + engine start + two ticks) ahead; gentle
+  victims (least GPU-seconds since their last checkpoint, never a job ending within the horizon) that
+  checkpoint on the signal in ``checkpoint_save_s`` and lose only that; the signal goes out as the floor
+  rises (forecast time minus the grace, approximately: the horizon covers the grace).
+- prewarm-foresight: overlap-prewarm told the true peak of the rate curve (60-s bins for request traces,
+  10-minute windows for ServeGen) over the horizon; sub-bin bursts still surprise it.
+Common to all: replicas are whole nodes (8 GPUs, TP 8; no per-GPU packing), a replica starts in one
+phase (``replica_startup_s``: no separate scheduling/staging/engine-load phases), one deployment, one
+training workload (openb pods), training run times known exactly to the backfill scheduler.
 """
