@@ -38,12 +38,13 @@ class DoctorInput:
 def run_checks(inp: DoctorInput) -> list[Check]:
     site, config_check = _check_config(inp.site_path, inp.policy_path)
     cluster = site.cluster if site else None
+    slurm = _check_slurm(inp.runner)
     return [
-        _check_slurm(inp.runner),
+        slurm,
         _check_munge(inp.runner),
         _check_accounting(inp.runner, cluster),
         config_check,
-        *_check_lending(inp.runner, site),
+        *_check_lending(inp.runner, site if slurm.ok else None),  # Slurm down: its own line says so
         _check_service(site),
         _check_database(site),
     ]
@@ -106,7 +107,8 @@ def _check_config(site_path: Path | None, policy_path: Path | None) -> tuple[Sit
 
 
 def _check_lending(runner: CommandRunner, site: SiteConfig | None) -> list[Check]:
-    """The live slurm.conf (and QOS) against the site's ``lending`` section: one FAIL line per mismatch."""
+    """The live slurm.conf (and QOS) against the site's ``lending`` section: one FAIL line per mismatch
+    (none without a valid site config or an answering Slurm: their own checks fail then)."""
     from hpcserve.config.lending import lending_mismatches, summary
 
     if site is None:

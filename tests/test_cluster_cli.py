@@ -142,8 +142,8 @@ def test_doctor_passes_on_a_running_cluster(hpcserve: Cli, api_service: ApiServi
     out = hpcserve("--site", str(SITE), "--policy", str(POLICY), "doctor", "--json", env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     checks = {c["check"]: c["ok"] for c in json.loads(out.stdout)}
-    assert checks == {"slurm": True, "munge": True, "accounting": True, "config": True, "service": True,
-                      "database": True}  # fmt: skip
+    assert checks == {"slurm": True, "munge": True, "accounting": True, "config": True, "lending": True,
+                      "service": True, "database": True}  # fmt: skip
     down = hpcserve(
         "--site", str(SITE), "--policy", str(POLICY), "doctor", env={"HPCSERVE_SOCKET": "/nonexistent"}
     )
