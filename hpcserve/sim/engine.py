@@ -247,13 +247,17 @@ class Replay:
         return True
 
     def _sample_rate(self, now: float) -> None:
-        """The deployment's mean request rate since the last sample (what the gateway would store)."""
-        step = min(int(now / self.settings.step_s), len(self.scenario.arrivals))
+        """The deployment's request rate since the last sample, as the gateway would store it: the
+        busiest ``slo_wait_s`` window's mean rate (a burst the SLO feels), not the interval's mean."""
+        settings = self.settings
+        step = min(int(now / settings.step_s), len(self.scenario.arrivals))
         if step > self._rate_step:
-            count = sum(self.scenario.arrivals[self._rate_step : step])
-            self.rates.append(
-                (AT0 + timedelta(seconds=now), count / ((step - self._rate_step) * self.settings.step_s))
+            width = max(round(settings.slo_wait_s / settings.step_s), 1)
+            counts = self.scenario.arrivals[self._rate_step : step]
+            peak = max(
+                sum(counts[k : k + width]) / min(width, len(counts) - k) for k in range(0, len(counts), width)
             )
+            self.rates.append((AT0 + timedelta(seconds=now), peak / settings.step_s))
             self._rate_step = step
 
     def _arrive(self, node: str) -> None:
