@@ -22,9 +22,12 @@ less once a replica was seen queueing at T or more while running fewer):
   down, to the most that was needed in the window (never below max(1, ``min_replicas``) this way);
 - zero only with ``min_replicas`` 0 and ``idle_to_zero_s`` > 0, after that long with no request
   arriving, queued, running or in flight;
-- no traffic never scales up (except to ``min_replicas``). A scale-down drains starting replicas first,
-  then ready ones with the fewest requests in flight: the executor stops routing to them and cancels each
-  job once nothing is in flight.
+- ``floor`` (``lending: overlap``'s pre-warm, ``hpcserve.serving.prewarm``; 0 otherwise): the count never
+  goes below it (within ``max_replicas``): desired = max(autoscaled, floor), so a forecast burst gets its
+  replicas before it arrives, and nothing drains or scales to zero below it;
+- no traffic never scales up (except to ``min_replicas`` or the floor). A scale-down drains starting
+  replicas first, then ready ones with the fewest requests in flight: the executor stops routing to them
+  and cancels each job once nothing is in flight.
 """
 
 from __future__ import annotations
@@ -113,9 +116,9 @@ class _Need:
 
 
 def decide(
-    spec: DeploymentSpec, obs: Observation, state: ScalerState, now: datetime
+    spec: DeploymentSpec, obs: Observation, state: ScalerState, now: datetime, floor: int = 0
 ) -> tuple[ScaleDecision, ScalerState]:
-    """The decision for this tick and the state to pass to the next one."""
+    """The decision for this tick and the state to pass to the next one; ``floor``: the forecast's."""
     state = _remember(spec, obs, state, now)
     current = len(obs.active)
     need = _need(spec, obs, state)
@@ -127,6 +130,7 @@ def decide(
         or _down(spec, state, now, current)
         or (current, _hold_reason(spec, obs, state, need, now, current))
     )
+    target, why = _floored(spec, floor, target, why)
     if target == current:
         return ScaleDecision(current, why), state
     drain = _drain_order(obs, current - target) if target < current else ()
@@ -193,6 +197,14 @@ def _to_zero(spec: DeploymentSpec, obs: Observation, state: ScalerState, now: da
         return None
     idle = _seconds(state.last_traffic, now)
     return (0, f"no requests for {idle:.0f}s") if idle >= spec.idle_to_zero_s else None
+
+
+def _floored(spec: DeploymentSpec, floor: int, target: int, why: str) -> tuple[int, str]:
+    """``target`` raised to the forecast floor (itself capped at ``max_replicas``)."""
+    floor = min(floor, spec.max_replicas)
+    if target >= floor:
+        return target, why
+    return floor, f"forecast floor {floor} (pre-warm; {why})"
 
 
 def _up(

@@ -53,6 +53,7 @@ GATEWAY_SAMPLE_AGE_S = 10.0
 SCRAPE_WORKERS = 16  # engines scraped at once (each scrape waits at most its own timeout)
 Scrape = Callable[[str], "EngineStats | None"]  # replica URL -> its engine's stats, None if unreachable
 Autoscale = Callable[..., tuple[int, Any]]  # hpcserve.serving.scaling.autoscale
+Prewarm = Callable[["Deployment", datetime], int]  # hpcserve.serving.overlap.PrewarmSource
 
 
 @dataclass
@@ -78,6 +79,7 @@ class ServingController:
     service_user: str
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     autoscaler: Autoscale | None = None  # default: hpcserve.serving.scaling.autoscale
+    prewarm: Prewarm | None = None  # lending overlap: the forecast's replica floor (None: no floor)
     ignored: set[str] = field(default_factory=set)  # foreign tagged jobs already logged
 
     def tick(self) -> None:
@@ -134,9 +136,10 @@ class ServingController:
         from hpcserve.serving.scaling import autoscale
 
         record = tick.records.get(deployment.name, ScalerRecord())
+        floor = {"floor": self.prewarm(deployment, tick.now)} if self.prewarm else {}
         desired, state = (self.autoscaler or autoscale)(
             deployment, replicas, stats, self._gateway_waiting(deployment.name, tick.now), record.state,
-            tick.now,
+            tick.now, **floor,
         )  # fmt: skip
         current = sum(r.state in ("starting", "ready") for r in replicas)
         desired, capped = cap_scale_up(

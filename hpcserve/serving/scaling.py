@@ -43,10 +43,13 @@ def autoscale(
     gateway_waiting: int,
     state: ScalerState | None,
     now: datetime,
+    floor: int = 0,
 ) -> tuple[int, ScalerState]:
-    """The desired replica count for this tick, and the autoscaler's state to keep for the next one."""
+    """The desired replica count for this tick, and the autoscaler's state to keep for the next one;
+    ``floor``: the pre-warm forecast's (``lending: overlap``), 0 for none."""
     spec = DeploymentSpec.model_validate(deployment.spec)
-    decision, state = decide(spec, observe(replicas, stats, gateway_waiting), state or ScalerState(), now)
+    obs = observe(replicas, stats, gateway_waiting)
+    decision, state = decide(spec, obs, state or ScalerState(), now, floor)
     return decision.replicas, state
 
 

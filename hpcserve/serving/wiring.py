@@ -21,6 +21,7 @@ from hpcserve.store.leases import holder_id, take_lease
 if TYPE_CHECKING:
     from hpcserve.config import Policy, SiteConfig
     from hpcserve.serving.engine_stats import EngineStats
+    from hpcserve.serving.overlap import PrewarmSource
     from hpcserve.slurm.protocol import SlurmClient
     from hpcserve.store import HistoryStore
 
@@ -77,7 +78,21 @@ def make_controller(
         ready_timeout_s=site.serving.ready_timeout_s,
         scrape=scrape_metrics,
         service_user=current_user(),
+        prewarm=_prewarm(site, store),
     )
+
+
+def _prewarm(site: SiteConfig, store: HistoryStore) -> PrewarmSource | None:
+    """The forecast floor, in ``lending: overlap`` only (``moves``: none, the autoscaler alone)."""
+    if site.lending.mode != "overlap":
+        return None
+    from hpcserve.serving.overlap import PrewarmSource
+    from hpcserve.serving.prewarm import prewarm_horizon_s
+
+    horizon = prewarm_horizon_s(
+        site.lending.grace_time_s, site.serving.ready_timeout_s, site.serving.controller_interval_s
+    )
+    return PrewarmSource(store, horizon)
 
 
 def tick_as_leader(controller: ServingController, store: HistoryStore, ttl_s: float) -> bool:

@@ -1,0 +1,47 @@
+"""``lending: overlap`` at the serving controller's edge: what the pure pre-warm and victim choice need, read
+from the history database and Slurm. Only built when the site's ``lending.mode`` is ``overlap``; in
+``moves`` mode the controller gets none of it and behaves as before.
+
+``PrewarmSource``: a deployment's floor per tick. The load history (``prewarm.load_history`` over the engine
+samples of the last ``HISTORY_S``) is read again at most every ``REFRESH_S`` per deployment, so a tick does
+not scan a week of samples; between refreshes the cached history's forecast is re-evaluated at ``now``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from hpcserve.rebalance.forecast import Sample
+from hpcserve.serving.autoscaler import UP_UTILIZATION
+from hpcserve.serving.prewarm import load_history, per_replica_capacity, prewarm_floor
+
+if TYPE_CHECKING:
+    from hpcserve.store import Deployment, HistoryStore
+
+HISTORY_S = 7 * 86_400.0  # a week: the day-of-week profile needs every weekday once
+REFRESH_S = 300.0
+
+
+@dataclass
+class PrewarmSource:
+    store: HistoryStore
+    horizon_s: float
+    cached: dict[str, tuple[datetime, list[Sample]]] = field(default_factory=dict)
+
+    def __call__(self, deployment: Deployment, now: datetime) -> int:
+        from hpcserve.serving.spec import DeploymentSpec
+
+        spec = DeploymentSpec.model_validate(deployment.spec)
+        history = self._history(deployment.name, now)
+        capacity = per_replica_capacity(spec, UP_UTILIZATION)
+        return prewarm_floor(spec, history, now, self.horizon_s, capacity)
+
+    def _history(self, name: str, now: datetime) -> list[Sample]:
+        read = self.cached.get(name)
+        if read is None or (now - read[0]).total_seconds() >= REFRESH_S:
+            since = now - timedelta(seconds=HISTORY_S)
+            read = (now, load_history(self.store.engine_samples(name, since=since, until=now)))
+            self.cached[name] = read
+        return read[1]

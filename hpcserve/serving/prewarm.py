@@ -1,0 +1,94 @@
+"""Pre-warm (``lending: overlap``): a deployment's replica floor one horizon ahead, from its history (pure).
+
+The history is the deployment's load per controller tick: the requests its engines run and queue (the
+engine samples' ``running + waiting``, summed over replicas) plus what the gateway buffers for it (the
+``replica=None`` sample's ``gateway_waiting``). It is a count of requests in the system, not an arrival rate:
+the gateway does not store per-deployment request counts, and by Little's law the concurrency is what a
+replica's batch limit is measured against.
+
+The forecast is the training side's (``hpcserve.rebalance.forecast``: EWMA level x time-of-day x day-of-week
+profile), fitted on that series. ``prewarm_floor`` is the peak forecast over ``[now, now + horizon]`` divided
+by what one replica runs, rounded up: the floor rises one horizon before a predicted burst, so the eviction
+(the victim's grace period) and the replica's start both end before the burst arrives.
+
+The horizon (``prewarm_horizon_s``) is a documented estimate, not a measurement: the lending grace time
+(``lending.grace_time_s``, what a victim gets to checkpoint) + the replica start (``START_ESTIMATE_S``:
+Slurm's scheduling, staging and the engine's load; ``serving.ready_timeout_s`` is its upper bound, used
+when it is smaller) + one controller tick.
+
+Limits: with less than ``MIN_HISTORY_S`` of history there is no profile to trust and the floor is 0 (the
+autoscaler alone decides); the floor never exceeds ``max_replicas`` (the autoscaler clamps it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Protocol
+
+from hpcserve.rebalance.forecast import Sample, fit, predict
+
+if TYPE_CHECKING:
+    from hpcserve.serving.spec import DeploymentSpec
+
+MIN_HISTORY_S = 86_400.0  # one day: the daily profile needs a day to say when the burst comes
+START_ESTIMATE_S = 300.0  # scheduling + staging + engine load of one replica, when nothing better is known
+SLOT_S = 600  # the profile's resolution: 10 minutes
+HALFLIFE_S = 1800.0  # the fast level forgets the present within about half an hour
+
+
+class LoadSample(Protocol):
+    """An engine sample as the store keeps it (``hpcserve.store.EngineSample``)."""
+
+    @property
+    def at(self) -> datetime: ...
+    @property
+    def replica(self) -> int | None: ...
+    @property
+    def waiting(self) -> int | None: ...
+    @property
+    def running(self) -> int | None: ...
+    @property
+    def gateway_waiting(self) -> int | None: ...
+
+
+def load_history(samples: Iterable[LoadSample]) -> list[Sample]:
+    """The deployment's load per sampled instant (oldest first): engines' running + waiting, summed over
+    replicas, plus the gateway's buffer."""
+    load: dict[datetime, float] = defaultdict(float)
+    for s in samples:
+        if s.replica is None:
+            load[s.at] += s.gateway_waiting or 0
+        else:
+            load[s.at] += (s.running or 0) + (s.waiting or 0)
+    return sorted(load.items())
+
+
+def prewarm_horizon_s(grace_s: float, ready_timeout_s: float, tick_s: float) -> float:
+    """How far ahead the floor looks: the victim's grace + the replica's start (estimated) + one tick."""
+    return grace_s + min(START_ESTIMATE_S, ready_timeout_s) + tick_s
+
+
+def per_replica_capacity(spec: DeploymentSpec, utilization: float) -> float:
+    """Requests one replica runs at the autoscaler's scale-up utilisation (at least 1)."""
+    return max(spec.max_num_seqs * utilization, 1.0)
+
+
+def prewarm_floor(
+    spec: DeploymentSpec,
+    history: Sequence[Sample],
+    now: datetime,
+    horizon_s: float,
+    per_replica_capacity: float,
+) -> int:
+    """The replicas the forecast load needs at its peak within ``[now, now + horizon_s]`` (0 without a
+    day of history), at most ``spec.max_replicas``."""
+    if not history or (history[-1][0] - history[0][0]).total_seconds() < MIN_HISTORY_S:
+        return 0
+    model = fit(history, slot_s=SLOT_S, halflife_s=HALFLIFE_S)
+    peak = predict(model, now, horizon_s, "peak")
+    if peak <= 0 or per_replica_capacity <= 0:
+        return 0
+    return min(math.ceil(peak / per_replica_capacity - 1e-9), spec.max_replicas)
