@@ -3,10 +3,16 @@ checkpoint; never a job ending within the spare window, a non-preemptible one, o
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
 
 from hpcserve.config import load_policy
+from hpcserve.jobs.resumable import ResumableTask, mark_checkpoint, marker_path
 from hpcserve.rebalance.victims import choose_eviction, choose_victims, lost_gpu_s
+from hpcserve.serving.overlap import checkpoint_times
 from hpcserve.serving.tags import replica_tag
 from hpcserve.slurm.models import Job, JobState
 from tests.conftest import POLICY
@@ -68,3 +74,36 @@ def test_free_gpus_count_and_an_idle_node_costs_nothing() -> None:
 
 def test_no_node_can_be_freed() -> None:
     assert choose_eviction([train(1, gpus=2)], 8, {}, NOW, SPARE, P) is None
+
+
+def test_resumable_task_marks_its_checkpoints_and_the_service_reads_them(tmp_path: Path) -> None:
+    env = {"HPCSERVE_CHECKPOINT_DIR": str(tmp_path), "SLURM_JOB_ID": "77"}
+    assert marker_path(env) == tmp_path / "77"
+    assert marker_path({**env, "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3"}) == tmp_path / "70_3"
+    assert marker_path({"HPCSERVE_CHECKPOINT_MARKER": str(tmp_path / "m")}) == tmp_path / "m"
+    assert marker_path({}) is None
+    mark_checkpoint(env)
+    os.utime(tmp_path / "77", (NOW.timestamp(), NOW.timestamp()))
+    assert checkpoint_times(tmp_path, ["77", "78"]) == {"77": NOW}
+    mark_checkpoint({"HPCSERVE_CHECKPOINT_MARKER": str(tmp_path / "missing" / "m")})  # silent
+
+
+def test_a_resumable_task_save_touches_the_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPCSERVE_CHECKPOINT_MARKER", str(tmp_path / "marker"))
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+
+    class Count(ResumableTask[int]):
+        def initial_state(self) -> dict[str, int]:
+            return {"n": 0}
+
+        def step(self, state: dict[str, int]) -> dict[str, int]:
+            return {"n": state["n"] + 1}
+
+        def finished(self, state: dict[str, int]) -> bool:
+            return state["n"] >= 3
+
+        def result(self, state: dict[str, int]) -> int:
+            return state["n"]
+
+    assert Count(tmp_path / "state.json")() == 3
+    assert (tmp_path / "marker").exists()

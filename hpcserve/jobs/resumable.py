@@ -13,6 +13,12 @@ So a task must keep its progress somewhere else: this class saves its state to a
 ``save_every_s`` seconds (at step boundaries), on SIGTERM (within ``KillWait``), and in ``checkpoint()``
 (USR2). A restarted run reads the file and goes on from the last saved step, whichever way it was stopped.
 
+Checkpoint marker (for ``lending: overlap``'s gentle victims): each save on rank 0 also touches a marker file,
+whose mtime says when the job last checkpointed: ``$HPCSERVE_CHECKPOINT_MARKER`` if set, else
+``$HPCSERVE_CHECKPOINT_DIR/<job id>`` (``SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID`` for an array task, else
+``SLURM_JOB_ID``) when that folder is set; nothing without either. A marker that cannot be written is skipped
+(the service then counts the job's work since its start).
+
 Distributed jobs: all ranks resume from the same file, and only rank 0 writes it (the ranks' states are
 assumed replicated, as in data-parallel training; keep per-rank state in per-rank files of your own).
 Pitfalls seen in submitit's handler (core/job_environment.py):
@@ -34,7 +40,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +151,38 @@ class _Live:
     def save(self) -> None:
         if is_rank_zero():
             write_saved(self.path, Saved(self.starts, self.state))
+            mark_checkpoint()
         self.saved_at = time.monotonic()
+
+
+MARKER_ENV = "HPCSERVE_CHECKPOINT_MARKER"
+MARKER_DIR_ENV = "HPCSERVE_CHECKPOINT_DIR"
+
+
+def marker_path(environ: Mapping[str, str]) -> Path | None:
+    """Where this job's checkpoint marker goes (see the module's docstring), or None."""
+    if environ.get(MARKER_ENV):
+        return Path(environ[MARKER_ENV])
+    folder, job = environ.get(MARKER_DIR_ENV), slurm_job_id(environ)
+    return Path(folder) / job if folder and job else None
+
+
+def slurm_job_id(environ: Mapping[str, str]) -> str | None:
+    """The job's id as squeue prints it: ``<array job>_<task>`` for an array task."""
+    array, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else environ.get("SLURM_JOB_ID")
+
+
+def mark_checkpoint(environ: Mapping[str, str] | None = None) -> None:
+    """Touch the marker (its mtime: now); safe in a signal handler, silent when it cannot be written."""
+    path = marker_path(os.environ if environ is None else environ)
+    if path is None:
+        return
+    try:
+        path.touch()
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _default_state_file() -> Path:

@@ -5,12 +5,21 @@ from the history database and Slurm. Only built when the site's ``lending.mode``
 ``PrewarmSource``: a deployment's floor per tick. The load history (``prewarm.load_history`` over the engine
 samples of the last ``HISTORY_S``) is read again at most every ``REFRESH_S`` per deployment, so a tick does
 not scan a week of samples; between refreshes the cached history's forecast is re-evaluated at ``now``.
+
+``checkpoint_times``: the jobs' last checkpoints, from the markers ``ResumableTask`` touches under
+``$HPCSERVE_CHECKPOINT_DIR/<job id>`` (``hpcserve.jobs.resumable.mark_checkpoint``). Limits: only markers in a
+folder the service can read (a shared file system both see), only jobs that set that variable (the site's
+or the user's environment; hpcserve's submitter does not set it yet) and checkpoint through ``ResumableTask``;
+an mtime is as true as the clocks of the node and the file server. A job without a marker is counted from
+its start.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcserve.rebalance.forecast import Sample
@@ -45,3 +54,15 @@ class PrewarmSource:
             read = (now, load_history(self.store.engine_samples(name, since=since, until=now)))
             self.cached[name] = read
         return read[1]
+
+
+def checkpoint_times(folder: Path, job_ids: Iterable[str]) -> dict[str, datetime]:
+    """Each job's marker mtime in ``folder`` (UTC), for the jobs that have one."""
+    found: dict[str, datetime] = {}
+    for job_id in job_ids:
+        try:
+            mtime = (folder / job_id).stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        found[job_id] = datetime.fromtimestamp(mtime, UTC)
+    return found
