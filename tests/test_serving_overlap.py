@@ -1,17 +1,26 @@
-"""lending: overlap at the serving controller: the pre-warm floor read from the stored engine samples, and
-the controller launching replicas up to it (moves mode has no floor: ``prewarm`` None)."""
+"""lending: overlap at the serving controller: the pre-warm floor read from the stored engine samples, the
+controller launching replicas up to it, and a pending replica's gentlest victims getting USR2 once (moves
+mode has neither: ``prewarm`` and ``evict`` None)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from hpcserve.serving.overlap import PrewarmSource
+from hpcserve.config import load_policy
+from hpcserve.serving.overlap import GentleEvictor, PrewarmSource
+from hpcserve.slurm.models import Job, JobState
 from hpcserve.store import EngineSample, HistoryStore
-from tests.test_serving_controller import NOW, controller, serve
+from tests.conftest import POLICY
+from tests.test_serving_controller import NOW, FakeSlurm, controller, job, serve
+
+P = load_policy(POLICY)
 
 
 @pytest.fixture
@@ -50,3 +59,49 @@ def test_prewarm_source_forecasts_the_stored_daily_burst(db: HistoryStore) -> No
     source.cached.clear()
     ahead = source(deployment, burst - timedelta(seconds=600))
     assert ahead >= 2  # 40 running, a simulator replica runs about 9 at 90%: several replicas ahead of it
+
+
+@dataclass
+class SignalSlurm(FakeSlurm):
+    signals: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def cancel(self, job_ids: list[str], *, signal: str | None = None) -> None:
+        if signal is None:
+            super().cancel(job_ids)
+        else:
+            self.signals += [(i, signal) for i in job_ids]
+
+
+def training(job_id: int, node: str, started_h: float) -> Job:
+    return Job(str(job_id), job_id, f"t{job_id}", "bob", "acct", "train", JobState.RUNNING, 1, (node,),
+               gpus=8, start=NOW - timedelta(hours=started_h), time_limit_s=24 * 3600)  # fmt: skip
+
+
+def test_pending_replica_gets_the_gentlest_victims_signalled_once(db: HistoryStore, tmp_path: Path) -> None:
+    serve(db, "llm", min_replicas=1)
+    db.upsert_replica("llm", 0, job_id="600", state="starting", started_at=NOW)
+    pending = msgspec.structs.replace(
+        job(600, "llm", 0), state=JobState.PENDING, reason="Resources", start=None
+    )
+    young, old, elsewhere = training(1, "g1", 1), training(2, "g2", 9), training(3, "n9", 0.1)
+    slurm = SignalSlurm([pending, young, old, elsewhere])
+    (tmp_path / "2").touch()  # job 2 checkpointed a minute ago: it goes first, though it is the oldest
+    marked = (NOW - timedelta(seconds=60)).timestamp()
+    os.utime(tmp_path / "2", (marked, marked))
+    ctl = controller(db, slurm=slurm)
+    ctl.evict = GentleEvictor(slurm, P, frozenset({"g1", "g2"}), tmp_path)  # type: ignore[arg-type]
+    ctl.tick()
+    ctl.tick()
+    assert slurm.signals == [("2", "USR2")]
+    assert slurm.cancelled == []
+
+
+def test_moves_mode_signals_nothing(db: HistoryStore) -> None:
+    serve(db, "llm", min_replicas=1)
+    db.upsert_replica("llm", 0, job_id="600", state="starting", started_at=NOW)
+    pending = msgspec.structs.replace(
+        job(600, "llm", 0), state=JobState.PENDING, reason="Resources", start=None
+    )
+    slurm = SignalSlurm([pending, training(1, "g1", 1)])
+    controller(db, slurm=slurm).tick()
+    assert slurm.signals == []

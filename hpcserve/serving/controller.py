@@ -54,6 +54,7 @@ SCRAPE_WORKERS = 16  # engines scraped at once (each scrape waits at most its ow
 Scrape = Callable[[str], "EngineStats | None"]  # replica URL -> its engine's stats, None if unreachable
 Autoscale = Callable[..., tuple[int, Any]]  # hpcserve.serving.scaling.autoscale
 Prewarm = Callable[["Deployment", datetime], int]  # hpcserve.serving.overlap.PrewarmSource
+Evict = Callable[["Job", "Sequence[Job]", datetime], Any]  # hpcserve.serving.overlap.GentleEvictor
 
 
 @dataclass
@@ -80,6 +81,7 @@ class ServingController:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     autoscaler: Autoscale | None = None  # default: hpcserve.serving.scaling.autoscale
     prewarm: Prewarm | None = None  # lending overlap: the forecast's replica floor (None: no floor)
+    evict: Evict | None = None  # lending overlap: signal gentle victims for a pending replica (None: Slurm's)
     ignored: set[str] = field(default_factory=set)  # foreign tagged jobs already logged
 
     def tick(self) -> None:
@@ -106,6 +108,10 @@ class ServingController:
         views = [_view(r) for r in replicas if r.state in {s.value for s in ReplicaState}]
         for action in reconcile(desired, views, seen, tick.now, self.ready_timeout_s):
             self._apply(deployment, action, tick)
+        if self.evict is not None:
+            for job in jobs.values():
+                if job.state.is_pending and job.reason == "Resources":
+                    self.evict(job, tick.jobs, tick.now)
 
     def _trusted(self, deployment: Deployment, rows: list[Replica], tagged: list[Job]) -> dict[int, Job]:
         """The replicas' own jobs by index; any other job tagged with the deployment is logged once."""

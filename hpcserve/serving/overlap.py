@@ -12,11 +12,19 @@ folder the service can read (a shared file system both see), only jobs that set 
 or the user's environment; hpcserve's submitter does not set it yet) and checkpoint through ``ResumableTask``;
 an mtime is as true as the clocks of the node and the file server. A job without a marker is counted from
 its start.
+
+``GentleEvictor``: when a replica pends for Resources, the training jobs on the shared nodes that free its
+GPUs most gently (``rebalance.victims``) get USR2 (``scancel --signal=USR2``: the job's steps) at once,
+each once per service process; Slurm's own preemption (GraceTime, REQUEUE) then ends them. The timing
+comes from pre-warm: the floor rises one horizon (>= grace + start) before the burst, so the replica pends,
+and its victims are signalled, at about the burst's forecast time minus grace and start. Each signal logs
+the victims' lost GPU-hours (GPUs x time since their last checkpoint).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,7 +35,13 @@ from hpcserve.serving.autoscaler import UP_UTILIZATION
 from hpcserve.serving.prewarm import load_history, per_replica_capacity, prewarm_floor
 
 if TYPE_CHECKING:
+    from hpcserve.config import Policy
+    from hpcserve.rebalance.victims import Eviction
+    from hpcserve.slurm.models import Job
+    from hpcserve.slurm.protocol import SlurmClient
     from hpcserve.store import Deployment, HistoryStore
+
+log = logging.getLogger("hpcserve.serving")
 
 HISTORY_S = 7 * 86_400.0  # a week: the day-of-week profile needs every weekday once
 REFRESH_S = 300.0
@@ -66,3 +80,32 @@ def checkpoint_times(folder: Path, job_ids: Iterable[str]) -> dict[str, datetime
             continue
         found[job_id] = datetime.fromtimestamp(mtime, UTC)
     return found
+
+
+@dataclass
+class GentleEvictor:
+    client: SlurmClient
+    policy: Policy
+    shared_nodes: frozenset[str]
+    checkpoint_dir: Path | None
+    signalled: set[str] = field(default_factory=set)
+
+    def __call__(self, replica: Job, jobs: Sequence[Job], now: datetime) -> Eviction | None:
+        """Signal the gentlest victims for ``replica`` (pending), unless some were already signalled."""
+        from hpcserve.rebalance.victims import choose_eviction
+
+        shared = [j for j in jobs if self.shared_nodes.intersection(j.nodes)]
+        if any(j.id in self.signalled for j in shared):
+            return None  # an eviction is under way: its grace runs
+        ids = [j.id for j in shared]
+        marks = checkpoint_times(self.checkpoint_dir, ids) if self.checkpoint_dir else {}
+        spare = self.policy.rebalance.spare_ending_within_s
+        eviction = choose_eviction(shared, replica.gpus, marks, now, spare, self.policy)
+        if eviction is None or not eviction.victims:
+            return eviction
+        victims = [j.id for j in eviction.victims]
+        self.signalled.update(victims)
+        self.client.cancel(victims, signal="USR2")
+        log.info("replica job %s: USR2 to %s on %s (lost %.2f GPU-h)", replica.id, ", ".join(victims),
+                 eviction.node, eviction.lost_gpu_s / 3600)  # fmt: skip
+        return eviction

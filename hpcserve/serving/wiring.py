@@ -21,7 +21,7 @@ from hpcserve.store.leases import holder_id, take_lease
 if TYPE_CHECKING:
     from hpcserve.config import Policy, SiteConfig
     from hpcserve.serving.engine_stats import EngineStats
-    from hpcserve.serving.overlap import PrewarmSource
+    from hpcserve.serving.overlap import GentleEvictor, PrewarmSource
     from hpcserve.slurm.protocol import SlurmClient
     from hpcserve.store import HistoryStore
 
@@ -79,6 +79,22 @@ def make_controller(
         scrape=scrape_metrics,
         service_user=current_user(),
         prewarm=_prewarm(site, store),
+        evict=_evictor(site, policy, slurm),
+    )
+
+
+def _evictor(site: SiteConfig, policy: Policy, slurm: SlurmClient) -> GentleEvictor | None:
+    """Gentle victims, in ``lending: overlap`` only; markers from ``$HPCSERVE_CHECKPOINT_DIR``."""
+    if site.lending.mode != "overlap":
+        return None
+    from pathlib import Path
+
+    from hpcserve.jobs.resumable import MARKER_DIR_ENV
+    from hpcserve.serving.overlap import GentleEvictor
+
+    folder = os.environ.get(MARKER_DIR_ENV)
+    return GentleEvictor(
+        slurm, policy, frozenset(site.lending.shared_nodes), Path(folder) if folder else None
     )
 
 
