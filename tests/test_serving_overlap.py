@@ -89,10 +89,14 @@ def test_pending_replica_gets_the_gentlest_victims_signalled_once(db: HistorySto
     marked = (NOW - timedelta(seconds=60)).timestamp()
     os.utime(tmp_path / "2", (marked, marked))
     ctl = controller(db, slurm=slurm)
-    ctl.evict = GentleEvictor(slurm, P, frozenset({"g1", "g2"}), tmp_path)  # type: ignore[arg-type]
+    pins: list[tuple[str, list[str]]] = []
+    evict = GentleEvictor(slurm, P, frozenset({"g1", "g2"}), tmp_path,  # type: ignore[arg-type]
+                          pin=lambda job_id, nodes: pins.append((job_id, list(nodes))))  # fmt: skip
+    ctl.evict = evict
     ctl.tick()
     ctl.tick()
     assert slurm.signals == [("2", "USR2")]
+    assert pins == [("600", ["g2"])]  # the replica may start only where its victim frees GPUs
     assert slurm.cancelled == []
 
 

@@ -15,7 +15,8 @@ its start.
 
 ``GentleEvictor``: when a replica pends for Resources, the training jobs on the shared nodes that free its
 GPUs most gently (``rebalance.victims``) get USR2 (``scancel --signal=USR2``: the job's steps) at once,
-each once per service process; Slurm's own preemption (GraceTime, REQUEUE) then ends them. The timing
+each once per service process, and the pending replica is pinned to their node (``ReqNodeList``), so
+Slurm's own preemption (GraceTime, REQUEUE) frees that node, not one of its choosing. The timing
 comes from pre-warm: the floor rises one horizon (>= grace + start) before the burst, so the replica pends,
 and its victims are signalled, at about the burst's forecast time minus grace and start. Each signal logs
 the victims' lost GPU-hours (GPUs x time since their last checkpoint).
@@ -24,7 +25,7 @@ the victims' lost GPU-hours (GPUs x time since their last checkpoint).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -88,6 +89,7 @@ class GentleEvictor:
     policy: Policy
     shared_nodes: frozenset[str]
     checkpoint_dir: Path | None
+    pin: Callable[[str, Sequence[str]], None] | None = None  # the pending replica onto the freed node
     signalled: set[str] = field(default_factory=set)
 
     def __call__(self, replica: Job, jobs: Sequence[Job], now: datetime) -> Eviction | None:
@@ -105,6 +107,8 @@ class GentleEvictor:
             return eviction
         victims = [j.id for j in eviction.victims]
         self.signalled.update(victims)
+        if self.pin is not None:  # Slurm's preemption then frees exactly this node for the replica
+            self.pin(replica.id, [eviction.node])
         self.client.cancel(victims, signal="USR2")
         log.info("replica job %s: USR2 to %s on %s (lost %.2f GPU-h)", replica.id, ", ".join(victims),
                  eviction.node, eviction.lost_gpu_s / 3600)  # fmt: skip

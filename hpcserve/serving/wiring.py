@@ -93,8 +93,9 @@ def _evictor(site: SiteConfig, policy: Policy, slurm: SlurmClient) -> GentleEvic
     from hpcserve.serving.overlap import GentleEvictor
 
     folder = os.environ.get(MARKER_DIR_ENV)
+    pin = getattr(slurm, "pin_job", None)  # an operator backend (the CLI's) can pin; a read-only one cannot
     return GentleEvictor(
-        slurm, policy, frozenset(site.lending.shared_nodes), Path(folder) if folder else None
+        slurm, policy, frozenset(site.lending.shared_nodes), Path(folder) if folder else None, pin
     )
 
 

@@ -14,6 +14,7 @@ from hpcserve.slurm import parsers
 from hpcserve.slurm.commands import (
     batch_script_argv,
     new_nonce,
+    pin_job_argv,
     requeue_argv,
     sacct_argv,
     scancel_argv,
@@ -136,6 +137,10 @@ class CliSlurmClient:
 
     def requeue(self, job_ids: Iterable[str]) -> None:
         self._run(requeue_argv(job_ids))
+
+    def pin_job(self, job_id: str, nodes: Iterable[str]) -> None:
+        """Let a pending job start only on ``nodes`` (``scontrol update ... ReqNodeList``)."""
+        self._run(pin_job_argv(job_id, nodes))
 
     def signal(self, job_ids: Iterable[str], signal: str, *, batch: bool) -> None:
         """Send ``signal`` to the jobs' steps, or (``batch``) to their batch shells only."""

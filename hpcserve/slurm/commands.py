@@ -174,6 +174,17 @@ def update_nodes_argv(nodes: Iterable[str], state: str, reason: str | None = Non
     return argv
 
 
+def pin_job_argv(job_id: str, nodes: Iterable[str]) -> list[str]:
+    """``scontrol update JobId=12 ReqNodeList=node5``: a pending job may start only on these nodes."""
+    from hpcserve.hostlists import collect
+
+    names = sorted({_plain_name("node", n) for n in nodes})
+    if not names:
+        raise ValidationError("no node given (fix: name one or more nodes, e.g. node5)")
+    (checked,) = check_job_ids([job_id])
+    return ["scontrol", "update", f"JobId={checked}", f"ReqNodeList={collect(names)}"]
+
+
 def requeue_argv(job_ids: Iterable[str]) -> list[str]:
     """``scontrol requeue 12,13``: the jobs go back to pending (checked ids only)."""
     return ["scontrol", "requeue", ",".join(check_job_ids(job_ids))]
