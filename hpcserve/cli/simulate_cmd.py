@@ -19,7 +19,7 @@ INFERENCE_TRACE = "servegen_total_rate_10min.csv"
 JSON_HELP = "Print machine-readable JSON instead of a table."
 SIM_POLICIES = (
     "static", "reactive", "predictive", "oracle", "planner-foresight",
-    "slurm-preempt", "slurm-preempt-youngest", "overlap-prewarm", "prewarm-foresight",
+    "slurm-preempt", "slurm-preempt-youngest", "overlap-prewarm", "prewarm-foresight", "overlap-gentle",
 )  # fmt: skip
 TRACE = click.Path(exists=True, dir_okay=False, path_type=Path)
 

@@ -12,7 +12,8 @@ The policies (``POLICIES``; ``hpcserve.sim.policies`` says how each decides):
   (the baseline: overlapping partitions over every node, Slurm's own victims, lowest priority = youngest
   submission first), slurm-preempt-youngest (``PreemptParameters=youngest_first``: latest start first),
   overlap-prewarm (hpcserve's ``lending: overlap``: forecast pre-warm, gentle victims that checkpoint on
-  the signal) and prewarm-foresight (the same told the true rate ahead);
+  the signal), prewarm-foresight (the same told the true rate ahead) and overlap-gentle (gentle victims
+  that save on the signal, no pre-warm: what the victim choice alone does);
 - extra (``EXTRA``, not run by default): planner-foresight, the planner told the true future demand over
   its horizon (``Foresight``): predictive against it is what the forecast alone costs.
 
@@ -38,7 +39,13 @@ from hpcserve.sim.policies import IdealSplit, SplitPolicy, StaticPolicy
 from hpcserve.sim.scenario import Scenario, SimSettings, load_scenario
 
 POLICIES = ("static", "reactive", "predictive", "oracle")
-LENDING = ("slurm-preempt", "slurm-preempt-youngest", "overlap-prewarm", "prewarm-foresight")
+LENDING = (
+    "slurm-preempt",
+    "slurm-preempt-youngest",
+    "overlap-prewarm",
+    "prewarm-foresight",
+    "overlap-gentle",
+)
 EXTRA = ("planner-foresight", *LENDING)  # not run by default
 
 
@@ -108,6 +115,8 @@ def lending(name: str, scenario: Scenario, policy: Policy) -> OverlapPolicy:
     if name == "slurm-preempt-youngest":
         return OverlapPolicy(name, victims="youngest")
     horizon = prewarm_horizon_s(scenario)
+    if name == "overlap-gentle":
+        return OverlapPolicy(name, victims="gentle", save_on_signal=True, spare_s=horizon)
     source = (
         TrueRate(scenario.inference.curve.peak, horizon)
         if name == "prewarm-foresight"

@@ -55,7 +55,8 @@ class Replay:
         if self.lender is not None:  # overlapping partitions: every node is training's until lent
             self.side = dict.fromkeys(s.start_side, Side.TRAINING)
         self.delay = 0.0 if self.lender else self.settings.move_delay_s
-        self.rates: list[tuple[datetime, float]] = []  # the deployment's request rate, per sample
+        self.rates: list[tuple[datetime, float]] = []  # the deployment's busiest 10 s, per sample
+        self.mean_rates: list[tuple[datetime, float]] = []  # its mean rate, per sample
         self._rate_step = 0
         self.transit: dict[str, Side] = {}  # moving nodes -> where they go
         self.training = TrainingSide(
@@ -211,7 +212,7 @@ class Replay:
         lender = self.lender
         assert lender is not None
         if lender.prewarm is not None:
-            view = FloorView(now, AT0 + timedelta(seconds=now), self.rates)
+            view = FloorView(now, AT0 + timedelta(seconds=now), self.rates, self.mean_rates)
             self.inference.floor = self.scenario.serving.replicas_for(lender.prewarm(view))
         pending = self.inference.pending_count()
         if not pending:
@@ -257,7 +258,9 @@ class Replay:
             peak = max(
                 sum(counts[k : k + width]) / min(width, len(counts) - k) for k in range(0, len(counts), width)
             )
-            self.rates.append((AT0 + timedelta(seconds=now), peak / settings.step_s))
+            at = AT0 + timedelta(seconds=now)
+            self.rates.append((at, peak / settings.step_s))
+            self.mean_rates.append((at, sum(counts) / (len(counts) * settings.step_s)))
             self._rate_step = step
 
     def _arrive(self, node: str) -> None:

@@ -12,14 +12,15 @@ Policies (``OverlapPolicy``; the replay carries them out: ``hpcserve.sim.engine`
   losing their work since the last periodic checkpoint.
 - ``overlap-prewarm``, hpcserve's ``lending: overlap``: the same preemption, plus a replica floor from the
   forecast (``hpcserve.rebalance.forecast``, the training side's code, fitted on the per-deployment
-  request rate sampled every ``sample_interval_s``): the autoscaler keeps at least the replicas for the
-  forecast peak over the next ``horizon_s`` (>= grace + engine start + two autoscaler ticks), so the
-  eviction and the start happen before the burst. Victims are hpcserve's gentle choice
-  (``gentle_victims``): the node whose jobs checkpointed most recently (the least GPU-seconds of work
-  since their last checkpoint, then the fewest GPUs), never a node with a job that ends within the
-  spare window (``spare_s``, the horizon: it frees its GPUs by itself before they are needed). The
-  signal is the checkpoint signal, sent as the floor rises (forecast time minus the grace): the victim
-  saves at once, exits after ``checkpoint_save_s`` and loses only that.
+  request rate sampled every ``sample_interval_s``, each sample the busiest 10 s since the last one, as
+  the gateway would store it): the autoscaler keeps at least the replicas for the forecast peak over
+  the next ``horizon_s`` (>= grace + engine start + two autoscaler ticks), so the eviction and the
+  start happen before the burst. Victims are hpcserve's gentle choice (``gentle_victims``): the node
+  whose jobs checkpointed most recently (the least GPU-seconds of work since their last checkpoint,
+  then the fewest GPUs), never a node with a job that ends within the spare window (``spare_s``, the
+  horizon: it frees its GPUs by itself before they are needed). The signal is the checkpoint signal, sent as
+  the floor rises (forecast time minus the grace): the victim saves at once, exits after
+  ``checkpoint_save_s`` and loses only that.
 - ``prewarm-foresight``: overlap-prewarm told the true peak rate over the horizon (the reference).
 
 Simplifications (all three): replicas take whole nodes (the site's GPUs per node is one replica of
@@ -58,7 +59,8 @@ class FloorView:
 
     now: float
     at: datetime
-    rates: RateHistory  # the deployment's request rate, oldest first
+    rates: RateHistory  # the deployment's busiest-10-s request rate per sample, oldest first
+    means: RateHistory  # its mean rate per sample
 
 
 FloorSource = Callable[[FloorView], float]  # the peak request rate to have replicas for, one horizon ahead
@@ -125,16 +127,18 @@ class ForecastRate:
 
     policy: Policy
     horizon_s: float
+    bursts: bool = True  # forecast the busiest 10 s of each sample, else its mean
     seen: datetime | None = None
     model: SeasonalModel | None = None
 
     def __call__(self, view: FloorView) -> float:
-        if not view.rates:
+        rates = view.rates if self.bursts else view.means
+        if not rates:
             return 0.0
-        newest = view.rates[-1][0]
+        newest = rates[-1][0]
         if self.model is None or self.seen is None or (newest - self.seen).total_seconds() >= REFIT_S:
-            start = bisect.bisect_left(view.rates, newest - HISTORY, key=lambda sample: sample[0])
-            self.model = fit_rules(list(view.rates[start:]), self.policy.rebalance)
+            start = bisect.bisect_left(rates, newest - HISTORY, key=lambda sample: sample[0])
+            self.model = fit_rules(list(rates[start:]), self.policy.rebalance)
             self.seen = newest
         return predict(self.model, view.at, self.horizon_s)
 
