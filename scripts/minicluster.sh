@@ -17,8 +17,9 @@
 #   in it) and the service account hpcserve (a system user) are made too.
 #   LENDING (moves): moves = train and infer on their own halves, as above (hpcserve moves nodes); overlap = both
 #   span the middle nodes (train=node[1-6], infer=node[3-8] at PriorityTier 20 over train's 10, train requeued
-#   by preempt/partition_prio after GRACE_TIME (120) s); see lending: in site_configs/minicluster.yaml. Changing
-#   it on a running cluster needs a restart (stop, then start) so slurmctld reads the new partitions.
+#   by preempt/partition_prio after GRACE_TIME (120) s); see lending: in site_configs/minicluster.yaml. On a
+#   running cluster, `minicluster.sh lending moves|overlap` rewrites the partition lines and runs
+#   `scontrol reconfigure` (jobs keep running; PreemptType and PreemptMode are the same in both layouts).
 set -euo pipefail
 
 PREFIX=${PREFIX:-/tmp/hpcserve-mc}
@@ -441,6 +442,23 @@ do_stop() {
   log "minicluster stopped"
 }
 
+# ------------------------------------------------------------------------------------------------ lending
+# do_lending: switch a running cluster's partitions to $LENDING's layout (slurm.conf's PartitionName= lines,
+# then scontrol reconfigure), and wait until slurmctld shows train with the new nodes
+do_lending() {
+  local conf=$ETC/slurm.conf want i
+  [ -f "$conf" ] || die "no $conf: start the cluster first"
+  want=$(partition_lines | awk '/^PartitionName=train /{sub("Nodes=", "", $2); print $2}')
+  { grep -v '^PartitionName=' "$conf"; partition_lines; } >"$conf.new"
+  mv "$conf.new" "$conf"
+  scontrol reconfigure
+  for i in $(seq 1 "$WAIT_TIMEOUT"); do
+    [ "$(scontrol -o show partition train | grep -o ' Nodes=[^ ]*')" = " Nodes=$want" ] && break
+    sleep 1
+  done
+  log "partitions: $(sinfo -h -o '%P=%N' | tr '\n' ' ')(LENDING=$LENDING GRACE_TIME=$GRACE_TIME)"
+}
+
 # ------------------------------------------------------------------------------------------------ status
 do_status() {
   local name comm rc=0
@@ -458,6 +476,8 @@ case ${1:-} in
   stop) do_stop ;;
   status) do_status ;;
   partitions) partition_lines ;;  # print the PartitionName= lines start would write (no side effects)
-  *) echo "usage: $0 start|stop|status|partitions   (environment: PREFIX NNODES LENDING RESET=1 PURGE=1 ...)" >&2
+  lending) LENDING=${2:?usage: $0 lending moves|overlap} do_lending ;;
+  *) echo "usage: $0 start|stop|status|partitions|lending moves|overlap" \
+       "  (environment: PREFIX NNODES LENDING GRACE_TIME RESET=1 PURGE=1 ...)" >&2
      exit 2 ;;
 esac

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from hpcserve.config.policy import JobClassName, Policy
 from hpcserve.errors import ValidationError
 from hpcserve.jobs.policy import PolicyViolation, array_size, gpus_in_use, resolve, time_option
 from hpcserve.jobs.spec import JobRequest, seconds_to_slurm
+from hpcserve.jobs.submit import with_marker_dir
 from hpcserve.slurm.models import Job, JobState
 
 POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
@@ -104,3 +106,15 @@ def test_time_option() -> None:
     with pytest.raises(ValidationError, match="-t/--time"):
         time_option("soon")
     assert seconds_to_slurm(90061) == "1-01:01:01"
+
+
+def test_preemptible_jobs_get_the_sites_checkpoint_marker_folder(policy: Policy) -> None:
+    job = resolve(training(), policy, 0, kind="template")
+    assert job.preemptible
+    marked = with_marker_dir(job, Path("/shared/ckpt"))
+    assert marked.env["HPCSERVE_CHECKPOINT_DIR"] == "/shared/ckpt"
+    assert with_marker_dir(job, None) is job  # no folder declared: nothing exported
+    own = dataclasses.replace(job, env={"HPCSERVE_CHECKPOINT_DIR": "/mine"})
+    assert with_marker_dir(own, Path("/shared/ckpt")).env["HPCSERVE_CHECKPOINT_DIR"] == "/mine"
+    steady = dataclasses.replace(job, preemptible=False)
+    assert "HPCSERVE_CHECKPOINT_DIR" not in with_marker_dir(steady, Path("/shared/ckpt")).env

@@ -7,8 +7,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
+from hpcserve.config.policy import PrewarmRules
 from hpcserve.serving.autoscaler import Observation, ReplicaLoad, ScalerState, decide
 from hpcserve.serving.prewarm import (
+    SLOT_S,
+    Forecasting,
     load_history,
     per_replica_capacity,
     prewarm_floor,
@@ -123,3 +128,31 @@ def test_floor_blocks_scale_to_zero_and_down() -> None:
 def test_no_floor_is_the_autoscaler_as_before() -> None:
     for o in (obs(), obs((0, 1)), obs((30, 10))):
         assert decide(SPEC, o, ScalerState(), DAY0) == decide(SPEC, o, ScalerState(), DAY0, floor=0)
+
+
+def test_the_policys_profile_slot_sets_when_the_floor_rises() -> None:
+    """A one-minute profile (the policy's ``prewarm.profile_slot_s``) sees a burst the 10-minute default
+    averages away, and the floor rises one horizon before that minute, not before its 10-minute slot."""
+    burst_at = DAY0 + timedelta(hours=BURST_H, minutes=7)
+    history = [
+        (DAY0 + timedelta(seconds=k * 60), 80.0 if (k % 1440) == BURST_H * 60 + 7 else 5.0)
+        for k in range(2 * 1440)
+    ]
+    minute = Forecasting(slot_s=60, halflife_s=1800.0, min_history_s=86_400.0)
+    now = burst_at + timedelta(days=2)
+    past = [h for h in history if h[0] < now - timedelta(seconds=90)]
+    cap = per_replica_capacity(SPEC, 0.9)
+    assert prewarm_floor(SPEC, past, now - timedelta(seconds=90), 60.0, cap, minute) == 1  # not yet in sight
+    assert prewarm_floor(SPEC, past, now - timedelta(seconds=30), 60.0, cap, minute) >= 5  # one horizon ahead
+    assert prewarm_floor(SPEC, past, now - timedelta(seconds=30), 60.0, cap) == 2  # 10-min slot: 12.5 mean
+    short = Forecasting(slot_s=60, halflife_s=1800.0, min_history_s=3 * 86_400.0)
+    assert prewarm_floor(SPEC, past, now - timedelta(seconds=30), 60.0, cap, short) == 0  # too little history
+
+
+def test_the_policys_prewarm_section_is_checked() -> None:
+    assert PrewarmRules().profile_slot_s == SLOT_S
+    with pytest.raises(ValueError, match="profile_slot_s"):
+        PrewarmRules(profile_slot_s=7)
+    with pytest.raises(ValueError, match="extra"):
+        PrewarmRules.model_validate({"slot": 60})
+    assert prewarm_horizon_s(10, 900, 1, start_estimate_s=40) == 10 + 40 + 1

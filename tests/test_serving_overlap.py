@@ -5,6 +5,7 @@ mode has neither: ``prewarm`` and ``evict`` None)."""
 from __future__ import annotations
 
 import os
+import pwd
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -86,6 +87,7 @@ def test_pending_replica_gets_the_gentlest_victims_signalled_once(db: HistorySto
     young, old, elsewhere = training(1, "g1", 1), training(2, "g2", 9), training(3, "n9", 0.1)
     slurm = SignalSlurm([pending, young, old, elsewhere])
     (tmp_path / "2").touch()  # job 2 checkpointed a minute ago: it goes first, though it is the oldest
+    os.chown(tmp_path / "2", pwd.getpwnam("bob").pw_uid, -1)  # bob's marker for bob's job
     marked = (NOW - timedelta(seconds=60)).timestamp()
     os.utime(tmp_path / "2", (marked, marked))
     ctl = controller(db, slurm=slurm)

@@ -4,6 +4,7 @@ checkpoint; never a job ending within the spare window, a non-preemptible one, o
 from __future__ import annotations
 
 import os
+import pwd
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -84,7 +85,10 @@ def test_resumable_task_marks_its_checkpoints_and_the_service_reads_them(tmp_pat
     assert marker_path({}) is None
     mark_checkpoint(env)
     os.utime(tmp_path / "77", (NOW.timestamp(), NOW.timestamp()))
-    assert checkpoint_times(tmp_path, ["77", "78"]) == {"77": NOW}
+    assert checkpoint_times(tmp_path, [("77", "root"), ("78", "root")]) == {"77": NOW}
+    assert checkpoint_times(tmp_path, [("77", "bob")]) == {}  # root's file does not speak for bob's job
+    os.chown(tmp_path / "77", pwd.getpwnam("bob").pw_uid, -1)
+    assert checkpoint_times(tmp_path, [("77", "bob")]) == {"77": NOW}
     mark_checkpoint({"HPCSERVE_CHECKPOINT_MARKER": str(tmp_path / "missing" / "m")})  # silent
 
 

@@ -130,11 +130,32 @@ class RebalanceRules(Frozen):
         return self
 
 
+class PrewarmRules(Frozen):
+    """Pre-warm (site ``lending: overlap``): each deployment's load forecast, which raises its replica floor
+    one horizon (grace + start + a tick) before a predicted burst (``hpcserve.serving.prewarm``)."""
+
+    profile_slot_s: int = Field(default=600, gt=0)  # the load profile's time-of-day resolution
+    halflife_s: int = Field(default=1800, gt=0)  # the forecast's fast level forgets the present this fast
+    min_history_s: int = Field(default=86400, ge=0)  # less history than this: no floor (no profile to trust)
+    start_estimate_s: int = Field(default=300, ge=0)  # a replica's scheduling + staging + engine load
+
+    @model_validator(mode="after")
+    def _slot_divides_a_day(self) -> PrewarmRules:
+        if 86400 % self.profile_slot_s:
+            raise Invalid(
+                "profile_slot_s",
+                f"{self.profile_slot_s} s does not divide a day",
+                "use a divisor of 86400, e.g. 300, 600 or 1800",
+            )
+        return self
+
+
 class Policy(Frozen):
-    """Job classes -> their rules (all four are required), and the rebalancer's rules."""
+    """Job classes -> their rules (all four are required), the rebalancer's rules and pre-warm's."""
 
     classes: dict[JobClassName, JobClass]
     rebalance: RebalanceRules = Field(default_factory=RebalanceRules)
+    prewarm: PrewarmRules = Field(default_factory=PrewarmRules)
 
     @model_validator(mode="after")
     def _all_classes(self) -> Policy:

@@ -108,6 +108,9 @@ class Lending(Frozen):
     grace_time_s: int = Field(default=120, ge=0)  # GraceTime of training's partition (or QOS)
     training_qos: str | None = None  # preempt: qos
     inference_qos: str | None = None  # preempt: qos, its Preempt= lists training_qos
+    # overlap: a folder every node and the service see (mode 1777), where training jobs touch
+    # <job id> at each checkpoint; hpcserve exports it to training jobs as $HPCSERVE_CHECKPOINT_DIR
+    checkpoint_dir: Path | None = None
 
     @model_validator(mode="after")
     def _fits_mode(self) -> Lending:
@@ -136,6 +139,11 @@ class Lending(Frozen):
                 )
         if self.preempt == "qos" and self.training_qos == self.inference_qos:
             raise Invalid("inference_qos", "same QOS as training", "give inference a QOS of its own")
+        if self.checkpoint_dir is not None and not self.checkpoint_dir.is_absolute():
+            raise Invalid(
+                "checkpoint_dir", f"{self.checkpoint_dir} is not an absolute path",
+                "give the shared folder's full path, like /shared/hpcserve/checkpoints",
+            )  # fmt: skip
         return self
 
 

@@ -140,6 +140,17 @@ def plan(
     return place(resolve(request, policy, used, kind=kind), snapshot, topology, degraded)
 
 
+def with_marker_dir(job: ResolvedJob, folder: Path | None) -> ResolvedJob:
+    """A preemptible job gets ``$HPCSERVE_CHECKPOINT_DIR`` (the site's ``lending.checkpoint_dir``), where its
+    template or ``ResumableTask`` touches ``<job id>`` at each checkpoint, so ``lending: overlap`` can evict
+    the jobs that saved most recently first. A value the user set is kept."""
+    from hpcserve.jobs.resumable import MARKER_DIR_ENV
+
+    if folder is None or not job.preemptible or MARKER_DIR_ENV in job.env:
+        return job
+    return dataclasses.replace(job, env={**job.env, MARKER_DIR_ENV: str(folder)})
+
+
 class Submitter:
     """Plans and submits jobs against one view of the cluster, read on first use. ``degraded`` nodes (the
     last NCCL probe's verdict, see ``hpcserve.jobs.probe``) are never placed on."""
@@ -160,9 +171,10 @@ class Submitter:
     def plan(self, request: JobRequest, *, kind: str) -> tuple[ResolvedJob, str]:
         snapshot, topology = self.view()
         used = gpus_in_use(snapshot.jobs, request.user) + self._submitted_gpus[request.user]
-        return plan(
+        job, reason = plan(
             request, self._policy, snapshot, topology, kind=kind, gpus_used=used, degraded=self._degraded
         )
+        return with_marker_dir(job, self._site.lending.checkpoint_dir), reason
 
     def plan_template(self, template: Template, values: Mapping[str, str], request: JobRequest) -> PlannedJob:
         """The exact script and sbatch options a template submission would use."""

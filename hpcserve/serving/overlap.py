@@ -6,12 +6,12 @@ from the history database and Slurm. Only built when the site's ``lending.mode``
 samples of the last ``HISTORY_S``) is read again at most every ``REFRESH_S`` per deployment, so a tick does
 not scan a week of samples; between refreshes the cached history's forecast is re-evaluated at ``now``.
 
-``checkpoint_times``: the jobs' last checkpoints, from the markers ``ResumableTask`` touches under
-``$HPCSERVE_CHECKPOINT_DIR/<job id>`` (``hpcserve.jobs.resumable.mark_checkpoint``). Limits: only markers in a
-folder the service can read (a shared file system both see), only jobs that set that variable (the site's
-or the user's environment; hpcserve's submitter does not set it yet) and checkpoint through ``ResumableTask``;
-an mtime is as true as the clocks of the node and the file server. A job without a marker is counted from
-its start.
+``checkpoint_times``: the jobs' last checkpoints, from the markers ``ResumableTask`` and the templates touch
+under ``$HPCSERVE_CHECKPOINT_DIR/<job id>`` (the site's ``lending.checkpoint_dir``, which hpcserve's submitter
+exports to training jobs). Only a regular file owned by the job's own user counts. Limits: a folder the
+service can read (a shared file system both see); jobs submitted without hpcserve must set the variable
+themselves; an mtime is as true as the clocks of the node and the file server. A job without a marker is
+counted from its start.
 
 ``GentleEvictor``: when a replica pends for Resources, the training jobs on the shared nodes that free its
 GPUs most gently (``rebalance.victims``) get USR2 (``scancel --signal=USR2``: the job's steps) at once,
@@ -25,6 +25,8 @@ the victims' lost GPU-hours (GPUs x time since their last checkpoint).
 from __future__ import annotations
 
 import logging
+import pwd
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from hpcserve.rebalance.forecast import Sample
 from hpcserve.serving.autoscaler import UP_UTILIZATION
-from hpcserve.serving.prewarm import load_history, per_replica_capacity, prewarm_floor
+from hpcserve.serving.prewarm import Forecasting, load_history, per_replica_capacity, prewarm_floor
 
 if TYPE_CHECKING:
     from hpcserve.config import Policy
@@ -52,6 +54,7 @@ REFRESH_S = 300.0
 class PrewarmSource:
     store: HistoryStore
     horizon_s: float
+    how: Forecasting = field(default_factory=Forecasting)
     cached: dict[str, tuple[datetime, list[Sample]]] = field(default_factory=dict)
 
     def __call__(self, deployment: Deployment, now: datetime) -> int:
@@ -60,7 +63,7 @@ class PrewarmSource:
         spec = DeploymentSpec.model_validate(deployment.spec)
         history = self._history(deployment.name, now)
         capacity = per_replica_capacity(spec, UP_UTILIZATION)
-        return prewarm_floor(spec, history, now, self.horizon_s, capacity)
+        return prewarm_floor(spec, history, now, self.horizon_s, capacity, self.how)
 
     def _history(self, name: str, now: datetime) -> list[Sample]:
         read = self.cached.get(name)
@@ -71,15 +74,19 @@ class PrewarmSource:
         return read[1]
 
 
-def checkpoint_times(folder: Path, job_ids: Iterable[str]) -> dict[str, datetime]:
-    """Each job's marker mtime in ``folder`` (UTC), for the jobs that have one."""
+def checkpoint_times(folder: Path, jobs: Iterable[tuple[str, str]]) -> dict[str, datetime]:
+    """Each job's marker mtime in ``folder`` (UTC), for the ``(job id, user)`` pairs whose marker that user
+    owns: a marker someone else wrote (to make another user's job look freshly saved, so it is evicted
+    first) is ignored."""
     found: dict[str, datetime] = {}
-    for job_id in job_ids:
+    for job_id, user in jobs:
         try:
-            mtime = (folder / job_id).stat().st_mtime
-        except (OSError, ValueError):
+            info = (folder / job_id).lstat()
+            uid = pwd.getpwnam(user).pw_uid
+        except (OSError, ValueError, KeyError):
             continue
-        found[job_id] = datetime.fromtimestamp(mtime, UTC)
+        if stat.S_ISREG(info.st_mode) and info.st_uid == uid:
+            found[job_id] = datetime.fromtimestamp(info.st_mtime, UTC)
     return found
 
 
@@ -99,8 +106,8 @@ class GentleEvictor:
         shared = [j for j in jobs if self.shared_nodes.intersection(j.nodes)]
         if any(j.id in self.signalled for j in shared):
             return None  # an eviction is under way: its grace runs
-        ids = [j.id for j in shared]
-        marks = checkpoint_times(self.checkpoint_dir, ids) if self.checkpoint_dir else {}
+        owned = [(j.id, j.user) for j in shared]
+        marks = checkpoint_times(self.checkpoint_dir, owned) if self.checkpoint_dir else {}
         spare = self.policy.rebalance.spare_ending_within_s
         eviction = choose_eviction(shared, replica.gpus, marks, now, spare, self.policy)
         if eviction is None or not eviction.victims:

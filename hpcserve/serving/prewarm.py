@@ -12,12 +12,14 @@ by what one replica runs, rounded up: the floor rises one horizon before a predi
 (the victim's grace period) and the replica's start both end before the burst arrives.
 
 The horizon (``prewarm_horizon_s``) is a documented estimate, not a measurement: the lending grace time
-(``lending.grace_time_s``, what a victim gets to checkpoint) + the replica start (``START_ESTIMATE_S``:
-Slurm's scheduling, staging and the engine's load; ``serving.ready_timeout_s`` is its upper bound, used
-when it is smaller) + one controller tick.
+(``lending.grace_time_s``, what a victim gets to checkpoint) + the replica start (the policy's
+``prewarm.start_estimate_s``: Slurm's scheduling, staging and the engine's load; ``serving.ready_timeout_s``
+is its upper bound, used when it is smaller) + one controller tick.
 
-Limits: with less than ``MIN_HISTORY_S`` of history there is no profile to trust and the floor is 0 (the
-autoscaler alone decides); the floor never exceeds ``max_replicas`` (the autoscaler clamps it).
+The profile's resolution, the level's half-life and the history needed come from the policy's ``prewarm:``
+section (``Forecasting``; the defaults below are its defaults). Limits: with less than ``min_history_s`` of
+history there is no profile to trust and the floor is 0 (the autoscaler alone decides); the floor never
+exceeds ``max_replicas`` (the autoscaler clamps it).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
@@ -37,6 +40,15 @@ MIN_HISTORY_S = 86_400.0  # one day: the daily profile needs a day to say when t
 START_ESTIMATE_S = 300.0  # scheduling + staging + engine load of one replica, when nothing better is known
 SLOT_S = 600  # the profile's resolution: 10 minutes
 HALFLIFE_S = 1800.0  # the fast level forgets the present within about half an hour
+
+
+@dataclass(frozen=True, slots=True)
+class Forecasting:
+    """How the load is forecast (the policy's ``prewarm:`` section, ``PrewarmRules``, supplies these)."""
+
+    slot_s: int = SLOT_S
+    halflife_s: float = HALFLIFE_S
+    min_history_s: float = MIN_HISTORY_S
 
 
 class LoadSample(Protocol):
@@ -66,9 +78,11 @@ def load_history(samples: Iterable[LoadSample]) -> list[Sample]:
     return sorted(load.items())
 
 
-def prewarm_horizon_s(grace_s: float, ready_timeout_s: float, tick_s: float) -> float:
+def prewarm_horizon_s(
+    grace_s: float, ready_timeout_s: float, tick_s: float, start_estimate_s: float = START_ESTIMATE_S
+) -> float:
     """How far ahead the floor looks: the victim's grace + the replica's start (estimated) + one tick."""
-    return grace_s + min(START_ESTIMATE_S, ready_timeout_s) + tick_s
+    return grace_s + min(start_estimate_s, ready_timeout_s) + tick_s
 
 
 def per_replica_capacity(spec: DeploymentSpec, utilization: float) -> float:
@@ -82,12 +96,13 @@ def prewarm_floor(
     now: datetime,
     horizon_s: float,
     per_replica_capacity: float,
+    how: Forecasting = Forecasting(),
 ) -> int:
-    """The replicas the forecast load needs at its peak within ``[now, now + horizon_s]`` (0 without a
-    day of history), at most ``spec.max_replicas``."""
-    if not history or (history[-1][0] - history[0][0]).total_seconds() < MIN_HISTORY_S:
+    """The replicas the forecast load needs at its peak within ``[now, now + horizon_s]`` (0 without
+    ``how.min_history_s`` of history), at most ``spec.max_replicas``."""
+    if not history or (history[-1][0] - history[0][0]).total_seconds() < how.min_history_s:
         return 0
-    model = fit(history, slot_s=SLOT_S, halflife_s=HALFLIFE_S)
+    model = fit(history, slot_s=how.slot_s, halflife_s=how.halflife_s)
     peak = predict(model, now, horizon_s, "peak")
     if peak <= 0 or per_replica_capacity <= 0:
         return 0

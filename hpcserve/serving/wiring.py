@@ -78,13 +78,14 @@ def make_controller(
         ready_timeout_s=site.serving.ready_timeout_s,
         scrape=scrape_metrics,
         service_user=current_user(),
-        prewarm=_prewarm(site, store),
+        prewarm=_prewarm(site, policy, store),
         evict=_evictor(site, policy, slurm),
     )
 
 
 def _evictor(site: SiteConfig, policy: Policy, slurm: SlurmClient) -> GentleEvictor | None:
-    """Gentle victims, in ``lending: overlap`` only; markers from ``$HPCSERVE_CHECKPOINT_DIR``."""
+    """Gentle victims, in ``lending: overlap`` only; markers from ``lending.checkpoint_dir`` (else the
+    service's ``$HPCSERVE_CHECKPOINT_DIR``)."""
     if site.lending.mode != "overlap":
         return None
     from pathlib import Path
@@ -92,24 +93,29 @@ def _evictor(site: SiteConfig, policy: Policy, slurm: SlurmClient) -> GentleEvic
     from hpcserve.jobs.resumable import MARKER_DIR_ENV
     from hpcserve.serving.overlap import GentleEvictor
 
-    folder = os.environ.get(MARKER_DIR_ENV)
+    folder = site.lending.checkpoint_dir or os.environ.get(MARKER_DIR_ENV)
     pin = getattr(slurm, "pin_job", None)  # an operator backend (the CLI's) can pin; a read-only one cannot
     return GentleEvictor(
         slurm, policy, frozenset(site.lending.shared_nodes), Path(folder) if folder else None, pin
     )
 
 
-def _prewarm(site: SiteConfig, store: HistoryStore) -> PrewarmSource | None:
+def _prewarm(site: SiteConfig, policy: Policy, store: HistoryStore) -> PrewarmSource | None:
     """The forecast floor, in ``lending: overlap`` only (``moves``: none, the autoscaler alone)."""
     if site.lending.mode != "overlap":
         return None
     from hpcserve.serving.overlap import PrewarmSource
-    from hpcserve.serving.prewarm import prewarm_horizon_s
+    from hpcserve.serving.prewarm import Forecasting, prewarm_horizon_s
 
+    rules = policy.prewarm
     horizon = prewarm_horizon_s(
-        site.lending.grace_time_s, site.serving.ready_timeout_s, site.serving.controller_interval_s
+        site.lending.grace_time_s,
+        site.serving.ready_timeout_s,
+        site.serving.controller_interval_s,
+        rules.start_estimate_s,
     )
-    return PrewarmSource(store, horizon)
+    how = Forecasting(rules.profile_slot_s, rules.halflife_s, rules.min_history_s)
+    return PrewarmSource(store, horizon, how)
 
 
 def tick_as_leader(controller: ServingController, store: HistoryStore, ttl_s: float) -> bool:
