@@ -111,3 +111,32 @@ def test_moves_mode_signals_nothing(db: HistoryStore) -> None:
     slurm = SignalSlurm([pending, training(1, "g1", 1)])
     controller(db, slurm=slurm).tick()
     assert slurm.signals == []
+
+
+def test_each_victims_lost_work_is_stored_and_a_restart_does_not_signal_again(
+    db: HistoryStore, tmp_path: Path
+) -> None:
+    serve(db, "llm", min_replicas=1)
+    pending = msgspec.structs.replace(
+        job(600, "llm", 0), state=JobState.PENDING, reason="Resources", start=None
+    )
+    victim = training(2, "g2", 2)  # no marker: it loses everything since its start, 8 GPUs x 2 h
+    slurm = SignalSlurm([pending, victim])
+    first = GentleEvictor(slurm, P, frozenset({"g2"}), tmp_path, store=db, grace_s=120)  # type: ignore[arg-type]
+    assert first(pending, [victim], NOW) is not None
+    [row] = db.lost_work()
+    assert (row.job_id, row.user, row.node, row.gpus, row.deployment, row.replica_job_id) == (
+        "2",
+        "bob",
+        "g2",
+        8,
+        "llm",
+        "600",
+    )
+    assert row.lost_gpu_h == pytest.approx(16.0)
+    restarted = GentleEvictor(slurm, P, frozenset({"g2"}), tmp_path, store=db, grace_s=120)  # type: ignore[arg-type]
+    assert restarted(pending, [victim], NOW + timedelta(seconds=100)) is None  # its grace still runs
+    assert slurm.signals == [("2", "USR2")]
+    later = GentleEvictor(slurm, P, frozenset({"g2"}), tmp_path, store=db, grace_s=120)  # type: ignore[arg-type]
+    assert later(pending, [victim], NOW + timedelta(seconds=400)) is not None  # long past: a new eviction
+    assert [r.job_id for r in db.lost_work(since=NOW + timedelta(seconds=1))] == ["2"]

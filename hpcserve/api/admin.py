@@ -1,9 +1,10 @@
 """Cluster-level reads for everyone, and the admin actions, behind the service API.
 
-Reads (``history``, ``plans``) are cluster facts with no per-user data: every caller may see them. The
-actions (``rebalance``, ``move``, ``drain``) are for admins only (``admins`` in the service's site config,
-users or ``@group``): one ``Forbidden`` line otherwise. They act only on the site's managed pool, through
-the rebalancer's executor (a round under the "rebalance" lease) or the Slurm client's drain.
+Reads (``history``, ``lost_work``, ``plans``) are cluster facts with no per-user data beyond what squeue
+shows everyone: every caller may see them. The actions (``rebalance``, ``move``, ``drain``) are for admins
+only (``admins`` in the service's site config, users or ``@group``): one ``Forbidden`` line otherwise. They
+act only on the site's managed pool, through the rebalancer's executor (a round under the "rebalance"
+lease) or the Slurm client's drain.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from hpcserve.rebalance.control import Rebalancer, RoundReport
     from hpcserve.rebalance.types import RebalancePlan, Side
     from hpcserve.slurm.protocol import SlurmOperator
-    from hpcserve.store import HistoryStore, Plan, QueueSample
+    from hpcserve.store import HistoryStore, LostWork, Plan, QueueSample
 
 RECENT_PLANS = 20
 MAX_PLANS = 500
@@ -46,6 +47,23 @@ def history(
     return {"samples": [sample_json(s) for s in shown], "total": len(samples),
             "split": [[at.isoformat(), train, infer] for at, train, infer in split],
             "roles": api.site.partition_names()}  # fmt: skip
+
+
+def lost_work(api: ApiContext, caller: Caller, since_s: float) -> dict[str, Any]:
+    """The training jobs evicted for replicas (``lending: overlap``) in the last ``since_s`` seconds, each
+    with the GPU-hours it lost, and the total. Like squeue's and sacct's default view, every user sees every
+    job's id and user: no more than Slurm itself shows them."""
+    if since_s <= 0:
+        raise ValidationError("since: must be a positive number of seconds (fix: e.g. --since 24h)")
+    rows = api.store.lost_work(since=api.clock() - timedelta(seconds=since_s))
+    total = round(sum(r.lost_gpu_h for r in rows), 3)
+    return {"evictions": [lost_json(r) for r in rows], "lost_gpu_h": total}
+
+
+def lost_json(row: LostWork) -> dict[str, Any]:
+    return {"at": row.at.isoformat(), "job_id": row.job_id, "user": row.user, "node": row.node,
+            "gpus": row.gpus, "lost_gpu_h": round(row.lost_gpu_h, 3), "deployment": row.deployment,
+            "replica_job_id": row.replica_job_id}  # fmt: skip
 
 
 def sample_json(sample: QueueSample) -> dict[str, Any]:

@@ -57,13 +57,23 @@ def parse_since(text: str) -> timedelta:
 @click.option("--limit", type=click.IntRange(0), default=200, show_default=True,
               help="Table and JSON: the newest N samples only (0: all).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@click.option("--lost", is_flag=True,
+              help="Instead: the training jobs evicted for replicas (lending: overlap) and the GPU-hours "
+                   "each lost since its last checkpoint.")  # fmt: skip
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a PNG of queue depth and nodes per side (needs hpcserve[plot]).")  # fmt: skip
 @click.pass_obj
-def history(ctx: Context, partition: str | None, since: str, limit: int, as_json: bool,
+def history(ctx: Context, partition: str | None, since: str, limit: int, as_json: bool, lost: bool,
             plot: Path | None) -> None:  # fmt: skip
     """Queue samples per partition (pending jobs and GPUs, running, idle and total GPUs) over time."""
     from hpcserve.cli.serve_cmds import service_client
+
+    if lost:
+        if plot is not None or partition:
+            raise click.UsageError("--lost takes neither --plot nor --partition (fix: drop them)")
+        _lost(service_client(ctx).call("GET", "/v1/lost-work?" + urlencode({"since_s": parse_since(since)
+                                        .total_seconds()})), as_json)  # fmt: skip
+        return
 
     query = {"since_s": parse_since(since).total_seconds(), "limit": 0 if plot is not None else limit}
     if partition:
@@ -95,3 +105,18 @@ def _print(samples: list[Sample], total: int) -> None:
         f" (newest of {total}; --limit 0 shows all)" if total > len(samples) else ""
     )
     emit_table(title, COLUMNS, rows)
+
+
+LOST_COLUMNS = ("AT", "JOB", "USER", "NODE", "GPUS", "LOST GPU-H", "FOR DEPLOYMENT", "REPLICA JOB")
+
+
+def _lost(answer: dict[str, Any], as_json: bool) -> None:
+    from hpcserve.cli.output import emit_json, emit_table
+
+    if as_json:
+        emit_json(answer)
+        return
+    rows = [(e["at"][:19], e["job_id"], e["user"], e["node"], e["gpus"], f"{e['lost_gpu_h']:.3f}",
+             e["deployment"], e["replica_job_id"]) for e in answer["evictions"]]  # fmt: skip
+    title = f"{len(rows)} evictions, {answer['lost_gpu_h']:.3f} GPU-h lost"
+    emit_table(title, LOST_COLUMNS, rows)

@@ -1,6 +1,7 @@
 """Cluster reads and admin routes: JSON in and out, the work in ``hpcserve.api.admin``.
 
 - ``GET /v1/history?partition=&since_s=&limit=``: queue samples, their count and the split over time;
+- ``GET /v1/lost-work?since_s=``: training jobs evicted for replicas (lending: overlap), GPU-hours lost;
 - ``GET /v1/plans?last=N``: the recent rebalance plans;
 - ``POST /v1/admin/rebalance`` ``{"dry_run": bool}``: one rebalancer round (admins);
 - ``POST /v1/admin/move`` ``{"node", "to", "dry_run"?, "grace_s"?}``: move a managed node (admins);
@@ -56,6 +57,13 @@ async def history(request: web.Request) -> web.Response:
     answer = await blocking(admin.history, api_of(request), caller, request.query.get("partition") or None,
                             since_s, limit)  # fmt: skip
     return web.json_response(answer)
+
+
+@routes.get("/v1/lost-work")
+async def lost_work(request: web.Request) -> web.Response:
+    caller = caller_of(request)
+    since_s = _number(request, "since_s", DEFAULT_SINCE_S)
+    return web.json_response(await blocking(admin.lost_work, api_of(request), caller, since_s))
 
 
 @routes.get("/v1/plans")

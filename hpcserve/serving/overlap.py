@@ -19,7 +19,9 @@ each once per service process, and the pending replica is pinned to their node (
 Slurm's own preemption (GraceTime, REQUEUE) frees that node, not one of its choosing. The timing
 comes from pre-warm: the floor rises one horizon (>= grace + start) before the burst, so the replica pends,
 and its victims are signalled, at about the burst's forecast time minus grace and start. Each signal logs
-the victims' lost GPU-hours (GPUs x time since their last checkpoint).
+the victims' lost GPU-hours (GPUs x time since their last checkpoint), and each victim's is stored
+(``lost_work``: ``hpcserve history --lost`` shows it). A victim recorded within its grace (and a minute)
+is not signalled again, also by a restarted service.
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ if TYPE_CHECKING:
     from hpcserve.rebalance.victims import Eviction
     from hpcserve.slurm.models import Job
     from hpcserve.slurm.protocol import SlurmClient
-    from hpcserve.store import Deployment, HistoryStore
+    from hpcserve.store import Deployment, HistoryStore, LostWork
 
 log = logging.getLogger("hpcserve.serving")
 
 HISTORY_S = 7 * 86_400.0  # a week: the day-of-week profile needs every weekday once
 REFRESH_S = 300.0
+UNDER_WAY_MARGIN_S = 60.0  # after a victim's grace, Slurm requeues it within about a scheduling cycle
 
 
 @dataclass
@@ -97,14 +100,16 @@ class GentleEvictor:
     shared_nodes: frozenset[str]
     checkpoint_dir: Path | None
     pin: Callable[[str, Sequence[str]], None] | None = None  # the pending replica onto the freed node
+    store: HistoryStore | None = None  # records each victim's lost work; remembers evictions across restarts
+    grace_s: float = 0.0  # the victims' GraceTime: an eviction recorded this recently is still under way
     signalled: set[str] = field(default_factory=set)
 
     def __call__(self, replica: Job, jobs: Sequence[Job], now: datetime) -> Eviction | None:
         """Signal the gentlest victims for ``replica`` (pending), unless some were already signalled."""
-        from hpcserve.rebalance.victims import choose_eviction
+        from hpcserve.rebalance.victims import choose_eviction, lost_gpu_s
 
         shared = [j for j in jobs if self.shared_nodes.intersection(j.nodes)]
-        if any(j.id in self.signalled for j in shared):
+        if self._under_way(shared, now):
             return None  # an eviction is under way: its grace runs
         owned = [(j.id, j.user) for j in shared]
         marks = checkpoint_times(self.checkpoint_dir, owned) if self.checkpoint_dir else {}
@@ -117,6 +122,31 @@ class GentleEvictor:
         if self.pin is not None:  # Slurm's preemption then frees exactly this node for the replica
             self.pin(replica.id, [eviction.node])
         self.client.cancel(victims, signal="USR2")
+        node = eviction.node
+        lost = [self._lost(v, node, replica, lost_gpu_s(v, marks, now), now) for v in eviction.victims]
+        if self.store is not None:
+            self.store.add_lost_work(lost)
         log.info("replica job %s: USR2 to %s on %s (lost %.2f GPU-h)", replica.id, ", ".join(victims),
                  eviction.node, eviction.lost_gpu_s / 3600)  # fmt: skip
         return eviction
+
+    def _under_way(self, shared: Sequence[Job], now: datetime) -> bool:
+        """A job still running on a shared node was signalled (by this process, or by the service before a
+        restart, within its grace and a minute more)."""
+        if any(j.id in self.signalled for j in shared):
+            return True
+        if self.store is None or not shared:
+            return False
+        since = now - timedelta(seconds=self.grace_s + UNDER_WAY_MARGIN_S)
+        recent = self.store.lost_work(since=since, job_ids=[j.id for j in shared])
+        self.signalled.update(r.job_id for r in recent)
+        return bool(recent)
+
+    @staticmethod
+    def _lost(victim: Job, node: str, replica: Job, lost_s: float, now: datetime) -> LostWork:
+        from hpcserve.serving.tags import parse_replica_tag
+        from hpcserve.store import LostWork
+
+        tag = parse_replica_tag(replica.tag)
+        deployment = tag[0] if tag else replica.name
+        return LostWork(now, victim.id, victim.user, node, victim.gpus, lost_s, deployment, replica.id)

@@ -79,11 +79,13 @@ def make_controller(
         scrape=scrape_metrics,
         service_user=current_user(),
         prewarm=_prewarm(site, policy, store),
-        evict=_evictor(site, policy, slurm),
+        evict=_evictor(site, policy, slurm, store),
     )
 
 
-def _evictor(site: SiteConfig, policy: Policy, slurm: SlurmClient) -> GentleEvictor | None:
+def _evictor(
+    site: SiteConfig, policy: Policy, slurm: SlurmClient, store: HistoryStore
+) -> GentleEvictor | None:
     """Gentle victims, in ``lending: overlap`` only; markers from ``lending.checkpoint_dir`` (else the
     service's ``$HPCSERVE_CHECKPOINT_DIR``)."""
     if site.lending.mode != "overlap":
@@ -96,7 +98,13 @@ def _evictor(site: SiteConfig, policy: Policy, slurm: SlurmClient) -> GentleEvic
     folder = site.lending.checkpoint_dir or os.environ.get(MARKER_DIR_ENV)
     pin = getattr(slurm, "pin_job", None)  # an operator backend (the CLI's) can pin; a read-only one cannot
     return GentleEvictor(
-        slurm, policy, frozenset(site.lending.shared_nodes), Path(folder) if folder else None, pin
+        slurm,
+        policy,
+        frozenset(site.lending.shared_nodes),
+        Path(folder) if folder else None,
+        pin,
+        store,
+        site.lending.grace_time_s,
     )
 
 

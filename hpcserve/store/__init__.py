@@ -16,6 +16,7 @@ from hpcserve.store.errors import (
 from hpcserve.store.records import (
     Deployment,
     EngineSample,
+    LostWork,
     NewStep,
     Plan,
     QueueSample,
@@ -34,6 +35,7 @@ __all__ = [
     "DeploymentExists",
     "EngineSample",
     "HistoryStore",
+    "LostWork",
     "NewStep",
     "NotFound",
     "NotOwner",

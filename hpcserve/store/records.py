@@ -57,6 +57,25 @@ class EngineSample:
 
 
 @dataclass(frozen=True, slots=True)
+class LostWork:
+    """One training job evicted for a replica (``lending: overlap``): the work it loses, in GPU-seconds since
+    its last checkpoint (or its start, without a marker), when hpcserve signalled it."""
+
+    at: datetime
+    job_id: str
+    user: str
+    node: str
+    gpus: int
+    lost_gpu_s: float
+    deployment: str
+    replica_job_id: str
+
+    @property
+    def lost_gpu_h(self) -> float:
+        return self.lost_gpu_s / 3600
+
+
+@dataclass(frozen=True, slots=True)
 class Rollup:
     """Samples of one key (partition or deployment) in ``[bucket_start, bucket_start + bucket_s)``.
 

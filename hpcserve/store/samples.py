@@ -9,18 +9,21 @@ from typing import Any
 
 from sqlalchemy import Connection, insert
 
-from hpcserve.store.records import ENGINE_FIELDS, QUEUE_FIELDS, EngineSample, QueueSample, Rollup
+from hpcserve.store.records import ENGINE_FIELDS, QUEUE_FIELDS, EngineSample, LostWork, QueueSample, Rollup
 from hpcserve.store.schema import (
     Base,
     EngineRollupRow,
     EngineSampleRow,
+    LostWorkRow,
     QueueRollupRow,
     QueueSampleRow,
 )
 from hpcserve.store.sql import select_record, to_records, within
 
 
-def add_samples(conn: Connection, model: type[Base], rows: Iterable[QueueSample | EngineSample]) -> int:
+def add_samples(
+    conn: Connection, model: type[Base], rows: Iterable[QueueSample | EngineSample | LostWork]
+) -> int:
     """Insert the samples in one executemany; how many there were."""
     values = [asdict(row) for row in rows]
     if values:
@@ -44,6 +47,13 @@ def engine_samples(
     stmt = stmt.where(EngineSampleRow.deployment == deployment)
     order = (EngineSampleRow.at, EngineSampleRow.replica.nulls_first())
     return to_records(conn.execute(stmt.order_by(*order)), EngineSample)
+
+
+def lost_work(conn: Connection, since: datetime | None, job_ids: Iterable[str] | None) -> list[LostWork]:
+    stmt = within(select_record(LostWorkRow, LostWork), LostWorkRow.at, since, None)
+    if job_ids is not None:
+        stmt = stmt.where(LostWorkRow.job_id.in_(list(job_ids)))
+    return to_records(conn.execute(stmt.order_by(LostWorkRow.at, LostWorkRow.id)), LostWork)
 
 
 def queue_rollups(conn: Connection, partition: str | None, since: datetime | None) -> list[Rollup]:

@@ -99,6 +99,23 @@ class EngineSampleRow(Base):
     gateway_waiting: Mapped[int | None] = mapped_column(Integer)
 
 
+class LostWorkRow(Base):
+    """A training job hpcserve evicted for a replica, and the GPU-seconds of work it lost."""
+
+    __tablename__ = "lost_work"
+    __table_args__ = (Index(None, "at"), Index(None, "job_id"))
+
+    id: Mapped[int] = mapped_column(SampleId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    job_id: Mapped[str] = mapped_column(String(64))
+    user: Mapped[str] = mapped_column(String(64))
+    node: Mapped[str] = mapped_column(String(128))
+    gpus: Mapped[int] = mapped_column(Integer)
+    lost_gpu_s: Mapped[float] = mapped_column(Double)
+    deployment: Mapped[str] = mapped_column(String(128))
+    replica_job_id: Mapped[str] = mapped_column(String(64))
+
+
 class QueueRollupRow(Base):
     """Raw queue samples of one partition and bucket, downsampled: the mean and maximum of each field."""
 

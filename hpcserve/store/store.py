@@ -25,6 +25,7 @@ from hpcserve.store.records import (
     Deployment,
     DeploymentExtra,
     EngineSample,
+    LostWork,
     NewStep,
     Plan,
     QueueSample,
@@ -36,7 +37,7 @@ from hpcserve.store.records import (
     Step,
     Usage,
 )
-from hpcserve.store.schema import EngineSampleRow, QueueSampleRow
+from hpcserve.store.schema import EngineSampleRow, LostWorkRow, QueueSampleRow
 
 PENDING = "pending"
 
@@ -117,6 +118,18 @@ class HistoryStore:
     def add_engine_samples(self, rows: Iterable[EngineSample]) -> int:
         with self._write() as conn:
             return samples.add_samples(conn, EngineSampleRow, rows)
+
+    def add_lost_work(self, rows: Iterable[LostWork]) -> int:
+        """Record evicted jobs and the work each lost (``lending: overlap``)."""
+        with self._write() as conn:
+            return samples.add_samples(conn, LostWorkRow, rows)
+
+    def lost_work(
+        self, since: datetime | None = None, job_ids: Iterable[str] | None = None
+    ) -> list[LostWork]:
+        """Evictions since ``since`` (all of them: None), of ``job_ids`` only if given, oldest first."""
+        with self._read() as conn:
+            return samples.lost_work(conn, since, job_ids)
 
     def engine_samples(
         self, deployment: str, since: datetime | None = None, until: datetime | None = None
