@@ -57,7 +57,8 @@ def _guard(name: str, fix: str, body: Callable[[], Check]) -> Check:
     except SlurmCommandError as exc:
         return Check(name, False, exc.reason, fix)
     except HpcserveError as exc:
-        return Check(name, False, str(exc), fix)
+        text = str(exc)  # a message that names its own fix already keeps only that one
+        return Check(name, False, text, "" if "(fix:" in text else fix)
 
 
 def _check_slurm(runner: CommandRunner) -> Check:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import pwd
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +16,7 @@ import pytest
 
 from hpcserve.config import load_policy
 from hpcserve.serving.overlap import GentleEvictor, PrewarmSource
-from hpcserve.slurm.models import Job, JobState
+from hpcserve.slurm.models import Job, JobState, Node
 from hpcserve.store import EngineSample, HistoryStore
 from tests.conftest import POLICY
 from tests.test_serving_controller import NOW, FakeSlurm, controller, job, serve
@@ -140,3 +140,44 @@ def test_each_victims_lost_work_is_stored_and_a_restart_does_not_signal_again(
     later = GentleEvictor(slurm, P, frozenset({"g2"}), tmp_path, store=db, grace_s=120)  # type: ignore[arg-type]
     assert later(pending, [victim], NOW + timedelta(seconds=400)) is not None  # long past: a new eviction
     assert [r.job_id for r in db.lost_work(since=NOW + timedelta(seconds=1))] == ["2"]
+
+
+@dataclass
+class HoldSlurm(SignalSlurm):
+    """Signals, node GPUs free, and which held jobs were released."""
+
+    free: dict[str, int] = field(default_factory=dict)
+    released: list[str] = field(default_factory=list)
+
+    def nodes(self) -> list[Node]:
+        return [Node(name, "mixed", gpus_total=8, gpus_alloc=8 - free) for name, free in self.free.items()]
+
+    def release(self, job_ids: Sequence[str]) -> None:
+        self.released += job_ids
+
+
+def test_a_held_replica_is_released_as_it_is_where_gpus_are_free_else_after_its_victims(
+    db: HistoryStore, tmp_path: Path
+) -> None:
+    held = msgspec.structs.replace(
+        job(600, "llm", 0), state=JobState.PENDING, reason="JobHeldUser", start=None
+    )
+    victim = training(2, "g2", 2)
+    pins: list[tuple[str, list[str]]] = []
+
+    def evictor(slurm: HoldSlurm) -> GentleEvictor:
+        pin = lambda j, n: pins.append((j, list(n)))  # noqa: E731
+        return GentleEvictor(slurm, P, frozenset({"g2"}), tmp_path, pin, db, 120,  # type: ignore[arg-type]
+                             inference_nodes=frozenset({"g2", "i1"}), release=slurm.release)  # fmt: skip
+
+    roomy = HoldSlurm([held, victim], free={"i1": 8, "g2": 0})
+    assert evictor(roomy)(held, [victim], NOW) is None
+    assert (roomy.released, roomy.signals, pins, db.lost_work()) == (["600"], [], [], [])
+    full = HoldSlurm([held, victim], free={"i1": 0, "g2": 0})
+    chosen = evictor(full)(held, [victim], NOW)
+    assert chosen is not None and chosen.node == "g2"
+    assert (full.released, full.signals, pins) == (["600"], [("2", "USR2")], [("600", ["g2"])])
+    pending = msgspec.structs.replace(held, reason="Resources")  # released, pinned, its victim in its grace
+    again = HoldSlurm([pending], free={"i1": 0, "g2": 0})
+    assert evictor(again)(pending, [], NOW + timedelta(seconds=30)) is None  # the victim left: still no 2nd
+    assert again.signals == [] and len(db.lost_work()) == 1

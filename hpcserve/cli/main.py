@@ -202,7 +202,8 @@ def doctor(ctx: Context, as_json: bool) -> None:
         emit_json([{"check": c.name, "ok": c.ok, "detail": c.detail, "fix": c.fix} for c in checks])
     else:
         for c in checks:
-            line = f"ok    {c.name}: {c.detail}" if c.ok else f"FAIL  {c.name}: {c.detail} (fix: {c.fix})"
+            fix = f" (fix: {c.fix})" if c.fix else ""
+            line = f"ok    {c.name}: {c.detail}" if c.ok else f"FAIL  {c.name}: {c.detail}{fix}"
             click.echo(line)
     if not all(c.ok for c in checks):
         sys.exit(1)

@@ -53,6 +53,7 @@ GATEWAY_SAMPLE_AGE_S = 10.0
 SCRAPE_WORKERS = 16  # engines scraped at once (each scrape waits at most its own timeout)
 Scrape = Callable[[str], "EngineStats | None"]  # replica URL -> its engine's stats, None if unreachable
 Autoscale = Callable[..., tuple[int, Any]]  # hpcserve.serving.scaling.autoscale
+EVICT_FOR = ("Resources", "JobHeldUser")  # a replica waiting for GPUs, or submitted held (lending overlap)
 Prewarm = Callable[["Deployment", datetime], int]  # hpcserve.serving.overlap.PrewarmSource
 Evict = Callable[["Job", "Sequence[Job]", datetime], Any]  # hpcserve.serving.overlap.GentleEvictor
 
@@ -110,7 +111,7 @@ class ServingController:
             self._apply(deployment, action, tick)
         if self.evict is not None:
             for job in jobs.values():
-                if job.state.is_pending and job.reason == "Resources":
+                if job.state.is_pending and job.reason in EVICT_FOR:
                     self.evict(job, tick.jobs, tick.now)
 
     def _trusted(self, deployment: Deployment, rows: list[Replica], tagged: list[Job]) -> dict[int, Job]:

@@ -55,7 +55,9 @@ def replica_folder(site_or_dir: SiteConfig | Path, owner: str, deployment: str) 
     return base / owner / deployment
 
 
-def replica_request(spec: DeploymentSpec, index: int, user: str, account: str | None = None) -> JobRequest:
+def replica_request(
+    spec: DeploymentSpec, index: int, user: str, account: str | None = None, hold: bool = False
+) -> JobRequest:
     from hpcserve.jobs.policy import time_option
 
     return JobRequest(
@@ -67,6 +69,7 @@ def replica_request(spec: DeploymentSpec, index: int, user: str, account: str | 
         gpus_per_node=spec.gpus_per_replica,
         time_s=time_option(spec.time_limit) if spec.time_limit else None,
         account=account,
+        hold=hold,
     )
 
 
@@ -155,6 +158,9 @@ class ReplicaLauncher:
     service_url: str | None
     ready_timeout_s: float
     timeout_s: float = 30.0
+    hold: bool = (
+        False  # lending overlap: submitted held; the controller's evictor picks its node, releases it
+    )
     python: str = sys.executable
     owner_of: Callable[[str], Owner] = lookup_owner
     prepare: Callable[[Path, Owner], None] = field(default=prepare_replica_root)
@@ -182,7 +188,7 @@ class ReplicaLauncher:
         main = ReplicaMain(spec.model_dump(mode="json"), index, str(folder), self.ready_timeout_s,
                            secret_name, self.service_socket, self.service_url)  # fmt: skip
         job_id, _ = submitter.submit_owned(
-            replica_request(spec, index, owner.user, deployment.account), main, (), folder,
+            replica_request(spec, index, owner.user, deployment.account, self.hold), main, (), folder,
             write=write, sbatch=CliSlurmClient(runner, timeout=self.timeout_s), kind=REPLICA_KIND,
             tag=replica_tag(spec.name, index), requeue=True,
         )  # fmt: skip

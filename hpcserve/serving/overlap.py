@@ -13,15 +13,17 @@ service can read (a shared file system both see); jobs submitted without hpcserv
 themselves; an mtime is as true as the clocks of the node and the file server. A job without a marker is
 counted from its start.
 
-``GentleEvictor``: when a replica pends for Resources, the training jobs on the shared nodes that free its
-GPUs most gently (``rebalance.victims``) get USR2 (``scancel --signal=USR2``: the job's steps) at once,
-each once per service process, and the pending replica is pinned to their node (``ReqNodeList``), so
-Slurm's own preemption (GraceTime, REQUEUE) frees that node, not one of its choosing. The timing
-comes from pre-warm: the floor rises one horizon (>= grace + start) before the burst, so the replica pends,
-and its victims are signalled, at about the burst's forecast time minus grace and start. Each signal logs
-the victims' lost GPU-hours (GPUs x time since their last checkpoint), and each victim's is stored
-(``lost_work``: ``hpcserve history --lost`` shows it). A victim recorded within its grace (and a minute)
-is not signalled again, also by a restarted service.
+``GentleEvictor``: replicas are submitted held (``JobHeldUser``), so that Slurm's scheduler does not pick its
+own victims at submission. A held replica that fits free GPUs is released as it is. Otherwise (or when a
+replica pends for Resources) the training jobs on the shared nodes that free its GPUs most gently
+(``rebalance.victims``) get USR2 at once (the batch shell when it traps USR2, as the templates' does, else
+the job's steps: the rebalancer's rule), the replica is pinned to their node (``ReqNodeList``) and released,
+so Slurm's own preemption (GraceTime, REQUEUE) frees that node, not one of its choosing. The timing comes
+from pre-warm: the floor rises one horizon (>= grace + start) before the burst, so the replica is submitted,
+and its victims signalled, at about the burst's forecast time minus grace and start. Each victim's lost
+GPU-hours (GPUs x time since its last checkpoint) are logged and stored (``lost_work``: ``hpcserve history
+--lost`` shows them). While an eviction is under way (within the victims' grace and a minute) neither the
+replica nor its victims get another one, also from a restarted service (the store remembers).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ log = logging.getLogger("hpcserve.serving")
 
 HISTORY_S = 7 * 86_400.0  # a week: the day-of-week profile needs every weekday once
 REFRESH_S = 300.0
+HELD = "JobHeldUser"  # the reason squeue shows for a replica submitted held (lending overlap)
 UNDER_WAY_MARGIN_S = 60.0  # after a victim's grace, Slurm requeues it within about a scheduling cycle
 
 
@@ -102,43 +105,91 @@ class GentleEvictor:
     pin: Callable[[str, Sequence[str]], None] | None = None  # the pending replica onto the freed node
     store: HistoryStore | None = None  # records each victim's lost work; remembers evictions across restarts
     grace_s: float = 0.0  # the victims' GraceTime: an eviction recorded this recently is still under way
+    inference_nodes: frozenset[str] = frozenset()  # where a replica may run (free GPUs there: no eviction)
+    release: Callable[[Sequence[str]], None] | None = None  # scontrol release: a held replica may start
     signalled: set[str] = field(default_factory=set)
+    evicted_for: set[str] = field(default_factory=set)  # replicas whose victims were signalled
 
     def __call__(self, replica: Job, jobs: Sequence[Job], now: datetime) -> Eviction | None:
-        """Signal the gentlest victims for ``replica`` (pending), unless some were already signalled."""
+        """Signal the gentlest victims for ``replica`` (pending, or held by its submission), unless some were
+        already signalled; a held replica is pinned to the freed node (if any) and released."""
         from hpcserve.rebalance.victims import choose_eviction, lost_gpu_s
 
+        held = replica.reason == HELD
+        if held and self._fits_now(replica):
+            self._release(replica)  # free GPUs: Slurm places it without preempting anyone
+            return None
         shared = [j for j in jobs if self.shared_nodes.intersection(j.nodes)]
-        if self._under_way(shared, now):
-            return None  # an eviction is under way: its grace runs
-        owned = [(j.id, j.user) for j in shared]
-        marks = checkpoint_times(self.checkpoint_dir, owned) if self.checkpoint_dir else {}
-        spare = self.policy.rebalance.spare_ending_within_s
-        eviction = choose_eviction(shared, replica.gpus, marks, now, spare, self.policy)
-        if eviction is None or not eviction.victims:
-            return eviction
-        victims = [j.id for j in eviction.victims]
-        self.signalled.update(victims)
-        if self.pin is not None:  # Slurm's preemption then frees exactly this node for the replica
-            self.pin(replica.id, [eviction.node])
-        self.client.cancel(victims, signal="USR2")
-        node = eviction.node
-        lost = [self._lost(v, node, replica, lost_gpu_s(v, marks, now), now) for v in eviction.victims]
-        if self.store is not None:
-            self.store.add_lost_work(lost)
-        log.info("replica job %s: USR2 to %s on %s (lost %.2f GPU-h)", replica.id, ", ".join(victims),
-                 eviction.node, eviction.lost_gpu_s / 3600)  # fmt: skip
+        eviction = None
+        if not self._under_way(replica, shared, now):
+            owned = [(j.id, j.user) for j in shared]
+            marks = checkpoint_times(self.checkpoint_dir, owned) if self.checkpoint_dir else {}
+            spare = self.policy.rebalance.spare_ending_within_s
+            eviction = choose_eviction(shared, replica.gpus, marks, now, spare, self.policy)
+            if eviction is not None and eviction.victims:
+                self._evict(replica, eviction, [lost_gpu_s(v, marks, now) for v in eviction.victims], now)
+        if held:
+            self._release(replica)
         return eviction
 
-    def _under_way(self, shared: Sequence[Job], now: datetime) -> bool:
-        """A job still running on a shared node was signalled (by this process, or by the service before a
-        restart, within its grace and a minute more)."""
-        if any(j.id in self.signalled for j in shared):
+    def _evict(self, replica: Job, eviction: Eviction, lost_s: list[float], now: datetime) -> None:
+        """Pin the replica to the node, USR2 the victims, record what each loses."""
+        victims = [j.id for j in eviction.victims]
+        self.signalled.update(victims)
+        self.evicted_for.add(replica.id)
+        if self.pin is not None:  # Slurm's preemption then frees exactly this node for the replica
+            self.pin(replica.id, [eviction.node])
+        for victim in eviction.victims:
+            self._send_usr2(victim)
+        if self.store is not None:
+            self.store.add_lost_work(
+                [
+                    self._lost(v, eviction.node, replica, s, now)
+                    for v, s in zip(eviction.victims, lost_s, strict=True)
+                ]
+            )
+        log.info("replica job %s: USR2 to %s on %s (lost %.2f GPU-h)", replica.id, ", ".join(victims),
+                 eviction.node, eviction.lost_gpu_s / 3600)  # fmt: skip
+
+    def _fits_now(self, replica: Job) -> bool:
+        """Some inference node has the replica's GPUs free (a one-node replica; ``nodes()`` is one read)."""
+        if not self.inference_nodes:
+            return False
+        per_node = replica.gpus // max(replica.num_nodes, 1)
+        return any(n.name in self.inference_nodes and n.gpus_free >= per_node for n in self.client.nodes())
+
+    def _release(self, replica: Job) -> None:
+        if self.release is not None:
+            self.release([replica.id])
+
+    def _send_usr2(self, victim: Job) -> None:
+        """USR2 to the batch shell when it traps it (hpcserve's templates: it forwards the signal to the step
+        and requeues), else to the job's steps (``ResumableTask`` under submitit), as the rebalancer does."""
+        from hpcserve.errors import SlurmCommandError
+        from hpcserve.rebalance.steps import signals_batch_shell
+
+        signal, script = getattr(self.client, "signal", None), getattr(self.client, "batch_script", None)
+        if signal is None or script is None:  # a client that cannot tell: the steps, Slurm's default
+            self.client.cancel([victim.id], signal="USR2")
+            return
+        try:
+            batch = signals_batch_shell(script(str(victim.job_id)))
+        except SlurmCommandError:
+            batch = False  # no batch script (srun/salloc): its steps get it
+        signal([str(victim.job_id)], "USR2", batch=batch)
+
+    def _under_way(self, replica: Job, shared: Sequence[Job], now: datetime) -> bool:
+        """An eviction for this replica, or of a job still on a shared node, began within the victims'
+        grace and a minute more: by this process, or (the store) by the service before a restart."""
+        if replica.id in self.evicted_for or any(j.id in self.signalled for j in shared):
             return True
-        if self.store is None or not shared:
+        if self.store is None:
             return False
         since = now - timedelta(seconds=self.grace_s + UNDER_WAY_MARGIN_S)
-        recent = self.store.lost_work(since=since, job_ids=[j.id for j in shared])
+        ids = {j.id for j in shared}
+        recent = [
+            r for r in self.store.lost_work(since=since) if r.job_id in ids or r.replica_job_id == replica.id
+        ]
         self.signalled.update(r.job_id for r in recent)
         return bool(recent)
 

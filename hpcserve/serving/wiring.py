@@ -45,7 +45,8 @@ def scrape_metrics(url: str) -> EngineStats | None:
 
 
 def make_launcher(site: SiteConfig) -> ReplicaLauncher:
-    """Replicas submitted as their owners, in the way the site chose, announcing to this service's API."""
+    """Replicas submitted as their owners, in the way the site chose, announcing to this service's API;
+    with ``lending: overlap`` held, so that hpcserve, not Slurm, chooses whom a replica preempts."""
     from hpcserve.jobs.runas import check_service_identity, owner_environ
     from hpcserve.service.client import SOCKET_ENV
     from hpcserve.slurm.runner import SubprocessRunner
@@ -59,6 +60,7 @@ def make_launcher(site: SiteConfig) -> ReplicaLauncher:
         service_url=site.service.url,
         ready_timeout_s=site.serving.ready_timeout_s,
         timeout_s=site.slurm.command_timeout_s,
+        hold=site.lending.mode == "overlap",
     )
 
 
@@ -105,6 +107,8 @@ def _evictor(
         pin,
         store,
         site.lending.grace_time_s,
+        inference_nodes=frozenset(site.partitions.inference.nodes),
+        release=getattr(slurm, "release", None),
     )
 
 

@@ -15,6 +15,7 @@ from hpcserve.slurm.commands import (
     batch_script_argv,
     new_nonce,
     pin_job_argv,
+    release_argv,
     requeue_argv,
     sacct_argv,
     scancel_argv,
@@ -141,6 +142,10 @@ class CliSlurmClient:
     def pin_job(self, job_id: str, nodes: Iterable[str]) -> None:
         """Let a pending job start only on ``nodes`` (``scontrol update ... ReqNodeList``)."""
         self._run(pin_job_argv(job_id, nodes))
+
+    def release(self, job_ids: Iterable[str]) -> None:
+        """Let held jobs start (``scontrol release``)."""
+        self._run(release_argv(job_ids))
 
     def signal(self, job_ids: Iterable[str], signal: str, *, batch: bool) -> None:
         """Send ``signal`` to the jobs' steps, or (``batch``) to their batch shells only."""

@@ -185,6 +185,11 @@ def pin_job_argv(job_id: str, nodes: Iterable[str]) -> list[str]:
     return ["scontrol", "update", f"JobId={checked}", f"ReqNodeList={collect(names)}"]
 
 
+def release_argv(job_ids: Iterable[str]) -> list[str]:
+    """``scontrol release 12,13``: held jobs may start (checked ids only)."""
+    return ["scontrol", "release", ",".join(check_job_ids(job_ids))]
+
+
 def requeue_argv(job_ids: Iterable[str]) -> list[str]:
     """``scontrol requeue 12,13``: the jobs go back to pending (checked ids only)."""
     return ["scontrol", "requeue", ",".join(check_job_ids(job_ids))]
