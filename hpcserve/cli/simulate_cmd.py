@@ -20,6 +20,7 @@ JSON_HELP = "Print machine-readable JSON instead of a table."
 SIM_POLICIES = (
     "static", "reactive", "predictive", "oracle", "planner-foresight",
     "slurm-preempt", "slurm-preempt-youngest", "overlap-prewarm", "prewarm-foresight", "overlap-gentle",
+    "lending-bound",
 )  # fmt: skip
 TRACE = click.Path(exists=True, dir_okay=False, path_type=Path)
 

@@ -8,9 +8,10 @@ Modules (imports point down this list):
   benchmark's entry point); ``POLICIES`` = static, reactive, predictive, oracle (the perfect-foresight
   node-moving split: the best node-moving split, not a lower bound); ``EXTRA``: planner-foresight (the
   planner told the true future) and ``LENDING``: slurm-preempt (the baseline), slurm-preempt-youngest,
-  overlap-prewarm (``lending: overlap``), prewarm-foresight;
+  overlap-prewarm (``lending: overlap``), prewarm-foresight, overlap-gentle, lending-bound;
 - ``overlap``: lending through Slurm's preemption over overlapping partitions (no node moves), Slurm's
-  and hpcserve's victim choice, the pre-warm floor (forecast or true rate);
+  and hpcserve's victim choice;
+- ``floor``: the pre-warm floor's sources (the product's forecast, the recent ramp, the true bursts);
 - ``engine``: ``Replay(scenario, policy).run()``: the event loop, node moves, preemptions, figures;
 - ``planned``: reactive / predictive / planner-foresight = the planner told the demand now / the forecast /
   the truth;
@@ -44,14 +45,21 @@ Simplifications per policy:
   victims lose their work since the last periodic checkpoint (they do not checkpoint on SIGTERM); the
   pending replica is seen every ``autoscale_interval_s`` (not Slurm's sched/backfill cycles); a freed
   node goes to the replica at once and an empty one back to training at once (no epilog/health check).
-- overlap-prewarm (``lending: overlap``): the same, plus a replica floor from the forecast
-  (``rebalance.forecast`` on the request rate sampled every ``sample_interval_s``: 5-minute means, so it
-  cannot see bursts shorter than that) one horizon (grace + engine start + two ticks) ahead; gentle
-  victims (least GPU-seconds since their last checkpoint, never a job ending within the horizon) that
-  checkpoint on the signal in ``checkpoint_save_s`` and lose only that; the signal goes out as the floor
-  rises (forecast time minus the grace, approximately: the horizon covers the grace).
-- prewarm-foresight: overlap-prewarm told the true peak of the rate curve (60-s bins for request traces,
-  10-minute windows for ServeGen) over the horizon; sub-bin bursts still surprise it.
+- overlap-prewarm (``lending: overlap``): the same, plus a replica floor (``floor``): the larger of the
+  product's forecast (``rebalance.forecast.fit`` with the policy's ``prewarm:`` slot and half-life, no
+  floor before ``min_history_s``) of the request rate sampled every ``sample_interval_s`` (each sample
+  the busiest 10 s since the last: the product fits engine concurrency per controller tick instead) and
+  the ramp of the last 5 minutes of arrivals (a rise in each of their thirds, extrapolated), one horizon
+  (grace + engine start + two ticks) ahead, over a replica's throughput at ``floor_load`` (the
+  autoscaler's scale-up utilisation); gentle victims (least GPU-seconds since their last checkpoint,
+  never a job ending within the horizon) that checkpoint on the signal in ``checkpoint_save_s`` and
+  lose only that; the signal goes out as the floor rises (forecast time minus the grace, approximately:
+  the horizon covers the grace).
+- prewarm-foresight: overlap-prewarm told the true busiest 10 s over the horizon (from the replay's own
+  arrivals, Poisson noise included): the ceiling of any forecast under the same floor rule.
+- lending-bound: a near-lower bound on lending's cost to training (``compare.lending_bound``): the true
+  busiest 10 s of the next two ticks, replicas run full, no replica start, no grace, no lost work, no
+  scale-down window; the autoscaler's thresholds and FIFO + backfill still apply (not a strict bound).
 Common to all: replicas are whole nodes (8 GPUs, TP 8; no per-GPU packing), a replica starts in one
 phase (``replica_startup_s``: no separate scheduling/staging/engine-load phases), one deployment, one
 training workload (openb pods), training run times known exactly to the backfill scheduler.

@@ -11,9 +11,13 @@ The policies (``POLICIES``; ``hpcserve.sim.policies`` says how each decides):
 - lending through Slurm's preemption, no node moves (``LENDING``; ``hpcserve.sim.overlap``): slurm-preempt
   (the baseline: overlapping partitions over every node, Slurm's own victims, lowest priority = youngest
   submission first), slurm-preempt-youngest (``PreemptParameters=youngest_first``: latest start first),
-  overlap-prewarm (hpcserve's ``lending: overlap``: forecast pre-warm, gentle victims that checkpoint on
-  the signal), prewarm-foresight (the same told the true rate ahead) and overlap-gentle (gentle victims
-  that save on the signal, no pre-warm: what the victim choice alone does);
+  overlap-prewarm (hpcserve's ``lending: overlap``: forecast pre-warm plus the recent ramp, gentle victims
+  that checkpoint on the signal), prewarm-foresight (the same told the true busiest 10 s ahead, from the
+  replay's own arrivals), overlap-gentle (gentle victims that save on the signal, no pre-warm: what the
+  victim choice alone does) and lending-bound (a near-lower bound on lending's cost to training: the
+  replicas the true busiest 10 s of the next two ticks need, run full, on ``cost_free`` mechanics: no
+  replica start, no grace, no lost work, no scale-down window; not a strict bound: the autoscaler's
+  thresholds still apply and FIFO + backfill is a heuristic; its SLO is not a goal);
 - extra (``EXTRA``, not run by default): planner-foresight, the planner told the true future demand over
   its horizon (``Foresight``): predictive against it is what the forecast alone costs.
 
@@ -24,6 +28,7 @@ the replay is deterministic).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -32,8 +37,9 @@ from pathlib import Path
 from hpcserve.config import Policy, SiteConfig
 from hpcserve.errors import ValidationError
 from hpcserve.sim.engine import Replay
+from hpcserve.sim.floor import ForecastRate, Ramp, TrueBursts, block_rates
 from hpcserve.sim.metrics import PolicyResult
-from hpcserve.sim.overlap import ForecastRate, OverlapPolicy, TrueRate
+from hpcserve.sim.overlap import OverlapPolicy
 from hpcserve.sim.planned import Forecaster, Foresight, PlannerPolicy, demand_now
 from hpcserve.sim.policies import IdealSplit, SplitPolicy, StaticPolicy
 from hpcserve.sim.scenario import Scenario, SimSettings, load_scenario
@@ -45,8 +51,10 @@ LENDING = (
     "overlap-prewarm",
     "prewarm-foresight",
     "overlap-gentle",
+    "lending-bound",
 )
 EXTRA = ("planner-foresight", *LENDING)  # not run by default
+BURST_S = 10.0  # prewarm-foresight knows the busiest block this long ahead (the SLO's wait)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,15 +122,38 @@ def lending(name: str, scenario: Scenario, policy: Policy) -> OverlapPolicy:
         return OverlapPolicy(name, victims="priority")
     if name == "slurm-preempt-youngest":
         return OverlapPolicy(name, victims="youngest")
+    if name == "lending-bound":
+        return lending_bound(scenario)
     horizon = prewarm_horizon_s(scenario)
     if name == "overlap-gentle":
         return OverlapPolicy(name, victims="gentle", save_on_signal=True, spare_s=horizon)
     source = (
-        TrueRate(scenario.inference.curve.peak, horizon)
+        TrueBursts(block_rates(scenario.arrivals, scenario.settings.step_s, BURST_S), BURST_S, horizon)
         if name == "prewarm-foresight"
-        else ForecastRate(policy, horizon)
+        else Ramp(ForecastRate(policy.prewarm, horizon), horizon)
     )
     return OverlapPolicy(name, victims="gentle", save_on_signal=True, prewarm=source, spare_s=horizon)
+
+
+def lending_bound(scenario: Scenario) -> OverlapPolicy:
+    """The near-lower bound on lending's cost to training (replayed on ``cost_free(scenario)``): inference
+    holds the replicas for the true busiest 10 s of the next two autoscaler ticks (a replica the floor
+    adds is placed at the next lending tick), each run at most full."""
+    rates = block_rates(scenario.arrivals, scenario.settings.step_s, BURST_S)
+    source = TrueBursts(rates, BURST_S, 2 * scenario.settings.autoscale_interval_s)
+    return OverlapPolicy(
+        "lending-bound", victims="gentle", save_on_signal=True, prewarm=source, floor_load=1.0
+    )
+
+
+def cost_free(scenario: Scenario) -> Scenario:
+    """``scenario`` without lending's costs: a replica is ready once placed, a victim leaves at its signal
+    and loses nothing (it still requeues and waits), the autoscaler releases a replica as soon as the
+    load allows (no scale-down window)."""
+    settings = dataclasses.replace(scenario.settings, checkpoint_save_s=0.0, replica_startup_s=0.0)
+    spec = scenario.serving.spec.model_copy(update={"scale_down_window_s": 0.0})
+    serving = dataclasses.replace(scenario.serving, spec=spec, startup_s=0.0)
+    return dataclasses.replace(scenario, settings=settings, serving=serving, grace_s=0.0)
 
 
 def check_names(names: Sequence[str]) -> None:
@@ -134,6 +165,8 @@ def check_names(names: Sequence[str]) -> None:
 
 
 def replay(scenario: Scenario, name: str, policy: Policy) -> PolicyResult:
+    if name == "lending-bound":
+        scenario = cost_free(scenario)
     return Replay(scenario, make_policy(name, scenario, policy)).run()
 
 

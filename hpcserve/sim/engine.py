@@ -26,14 +26,16 @@ their save, then the node is the replica's at once: no move delay).
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from datetime import datetime, timedelta
 
 from hpcserve.placement import natural_key
 from hpcserve.rebalance.types import Demand, Side
+from hpcserve.sim.floor import RECENT_S, FloorSource, FloorView
 from hpcserve.sim.inference import InferenceSide, Waits
 from hpcserve.sim.metrics import PolicyResult, training_figures
-from hpcserve.sim.overlap import FloorView, OverlapPolicy, gentle_victims, slurm_victims
+from hpcserve.sim.overlap import OverlapPolicy, gentle_victims, slurm_victims
 from hpcserve.sim.policies import SplitDecision, SplitPolicy, SplitView
 from hpcserve.sim.scenario import AT0, Scenario
 from hpcserve.sim.snapshot import build_snapshot
@@ -212,8 +214,7 @@ class Replay:
         lender = self.lender
         assert lender is not None
         if lender.prewarm is not None:
-            view = FloorView(now, AT0 + timedelta(seconds=now), self.rates, self.mean_rates)
-            self.inference.floor = self.scenario.serving.replicas_for(lender.prewarm(view))
+            self.inference.floor = self._floor(now, lender.prewarm, lender.floor_load)
         pending = self.inference.pending_count()
         if not pending:
             for node in self.inference.empty_nodes():
@@ -223,6 +224,14 @@ class Replay:
         for _ in range(self.scenario.replicas_to_nodes(max(pending - coming, 0))):
             if not self._lend_one(now, lender):
                 return
+
+    def _floor(self, now: float, source: FloorSource, load: float) -> int:
+        """The replicas for ``source``'s rate, each running at most ``load`` of its throughput (>= 1)."""
+        step_s = self.settings.step_s
+        step = min(int(now / step_s), len(self.scenario.arrivals))
+        recent = self.scenario.arrivals[max(step - round(RECENT_S / step_s), 0) : step]
+        view = FloorView(now, AT0 + timedelta(seconds=now), self.rates, self.mean_rates, recent, step_s)
+        return max(1, math.ceil(source(view) / (self.scenario.serving.mu * load) - 1e-9))
 
     def _lend_one(self, now: float, lender: OverlapPolicy) -> bool:
         """Free one node for a waiting replica: an idle one, else the policy's victims'."""

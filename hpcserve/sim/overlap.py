@@ -10,20 +10,21 @@ Policies (``OverlapPolicy``; the replay carries them out: ``hpcserve.sim.engine`
   ``youngest_first`` the most recently started first; jobs are taken in that order until one node is
   free, and the taken jobs on that node are signalled (SIGTERM), killed ``grace_s`` later and requeued,
   losing their work since the last periodic checkpoint.
-- ``overlap-prewarm``, hpcserve's ``lending: overlap``: the same preemption, plus a replica floor from the
-  forecast (``hpcserve.rebalance.forecast``, the training side's code, fitted on the per-deployment
-  request rate sampled every ``sample_interval_s``, each sample the busiest 10 s since the last one, as
-  the gateway would store it): the autoscaler keeps at least the replicas for the forecast peak over
-  the next ``horizon_s`` (>= grace + engine start + two autoscaler ticks), so the eviction and the
-  start happen before the burst. Victims are hpcserve's gentle choice (``gentle_victims``): the node
-  whose jobs checkpointed most recently (the least GPU-seconds of work since their last checkpoint,
-  then the fewest GPUs), never a node with a job that ends within the spare window (``spare_s``, the
-  horizon: it frees its GPUs by itself before they are needed). The signal is the checkpoint signal, sent as
-  the floor rises (forecast time minus the grace): the victim saves at once, exits after
-  ``checkpoint_save_s`` and loses only that.
-- ``prewarm-foresight``: overlap-prewarm told the true peak rate over the horizon (the reference).
+- ``overlap-prewarm``, hpcserve's ``lending: overlap``: the same preemption, plus a replica floor from a
+  pre-warm source (``hpcserve.sim.floor``: the product's forecast of the per-deployment request rate,
+  and the ramp the last 5 minutes of arrivals show), one ``horizon_s`` ahead (>= grace + engine start +
+  two autoscaler ticks), so the eviction and the start happen before the burst; the floor is the
+  source's rate over what one replica serves at ``floor_load`` (the autoscaler's scale-up utilisation,
+  as the product's ``per_replica_capacity``). Victims are hpcserve's gentle choice (``gentle_victims``):
+  the node whose jobs checkpointed most recently (the least GPU-seconds of work since their last
+  checkpoint, then the fewest GPUs), never a node with a job that ends within the spare window
+  (``spare_s``, the horizon: it frees its GPUs by itself before they are needed). The signal is the
+  checkpoint signal, sent as the floor rises (forecast time minus the grace): the victim saves at once,
+  exits after ``checkpoint_save_s`` and loses only that.
+- ``prewarm-foresight``: overlap-prewarm told the true busiest 10 s over the horizon (the reference).
+- ``lending-bound``: ``hpcserve.sim.compare.lending_bound`` (no start, grace or lost work).
 
-Simplifications (all three): replicas take whole nodes (the site's GPUs per node is one replica of
+Simplifications (all of them): replicas take whole nodes (the site's GPUs per node is one replica of
 ``gpus_per_replica`` = 8; no per-GPU packing of replicas beside training); Slurm's scheduling of a
 pending replica is modelled by the replay's ``lend_interval_s`` tick (10 s, the autoscaler's), not by
 sched/backfill cycles; a node freed of its victims goes to the replica at once (no epilog, no health
@@ -35,35 +36,17 @@ its signal: the lost GPU-hours compare those two, not two equally careful jobs.
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Literal
 
-from hpcserve.config import Policy
 from hpcserve.placement import natural_key
-from hpcserve.rebalance.forecast import SeasonalModel, fit_rules, predict
+from hpcserve.serving.autoscaler import UP_UTILIZATION
+from hpcserve.sim.floor import FloorSource
 from hpcserve.sim.policies import SplitDecision, SplitView
 from hpcserve.sim.training import Run, TrainingSide
 
 VictimOrder = Literal["priority", "youngest", "gentle"]
-RateHistory = Sequence[tuple[datetime, float]]  # (sample time, mean requests per second since the last)
-HISTORY = timedelta(days=7)
-REFIT_S = 1800.0
-
-
-@dataclass(frozen=True, slots=True)
-class FloorView:
-    """What a pre-warm source sees at a lending tick."""
-
-    now: float
-    at: datetime
-    rates: RateHistory  # the deployment's busiest-10-s request rate per sample, oldest first
-    means: RateHistory  # its mean rate per sample
-
-
-FloorSource = Callable[[FloorView], float]  # the peak request rate to have replicas for, one horizon ahead
 
 
 @dataclass(slots=True)
@@ -75,6 +58,7 @@ class OverlapPolicy:
     save_on_signal: bool = False  # victims checkpoint on the signal (hpcserve's signal), else SIGTERM
     prewarm: FloorSource | None = None  # the rate to pre-warm replicas for; None: none
     spare_s: float = 0.0  # gentle: a job ending within this is never picked
+    floor_load: float = UP_UTILIZATION  # the floor's replicas run the pre-warm rate at most this full
 
     def decide(self, view: SplitView) -> SplitDecision:
         return SplitDecision()
@@ -118,37 +102,3 @@ def gentle_victims(training: TrainingSide, now: float, spare_s: float) -> tuple[
         if best is None or key < best[0]:
             best = (key, node, tuple(sorted(run.job.id for run in runs)))
     return None if best is None else (best[1], best[2])
-
-
-@dataclass(slots=True)
-class ForecastRate:
-    """The request rate's forecast peak over ``horizon_s`` (``fit_rules`` + ``predict``, the training
-    side's code), refitted every ``REFIT_S`` of samples on the last 7 days."""
-
-    policy: Policy
-    horizon_s: float
-    bursts: bool = True  # forecast the busiest 10 s of each sample, else its mean
-    seen: datetime | None = None
-    model: SeasonalModel | None = None
-
-    def __call__(self, view: FloorView) -> float:
-        rates = view.rates if self.bursts else view.means
-        if not rates:
-            return 0.0
-        newest = rates[-1][0]
-        if self.model is None or self.seen is None or (newest - self.seen).total_seconds() >= REFIT_S:
-            start = bisect.bisect_left(rates, newest - HISTORY, key=lambda sample: sample[0])
-            self.model = fit_rules(list(rates[start:]), self.policy.rebalance)
-            self.seen = newest
-        return predict(self.model, view.at, self.horizon_s)
-
-
-@dataclass(frozen=True, slots=True)
-class TrueRate:
-    """The true peak rate over ``horizon_s`` (``peak(start, end)``: the scenario's rate curve)."""
-
-    peak: Callable[[float, float], float]
-    horizon_s: float
-
-    def __call__(self, view: FloorView) -> float:
-        return self.peak(view.now, view.now + self.horizon_s)

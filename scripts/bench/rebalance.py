@@ -8,11 +8,13 @@ A short check: scripts/bench/rebalance --days 1 --seeds 0.
 
 Policies (default): static (a fixed split for the inference peak, context only), slurm-preempt (the
 baseline), moves-predictive (hpcserve's node moves with the forecast planner, ``lending: moves``),
-overlap-prewarm (hpcserve's default, ``lending: overlap``: Slurm's preemption plus forecast pre-warm and
-gentle victims that checkpoint on the signal) and prewarm-foresight (the same told the true rate ahead:
-what a better forecast could still win), and overlap-gentle (gentle victims that save on the signal, no
-pre-warm: what the victim choice alone does). Also available: oracle (the best node-moving split, not a
-bound), reactive, slurm-preempt-youngest, planner-foresight.
+overlap-prewarm (hpcserve's default, ``lending: overlap``: Slurm's preemption plus a pre-warm floor from
+the forecast and the recent ramp, and gentle victims that checkpoint on the signal), prewarm-foresight
+(the same told the true busiest 10 s ahead: what a better forecast could still win), overlap-gentle
+(gentle victims that save on the signal, no pre-warm: what the victim choice alone does) and
+lending-bound (a near-lower bound on lending's cost to training: no replica start, grace or lost work,
+inference holds only what the next 20 s need; its SLO is not a goal). Also available: oracle (the best
+node-moving split, not a bound), reactive, slurm-preempt-youngest, planner-foresight.
 
 Traces, read where they lie (../shared/traces/ beside the repo): the Alibaba GPU 2023 (openb) pods for
 training; for inference ServeGen m-large (14 days of 10-minute rates) and the Azure 2023 code trace (one
@@ -25,7 +27,7 @@ Printed per trace, mean over the seeds: training queueing mean and p95, JCT, SLO
 waiting <= 10 s), p99 wait, preemptions, lost GPU-hours; then overlap-prewarm against slurm-preempt:
 queue mean ratio, SLO, lost GPU-hours, and whether it dominates (ratio <= 1.0, SLO >= 99.9%, fewer lost
 GPU-hours). It reports, it does not test: always exits 0 when the inputs load. Default 14 measured days
-after 1 day of warm-up, about 2.5 minutes per seed on 2 cores (both traces, 6 policies).
+after 1 day of warm-up, about 3 minutes per seed on 2 cores (both traces, 7 policies).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ SITE = REPO / "site_configs" / "example-onprem.yaml"
 INFERENCE = {"servegen": "servegen_total_rate_10min.csv", "azure-code": "azure_llm_2023_code.csv"}
 DEFAULT_POLICIES = (
     "static", "slurm-preempt", "predictive", "overlap-prewarm", "prewarm-foresight", "overlap-gentle",
+    "lending-bound",
 )  # fmt: skip
 BASELINE, DEFAULT = "slurm-preempt", "overlap-prewarm"
 SLO_GOAL = 0.999

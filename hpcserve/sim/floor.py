@@ -1,0 +1,131 @@
+"""The pre-warm floor's sources (``lending: overlap``): the request rate the replicas should be ready for
+one horizon ahead; the replay turns it into a replica floor (``OverlapPolicy.floor_load``) at every
+lending tick. Each source sees a ``FloorView`` and returns a rate in requests per second.
+
+- ``ForecastRate``: the product's forecast (``hpcserve.rebalance.forecast.fit`` + ``predict``, with the
+  policy's ``prewarm:`` profile slot and half-life, no floor before ``min_history_s`` of history), fitted
+  on the per-deployment rate sampled every ``sample_interval_s``, each sample the busiest 10 s since the
+  last one (``bursts``; else the sample's mean), refitted every ``REFIT_S`` of samples on the last 7 days.
+  The product fits the engines' running + waiting requests per controller tick instead of an arrival
+  rate: the same signal by Little's law, sampled more densely.
+- ``Ramp``: a source plus the ramp the recent arrivals show (``ramp``): a rise the seasonal forecast has
+  not seen (a day busier than the ones before) is met while it rises, not once the autoscaler sees it.
+- ``TrueRate`` (the rate curve's true peak ahead) and ``TrueBursts`` (the true busiest 10 s ahead, from
+  the replay's own arrivals, Poisson noise included): the references told the future.
+"""
+
+from __future__ import annotations
+
+import bisect
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from itertools import pairwise
+
+from hpcserve.config.policy import PrewarmRules
+from hpcserve.rebalance.forecast import SeasonalModel, fit, predict
+
+RateHistory = Sequence[tuple[datetime, float]]  # (sample time, requests per second)
+HISTORY = timedelta(days=7)
+REFIT_S = 1800.0
+RECENT_S = 300.0  # the recent arrivals a lending tick sees (``FloorView.recent``)
+RAMP_PARTS = 3  # a ramp must rise over each of this many consecutive parts of the recent window
+
+
+@dataclass(frozen=True, slots=True)
+class FloorView:
+    """What a pre-warm source sees at a lending tick."""
+
+    now: float
+    at: datetime
+    rates: RateHistory  # the deployment's busiest-10-s request rate per sample, oldest first
+    means: RateHistory  # its mean rate per sample
+    recent: Sequence[float] = ()  # requests per step over the last ``RECENT_S``, oldest first
+    step_s: float = 1.0
+
+
+FloorSource = Callable[[FloorView], float]  # the peak request rate to have replicas for, one horizon ahead
+
+
+@dataclass(slots=True)
+class ForecastRate:
+    """The forecast peak rate over ``horizon_s`` (module docstring)."""
+
+    rules: PrewarmRules
+    horizon_s: float
+    bursts: bool = True  # forecast the busiest 10 s of each sample, else its mean
+    seen: datetime | None = None
+    model: SeasonalModel | None = None
+
+    def __call__(self, view: FloorView) -> float:
+        rates = view.rates if self.bursts else view.means
+        if not rates or (rates[-1][0] - rates[0][0]).total_seconds() < self.rules.min_history_s:
+            return 0.0
+        newest = rates[-1][0]
+        if self.model is None or self.seen is None or (newest - self.seen).total_seconds() >= REFIT_S:
+            start = bisect.bisect_left(rates, newest - HISTORY, key=lambda sample: sample[0])
+            self.model = fit(
+                list(rates[start:]), slot_s=self.rules.profile_slot_s, halflife_s=self.rules.halflife_s
+            )
+            self.seen = newest
+        return predict(self.model, view.at, self.horizon_s)
+
+
+def ramp(recent: Sequence[float], step_s: float, ahead_s: float, parts: int = RAMP_PARTS) -> float:
+    """The rate ``ahead_s`` after the window ``recent`` (requests per step, oldest first) if it keeps
+    rising: the window is cut into ``parts`` equal parts, the rise is the smallest rise from one part's
+    mean rate to the next (so one short burst is not a ramp: it must rise in every part), extrapolated
+    from the last part's centre; a window that does not rise in every part gives its last part's mean.
+    0 for a window shorter than ``parts`` steps."""
+    size = len(recent) // parts
+    if size == 0:
+        return 0.0
+    span = size * step_s
+    tail = recent[len(recent) - parts * size :]
+    means = [sum(tail[k * size : (k + 1) * size]) / span for k in range(parts)]
+    rise = max(min(b - a for a, b in pairwise(means)), 0.0) if parts > 1 else 0.0
+    return means[-1] + rise / span * (span / 2 + ahead_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Ramp:
+    """The larger of ``base``'s rate and the recent arrivals' ``ramp`` one horizon ahead."""
+
+    base: FloorSource
+    horizon_s: float
+
+    def __call__(self, view: FloorView) -> float:
+        return max(self.base(view), ramp(view.recent, view.step_s, self.horizon_s))
+
+
+@dataclass(frozen=True, slots=True)
+class TrueRate:
+    """The true peak rate over ``horizon_s`` (``peak(start, end)``: the scenario's rate curve)."""
+
+    peak: Callable[[float, float], float]
+    horizon_s: float
+
+    def __call__(self, view: FloorView) -> float:
+        return self.peak(view.now, view.now + self.horizon_s)
+
+
+def block_rates(arrivals: Sequence[float], step_s: float, block_s: float) -> array[float]:
+    """The mean rate of each ``block_s`` block of ``arrivals`` (requests per step), in order."""
+    size = max(round(block_s / step_s), 1)
+    blocks = (arrivals[k : k + size] for k in range(0, len(arrivals), size))
+    return array("d", (sum(block) / (len(block) * step_s) for block in blocks))
+
+
+@dataclass(frozen=True, slots=True)
+class TrueBursts:
+    """The true busiest block (``block_rates``) over ``horizon_s``: what the arrivals will be."""
+
+    rates: Sequence[float]
+    block_s: float
+    horizon_s: float
+
+    def __call__(self, view: FloorView) -> float:
+        first = int(view.now // self.block_s)
+        last = int((view.now + self.horizon_s) // self.block_s)
+        return max(self.rates[first : last + 1], default=0.0)

@@ -1,0 +1,93 @@
+"""The simulator's pre-warm floor (hpcserve/sim/floor.py) and the lending bound: the ramp a window of
+arrivals shows, the true busiest blocks ahead, the product's forecast settings and history rule, the
+floor's load factor, and the cost-free replay the bound runs on."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from hpcserve.config.policy import PrewarmRules
+from hpcserve.serving.autoscaler import UP_UTILIZATION
+from hpcserve.sim.compare import cost_free, make_policy, replay
+from hpcserve.sim.engine import Replay
+from hpcserve.sim.floor import FloorView, ForecastRate, Ramp, TrueBursts, block_rates, ramp
+from hpcserve.sim.overlap import OverlapPolicy
+from hpcserve.sim.scenario import AT0, default_policy
+from tests.test_sim import burst_inference, flat_inference, job, scenario_with, tiny_site
+
+
+def view(now: float = 0.0, recent: tuple[float, ...] = (), rates: list[float] | None = None) -> FloorView:
+    history = [(AT0 + timedelta(seconds=300 * k), rate) for k, rate in enumerate(rates or [])]
+    at = history[-1][0] if history else AT0 + timedelta(seconds=now)
+    return FloorView(now, at, history, history, recent, 1.0)
+
+
+def test_a_steady_ramp_is_extrapolated_one_horizon_ahead() -> None:
+    """Rates 10, 11, ..., 39 per step over 30 s: the last third's mean is 34.5 at its centre, rising 10
+    per 10 s: 100 s past the window's end (105 s past that centre) it reaches 34.5 + 105."""
+    recent = [10.0 + k for k in range(30)]
+    assert ramp(recent, 1.0, 100.0) == pytest.approx(34.5 + 105.0)
+
+
+def test_one_short_burst_or_a_fall_is_not_a_ramp() -> None:
+    flat_then_burst = [10.0] * 20 + [40.0] * 10  # rises only into the last third
+    assert ramp(flat_then_burst, 1.0, 100.0) == pytest.approx(40.0)
+    falling = [40.0 - k for k in range(30)]
+    assert ramp(falling, 1.0, 100.0) == pytest.approx(sum(falling[-10:]) / 10)
+    assert ramp([5.0], 1.0, 100.0) == 0.0
+
+
+def test_ramp_source_takes_the_larger_of_its_base_and_the_ramp() -> None:
+    rising = tuple(10.0 + k for k in range(30))
+    source = Ramp(lambda _: 50.0, 100.0)
+    assert source(view(recent=rising)) == pytest.approx(139.5)
+    assert source(view(recent=(10.0,) * 30)) == 50.0
+
+
+def test_true_bursts_are_the_busiest_block_within_the_horizon() -> None:
+    arrivals = [1.0] * 30 + [5.0] * 5 + [1.0] * 25  # 60 steps of 1 s; a 5-s burst at 30-35 s
+    rates = block_rates(arrivals, 1.0, 10.0)
+    assert list(rates) == [1.0, 1.0, 1.0, 3.0, 1.0, 1.0]
+    source = TrueBursts(rates, 10.0, 15.0)
+    assert source(view(now=12.0)) == 1.0  # blocks 1 and 2 (10-29 s)
+    assert source(view(now=20.0)) == 3.0  # blocks 2 and 3 (20-39 s)
+    assert source(view(now=55.0)) == 1.0  # past the end: the last block only
+
+
+def test_the_forecast_uses_the_policy_prewarm_settings_and_needs_its_history() -> None:
+    """No floor (0) before ``min_history_s`` of samples; then the forecast of a flat history is flat."""
+    rules = PrewarmRules(min_history_s=3600)
+    source = ForecastRate(rules, horizon_s=600.0)
+    assert source(view(rates=[20.0] * 12)) == 0.0  # 55 minutes of samples
+    assert source(view(rates=[20.0] * 13)) == pytest.approx(20.0)
+    assert source.model is not None and source.model.slot_s == rules.profile_slot_s
+    assert source.model.halflife_s == rules.halflife_s
+
+
+def test_the_floor_runs_each_replica_at_most_floor_load_full() -> None:
+    scenario = scenario_with([], flat_inference())
+    mu = scenario.serving.mu
+    for load, rate, floor in ((UP_UTILIZATION, 2.7 * mu, 3), (0.5, 2.7 * mu, 6), (1.0, 3.0 * mu, 3)):
+        source = TrueBursts([rate], 10.0, 10.0)
+        policy = OverlapPolicy("floor", victims="gentle", prewarm=source, floor_load=load)
+        assert Replay(scenario, policy)._floor(0.0, source, load) == floor
+    assert OverlapPolicy("default").floor_load == UP_UTILIZATION  # the product's per-replica capacity
+
+
+def test_the_lending_bound_replays_without_start_grace_or_lost_work() -> None:
+    """Six 1-node jobs fill what two warm replicas leave; the rate triples at 2000 s. The bound's replicas
+    are ready once placed and its victims lose nothing; hpcserve's default loses their saves."""
+    jobs = [job(i, 100.0 * i, 1, 20_000.0) for i in range(6)]
+    scenario = scenario_with(jobs, burst_inference(2000.0), checkpoint_interval_s=600.0, inference_peak=0.5)
+    free = cost_free(scenario)
+    assert free.serving.startup_s == 0.0 and free.grace_s == 0.0 and free.settings.checkpoint_save_s == 0.0
+    assert free.serving.spec.scale_down_window_s == 0.0 and scenario.serving.startup_s > 0
+    policy = make_policy("lending-bound", scenario, default_policy(tiny_site()))
+    assert isinstance(policy, OverlapPolicy) and policy.floor_load == 1.0
+    bound = replay(scenario, "lending-bound", default_policy(tiny_site()))
+    ours = replay(scenario, "overlap-prewarm", default_policy(tiny_site()))
+    assert bound.preemptions >= 1 and bound.lost_gpu_h == 0.0 and bound.slo_attainment == 1.0
+    assert ours.lost_gpu_h > 0.0
+    assert bound.queue_mean_s <= ours.queue_mean_s
