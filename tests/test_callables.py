@@ -3,6 +3,7 @@ submission path with a recording client, and ResumableTask run locally. No clust
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -76,6 +77,9 @@ def test_plain_job_is_not_requeued_and_leaves_placement_to_slurm() -> None:
     lines = sbatch_lines(params)
     assert not [line for line in lines if line.split("=")[0] in ("#SBATCH --requeue", "#SBATCH --nodelist")]
     assert params["setup"] == [] and params["time"] == 121  # minutes, rounded up, for submitit's count
+    assert "#SBATCH --hold" not in lines
+    held = dataclasses.replace(job, request=dataclasses.replace(job.request, hold=True))
+    assert "#SBATCH --hold" in sbatch_lines(executor_parameters(held))  # a replica under lending: overlap
 
 
 def test_extra_options_and_array_limit() -> None:

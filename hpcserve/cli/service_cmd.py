@@ -29,8 +29,9 @@ def service(ctx: Context, /, once: bool, sample_interval: float, rebalance_inter
     from hpcserve.service.main import ServiceOptions, run_service
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("alembic.runtime.plugins", "apscheduler.executors.default", "apscheduler.scheduler"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)  # a line per plugin, two lines per job run
+    noisy = ("alembic.runtime.plugins", "apscheduler.executors.default", "apscheduler.scheduler", "httpx")
+    for name in noisy:  # a line per plugin, two per job run, one per engine scrape (several a second)
+        logging.getLogger(name).setLevel(logging.WARNING)
     site = ctx.require_site()
     policy = ctx.load_policy(site)
     store = ctx.store(site, extra_admins=(current_user(),), migrate=True)  # it owns the database

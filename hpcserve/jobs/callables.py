@@ -131,6 +131,8 @@ def executor_parameters(
     additional: dict[str, object] = {"time": seconds_to_slurm(job.time_s), **_placement(job)}
     if job.preemptible or job.requeue:
         additional["requeue"] = True
+    if req.hold:
+        additional["hold"] = True
     params: dict[str, Any] = {
         "job_name": req.name,
         "partition": job.partition,

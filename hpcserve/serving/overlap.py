@@ -129,6 +129,10 @@ class GentleEvictor:
             if eviction is not None and eviction.victims:
                 self._evict(replica, eviction, [lost_gpu_s(v, marks, now) for v in eviction.victims], now)
         if held:
+            if eviction is None:
+                nodes = ",".join(sorted(self.shared_nodes))
+                log.info("replica job %s: no gentle victim for %d GPUs on %s: released, Slurm's "
+                         "preemption decides", replica.id, replica.gpus, nodes)  # fmt: skip
             self._release(replica)
         return eviction
 
