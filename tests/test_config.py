@@ -250,18 +250,25 @@ OVERLAP: dict[str, object] = {
 }
 
 
-def test_lending_defaults_to_moves_and_overlap_loads(tmp_path: Path) -> None:
-    assert load_site_config(MINI).lending.mode == "moves"
+def test_lending_defaults_to_overlap_unless_a_managed_pool_is_declared(tmp_path: Path) -> None:
+    assert load_site_config(MINI).lending.mode == "moves"  # said so
     site = load_site_config(edited(MINI, tmp_path, OVERLAP))
     assert (site.lending.mode, site.lending.preempt) == ("overlap", "partition_prio")
     assert site.lending.shared_nodes == tuple(f"node{i}" for i in range(3, 7))
     check_policy(load_policy(POLICY), site, POLICY)
+    unsaid = load_site_config(edited(MINI, tmp_path, {**OVERLAP, "lending": DROP}))
+    assert (unsaid.lending.mode, unsaid.lending.shared_nodes) == ("overlap", site.lending.shared_nodes)
+    pooled = load_site_config(edited(MINI, tmp_path, {"lending": DROP}))  # a managed pool, no mode: moves
+    assert (pooled.lending.mode, pooled.lending.shared_nodes) == ("moves", ())
 
 
 LENDING_CASES = [
     pytest.param({"lending": {"mode": "steal"}}, "lending.mode", "'overlap' or 'moves'", id="mode"),
     pytest.param({"lending": {"shared_nodes": "node3"}}, "lending.shared_nodes", "mode: overlap", id="moves"),
-    pytest.param({**OVERLAP, "lending": {"mode": "overlap"}}, "lending.shared_nodes", "node[3-6]", id="none"),
+    pytest.param({"managed_pool": DROP, "lending": {"mode": "overlap"}}, "lending.shared_nodes", "node[3-6]",
+                 id="none"),
+    pytest.param({"managed_pool": DROP, "lending": DROP}, "lending.shared_nodes", "mode: moves with a",
+                 id="default-nothing-shared"),
     pytest.param(
         {**OVERLAP, "partitions.training.nodes": "node[1-4]", "partitions.inference.nodes": "node[3-8]",
          "lending.shared_nodes": "node[3-6]"},

@@ -54,6 +54,11 @@ def _expand_hostlist(value: object) -> tuple[str, ...]:
     return tuple(names)
 
 
+def expand_hostlist(value: object) -> tuple[str, ...]:
+    """A hostlist as YAML holds it (``node[1-4]`` or a list of them) -> node names; ``Invalid`` if bad."""
+    return _expand_hostlist(value)
+
+
 HostList = Annotated[
     tuple[str, ...],
     BeforeValidator(_expand_hostlist),

@@ -102,7 +102,7 @@ class Lending(Frozen):
     to checkpoint. ``moves``: hpcserve moves the nodes of ``managed_pool`` between the two partitions.
     """
 
-    mode: LendingMode = "moves"
+    mode: LendingMode = "overlap"  # SiteConfig: a site that declares a managed_pool and no mode gets moves
     shared_nodes: HostList = ()  # overlap: the nodes in both the training and the inference partition
     preempt: PreemptBy = "partition_prio"
     grace_time_s: int = Field(default=120, ge=0)  # GraceTime of training's partition (or QOS)
@@ -121,8 +121,10 @@ class Lending(Frozen):
             )  # fmt: skip
         if self.mode == "overlap" and not self.shared_nodes:
             raise Invalid(
-                "shared_nodes", "mode overlap needs the shared nodes",
-                "list the nodes both partitions span, like node[3-6]",
+                "shared_nodes", "mode overlap (the default) needs nodes in both the training and the "
+                "inference partition",
+                "let both partitions span the nodes to share (or list them here, like node[3-6]); or set "
+                "mode: moves with a managed_pool",
             )  # fmt: skip
         return self._fits_preempt()
 

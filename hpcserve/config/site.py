@@ -47,6 +47,21 @@ class SiteConfig(Frozen):
         self._group = {node: group for group in self.nodes for node in group.names}
         self._leaf = {node: name for name, switch in self.switches.items() for node in switch.nodes}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lending_defaults(cls, data: Any) -> Any:
+        """``lending.mode`` defaults to overlap, except on a site that declares a managed pool (moves, as
+        before); overlap's ``shared_nodes`` default to the nodes both partitions list."""
+        if not isinstance(data, dict):
+            return data
+        lending = dict(data.get("lending") or {})
+        if "mode" not in lending:
+            pool = data.get("managed_pool") or {}
+            lending["mode"] = "moves" if isinstance(pool, dict) and any(pool.values()) else "overlap"
+        if lending["mode"] == "overlap" and not lending.get("shared_nodes"):
+            lending["shared_nodes"] = _both_partitions(data.get("partitions"))
+        return {**data, "lending": lending}
+
     @field_validator("nodes")
     @classmethod
     def _some_nodes(cls, nodes: tuple[NodeGroup, ...]) -> tuple[NodeGroup, ...]:
@@ -110,6 +125,17 @@ def _check_unique_nodes(site: SiteConfig) -> None:
             problem = f"{nodes_text(again)} already listed in nodes.{seen[again[0]]}"
             raise Invalid(f"nodes.{index}.names", problem, "list each node in one group only")
         seen.update(dict.fromkeys(group.names, index))
+
+
+def _both_partitions(partitions: Any) -> list[str]:
+    """The nodes both the training and the inference partition list (raw config; [] if unreadable)."""
+    from hpcserve.config.base import expand_hostlist
+
+    try:
+        training = set(expand_hostlist(partitions["training"]["nodes"]))
+        return [n for n in expand_hostlist(partitions["inference"]["nodes"]) if n in training]
+    except (Invalid, KeyError, TypeError):
+        return []
 
 
 def _check_partitions(site: SiteConfig, known: frozenset[str]) -> None:
