@@ -181,3 +181,21 @@ def test_a_held_replica_is_released_as_it_is_where_gpus_are_free_else_after_its_
     again = HoldSlurm([pending], free={"i1": 0, "g2": 0})
     assert evictor(again)(pending, [], NOW + timedelta(seconds=30)) is None  # the victim left: still no 2nd
     assert again.signals == [] and len(db.lost_work()) == 1
+
+
+def test_at_the_policys_cap_a_held_replica_may_start_on_inferences_own_nodes_only(
+    db: HistoryStore, tmp_path: Path
+) -> None:
+    held = msgspec.structs.replace(
+        job(601, "llm", 1), state=JobState.PENDING, reason="JobHeldUser", start=None
+    )
+    running = msgspec.structs.replace(job(600, "llm", 0), nodes=("g1",))  # replica 0 already on shared g1
+    victim = training(2, "g2", 2)
+    capped = P.model_copy(update={"rebalance": P.rebalance.model_copy(update={"max_inference_nodes": 2})})
+    slurm = HoldSlurm([held, running, victim], free={"i1": 0, "g1": 0, "g2": 0})
+    pins: list[tuple[str, list[str]]] = []
+    evict = GentleEvictor(slurm, capped, frozenset({"g1", "g2"}), tmp_path,  # type: ignore[arg-type]
+                          lambda j, n: pins.append((j, list(n))), db, 120,
+                          inference_nodes=frozenset({"i1", "g1", "g2"}), release=slurm.release)  # fmt: skip
+    assert evict(held, [held, running, victim], NOW) is None  # i1 + g1 = 2 = the cap: g2 stays training's
+    assert (slurm.signals, pins, slurm.released) == ([], [("601", ["i1"])], ["601"])

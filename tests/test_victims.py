@@ -12,7 +12,7 @@ import pytest
 
 from hpcserve.config import load_policy
 from hpcserve.jobs.resumable import ResumableTask, mark_checkpoint, marker_path
-from hpcserve.rebalance.victims import choose_eviction, choose_victims, lost_gpu_s
+from hpcserve.rebalance.victims import choose_eviction, choose_victims, lost_gpu_s, share_capped
 from hpcserve.serving.overlap import checkpoint_times
 from hpcserve.serving.tags import replica_tag
 from hpcserve.slurm.models import Job, JobState
@@ -111,3 +111,18 @@ def test_a_resumable_task_save_touches_the_marker(tmp_path: Path, monkeypatch: p
 
     assert Count(tmp_path / "state.json")() == 3
     assert (tmp_path / "marker").exists()
+
+
+def test_overload_keeps_the_policys_side_limits() -> None:
+    shared = frozenset({"s1", "s2", "s3"})
+    infer, training = frozenset({"i1"}) | shared, frozenset({"t1", "t2"}) | shared
+    replicas = [train(10 + k, node, tag=replica_tag("llm", k)) for k, node in enumerate(("s1", "s2"))]
+    plain = P  # no limits: a third shared node may go to inference
+    assert not share_capped(replicas, shared, infer, training, plain)
+    rules = P.rebalance.model_copy(update={"max_inference_nodes": 3})
+    capped = P.model_copy(update={"rebalance": rules})  # i1 + s1 + s2 = 3 already: no fourth
+    assert share_capped(replicas, shared, infer, training, capped)
+    assert not share_capped(replicas[:1], shared, infer, training, capped)
+    keep = P.model_copy(update={"rebalance": P.rebalance.model_copy(update={"min_training_nodes": 3})})
+    assert share_capped(replicas, shared, infer, training, keep)  # t1, t2, s3 left: taking s3 leaves 2
+    assert not share_capped(replicas[:1], shared, infer, training, keep)

@@ -15,6 +15,10 @@ set loses the least GPU-seconds wins (ties: the node name). Never a candidate:
 - a serving replica, or a job that is pending or over.
 A multi-node job frees ``gpus / num_nodes`` GPUs on each of its nodes. No node that can be freed: no victims
 (the replica waits, or Slurm's own preemption decides).
+
+``share_capped``: under overload the policy's ``rebalance`` limits still hold in overlap mode. Inference takes
+no further shared node when it would then hold more than ``max_inference_nodes`` (whole sides: its own nodes
+plus the shared nodes replicas run on), or leave training fewer than ``min_training_nodes``.
 """
 
 from __future__ import annotations
@@ -130,3 +134,19 @@ def _order(job: Job, checkpoints: Mapping[str, datetime], now: datetime) -> tupl
     recent = marker is not None and (now - marker).total_seconds() <= RECENT_CHECKPOINT_S
     start = -job.start.timestamp() if job.start is not None else 0.0
     return (not recent, lost_gpu_s(job, checkpoints, now), start)
+
+
+def share_capped(
+    jobs: Iterable[Job],
+    shared_nodes: frozenset[str],
+    inference_nodes: frozenset[str],
+    training_nodes: frozenset[str],
+    policy: Policy,
+) -> bool:
+    """Whether taking one more shared node for a replica breaks the policy's side limits (see the module)."""
+    taken = {n for j in jobs if parse_replica_tag(j.tag) is not None for n in j.nodes if n in shared_nodes}
+    inference_side = len(inference_nodes - shared_nodes) + len(taken) + 1
+    training_side = len(training_nodes) - len(taken) - 1
+    rules = policy.rebalance
+    over = rules.max_inference_nodes is not None and inference_side > rules.max_inference_nodes
+    return over or (bool(training_nodes) and training_side < rules.min_training_nodes)

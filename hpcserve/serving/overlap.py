@@ -106,6 +106,7 @@ class GentleEvictor:
     store: HistoryStore | None = None  # records each victim's lost work; remembers evictions across restarts
     grace_s: float = 0.0  # the victims' GraceTime: an eviction recorded this recently is still under way
     inference_nodes: frozenset[str] = frozenset()  # where a replica may run (free GPUs there: no eviction)
+    training_nodes: frozenset[str] = frozenset()  # the training partition's nodes (its minimum holds)
     release: Callable[[Sequence[str]], None] | None = None  # scontrol release: a held replica may start
     signalled: set[str] = field(default_factory=set)
     evicted_for: set[str] = field(default_factory=set)  # replicas whose victims were signalled
@@ -118,6 +119,10 @@ class GentleEvictor:
         held = replica.reason == HELD
         if held and self._fits_now(replica):
             self._release(replica)  # free GPUs: Slurm places it without preempting anyone
+            return None
+        if self._capped(jobs):
+            if held:
+                self._keep_off_shared(replica)
             return None
         shared = [j for j in jobs if self.shared_nodes.intersection(j.nodes)]
         eviction = None
@@ -154,6 +159,22 @@ class GentleEvictor:
             )
         log.info("replica job %s: USR2 to %s on %s (lost %.2f GPU-h)", replica.id, ", ".join(victims),
                  eviction.node, eviction.lost_gpu_s / 3600)  # fmt: skip
+
+    def _capped(self, jobs: Sequence[Job]) -> bool:
+        from hpcserve.rebalance.victims import share_capped
+
+        return share_capped(jobs, self.shared_nodes, self.inference_nodes, self.training_nodes, self.policy)
+
+    def _keep_off_shared(self, replica: Job) -> None:
+        """At the policy's cap: the replica may start on inference's own nodes only (no preemption), or stays
+        held when inference has none."""
+        own = sorted(self.inference_nodes - self.shared_nodes)
+        if own and self.pin is not None:
+            self.pin(replica.id, own)
+            self._release(replica)
+        log.info("replica job %s: inference is at the policy's cap (rebalance: max_inference_nodes / "
+                 "min_training_nodes): %s", replica.id,
+                 f"may start on {','.join(own)} only" if own else "held")  # fmt: skip
 
     def _fits_now(self, replica: Job) -> bool:
         """Some inference node has the replica's GPUs free (a one-node replica; ``nodes()`` is one read)."""

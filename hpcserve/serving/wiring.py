@@ -108,6 +108,7 @@ def _evictor(
         store,
         site.lending.grace_time_s,
         inference_nodes=frozenset(site.partitions.inference.nodes),
+        training_nodes=frozenset(site.partitions.training.nodes),
         release=getattr(slurm, "release", None),
     )
 
