@@ -1,6 +1,6 @@
 """The simulator's pre-warm floor (hpcserve/sim/floor.py) and the lending bound: the ramp a window of
 arrivals shows, the true busiest blocks ahead, the product's forecast settings and history rule, the
-floor's load factor, and the cost-free replay the bound runs on."""
+floor's load factor, the cost-free replay the bound runs on, and a replica's start in phases."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from hpcserve.serving.autoscaler import UP_UTILIZATION
 from hpcserve.sim.compare import cost_free, make_policy, replay
 from hpcserve.sim.engine import Replay
 from hpcserve.sim.floor import FloorView, ForecastRate, Ramp, TrueBursts, block_rates, ramp
+from hpcserve.sim.inference import InferenceSide
 from hpcserve.sim.overlap import OverlapPolicy
 from hpcserve.sim.scenario import AT0, default_policy
 from tests.test_sim import burst_inference, flat_inference, job, scenario_with, tiny_site
@@ -91,3 +92,23 @@ def test_the_lending_bound_replays_without_start_grace_or_lost_work() -> None:
     assert bound.preemptions >= 1 and bound.lost_gpu_h == 0.0 and bound.slo_attainment == 1.0
     assert ours.lost_gpu_h > 0.0
     assert bound.queue_mean_s <= ours.queue_mean_s
+
+
+def test_a_replica_stages_the_weights_on_a_node_once_then_loads_them() -> None:
+    """Phases: a node's first replica waits ``stage_s`` (cold -> warm tier) and then ``startup_s``; a
+    replica started there again later only ``startup_s``; the warm start's nodes count as staged."""
+    scenario = scenario_with([], flat_inference(), replica_stage_s=60.0, replica_startup_s=180.0)
+    serving = scenario.serving
+    assert serving.stage_s == 60.0 and serving.startup_s == 180.0
+    side = InferenceSide(serving, scenario.arrivals, ["i1"])
+    side.warm_start()
+    assert side.staged == {"i1"}
+    side._add_replica()  # pending: i1 holds one replica
+    side.advance_to(100.0)
+    side.add_node("i2")
+    fresh = next(r for r in side.replicas.values() if r.node == "i2")
+    assert fresh.ready_at == 100.0 + 60.0 + 180.0
+    side.advance_to(500.0)
+    side.remove_node("i2")
+    side.add_node("i2")
+    assert fresh.node == "i2" and fresh.ready_at == 500.0 + 180.0

@@ -60,7 +60,12 @@ Simplifications per policy:
 - lending-bound: a near-lower bound on lending's cost to training (``compare.lending_bound``): the true
   busiest 10 s of the next two ticks, replicas run full, no replica start, no grace, no lost work, no
   scale-down window; the autoscaler's thresholds and FIFO + backfill still apply (not a strict bound).
-Common to all: replicas are whole nodes (8 GPUs, TP 8; no per-GPU packing), a replica starts in one
-phase (``replica_startup_s``: no separate scheduling/staging/engine-load phases), one deployment, one
-training workload (openb pods), training run times known exactly to the backfill scheduler.
+Common to all: replicas are whole nodes (8 GPUs, TP 8; no per-GPU packing of replicas beside training
+jobs, no TP 1/2/4 replicas); a replica starts in phases: it waits for a node (Slurm's scheduling, seen at
+the lending or rebalance tick), the weights are copied from the cold tier to the node's warm tier on
+the node's first replica only (``replica_stage_s``; the copy is never evicted), then the engine loads
+(``replica_startup_s``); the pre-warm horizon covers the warm start only (a cold node's first replica
+is ``replica_stage_s`` late); one deployment; one training trace (openb pods), replayed as whole-node
+jobs (default) or, with ``gpu_scale`` 1, as 1-8-GPU single-node jobs; training run times known exactly
+to the backfill scheduler.
 """

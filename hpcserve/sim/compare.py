@@ -150,9 +150,11 @@ def cost_free(scenario: Scenario) -> Scenario:
     """``scenario`` without lending's costs: a replica is ready once placed, a victim leaves at its signal
     and loses nothing (it still requeues and waits), the autoscaler releases a replica as soon as the
     load allows (no scale-down window)."""
-    settings = dataclasses.replace(scenario.settings, checkpoint_save_s=0.0, replica_startup_s=0.0)
+    settings = dataclasses.replace(
+        scenario.settings, checkpoint_save_s=0.0, replica_startup_s=0.0, replica_stage_s=0.0
+    )
     spec = scenario.serving.spec.model_copy(update={"scale_down_window_s": 0.0})
-    serving = dataclasses.replace(scenario.serving, spec=spec, startup_s=0.0)
+    serving = dataclasses.replace(scenario.serving, spec=spec, startup_s=0.0, stage_s=0.0)
     return dataclasses.replace(scenario, settings=settings, serving=serving, grace_s=0.0)
 
 

@@ -10,6 +10,9 @@ lending tick. Each source sees a ``FloorView`` and returns a rate in requests pe
   rate: the same signal by Little's law, sampled more densely.
 - ``Ramp``: a source plus the ramp the recent arrivals show (``ramp``): a rise the seasonal forecast has
   not seen (a day busier than the ones before) is met while it rises, not once the autoscaler sees it.
+- ``RiseRate`` (overlap-prewarm's): what the recent arrivals' busiest 10 s ask for now plus the rise the
+  forecast expects over the horizon, the ramp, and a standing share of the forecast peak (its class
+  docstring says why each).
 - ``TrueRate`` (the rate curve's true peak ahead) and ``TrueBursts`` (the true busiest 10 s ahead, from
   the replay's own arrivals, Poisson noise included): the references told the future.
 """
@@ -97,6 +100,36 @@ class Ramp:
 
     def __call__(self, view: FloorView) -> float:
         return max(self.base(view), ramp(view.recent, view.step_s, self.horizon_s))
+
+
+def busiest(recent: Sequence[float], step_s: float, block_s: float) -> float:
+    """The busiest ``block_s`` block's mean rate in ``recent`` (requests per step); 0 when empty."""
+    return max(block_rates(recent, step_s, block_s), default=0.0)
+
+
+@dataclass(slots=True)
+class RiseRate:
+    """What runs now plus the rise the forecast expects, with a share of the forecast kept as a standing
+    margin: the largest of (the recent window's busiest ``block_s`` + the forecast's peak over the
+    horizon minus its value now), the recent ``ramp``, and ``share`` x the forecast's peak. A forecast
+    that is too high costs only its rise and that share; a day busier than the forecast is met by what
+    runs now and the ramp; bursts the recent window has not shown (a burst later in the slot) need the
+    standing share."""
+
+    forecast: ForecastRate
+    horizon_s: float
+    share: float
+    block_s: float = 10.0
+
+    def __call__(self, view: FloorView) -> float:
+        peak = self.forecast(view)
+        rising = ramp(view.recent, view.step_s, self.horizon_s)
+        model = self.forecast.model
+        if model is None or peak <= 0:
+            return max(peak, rising)
+        rise = max(peak - predict(model, view.at, 0.0), 0.0)
+        now = busiest(view.recent, view.step_s, self.block_s)
+        return max(now + rise, rising, self.share * peak)
 
 
 @dataclass(frozen=True, slots=True)

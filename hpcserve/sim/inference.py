@@ -19,8 +19,10 @@ The fluid model (an approximation, per ``step_s`` step rather than per request):
   / step_s) times larger); starting replicas show nothing.
 
 Replicas: ``gpus_per_replica`` GPUs on one node, so a node holds G // gpus_per_replica of them, and only
-on nodes of the inference side. A replica the autoscaler adds waits for a free slot (a pending Slurm job),
-then starts for ``startup_s``. A replica whose node leaves the inference side is relaunched (it stays
+on nodes of the inference side. A replica starts in phases: the autoscaler adds it and it waits for a
+free slot (a pending Slurm job: Slurm's scheduling); on a node whose warm tier lacks the weights they are
+copied from the cold tier first (``stage_s``, once per node: the copy is never evicted); then the engine
+loads them (``startup_s``). A replica whose node leaves the inference side is relaunched (it stays
 wanted, as the reconciler would do) and waits for a slot again.
 """
 
@@ -59,9 +61,10 @@ class ServingModel:
     mu: float  # requests per second per ready replica
     per_node: int  # replicas per node
     step_s: float
-    startup_s: float
+    startup_s: float  # the engine's load, weights on the node's warm tier
     autoscale_every: int  # steps between autoscaler ticks
     at0: datetime  # the replay's time 0, for the autoscaler's clock
+    stage_s: float = 0.0  # copying the weights from the cold tier to a node's warm tier (its first replica)
 
     def replicas_for(self, rate: float) -> int:
         """Replicas the autoscaler keeps for a steady ``rate`` (its scale-down utilization bound)."""
@@ -128,6 +131,7 @@ class InferenceSide:
         self._next_ready = float("inf")
         self._ready = self._placed = 0
         self.floor = 0  # replicas the autoscaler keeps at least (a pre-warm floor; 0: the spec's own)
+        self.staged: set[str] = set()  # nodes whose warm tier holds the weights (never evicted)
         self._floored: dict[int, DeploymentSpec] = {}
         for node in sorted(nodes, key=natural_key):
             self.nodes[node] = []
@@ -143,6 +147,7 @@ class InferenceSide:
         for replica in self.replicas.values():
             if replica.node is not None:
                 replica.ready_at = 0.0
+                self.staged.add(replica.node)
         self._refresh(0.0)
 
     @property
@@ -274,12 +279,15 @@ class InferenceSide:
             self.nodes[replica.node].remove(index)
 
     def _place(self, now: float) -> None:
-        """Give pending replicas free slots (nodes in name order), each then starts for ``startup_s``."""
+        """Give pending replicas free slots (nodes in name order), each then starts: ``stage_s`` on a node
+        whose warm tier lacks the weights, then ``startup_s``."""
         pending = [r for r in sorted(self.replicas.values(), key=lambda r: r.index) if r.node is None]
         for node, held in self.nodes.items():
             while pending and len(held) < self.model.per_node:
                 replica = pending.pop(0)
-                replica.node, replica.ready_at = node, now + self.model.startup_s
+                stage = 0.0 if node in self.staged else self.model.stage_s
+                replica.node, replica.ready_at = node, now + stage + self.model.startup_s
+                self.staged.add(node)
                 held.append(replica.index)
         self._refresh(now)
 

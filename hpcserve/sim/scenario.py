@@ -57,6 +57,7 @@ class SimSettings:
     slo_wait_s: float = 10.0  # a request meets the SLO when it waited at most this long
     move_delay_s: float = 120.0  # drain done -> node usable on the other side (scontrol, health check)
     replica_startup_s: float = 180.0  # a replica's engine start (weights from the warm tier) on a node
+    replica_stage_s: float = 60.0  # weights copied cold tier -> a node's warm tier, before its first replica
     replica_drain_s: float = 30.0  # a replica finishing its requests before its node can move
     checkpoint_interval_s: float = 1800.0  # training jobs checkpoint this often (run time)
     checkpoint_save_s: float = 60.0  # a job checkpointing on its signal saves in this long, then exits
@@ -163,6 +164,7 @@ def _serving(settings: SimSettings, inference: InferenceWorkload, per_node: int,
         per_node=max(per_node // spec.gpus_per_replica, 1),
         step_s=settings.step_s,
         startup_s=settings.replica_startup_s,
+        stage_s=settings.replica_stage_s,
         autoscale_every=max(round(settings.autoscale_interval_s / settings.step_s), 1),
         at0=AT0,
     )
