@@ -9,10 +9,11 @@ from datetime import timedelta
 import pytest
 
 from hpcserve.config.policy import PrewarmRules
+from hpcserve.rebalance.forecast import SeasonalModel
 from hpcserve.serving.autoscaler import UP_UTILIZATION
 from hpcserve.sim.compare import cost_free, make_policy, replay
 from hpcserve.sim.engine import Replay
-from hpcserve.sim.floor import FloorView, ForecastRate, Ramp, TrueBursts, block_rates, ramp
+from hpcserve.sim.floor import FloorView, ForecastRate, Ramp, RiseRate, TrueBursts, block_rates, ramp
 from hpcserve.sim.inference import InferenceSide
 from hpcserve.sim.overlap import OverlapPolicy
 from hpcserve.sim.scenario import AT0, default_policy
@@ -112,3 +113,21 @@ def test_a_replica_stages_the_weights_on_a_node_once_then_loads_them() -> None:
     side.remove_node("i2")
     side.add_node("i2")
     assert fresh.node == "i2" and fresh.ready_at == 500.0 + 180.0
+
+
+def test_rise_rate_is_what_runs_now_plus_the_forecast_rise_or_a_share_of_the_forecast() -> None:
+    """A forecast of 10 that doubles at 00:10 (a horizon of 15 minutes from 00:00 sees 20, a rise of 10):
+    what the recent arrivals' busiest 10 s ask (5) plus that rise is 15; the standing share of the peak
+    (0.9 x 20 = 18) is larger; with busier arrivals (12 + 10) what runs now wins."""
+    daily = tuple(2.0 if k == 1 else 1.0 for k in range(144))
+    model = SeasonalModel(10.0, 10.0, 1800.0, daily, (1.0,) * 7, last=AT0)
+    forecast = ForecastRate(PrewarmRules(min_history_s=0), horizon_s=900.0, model=model, seen=AT0)
+    rates = [(AT0, 10.0)]
+    quiet = FloorView(0.0, AT0, rates, rates, (5.0,) * 300, 1.0)
+    assert RiseRate(forecast, 900.0, share=0.9)(quiet) == pytest.approx(18.0)
+    assert RiseRate(forecast, 900.0, share=0.5)(quiet) == pytest.approx(15.0)
+    busy = FloorView(0.0, AT0, rates, rates, (12.0,) * 300, 1.0)
+    assert RiseRate(forecast, 900.0, share=0.9)(busy) == pytest.approx(22.0)
+    assert RiseRate(ForecastRate(PrewarmRules(), 900.0), 900.0, 0.9)(busy) == pytest.approx(
+        12.0
+    )  # no history

@@ -45,18 +45,20 @@ Simplifications per policy:
   victims lose their work since the last periodic checkpoint (they do not checkpoint on SIGTERM); the
   pending replica is seen every ``autoscale_interval_s`` (not Slurm's sched/backfill cycles); a freed
   node goes to the replica at once and an empty one back to training at once (no epilog/health check).
-- overlap-prewarm (``lending: overlap``): the same, plus a replica floor (``floor``): the larger of the
-  product's forecast (``rebalance.forecast.fit`` with the policy's ``prewarm:`` slot and half-life, no
-  floor before ``min_history_s``) of the request rate sampled every ``sample_interval_s`` (each sample
-  the busiest 10 s since the last: the product fits engine concurrency per controller tick instead) and
-  the ramp of the last 5 minutes of arrivals (a rise in each of their thirds, extrapolated), one horizon
-  (grace + engine start + two ticks) ahead, over a replica's throughput at ``floor_load`` (the
-  autoscaler's scale-up utilisation); gentle victims (least GPU-seconds since their last checkpoint,
-  never a job ending within the horizon) that checkpoint on the signal in ``checkpoint_save_s`` and
-  lose only that; the signal goes out as the floor rises (forecast time minus the grace, approximately:
-  the horizon covers the grace).
-- prewarm-foresight: overlap-prewarm told the true busiest 10 s over the horizon (from the replay's own
-  arrivals, Poisson noise included): the ceiling of any forecast under the same floor rule.
+- overlap-prewarm (``lending: overlap``): the same, plus a replica floor (``floor.RiseRate``), one
+  horizon (grace + engine start + two ticks) ahead, over a replica's throughput at ``floor_load`` (the
+  autoscaler's scale-up utilisation): the largest of (the last 5 minutes' busiest 10 s + the rise the
+  forecast expects over the horizon), the ramp of the last 5 minutes (a rise in each of their thirds,
+  extrapolated) and a standing 0.9 of the forecast peak. The forecast is the product's
+  (``rebalance.forecast.fit`` with the policy's ``prewarm:`` slot and half-life, none before
+  ``min_history_s``), fitted on the request rate sampled every ``sample_interval_s`` (each sample the
+  busiest 10 s since the last; the product fits engine concurrency per controller tick, and its floor is
+  the forecast peak alone: the sim's rule is a proposal for it). Gentle victims (least GPU-seconds since
+  their last checkpoint, never a job ending within the horizon) checkpoint on the signal in
+  ``checkpoint_save_s`` and lose only that; the signal goes out as the floor rises (forecast time minus
+  the grace, approximately: the horizon covers the grace).
+- prewarm-foresight: the floor set from the true busiest 10 s over the horizon (from the replay's own
+  arrivals, Poisson noise included) at ``floor_load``: what a perfect forecast of the peak gives.
 - lending-bound: a near-lower bound on lending's cost to training (``compare.lending_bound``): the true
   busiest 10 s of the next two ticks, replicas run full, no replica start, no grace, no lost work, no
   scale-down window; the autoscaler's thresholds and FIFO + backfill still apply (not a strict bound).

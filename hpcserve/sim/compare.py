@@ -11,13 +11,15 @@ The policies (``POLICIES``; ``hpcserve.sim.policies`` says how each decides):
 - lending through Slurm's preemption, no node moves (``LENDING``; ``hpcserve.sim.overlap``): slurm-preempt
   (the baseline: overlapping partitions over every node, Slurm's own victims, lowest priority = youngest
   submission first), slurm-preempt-youngest (``PreemptParameters=youngest_first``: latest start first),
-  overlap-prewarm (hpcserve's ``lending: overlap``: forecast pre-warm plus the recent ramp, gentle victims
-  that checkpoint on the signal), prewarm-foresight (the same told the true busiest 10 s ahead, from the
-  replay's own arrivals), overlap-gentle (gentle victims that save on the signal, no pre-warm: what the
-  victim choice alone does) and lending-bound (a near-lower bound on lending's cost to training: the
-  replicas the true busiest 10 s of the next two ticks need, run full, on ``cost_free`` mechanics: no
-  replica start, no grace, no lost work, no scale-down window; not a strict bound: the autoscaler's
-  thresholds still apply and FIFO + backfill is a heuristic; its SLO is not a goal);
+  overlap-prewarm (hpcserve's ``lending: overlap``: a pre-warm floor from what runs now plus the rise
+  the forecast expects, the recent ramp, and a standing share of the forecast: ``floor.RiseRate``;
+  gentle victims that checkpoint on the signal), prewarm-foresight (the floor set from the true
+  busiest 10 s ahead, from the replay's own arrivals), overlap-gentle (gentle victims that save on the
+  signal, no pre-warm: what the victim choice alone does) and lending-bound (a near-lower bound on
+  lending's cost to training: the replicas the true busiest 10 s of the next two ticks need, run full,
+  on ``cost_free`` mechanics: no replica start, no grace, no lost work, no scale-down window; not a
+  strict bound: the autoscaler's thresholds still apply and FIFO + backfill is a heuristic; its SLO is
+  not a goal);
 - extra (``EXTRA``, not run by default): planner-foresight, the planner told the true future demand over
   its horizon (``Foresight``): predictive against it is what the forecast alone costs.
 
@@ -36,8 +38,9 @@ from pathlib import Path
 
 from hpcserve.config import Policy, SiteConfig
 from hpcserve.errors import ValidationError
+from hpcserve.serving.autoscaler import UP_UTILIZATION
 from hpcserve.sim.engine import Replay
-from hpcserve.sim.floor import ForecastRate, Ramp, TrueBursts, block_rates
+from hpcserve.sim.floor import ForecastRate, RiseRate, TrueBursts, block_rates
 from hpcserve.sim.metrics import PolicyResult
 from hpcserve.sim.overlap import OverlapPolicy
 from hpcserve.sim.planned import Forecaster, Foresight, PlannerPolicy, demand_now
@@ -55,6 +58,7 @@ LENDING = (
 )
 EXTRA = ("planner-foresight", *LENDING)  # not run by default
 BURST_S = 10.0  # prewarm-foresight knows the busiest block this long ahead (the SLO's wait)
+STANDING_SHARE = UP_UTILIZATION  # overlap-prewarm keeps replicas for this share of the forecast peak
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +134,7 @@ def lending(name: str, scenario: Scenario, policy: Policy) -> OverlapPolicy:
     source = (
         TrueBursts(block_rates(scenario.arrivals, scenario.settings.step_s, BURST_S), BURST_S, horizon)
         if name == "prewarm-foresight"
-        else Ramp(ForecastRate(policy.prewarm, horizon), horizon)
+        else RiseRate(ForecastRate(policy.prewarm, horizon), horizon, share=STANDING_SHARE)
     )
     return OverlapPolicy(name, victims="gentle", save_on_signal=True, prewarm=source, spare_s=horizon)
 

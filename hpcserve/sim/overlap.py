@@ -11,17 +11,18 @@ Policies (``OverlapPolicy``; the replay carries them out: ``hpcserve.sim.engine`
   free, and the taken jobs on that node are signalled (SIGTERM), killed ``grace_s`` later and requeued,
   losing their work since the last periodic checkpoint.
 - ``overlap-prewarm``, hpcserve's ``lending: overlap``: the same preemption, plus a replica floor from a
-  pre-warm source (``hpcserve.sim.floor``: the product's forecast of the per-deployment request rate,
-  and the ramp the last 5 minutes of arrivals show), one ``horizon_s`` ahead (>= grace + engine start +
-  two autoscaler ticks), so the eviction and the start happen before the burst; the floor is the
-  source's rate over what one replica serves at ``floor_load`` (the autoscaler's scale-up utilisation,
-  as the product's ``per_replica_capacity``). Victims are hpcserve's gentle choice (``gentle_victims``):
-  the node whose jobs checkpointed most recently (the least GPU-seconds of work since their last
-  checkpoint, then the fewest GPUs), never a node with a job that ends within the spare window
-  (``spare_s``, the horizon: it frees its GPUs by itself before they are needed). The signal is the
-  checkpoint signal, sent as the floor rises (forecast time minus the grace): the victim saves at once,
-  exits after ``checkpoint_save_s`` and loses only that.
-- ``prewarm-foresight``: overlap-prewarm told the true busiest 10 s over the horizon (the reference).
+  pre-warm source (``hpcserve.sim.floor.RiseRate``: what runs now plus the rise the product's forecast
+  expects, the ramp the last 5 minutes of arrivals show, a standing share of the forecast), one
+  ``horizon_s`` ahead (>= grace + engine start + two autoscaler ticks), so the eviction and the start
+  happen before the burst; the floor is the source's rate over what one replica serves at
+  ``floor_load`` (the autoscaler's scale-up utilisation, as the product's ``per_replica_capacity``).
+  Victims are hpcserve's gentle choice (``gentle_victims``): the node whose jobs checkpointed most
+  recently (the least GPU-seconds of work since their last checkpoint, then the fewest GPUs), never a
+  node with a job that ends within the spare window (``spare_s``, the horizon: it frees its GPUs by
+  itself before they are needed). The signal is the checkpoint signal, sent as the floor rises
+  (forecast time minus the grace): the victim saves at once, exits after ``checkpoint_save_s`` and
+  loses only that.
+- ``prewarm-foresight``: the floor set from the true busiest 10 s over the horizon (the reference).
 - ``lending-bound``: ``hpcserve.sim.compare.lending_bound`` (no start, grace or lost work).
 
 Simplifications (all of them): replicas take whole nodes (the site's GPUs per node is one replica of

@@ -135,7 +135,10 @@ RATIOS = (
 
 
 def _ratio(ours: float, base: float) -> float:
-    return ours / base if base else float("inf")
+    """ours / base; 1.0 when both are 0 (equal), inf when only base is."""
+    if base:
+        return ours / base
+    return 1.0 if not ours else float("inf")
 
 
 def ratios(results: Sequence[PolicyResult]) -> list[str]:
