@@ -260,6 +260,8 @@ def test_lending_defaults_to_overlap_unless_a_managed_pool_is_declared(tmp_path:
     assert (unsaid.lending.mode, unsaid.lending.shared_nodes) == ("overlap", site.lending.shared_nodes)
     pooled = load_site_config(edited(MINI, tmp_path, {"lending": DROP}))  # a managed pool, no mode: moves
     assert (pooled.lending.mode, pooled.lending.shared_nodes) == ("moves", ())
+    apart = load_site_config(edited(MINI, tmp_path, {"lending": DROP, "managed_pool": DROP}))
+    assert (apart.lending.mode, apart.managed_pool.sides()) == ("moves", {"training": (), "inference": ()})
 
 
 LENDING_CASES = [
@@ -267,8 +269,6 @@ LENDING_CASES = [
     pytest.param({"lending": {"shared_nodes": "node3"}}, "lending.shared_nodes", "mode: overlap", id="moves"),
     pytest.param({"managed_pool": DROP, "lending": {"mode": "overlap"}}, "lending.shared_nodes", "node[3-6]",
                  id="none"),
-    pytest.param({"managed_pool": DROP, "lending": DROP}, "lending.shared_nodes", "mode: moves with a",
-                 id="default-nothing-shared"),
     pytest.param(
         {**OVERLAP, "partitions.training.nodes": "node[1-4]", "partitions.inference.nodes": "node[3-8]",
          "lending.shared_nodes": "node[3-6]"},

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,9 @@ def rig(short_root: Path, slurm_env: dict[str, str]) -> Iterator[Rig]:  # noqa: 
         service.wait_ready()
         sims.start()
         with service.store() as store:
+            # the controller's one tick at start comes first: after it, nothing reconciles the rows below
+            wait_until(lambda: store.lock_holder("serving-controller") is not None, timeout=60)
+            time.sleep(5.0)  # the tick that took the lease finishes (it finds no deployment): squeue + a read
             _deploy(store, sims)
         port, admin = free_port(), free_port()
         log = short_root / "gateway.log"

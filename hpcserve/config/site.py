@@ -50,16 +50,19 @@ class SiteConfig(Frozen):
     @model_validator(mode="before")
     @classmethod
     def _lending_defaults(cls, data: Any) -> Any:
-        """``lending.mode`` defaults to overlap, except on a site that declares a managed pool (moves, as
-        before); overlap's ``shared_nodes`` default to the nodes both partitions list."""
+        """``lending.mode`` defaults to overlap, sharing the nodes both partitions list (or
+        ``shared_nodes``), except on a site that declares a managed pool (moves, as before) or whose
+        partitions share no node (moves with no pool: nothing is lent)."""
         if not isinstance(data, dict):
             return data
         lending = dict(data.get("lending") or {})
+        both = _both_partitions(data.get("partitions"))
         if "mode" not in lending:
             pool = data.get("managed_pool") or {}
-            lending["mode"] = "moves" if isinstance(pool, dict) and any(pool.values()) else "overlap"
+            pooled = isinstance(pool, dict) and any(pool.values())
+            lending["mode"] = "overlap" if not pooled and (both or lending.get("shared_nodes")) else "moves"
         if lending["mode"] == "overlap" and not lending.get("shared_nodes"):
-            lending["shared_nodes"] = _both_partitions(data.get("partitions"))
+            lending["shared_nodes"] = both
         return {**data, "lending": lending}
 
     @field_validator("nodes")
