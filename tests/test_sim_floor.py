@@ -13,7 +13,16 @@ from hpcserve.rebalance.forecast import SeasonalModel
 from hpcserve.serving.autoscaler import UP_UTILIZATION
 from hpcserve.sim.compare import cost_free, make_policy, replay
 from hpcserve.sim.engine import Replay
-from hpcserve.sim.floor import FloorView, ForecastRate, Ramp, RiseRate, TrueBursts, block_rates, ramp
+from hpcserve.sim.floor import (
+    FloorView,
+    ForecastRate,
+    Ramp,
+    RiseRate,
+    TrueBursts,
+    block_rates,
+    burstiness,
+    ramp,
+)
 from hpcserve.sim.inference import InferenceSide
 from hpcserve.sim.overlap import OverlapPolicy
 from hpcserve.sim.scenario import AT0, default_policy
@@ -116,18 +125,25 @@ def test_a_replica_stages_the_weights_on_a_node_once_then_loads_them() -> None:
 
 
 def test_rise_rate_is_what_runs_now_plus_the_forecast_rise_or_a_share_of_the_forecast() -> None:
-    """A forecast of 10 that doubles at 00:10 (a horizon of 15 minutes from 00:00 sees 20, a rise of 10):
-    what the recent arrivals' busiest 10 s ask (5) plus that rise is 15; the standing share of the peak
-    (0.9 x 20 = 18) is larger; with busier arrivals (12 + 10) what runs now wins."""
+    """A forecast of 10 that doubles at 00:10 (a horizon of 15 minutes from 00:00 sees 20, a rise of 10).
+    Smooth arrivals of 5 per second: 5 + the rise = 15 (no standing share: burstiness 1). Bursty ones
+    (5 requests in the last 5 s of 5 minutes: busiest 10 s 0.5, 30 times the mean): 0.5 + 10 is below
+    the standing 0.9 x 20 = 18. Busier smooth arrivals (12): 12 + 10."""
     daily = tuple(2.0 if k == 1 else 1.0 for k in range(144))
     model = SeasonalModel(10.0, 10.0, 1800.0, daily, (1.0,) * 7, last=AT0)
     forecast = ForecastRate(PrewarmRules(min_history_s=0), horizon_s=900.0, model=model, seen=AT0)
     rates = [(AT0, 10.0)]
-    quiet = FloorView(0.0, AT0, rates, rates, (5.0,) * 300, 1.0)
-    assert RiseRate(forecast, 900.0, share=0.9)(quiet) == pytest.approx(18.0)
-    assert RiseRate(forecast, 900.0, share=0.5)(quiet) == pytest.approx(15.0)
-    busy = FloorView(0.0, AT0, rates, rates, (12.0,) * 300, 1.0)
-    assert RiseRate(forecast, 900.0, share=0.9)(busy) == pytest.approx(22.0)
-    assert RiseRate(ForecastRate(PrewarmRules(), 900.0), 900.0, 0.9)(busy) == pytest.approx(
-        12.0
-    )  # no history
+
+    def rise(recent: tuple[float, ...], share: float = 0.9) -> float:
+        return RiseRate(forecast, 900.0, share=share)(FloorView(0.0, AT0, rates, rates, recent, 1.0))
+
+    assert burstiness((5.0,) * 300, 1.0, 10.0) == 1.0
+    assert rise((5.0,) * 300) == pytest.approx(15.0)
+    bursty = (0.0,) * 295 + (1.0,) * 5
+    assert burstiness(bursty, 1.0, 10.0) == pytest.approx(30.0)
+    assert rise(bursty) == pytest.approx(18.0)
+    assert rise(bursty, share=0.5) == pytest.approx(10.5)
+    assert rise((12.0,) * 300) == pytest.approx(22.0)
+    no_history = ForecastRate(PrewarmRules(), 900.0)  # a day needed: no forecast, the ramp alone
+    view = FloorView(0.0, AT0, rates, rates, (12.0,) * 300, 1.0)
+    assert RiseRate(no_history, 900.0, 0.9)(view) == pytest.approx(12.0)

@@ -49,14 +49,16 @@ Simplifications per policy:
   horizon (grace + engine start + two ticks) ahead, over a replica's throughput at ``floor_load`` (the
   autoscaler's scale-up utilisation): the largest of (the last 5 minutes' busiest 10 s + the rise the
   forecast expects over the horizon), the ramp of the last 5 minutes (a rise in each of their thirds,
-  extrapolated) and a standing 0.9 of the forecast peak. The forecast is the product's
-  (``rebalance.forecast.fit`` with the policy's ``prewarm:`` slot and half-life, none before
-  ``min_history_s``), fitted on the request rate sampled every ``sample_interval_s`` (each sample the
-  busiest 10 s since the last; the product fits engine concurrency per controller tick, and its floor is
-  the forecast peak alone: the sim's rule is a proposal for it). Gentle victims (least GPU-seconds since
-  their last checkpoint, never a job ending within the horizon) checkpoint on the signal in
-  ``checkpoint_save_s`` and lose only that; the signal goes out as the floor rises (forecast time minus
-  the grace, approximately: the horizon covers the grace).
+  extrapolated) and, for bursty traffic only, a standing 0.9 of the forecast peak (weighted by how far
+  the last 5 minutes' busiest 10 s rise over their mean: full at 2x, none for smooth traffic). The
+  forecast is the product's (``rebalance.forecast.fit`` with the policy's ``prewarm:`` slot and
+  half-life, none before ``min_history_s``), fitted on the request rate sampled every
+  ``sample_interval_s`` (each sample the busiest 10 s since the last; the product fits engine
+  concurrency per controller tick, and its floor is the forecast peak alone: the sim's rule is a
+  proposal for it). Gentle victims (least GPU-seconds since their last checkpoint, never a job ending
+  within the horizon) checkpoint on the signal in ``checkpoint_save_s`` and lose only that; the signal
+  goes out as the floor rises (forecast time minus the grace, approximately: the horizon covers the
+  grace).
 - prewarm-foresight: the floor set from the true busiest 10 s over the horizon (from the replay's own
   arrivals, Poisson noise included) at ``floor_load``: what a perfect forecast of the peak gives.
 - lending-bound: a near-lower bound on lending's cost to training (``compare.lending_bound``): the true

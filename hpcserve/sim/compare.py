@@ -12,7 +12,8 @@ The policies (``POLICIES``; ``hpcserve.sim.policies`` says how each decides):
   (the baseline: overlapping partitions over every node, Slurm's own victims, lowest priority = youngest
   submission first), slurm-preempt-youngest (``PreemptParameters=youngest_first``: latest start first),
   overlap-prewarm (hpcserve's ``lending: overlap``: a pre-warm floor from what runs now plus the rise
-  the forecast expects, the recent ramp, and a standing share of the forecast: ``floor.RiseRate``;
+  the forecast expects, the recent ramp, and for bursty traffic a standing share of the forecast:
+  ``floor.RiseRate``;
   gentle victims that checkpoint on the signal), prewarm-foresight (the floor set from the true
   busiest 10 s ahead, from the replay's own arrivals), overlap-gentle (gentle victims that save on the
   signal, no pre-warm: what the victim choice alone does) and lending-bound (a near-lower bound on
@@ -58,7 +59,7 @@ LENDING = (
 )
 EXTRA = ("planner-foresight", *LENDING)  # not run by default
 BURST_S = 10.0  # prewarm-foresight knows the busiest block this long ahead (the SLO's wait)
-STANDING_SHARE = UP_UTILIZATION  # overlap-prewarm keeps replicas for this share of the forecast peak
+STANDING_SHARE = UP_UTILIZATION  # overlap-prewarm keeps this share of the forecast peak (bursty traffic)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,8 @@ Policies (``OverlapPolicy``; the replay carries them out: ``hpcserve.sim.engine`
   losing their work since the last periodic checkpoint.
 - ``overlap-prewarm``, hpcserve's ``lending: overlap``: the same preemption, plus a replica floor from a
   pre-warm source (``hpcserve.sim.floor.RiseRate``: what runs now plus the rise the product's forecast
-  expects, the ramp the last 5 minutes of arrivals show, a standing share of the forecast), one
+  expects, the ramp the last 5 minutes of arrivals show, a standing share of the forecast for bursty
+  traffic), one
   ``horizon_s`` ahead (>= grace + engine start + two autoscaler ticks), so the eviction and the start
   happen before the burst; the floor is the source's rate over what one replica serves at
   ``floor_load`` (the autoscaler's scale-up utilisation, as the product's ``per_replica_capacity``).

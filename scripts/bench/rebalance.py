@@ -9,8 +9,9 @@ A short check: scripts/bench/rebalance --days 1 --seeds 0.
 Policies (default): static (a fixed split for the inference peak, context only), slurm-preempt (the
 baseline), moves-predictive (hpcserve's node moves with the forecast planner, ``lending: moves``),
 overlap-prewarm (hpcserve's default, ``lending: overlap``: Slurm's preemption plus a pre-warm floor from
-the forecast and the recent ramp, and gentle victims that checkpoint on the signal), prewarm-foresight
-(the same told the true busiest 10 s ahead: what a better forecast could still win), overlap-gentle
+what runs now plus the forecast's rise, the recent ramp and, for bursty traffic, a standing share of the
+forecast (hpcserve/sim/floor.py, RiseRate), and gentle victims that checkpoint on the signal),
+prewarm-foresight (the floor set from the true busiest 10 s ahead), overlap-gentle
 (gentle victims that save on the signal, no pre-warm: what the victim choice alone does) and
 lending-bound (a near-lower bound on lending's cost to training: no replica start, grace or lost work,
 inference holds only what the next 20 s need; its SLO is not a goal). Also available: oracle (the best
