@@ -523,3 +523,42 @@ def test_an_engine_that_refuses_the_replicas_key_is_skipped_and_never_401s_the_c
     with caplog.at_level(logging.WARNING):
         run(scenario)
     assert "its engine refused the replica's engine key" in caplog.text and "engine-key" not in caplog.text
+
+
+@dataclass
+class CountingRoutes(StaticRoutes):
+    reads: int = 0
+
+    def __call__(self) -> Any:
+        self.reads += 1
+        return super().__call__()
+
+
+def test_a_model_made_a_moment_ago_is_found_and_unknown_names_do_not_poll_the_routes() -> None:
+    async def scenario() -> None:
+        slow = GatewayConfig(refresh_interval_s=3600, report_interval_s=3600, usage_flush_interval_s=3600)
+        ups = Upstream(name="up0")
+        async with serving(upstream_app(ups)) as up_url:
+            routes = CountingRoutes()
+            app = make_app(slow, routes, keys=KEYS)
+            async with serving(app) as url, ClientSession() as http:
+                headers = {"Authorization": f"Bearer {KEY}"}
+                await asyncio.sleep(0.3)  # the first read is older than MISS_REFRESH_S
+                routes.set(DeploymentRoute("fresh", (Endpoint("fresh", 0, up_url),)))  # made after it
+                body = {"model": "fresh", "prompt": "hi", "max_tokens": 2}
+                async with http.post(url + "/v1/completions", json=body, headers=headers) as resp:
+                    assert resp.status == 200, await resp.text()
+                before = routes.reads
+                misses = [
+                    http.post(
+                        url + "/v1/completions", json={"model": f"nope-{i}", "prompt": "x"}, headers=headers
+                    )
+                    for i in range(50)
+                ]
+                answers = await asyncio.gather(*(m.__aenter__() for m in misses))
+                assert {a.status for a in answers} == {404}
+                for a in answers:
+                    a.release()
+                assert routes.reads - before <= 2  # 50 unknown names at once: one read (or two), not 50
+
+    run(scenario)

@@ -27,7 +27,7 @@ from hpcserve.store.store import utc_now
 
 if TYPE_CHECKING:
     from hpcserve.config import Policy, SiteConfig
-    from hpcserve.slurm.protocol import SlurmOperator
+    from hpcserve.slurm.protocol import SlurmOperator, SlurmReader
     from hpcserve.store import HistoryStore
 
 log = logging.getLogger("hpcserve.rebalance")
@@ -119,8 +119,10 @@ class Rebalancer:
         plan_fn: PlanFn | None = None, *, ttl_s: float = 120.0,
         clock: Callable[[], datetime] = utc_now, sleep: Callable[[float], None] = time.sleep,
         holder: str | None = None,  # the lease holder (default "host:pid")
+        view: SlurmReader | None = None,  # where the planner's snapshot comes from (default: client)
     ) -> None:  # fmt: skip
         self._client, self._store, self._site, self._policy = client, store, site, policy
+        self._view: SlurmReader = view or client
         self._plan_fn, self._clock = plan_fn, clock
         self.layout = Layout.from_site(site)
         self.lease = Lease(store, ttl_s, clock, holder)
@@ -134,7 +136,7 @@ class Rebalancer:
         if self._plan_fn is None:
             return RebalancePlan(0, (), ("no planner installed (hpcserve.rebalance.planner)",)), None
         now = self._clock()
-        snapshot = self._client.snapshot()
+        snapshot = self._view.snapshot()
         history = self._store.queue_samples(since=now - HISTORY)
         recent = self._store.plans(last=RECENT_PLANS)
         state = load_planner_state(self._store)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from hpcserve.service.metrics import ServiceMetrics
     from hpcserve.service.server import ApiServer
     from hpcserve.slurm.runner import SubprocessRunner
+    from hpcserve.slurm.shared_view import SharedView
     from hpcserve.store import HistoryStore
 
 log = logging.getLogger("hpcserve.service")
@@ -66,12 +67,16 @@ def run_service(site: SiteConfig, policy: Policy, store: HistoryStore, runner: S
 
 def _jobs(site: SiteConfig, policy: Policy, store: HistoryStore, runner: SubprocessRunner,
           metrics: ServiceMetrics, options: ServiceOptions) -> Jobs:  # fmt: skip
-    jobs = _serving_jobs(site, policy, store)
+    from hpcserve.slurm.factory import make_client
+    from hpcserve.slurm.shared_view import SharedView
+
+    view = SharedView(make_client(site), site.serving.controller_interval_s)  # one squeue + sinfo a tick
+    jobs = _serving_jobs(site, policy, store, view)
     if options.sample_interval_s > 0:
-        jobs["sampler"] = (_sampler_tick(site, store, metrics), options.sample_interval_s)
+        jobs["sampler"] = (_sampler_tick(view, store, metrics), options.sample_interval_s)
     if options.rebalance_interval_s > 0:
         interval = options.rebalance_interval_s
-        jobs["rebalance"] = (_rebalance_tick(runner, site, policy, store, metrics, interval), interval)
+        jobs["rebalance"] = (_rebalance_tick(runner, site, policy, store, metrics, interval, view), interval)
     return jobs
 
 
@@ -152,22 +157,21 @@ def _schedule(jobs: Jobs, metrics: ServiceMetrics) -> None:
     scheduler.start()
 
 
-def _serving_jobs(site: SiteConfig, policy: Policy, store: HistoryStore) -> Jobs:
+def _serving_jobs(site: SiteConfig, policy: Policy, store: HistoryStore, view: SharedView) -> Jobs:
     from hpcserve.serving.wiring import make_controller, tick_as_leader
 
     interval = site.serving.controller_interval_s
-    controller = make_controller(site, policy, store)
+    controller = make_controller(site, policy, store, view)
     return {
         "serving": (lambda: tick_as_leader(controller, store, ttl_s=max(10 * interval, 10)), interval),
         "retention": (lambda: store.apply_retention(datetime.now(UTC)), 3600.0),
     }
 
 
-def _sampler_tick(site: SiteConfig, store: HistoryStore, metrics: ServiceMetrics) -> Callable[[], None]:
+def _sampler_tick(view: SharedView, store: HistoryStore, metrics: ServiceMetrics) -> Callable[[], None]:
     from hpcserve.rebalance.sampler import Sampler
-    from hpcserve.slurm.factory import make_client
 
-    sampler = Sampler(make_client(site), store)
+    sampler = Sampler(view, store)
 
     def tick() -> None:
         try:
@@ -179,13 +183,14 @@ def _sampler_tick(site: SiteConfig, store: HistoryStore, metrics: ServiceMetrics
 
 
 def _rebalance_tick(runner: SubprocessRunner, site: SiteConfig, policy: Policy, store: HistoryStore,
-                    metrics: ServiceMetrics, interval: float) -> Callable[[], None]:  # fmt: skip
+                    metrics: ServiceMetrics, interval: float,
+                    view: SharedView) -> Callable[[], None]:  # fmt: skip
     from hpcserve.rebalance.control import Rebalancer, default_plan_fn
     from hpcserve.slurm.cli_backend import CliSlurmClient
 
     client = CliSlurmClient(runner, timeout=site.slurm.command_timeout_s)
     ttl_s = max(3 * interval, 120.0)
-    rebalancer = Rebalancer(client, store, site, policy, default_plan_fn(), ttl_s=ttl_s)
+    rebalancer = Rebalancer(client, store, site, policy, default_plan_fn(), ttl_s=ttl_s, view=view)
 
     def tick() -> None:
         report = rebalancer.round()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ from hpcserve.serving.gateway.stats import NO_KEY, Report, UsageSink, no_report,
 from hpcserve.serving.gateway.tenancy import reachable
 
 log = logging.getLogger(__name__)
+MISS_REFRESH_S = 0.25  # an unknown model re-reads the routes at most this often
 STATE = web.AppKey("hpcserve.gateway.state", GatewayState)
 _encode = msgspec.json.Encoder().encode
 
@@ -48,7 +50,9 @@ class Gateway:
         self.key_source = key_source
         self.config = state.config
         self._pool: UpstreamPool | None = None
-        self.proxy = Proxy(state, self.pool)
+        self.proxy = Proxy(state, self.pool, self.refresh_for_miss)
+        self._refreshed_at = -math.inf  # monotonic time of the last routes refresh
+        self._miss_lock: asyncio.Lock | None = None
 
     def pool(self) -> UpstreamPool:
         assert self._pool is not None, "the gateway app is not started"
@@ -77,9 +81,25 @@ class Gateway:
         self._pool.close()
 
     async def refresh(self) -> None:
+        started = time.monotonic()
         routes = await _in_thread(self.source)
         self.state.apply(routes)
+        self._refreshed_at = started
         self.pool().sweep()
+
+    async def refresh_for_miss(self) -> bool:
+        """Routes read again now for a request naming a model this gateway does not know (a deployment
+        made a moment ago), unless they are fresher than ``MISS_REFRESH_S``: many misses at once share one
+        read, and unknown names cannot make the gateway poll the database faster than that. Whether a
+        read happened."""
+        if self._miss_lock is None:
+            self._miss_lock = asyncio.Lock()
+        asked = time.monotonic()
+        async with self._miss_lock:
+            if self._refreshed_at >= asked - MISS_REFRESH_S:
+                return self._refreshed_at >= asked  # another miss's read, begun after this one asked
+            await _guarded(self.refresh, "refresh")
+            return True
 
     async def refresh_keys(self) -> None:
         assert self.key_source is not None

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -67,9 +67,15 @@ class Exchange:
 
 
 class Proxy:
-    def __init__(self, state: GatewayState, pool: Callable[[], UpstreamPool]) -> None:
+    def __init__(
+        self,
+        state: GatewayState,
+        pool: Callable[[], UpstreamPool],
+        on_miss: Callable[[], Awaitable[bool]] | None = None,  # re-read the routes now; whether it did
+    ) -> None:
         self.state, self.config, self.clock = state, state.config, state.clock
         self._pool = pool
+        self._on_miss = on_miss
         self.log = OneLine(log)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -83,6 +89,8 @@ class Proxy:
             return self._reject(raw, key.id, request)
         groups = self.state.keyring.groups(key.owner)
         decision = admit(raw, self.state.routes, key, self.config, groups)
+        if _unknown_model(decision) and self._on_miss is not None and await self._on_miss():
+            decision = admit(raw, self.state.routes, key, self.config, groups)  # made a moment ago?
         if isinstance(decision, Rejection):
             return self._reject(decision, key.id, request)
         wait = self.state.keyring.take(key, decision.cost, started)
@@ -297,3 +305,7 @@ def _rate_limited(key: ApiKey, adm: Admitted, wait: int) -> Rejection:
     rate = f"{key.rate:g} tokens/s" if key.rate else "rate"
     message = f"key {key.id} is over its {rate}; this request needs ~{adm.cost} tokens; retry in {wait} s"
     return Rejection(429, message, "rate_limit_exceeded", "rate_limit_error", wait, adm.route.name)
+
+
+def _unknown_model(decision: object) -> bool:
+    return isinstance(decision, Rejection) and decision.code == "model_not_found"

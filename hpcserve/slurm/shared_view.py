@@ -1,0 +1,158 @@
+"""One Slurm read per tick, shared by every part of the service.
+
+Without it the serving controller ran an unfiltered ``squeue`` every tick, the sampler ``squeue`` and
+``sinfo`` every 30 s, and the rebalancer a four-call snapshot every minute, each on its own. ``SharedView``
+wraps the service's one Slurm client:
+- ``jobs()`` and ``nodes()`` come from one ``squeue`` and one ``sinfo``, read together at most once per
+  ``max_age_s`` (the controller's tick) and handed, frozen, to whoever asks within that age: the controller,
+  the sampler, the planner's snapshot and the replica submitter;
+- the age adapts to the queue: a read that took ``d`` seconds is reused for at least ``ADAPT * d``, so on a
+  slow slurmctld (a huge queue) hpcserve spends at most about 1/``ADAPT`` of its time in these RPCs;
+- ``partitions()`` (scontrol show partition) is cached for ``partitions_ttl_s``, the topology (scontrol show
+  topology, which changes only with slurm.conf) for ``topology_ttl_s``;
+- a failed read is remembered: until the backoff ends (doubling from ``max_age_s`` up to ``MAX_BACKOFF_S``),
+  every caller gets the same error without another RPC, and the view logs one warning when reads start
+  failing and one line when they work again;
+- every other call (submit, cancel, drain, pin, release, signal, ...) goes to the client, and drops the cached
+  reads: the next reader sees what it changed;
+- ``live`` is the client itself, for readers that must see Slurm as it is now (the rebalancer's executor
+  re-checks a node's jobs before it signals them: defence in depth, at most once a minute).
+Filtered reads (``jobs(filt)``: one user's jobs for the API) go to Slurm directly. Thread-safe: the
+scheduler runs the service's jobs in threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hpcserve.errors import SlurmCommandError
+from hpcserve.model.cluster import ClusterSnapshot, Job, Node, Partition, Topology, with_switches
+from hpcserve.slurm.protocol import JobFilter, Ping
+
+log = logging.getLogger("hpcserve.slurm")
+
+ADAPT = 10.0  # reuse a read for at least ADAPT x the time it took
+MAX_BACKOFF_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    jobs: tuple[Job, ...]
+    nodes: tuple[Node, ...]
+    at: float  # monotonic time the read ended
+    took_s: float
+
+
+class SharedView:
+    """A read-through, per-tick cache over a Slurm client (see the module docstring)."""
+
+    def __init__(
+        self,
+        client: Any,
+        max_age_s: float,
+        *,
+        partitions_ttl_s: float = 60.0,
+        topology_ttl_s: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.live = client
+        self.max_age_s, self.partitions_ttl_s, self.topology_ttl_s = (
+            max_age_s,
+            partitions_ttl_s,
+            topology_ttl_s,
+        )
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._read: _Read | None = None
+        self._partitions: tuple[float, tuple[Partition, ...]] | None = None
+        self._topology: tuple[float, Topology] | None = None
+        self._failed: tuple[float, float, SlurmCommandError] | None = None  # (until, backoff, error)
+        self.reads = 0  # squeue + sinfo pairs made (for /metrics and the benchmark)
+
+    # ------------------------------------------------------------------------------------------- reads
+    def ping(self) -> Ping:
+        return self.live.ping()  # type: ignore[no-any-return]
+
+    def jobs(self, filt: JobFilter | None = None) -> list[Job]:
+        if filt is not None:
+            return self.live.jobs(filt)  # type: ignore[no-any-return]
+        return list(self._fresh().jobs)
+
+    def nodes(self) -> list[Node]:
+        return list(self._fresh().nodes)
+
+    def partitions(self) -> list[Partition]:
+        with self._lock:
+            now = self._clock()
+            if self._partitions is None or now - self._partitions[0] >= self.partitions_ttl_s:
+                self._partitions = (now, tuple(self.live.partitions()))
+            return list(self._partitions[1])
+
+    def topology(self) -> Topology:
+        with self._lock:
+            now = self._clock()
+            if self._topology is None or now - self._topology[0] >= self.topology_ttl_s:
+                self._topology = (now, self.live.topology())
+            return self._topology[1]
+
+    def snapshot(self) -> ClusterSnapshot:
+        from datetime import UTC, datetime
+
+        read, topology = self._fresh(), self.topology()
+        nodes = with_switches(list(read.nodes), topology)
+        partitions = tuple(self.partitions())
+        return ClusterSnapshot(datetime.now(UTC), nodes, read.jobs, partitions, topology)
+
+    def invalidate(self) -> None:
+        """Forget the cached reads (after a write, or when the caller knows Slurm changed)."""
+        with self._lock:
+            self._read, self._partitions = None, None
+
+    # ------------------------------------------------------------------------------------------ writes
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.live, name)
+        if not callable(attr):
+            return attr
+
+        def passed_through(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.invalidate()
+
+        return passed_through
+
+    # -------------------------------------------------------------------------------------- internals
+    def _fresh(self) -> _Read:
+        with self._lock:
+            now = self._clock()
+            if self._read is not None and now - self._read.at < max(
+                self.max_age_s, ADAPT * self._read.took_s
+            ):
+                return self._read
+            if self._failed is not None and now < self._failed[0]:
+                raise self._failed[2]
+            return self._refresh(now)
+
+    def _refresh(self, start: float) -> _Read:
+        try:
+            jobs = tuple(self.live.jobs())  # first: squeue fails at once when slurmctld is down
+            nodes = tuple(self.live.nodes())
+        except SlurmCommandError as exc:
+            backoff = min(self._failed[1] * 2, MAX_BACKOFF_S) if self._failed else max(self.max_age_s, 1.0)
+            if self._failed is None:
+                log.warning("Slurm reads fail (%s); retrying with backoff up to %.0f s", exc, MAX_BACKOFF_S)
+            self._failed = (self._clock() + backoff, backoff, exc)
+            raise
+        end = self._clock()
+        if self._failed is not None:
+            log.info("Slurm reads work again")
+            self._failed = None
+        self.reads += 1
+        self._read = _Read(jobs, nodes, end, end - start)
+        return self._read
