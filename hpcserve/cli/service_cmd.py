@@ -21,9 +21,12 @@ if TYPE_CHECKING:
               help="Seconds between rebalance rounds (0: no rebalancing).")  # fmt: skip
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=9464, show_default=True,
               help="Port of /metrics on service.metrics_listen's host (0: none).")  # fmt: skip
+@click.option("--no-shared-slurm-view", "own_reads", is_flag=True, hidden=True,
+              help="Each job reads Slurm itself, as before the shared view (scripts/bench/slurm_load's "
+                   "baseline).")  # fmt: skip
 @click.pass_obj
 def service(ctx: Context, /, once: bool, sample_interval: float, rebalance_interval: float,
-            metrics_port: int) -> None:  # fmt: skip
+            metrics_port: int, own_reads: bool) -> None:  # fmt: skip
     """Run hpcserve's service: the API (socket, munge over TCP), serving controller, queue sampler, rebalancer
     and history retention. It owns the database and migrates it at start."""
     from hpcserve.service.main import ServiceOptions, run_service
@@ -35,5 +38,5 @@ def service(ctx: Context, /, once: bool, sample_interval: float, rebalance_inter
     site = ctx.require_site()
     policy = ctx.load_policy(site)
     store = ctx.store(site, extra_admins=(current_user(),), migrate=True)  # it owns the database
-    options = ServiceOptions(once, sample_interval, rebalance_interval, metrics_port)
+    options = ServiceOptions(once, sample_interval, rebalance_interval, metrics_port, not own_reads)
     run_service(site, policy, store, ctx.runner, options)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from hpcserve.rebalance.control import RoundReport
     from hpcserve.service.metrics import ServiceMetrics
     from hpcserve.service.server import ApiServer
+    from hpcserve.slurm.protocol import SlurmClient, SlurmReader
     from hpcserve.slurm.runner import SubprocessRunner
     from hpcserve.slurm.shared_view import SharedView
     from hpcserve.store import HistoryStore
@@ -43,6 +44,7 @@ class ServiceOptions:
     sample_interval_s: float = 30.0  # 0: no sampler
     rebalance_interval_s: float = 60.0  # 0: no rebalancing
     metrics_port: int = 9464  # 0: no /metrics
+    shared_view: bool = True  # False: each job reads Slurm itself (the benchmark's baseline)
 
 
 def run_service(site: SiteConfig, policy: Policy, store: HistoryStore, runner: SubprocessRunner,
@@ -70,13 +72,17 @@ def _jobs(site: SiteConfig, policy: Policy, store: HistoryStore, runner: Subproc
     from hpcserve.slurm.factory import make_client
     from hpcserve.slurm.shared_view import SharedView
 
-    view = SharedView(make_client(site), site.serving.controller_interval_s)  # one squeue + sinfo a tick
-    jobs = _serving_jobs(site, policy, store, view)
+    shared = (
+        SharedView(make_client(site), site.serving.controller_interval_s) if options.shared_view else None
+    )
+    jobs = _serving_jobs(site, policy, store, shared or make_client(site))
     if options.sample_interval_s > 0:
-        jobs["sampler"] = (_sampler_tick(view, store, metrics), options.sample_interval_s)
+        sampler = _sampler_tick(shared or make_client(site), store, metrics)
+        jobs["sampler"] = (sampler, options.sample_interval_s)
     if options.rebalance_interval_s > 0:
         interval = options.rebalance_interval_s
-        jobs["rebalance"] = (_rebalance_tick(runner, site, policy, store, metrics, interval, view), interval)
+        rebalance = _rebalance_tick(runner, site, policy, store, metrics, interval, shared)
+        jobs["rebalance"] = (rebalance, interval)
     return jobs
 
 
@@ -157,7 +163,7 @@ def _schedule(jobs: Jobs, metrics: ServiceMetrics) -> None:
     scheduler.start()
 
 
-def _serving_jobs(site: SiteConfig, policy: Policy, store: HistoryStore, view: SharedView) -> Jobs:
+def _serving_jobs(site: SiteConfig, policy: Policy, store: HistoryStore, view: SlurmClient) -> Jobs:
     from hpcserve.serving.wiring import make_controller, tick_as_leader
 
     interval = site.serving.controller_interval_s
@@ -168,7 +174,7 @@ def _serving_jobs(site: SiteConfig, policy: Policy, store: HistoryStore, view: S
     }
 
 
-def _sampler_tick(view: SharedView, store: HistoryStore, metrics: ServiceMetrics) -> Callable[[], None]:
+def _sampler_tick(view: SlurmReader, store: HistoryStore, metrics: ServiceMetrics) -> Callable[[], None]:
     from hpcserve.rebalance.sampler import Sampler
 
     sampler = Sampler(view, store)
@@ -184,7 +190,7 @@ def _sampler_tick(view: SharedView, store: HistoryStore, metrics: ServiceMetrics
 
 def _rebalance_tick(runner: SubprocessRunner, site: SiteConfig, policy: Policy, store: HistoryStore,
                     metrics: ServiceMetrics, interval: float,
-                    view: SharedView) -> Callable[[], None]:  # fmt: skip
+                    view: SharedView | None) -> Callable[[], None]:  # fmt: skip
     from hpcserve.rebalance.control import Rebalancer, default_plan_fn
     from hpcserve.slurm.cli_backend import CliSlurmClient
 

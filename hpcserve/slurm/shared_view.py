@@ -3,9 +3,10 @@
 Without it the serving controller ran an unfiltered ``squeue`` every tick, the sampler ``squeue`` and
 ``sinfo`` every 30 s, and the rebalancer a four-call snapshot every minute, each on its own. ``SharedView``
 wraps the service's one Slurm client:
-- ``jobs()`` and ``nodes()`` come from one ``squeue`` and one ``sinfo``, read together at most once per
-  ``max_age_s`` (the controller's tick) and handed, frozen, to whoever asks within that age: the controller,
-  the sampler, the planner's snapshot and the replica submitter;
+- ``jobs()`` and ``nodes()`` come from one ``squeue`` and one ``sinfo``, each read at most once per
+  ``max_age_s`` (the controller's tick), and only when someone asks, then handed, frozen, to whoever asks
+  within that age: the controller (jobs), the sampler (both), the planner's snapshot and the replica
+  submitter (both, with the cached partitions and topology);
 - the age adapts to the queue: a read that took ``d`` seconds is reused for at least ``ADAPT * d``, so on a
   slow slurmctld (a huge queue) hpcserve spends at most about 1/``ADAPT`` of its time in these RPCs;
 - ``partitions()`` (scontrol show partition) is cached for ``partitions_ttl_s``, the topology (scontrol show
@@ -42,8 +43,7 @@ MAX_BACKOFF_S = 60.0
 
 @dataclass(frozen=True, slots=True)
 class _Read:
-    jobs: tuple[Job, ...]
-    nodes: tuple[Node, ...]
+    value: tuple[Any, ...]
     at: float  # monotonic time the read ended
     took_s: float
 
@@ -68,11 +68,11 @@ class SharedView:
         )
         self._clock = clock
         self._lock = threading.Lock()
-        self._read: _Read | None = None
+        self._reads: dict[str, _Read] = {}  # "jobs" (squeue), "nodes" (sinfo)
         self._partitions: tuple[float, tuple[Partition, ...]] | None = None
         self._topology: tuple[float, Topology] | None = None
         self._failed: tuple[float, float, SlurmCommandError] | None = None  # (until, backoff, error)
-        self.reads = 0  # squeue + sinfo pairs made (for /metrics and the benchmark)
+        self.reads = 0  # squeue and sinfo calls made
 
     # ------------------------------------------------------------------------------------------- reads
     def ping(self) -> Ping:
@@ -81,10 +81,10 @@ class SharedView:
     def jobs(self, filt: JobFilter | None = None) -> list[Job]:
         if filt is not None:
             return self.live.jobs(filt)  # type: ignore[no-any-return]
-        return list(self._fresh().jobs)
+        return list(self._fresh("jobs").value)
 
     def nodes(self) -> list[Node]:
-        return list(self._fresh().nodes)
+        return list(self._fresh("nodes").value)
 
     def partitions(self) -> list[Partition]:
         with self._lock:
@@ -103,15 +103,15 @@ class SharedView:
     def snapshot(self) -> ClusterSnapshot:
         from datetime import UTC, datetime
 
-        read, topology = self._fresh(), self.topology()
-        nodes = with_switches(list(read.nodes), topology)
+        jobs = self._fresh("jobs").value  # first: squeue fails at once when slurmctld is down
+        nodes, topology = self._fresh("nodes").value, self.topology()
         partitions = tuple(self.partitions())
-        return ClusterSnapshot(datetime.now(UTC), nodes, read.jobs, partitions, topology)
+        return ClusterSnapshot(datetime.now(UTC), with_switches(nodes, topology), jobs, partitions, topology)
 
     def invalidate(self) -> None:
         """Forget the cached reads (after a write, or when the caller knows Slurm changed)."""
         with self._lock:
-            self._read, self._partitions = None, None
+            self._reads, self._partitions = {}, None
 
     # ------------------------------------------------------------------------------------------ writes
     def __getattr__(self, name: str) -> Any:
@@ -128,21 +128,19 @@ class SharedView:
         return passed_through
 
     # -------------------------------------------------------------------------------------- internals
-    def _fresh(self) -> _Read:
+    def _fresh(self, what: str) -> _Read:
         with self._lock:
             now = self._clock()
-            if self._read is not None and now - self._read.at < max(
-                self.max_age_s, ADAPT * self._read.took_s
-            ):
-                return self._read
+            read = self._reads.get(what)
+            if read is not None and now - read.at < max(self.max_age_s, ADAPT * read.took_s):
+                return read
             if self._failed is not None and now < self._failed[0]:
                 raise self._failed[2]
-            return self._refresh(now)
+            return self._refresh(what, now)
 
-    def _refresh(self, start: float) -> _Read:
+    def _refresh(self, what: str, start: float) -> _Read:
         try:
-            jobs = tuple(self.live.jobs())  # first: squeue fails at once when slurmctld is down
-            nodes = tuple(self.live.nodes())
+            value = tuple(self.live.jobs() if what == "jobs" else self.live.nodes())
         except SlurmCommandError as exc:
             backoff = min(self._failed[1] * 2, MAX_BACKOFF_S) if self._failed else max(self.max_age_s, 1.0)
             if self._failed is None:
@@ -154,5 +152,5 @@ class SharedView:
             log.info("Slurm reads work again")
             self._failed = None
         self.reads += 1
-        self._read = _Read(jobs, nodes, end, end - start)
-        return self._read
+        self._reads[what] = _Read(value, end, end - start)
+        return self._reads[what]
