@@ -18,8 +18,9 @@ inference holds only what the next 20 s need; its SLO is not a goal). Also avail
 node-moving split, not a bound), reactive, slurm-preempt-youngest, planner-foresight.
 
 Traces, read where they lie (../shared/traces/ beside the repo): the Alibaba GPU 2023 (openb) pods for
-training, as two workloads: by default each pod GPU is a whole node (1-8-node jobs); with --gpu-scale 1
-each pod keeps its 1-8 GPUs on one node (small jobs that pack beside each other); for inference
+training (each pod GPU a whole node: 1-8-node jobs), compressed in time to 0.7 of the training
+partition's GPUs, or with --training-load 0.8 to a busier second workload (with small jobs instead, 1-8
+GPUs on one node, the trace spans too few days to reach the load: 36 GPUs offered); for inference
 ServeGen m-large (14 days of 10-minute rates) and the Azure 2023 code trace (one hour of requests at
 their real timestamps, repeated). The site is site_configs/example-onprem.yaml (64
 nodes x 8 GPUs; the node-moving policies lend the managed pool gpu[033-048], the lending policies
@@ -76,13 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="policies replayed at once (default 2)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="arrival-noise seeds (mean)")
     p.add_argument(
-        "--gpu-scale", type=int, default=0,
-        help="GPUs per trace GPU (default 0: a node each, so pods become 1-8-node jobs; 1: pods keep their "
-        "1-8 GPUs on one node, the second training workload)",
+        "--training-load", type=float, default=SimSettings().training_load,
+        help="offered training GPUs / the training partition's GPUs (default 0.7; 0.8: the second, busier "
+        "training workload)",
     )  # fmt: skip
     args = p.parse_args(argv)
-    if args.days <= 0 or args.warmup_days < 0 or args.jobs < 1 or args.gpu_scale < 0:
-        p.error("--days must be > 0, --warmup-days >= 0, --jobs >= 1, --gpu-scale >= 0")
+    if args.days <= 0 or args.warmup_days < 0 or args.jobs < 1 or not 0 < args.training_load <= 1:
+        p.error("--days must be > 0, --warmup-days >= 0, --jobs >= 1, 0 < --training-load <= 1")
     for trace in (args.training_trace, *(args.traces_dir / INFERENCE[t] for t in args.inference_traces)):
         if not trace.is_file():
             p.error(f"trace not found: {trace}; pass --training-trace / --traces-dir")
@@ -177,7 +178,7 @@ def run_trace(args: argparse.Namespace, trace: Path) -> list[PolicyResult]:
     runs = []
     for seed in args.seeds:
         settings = SimSettings(
-            days=args.days, warmup_days=args.warmup_days, seed=seed, gpu_scale=args.gpu_scale
+            days=args.days, warmup_days=args.warmup_days, seed=seed, training_load=args.training_load
         )
         inputs = Inputs(site, default_policy(site), args.training_trace, trace, settings)
         scenario = inputs.scenario()
@@ -196,9 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.inference_traces:
         results = run_trace(args, args.traces_dir / INFERENCE[name])
         seeds = ", ".join(map(str, args.seeds))
-        shapes = "pods as whole nodes" if not args.gpu_scale else f"{args.gpu_scale} GPU(s) per pod GPU"
+        load = f"training load {args.training_load:g}"
         block = (
-            f"{name}, {args.days:g} days, {shapes}, mean over seeds {seeds}:\n{table(results)}\n"
+            f"{name}, {args.days:g} days, {load}, mean over seeds {seeds}:\n{table(results)}\n"
             + "\n".join(ratios(results))
         )
         print(block + "\n", flush=True)
