@@ -3,6 +3,7 @@ host's, only once it expires; of two processes taking over the same dead holder'
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -79,3 +80,19 @@ def test_two_takeovers_of_one_dead_holder_make_one_winner(store: HistoryStore, d
     for t in threads:
         t.join()
     assert len(won) == 1 and store.lock_holder("rebalance") == f"contender:{won[0]}"
+
+
+def test_a_second_service_stands_by_for_the_sampler_and_retention(
+    store: HistoryStore, live_pid: int, dead_pid: int
+) -> None:
+    from hpcserve.service.main import leased
+
+    runs: list[str] = []
+    active = leased(store, "sampler", 60, lambda: runs.append("active"), holder=f"{HOST}:{live_pid}")
+    standby = leased(store, "sampler", 60, lambda: runs.append("standby"), holder=f"{HOST}:{os.getpid()}")
+    assert active() and not standby() and active()
+    assert runs == ["active", "active"]  # the standby samples nothing while the active one lives
+    gone = leased(store, "retention", 7200, lambda: runs.append("gone"), holder=f"{HOST}:{dead_pid}")
+    assert gone()
+    heir = leased(store, "retention", 7200, lambda: runs.append("heir"), holder=f"{HOST}:{os.getpid()}")
+    assert heir() and runs[-2:] == ["gone", "heir"]  # its holder died: taken over at once, not in 2 h

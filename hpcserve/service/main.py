@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from hpcserve.store import HistoryStore
 
 log = logging.getLogger("hpcserve.service")
+RETENTION_S = 3600.0
 Jobs = dict[str, tuple[Callable[[], object], float]]
 
 
@@ -78,7 +79,8 @@ def _jobs(site: SiteConfig, policy: Policy, store: HistoryStore, runner: Subproc
     jobs = _serving_jobs(site, policy, store, shared or make_client(site))
     if options.sample_interval_s > 0:
         sampler = _sampler_tick(shared or make_client(site), store, metrics)
-        jobs["sampler"] = (sampler, options.sample_interval_s)
+        ttl_s = max(3 * options.sample_interval_s, 60.0)
+        jobs["sampler"] = (leased(store, "sampler", ttl_s, sampler), options.sample_interval_s)
     if options.rebalance_interval_s > 0:
         interval = options.rebalance_interval_s
         rebalance = _rebalance_tick(runner, site, policy, store, metrics, interval, shared)
@@ -168,10 +170,29 @@ def _serving_jobs(site: SiteConfig, policy: Policy, store: HistoryStore, view: S
 
     interval = site.serving.controller_interval_s
     controller = make_controller(site, policy, store, view)
+    retention = leased(store, "retention", 2 * RETENTION_S, lambda: store.apply_retention(datetime.now(UTC)))
     return {
         "serving": (lambda: tick_as_leader(controller, store, ttl_s=max(10 * interval, 10)), interval),
-        "retention": (lambda: store.apply_retention(datetime.now(UTC)), 3600.0),
+        "retention": (retention, RETENTION_S),
     }
+
+
+def leased(
+    store: HistoryStore, name: str, ttl_s: float, func: Callable[[], object], holder: str | None = None
+) -> Callable[[], bool]:
+    """``func`` run only while this process holds the lease ``name`` (taken or renewed on each call), so a
+    second service on the same database stands by instead of doing it twice; whether it ran."""
+    from hpcserve.store.leases import holder_id, take_lease
+
+    me = holder or holder_id()
+
+    def run() -> bool:
+        if not take_lease(store, name, me, ttl_s, datetime.now(UTC)):
+            return False
+        func()
+        return True
+
+    return run
 
 
 def _sampler_tick(view: SlurmReader, store: HistoryStore, metrics: ServiceMetrics) -> Callable[[], None]:
