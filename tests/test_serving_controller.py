@@ -211,3 +211,24 @@ def test_a_launch_that_cannot_be_recorded_is_cancelled(
     monkeypatch.setattr(store, "upsert_replica", down)
     ctl.tick()
     assert slurm.cancelled == ["501"]  # never trusted, so never left holding alice's GPUs
+
+
+@dataclass
+class CachedSlurm(FakeSlurm):
+    """A fake behind a per-tick view: counts how often the controller says its cached reads are stale."""
+
+    invalidated: int = 0
+
+    def invalidate(self) -> None:
+        self.invalidated += 1
+
+
+def test_a_launch_makes_a_shared_slurm_view_read_again(store: HistoryStore) -> None:
+    serve(store, "llm", min_replicas=2)
+    slurm = CachedSlurm()
+    ctl = controller(store, slurm=slurm)
+    ctl.tick()
+    assert sorted(r.index for r in store.replicas("llm")) == [0, 1]
+    assert slurm.invalidated == 2  # one per launch: the next tick sees the jobs just submitted
+    ctl.tick()
+    assert slurm.invalidated == 2 and len(slurm.queue) == 2  # nothing launched, nothing dropped

@@ -200,6 +200,7 @@ class ServingController:
             case Launch(index):
                 spec = _spec(deployment)
                 launched = self.launcher.launch(tick.submitter, deployment, spec, index)
+                _saw_slurm_change(self.client)  # submitted as the owner, not through the client
                 tick.launched_gpus[deployment.owner] += _gpus(spec)
                 self._record_launch(name, index, launched, tick.now)
             case SetState(index, state, url):
@@ -260,3 +261,11 @@ def _inflight(stats: Mapping[int, EngineStats]) -> dict[int, int]:
 def _view(replica: Replica) -> ReplicaView:
     return ReplicaView(replica.index, replica.job_id or "0", ReplicaState(replica.state),
                        replica.started_at or replica.updated_at, replica.url)  # fmt: skip
+
+
+def _saw_slurm_change(client: object) -> None:
+    """A shared, per-tick view of Slurm (``hpcserve.slurm.shared_view``) reads again next time: the next
+    tick must see the job just submitted, or it would take the replica for one whose job vanished."""
+    invalidate = getattr(client, "invalidate", None)
+    if callable(invalidate):
+        invalidate()

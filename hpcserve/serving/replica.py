@@ -82,20 +82,44 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    """Poll ``url/health`` until it answers 200; fail if the engine exits or ``timeout_s`` passes."""
+def wait_healthy(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    timeout_s: float,
+    model: str | None = None,
+    key: str | None = None,
+) -> None:
+    """Poll ``url/health`` until it answers 200 and then (with ``model``) ``url/v1/models`` until it lists
+    ``model`` (with the engine's ``key``): an engine whose health answers before its API serves the model
+    is not ready yet. Fails if the engine exits or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise HpcserveError(f"the engine exited with status {proc.returncode} before it was healthy")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:  # noqa: S310 (http only)
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+        if _get(f"{url}/health") is not None and (model is None or model in _models(url, key)):
+            return
         time.sleep(HEALTH_POLL_S)
-    raise HpcserveError(f"the engine was not healthy within {timeout_s:g}s")
+    raise HpcserveError(f"the engine was not ready (/health, then /v1/models) within {timeout_s:g}s")
+
+
+def _get(url: str, key: str | None = None) -> bytes | None:
+    """The body of a 200 answer, or None."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310 (http only)
+            return bytes(response.read()) if response.status == 200 else None
+    except OSError:
+        return None
+
+
+def _models(url: str, key: str | None) -> set[str]:
+    """The model ids ``url/v1/models`` lists (none when it does not answer, or with anything else)."""
+    body = _get(f"{url}/v1/models", key)
+    try:
+        data = json.loads(body or b"{}").get("data", [])
+        return {str(m.get("id")) for m in data if isinstance(m, dict)}
+    except (ValueError, AttributeError):
+        return set()
 
 
 def engine_argv(spec: Any, host: str, port: int, rank: int = 0, head: str = "") -> list[str]:
@@ -151,7 +175,8 @@ class ReplicaMain:
         if rank:  # a headless vLLM rank: no API of its own
             return proc.wait()
         try:
-            wait_healthy(f"http://{host}:{port}", proc, self.ready_timeout_s)
+            key = self.credentials().engine_key
+            wait_healthy(f"http://{host}:{port}", proc, self.ready_timeout_s, spec.served_model_name, key)
             self.announce(spec.name, host, port, time.monotonic() + self.ready_timeout_s)
         except BaseException:
             _stop(proc)
