@@ -232,3 +232,21 @@ def test_a_launch_makes_a_shared_slurm_view_read_again(store: HistoryStore) -> N
     assert slurm.invalidated == 2  # one per launch: the next tick sees the jobs just submitted
     ctl.tick()
     assert slurm.invalidated == 2 and len(slurm.queue) == 2  # nothing launched, nothing dropped
+
+
+def test_two_gateways_buffering_both_count_and_a_silent_one_drops_out(store: HistoryStore) -> None:
+    from hpcserve.serving.gateway.stats import GatewaySample
+    from hpcserve.serving.gateway_store import report_to_store
+
+    serve(store, "llm", min_replicas=0, max_replicas=8, target_waiting_per_replica=2)
+    ctl = controller(store)
+    one, two = report_to_store(store, "login1:8000"), report_to_store(store, "login2:8000")
+    one([GatewaySample(NOW - timedelta(seconds=1), "llm", 3, 0, 0.0)])
+    two([GatewaySample(NOW - timedelta(seconds=2), "llm", 4, 0, 0.0)])
+    two([GatewaySample(NOW - timedelta(seconds=30), "llm", 50, 0, 0.0)])  # old: not the newest of two
+    assert ctl._gateway_waiting("llm", NOW) == 7  # 3 + 4, not the newest sample alone (3)
+    ctl.tick()
+    assert len(store.replicas("llm")) >= 1  # scaled from zero on both gateways' buffers
+    later = NOW + timedelta(seconds=9)
+    one([GatewaySample(later, "llm", 1, 0, 0.0)])  # login2 went silent 11 s ago: it drops out
+    assert ctl._gateway_waiting("llm", later) == 1

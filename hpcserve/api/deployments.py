@@ -284,9 +284,9 @@ def row(
 
 def queue_depth(api: ApiContext, name: str) -> int:
     """Waiting requests at the latest samples: the engines' queues plus the gateway's buffer."""
-    latest: dict[int | None, Any] = {}
+    latest: dict[tuple[int | None, str | None], Any] = {}
     for sample in api.store.engine_samples(name, since=api.clock() - QUEUE_WINDOW):
-        latest[sample.replica] = sample
+        latest[(sample.replica, sample.source)] = sample  # each replica, and each gateway
     return sum((s.waiting or 0) + (s.gateway_waiting or 0) for s in latest.values())
 
 

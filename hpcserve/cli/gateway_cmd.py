@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -158,7 +159,7 @@ def gateway(
     )  # fmt: skip
     keys = _file_keys(keys_path)  # HpcserveError: one line from main
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app, origin = _app(ctx, config, keys, routes_path)
+    app, origin = _app(ctx, config, keys, routes_path, f"{socket.gethostname()}:{port}")
     metrics = f"/metrics on http://{admin[0]}:{admin[1]}" if admin else "no /metrics"
     click.echo(f"hpcserve gateway on http://{host}:{port} ({origin}; {metrics})", err=True)
     run_gateway(app, host, port, admin)
@@ -186,7 +187,7 @@ def _file_keys(path: Path | None) -> tuple[list[ApiKey], dict[str, frozenset[str
 
 def _app(
     ctx: Context, config: GatewayConfig, keys: tuple[Sequence[ApiKey], dict[str, frozenset[str]]] | None,
-    routes_path: Path | None,
+    routes_path: Path | None, source: str,
 ) -> tuple[web.Application, str]:  # fmt: skip
     """Routes from the routes file or hpcserve's database (the replicas the service marked ready); keys
     from the keys file or the database; the gateway's buffered requests and per-key usage go back into
@@ -206,7 +207,7 @@ def _app(
         )
     site = ctx.require_site()
     store = ctx.store(site)
-    report, usage_sink = report_to_store(store), usage_to_store(store)
+    report, usage_sink = report_to_store(store, source), usage_to_store(store)
     where = f"the database of site {site.name}"
     if keys is not None:
         app = make_app(config, routes_from_store(store), keys=keys[0], groups=keys[1], report=report,

@@ -170,9 +170,11 @@ class ServingController:
         return GpuLimit(rules.max_gpus_per_user, rules.max_gpus_per_job, used, deployment.owner)
 
     def _gateway_waiting(self, name: str, now: datetime) -> int:
+        """Requests buffered at every live gateway: the newest sample of each within the last
+        ``GATEWAY_SAMPLE_AGE_S`` (a gateway that stopped reporting drops out), summed."""
         since = now - timedelta(seconds=GATEWAY_SAMPLE_AGE_S)
-        rows = [s for s in self.store.engine_samples(name, since=since) if s.replica is None]
-        return rows[-1].gateway_waiting or 0 if rows else 0
+        newest = {s.source: s for s in self.store.engine_samples(name, since=since) if s.replica is None}
+        return sum(s.gateway_waiting or 0 for s in newest.values())
 
     def _scrape(self, name: str, replicas: list[Replica], now: datetime) -> dict[int, EngineStats]:
         from hpcserve.store import EngineSample

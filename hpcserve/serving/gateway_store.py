@@ -85,12 +85,17 @@ def owner_groups(owners: Iterable[str]) -> dict[str, frozenset[str]]:
     return groups
 
 
-def report_to_store(store: HistoryStore) -> Report:
+def report_to_store(store: HistoryStore, source: str | None = None) -> Report:
+    """The gateway's buffered requests per deployment into the history, named by ``source`` (this
+    gateway's host:port), so that with several gateways the autoscaler sums them all."""
     from hpcserve.store import EngineSample
 
     def report(samples: Sequence[GatewaySample]) -> None:
         store.add_engine_samples(
-            [EngineSample(s.at, s.deployment, None, gateway_waiting=s.buffered) for s in samples]
+            [
+                EngineSample(s.at, s.deployment, None, gateway_waiting=s.buffered, source=source)
+                for s in samples
+            ]
         )
 
     return report

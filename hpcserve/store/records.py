@@ -54,6 +54,7 @@ class EngineSample:
     ttft_p95: float | None = None
     tokens_per_s: float | None = None
     gateway_waiting: int | None = None
+    source: str | None = None  # which gateway wrote a replica=None sample ("host:port"); None: a replica
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,7 @@ class EngineSampleRow(Base):
     ttft_p95: Mapped[float | None] = mapped_column(Double)
     tokens_per_s: Mapped[float | None] = mapped_column(Double)
     gateway_waiting: Mapped[int | None] = mapped_column(Integer)
+    source: Mapped[str | None] = mapped_column(String(128))  # the gateway of a replica=None sample
 
 
 class LostWorkRow(Base):
