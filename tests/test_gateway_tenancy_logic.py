@@ -231,3 +231,23 @@ def test_one_line_logs_are_throttled_and_parse_errors_lose_their_traceback(
         record.getMessage() == "malformed HTTP request (400): Invalid header value char:"
         and record.levelname == "WARNING"
     )
+
+
+def test_rate_limits_hold_across_gateways_by_splitting(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from hpcserve.serving.gateway.stats import GatewaySample
+    from hpcserve.serving.gateway_store import keys_from_store, report_to_store
+    from hpcserve.store.records import ApiKeyRecord
+
+    with HistoryStore(f"sqlite:///{tmp_path}/h.db", admins=["root"]) as store:
+        store.upgrade()
+        now = datetime.now(UTC)
+        store.add_api_key(ApiKeyRecord("k1", "bob", "laptop", "s", "d", None, 10.0, None, None, now))
+        alone = keys_from_store(store, "login1:8000")().keys[0]
+        assert (alone.rate, alone.burst) == (10.0, None)  # one gateway: the key's own limit
+        for source in ("login1:8000", "login2:8000"):
+            report_to_store(store, source)([GatewaySample(now, "m", 0, 0, 0.0)])
+        report_to_store(store, "gone:8000")([GatewaySample(now - timedelta(minutes=5), "m", 0, 0, 0.0)])
+        halves = [keys_from_store(store, s)().keys[0] for s in ("login1:8000", "login2:8000")]
+        assert [(k.rate, k.burst) for k in halves] == [(5.0, 300.0)] * 2  # two live: half each, 10/s in all

@@ -213,6 +213,6 @@ def _app(
         app = make_app(config, routes_from_store(store), keys=keys[0], groups=keys[1], report=report,
                        usage_sink=usage_sink)  # fmt: skip
         return app, f"{len(keys[0])} keys from the keys file, routes from {where}"
-    app = make_app(config, routes_from_store(store), key_source=keys_from_store(store), report=report,
+    app = make_app(config, routes_from_store(store), key_source=keys_from_store(store, source), report=report,
                    usage_sink=usage_sink)  # fmt: skip
     return app, f"keys and routes from {where}"

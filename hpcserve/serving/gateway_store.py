@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import pwd
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from hpcserve.serving.gateway.keys import ApiKey, KeySnapshot, KeySource
+from hpcserve.serving.gateway.keys import BURST_SECONDS, ApiKey, KeySnapshot, KeySource
 from hpcserve.serving.gateway.routes import DeploymentRoute, Endpoint, Refresh, Routes
 from hpcserve.serving.gateway.stats import GatewaySample, Report, UsageRow, UsageSink
 
 if TYPE_CHECKING:
     from hpcserve.store import Deployment, HistoryStore, Replica
     from hpcserve.store.records import ApiKeyRecord
+
+
+LIVE_GATEWAY_S = 10.0  # a gateway that wrote no sample for this long is not counted (it reports every 1 s)
 
 
 def routes_from_store(store: HistoryStore) -> Refresh:
@@ -54,19 +58,32 @@ def _route(deployment: Deployment, replicas: list[Replica]) -> DeploymentRoute:
     )
 
 
-def keys_from_store(store: HistoryStore) -> KeySource:
-    """The keys not revoked, with the Unix groups of their owners (for shares with ``@group``)."""
+def keys_from_store(store: HistoryStore, source: str | None = None) -> KeySource:
+    """The keys not revoked, with the Unix groups of their owners (for shares with ``@group``).
+
+    Rate limits hold across gateways by splitting: each key's rate and burst are divided by the number of
+    live gateways (those that wrote a sample within ``LIVE_GATEWAY_S``, this one included). Chosen over a
+    bucket shared through the database, which would put a database write on every request's path; the
+    split is exact when a load balancer spreads a key's requests evenly, and otherwise errs on the strict
+    side (a client stuck to one gateway of n gets 1/n of its rate), never above the key's rate in total."""
 
     def refresh() -> KeySnapshot:
-        keys = tuple(gateway_key(k) for k in store.api_keys(live_only=True))
+        since = datetime.now(UTC) - timedelta(seconds=LIVE_GATEWAY_S)
+        live = set(store.gateway_sources(since)) | ({source} if source else set())
+        share = 1 / max(len(live), 1)
+        keys = tuple(gateway_key(k, share) for k in store.api_keys(live_only=True))
         return KeySnapshot(keys, owner_groups({k.owner for k in keys}))
 
     return refresh
 
 
-def gateway_key(record: ApiKeyRecord) -> ApiKey:
+def gateway_key(record: ApiKeyRecord, share: float = 1.0) -> ApiKey:
+    """The gateway's key for a stored one; ``share``: this gateway's part of its rate limit."""
     models = frozenset(record.models) if record.models is not None else None
-    return ApiKey(record.id, record.owner, rate=record.rate, burst=record.burst, max_tokens=record.max_tokens,
+    rate, burst = record.rate, record.burst
+    if rate and share < 1:
+        rate, burst = rate * share, (burst or rate * BURST_SECONDS) * share
+    return ApiKey(record.id, record.owner, rate=rate, burst=burst, max_tokens=record.max_tokens,
                   models=models, salt=record.salt, digest=record.digest)  # fmt: skip
 
 

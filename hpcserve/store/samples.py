@@ -7,7 +7,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert
+from sqlalchemy import Connection, insert, select
 
 from hpcserve.store.records import ENGINE_FIELDS, QUEUE_FIELDS, EngineSample, LostWork, QueueSample, Rollup
 from hpcserve.store.schema import (
@@ -47,6 +47,19 @@ def engine_samples(
     stmt = stmt.where(EngineSampleRow.deployment == deployment)
     order = (EngineSampleRow.at, EngineSampleRow.replica.nulls_first())
     return to_records(conn.execute(stmt.order_by(*order)), EngineSample)
+
+
+def gateway_sources(conn: Connection, since: datetime) -> list[str]:
+    stmt = (
+        select(EngineSampleRow.source)
+        .where(
+            EngineSampleRow.replica.is_(None),
+            EngineSampleRow.source.is_not(None),
+            EngineSampleRow.at >= since,
+        )
+        .distinct()
+    )
+    return sorted(str(row[0]) for row in conn.execute(stmt))
 
 
 def lost_work(conn: Connection, since: datetime | None, job_ids: Iterable[str] | None) -> list[LostWork]:

@@ -119,6 +119,11 @@ class HistoryStore:
         with self._write() as conn:
             return samples.add_samples(conn, EngineSampleRow, rows)
 
+    def gateway_sources(self, since: datetime) -> list[str]:
+        """The gateways (``source``) that wrote a sample since ``since``: the live ones."""
+        with self._read() as conn:
+            return samples.gateway_sources(conn, since)
+
     def add_lost_work(self, rows: Iterable[LostWork]) -> int:
         """Record evicted jobs and the work each lost (``lending: overlap``)."""
         with self._write() as conn:
