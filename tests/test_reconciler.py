@@ -121,3 +121,38 @@ def test_a_job_with_the_same_tag_cannot_hide_the_replica() -> None:
 
 def test_steady_state_does_nothing() -> None:
     assert reconcile(2, [view(0, 10), view(1, 11)], seen({0: job(10), 1: job(11)}), NOW, 600) == []
+
+
+def limited(job_id: int, limit_s: int, started: datetime = EARLIER) -> Job:
+    return Job(str(job_id), job_id, "d-r", "alice", "a", "infer", JobState.RUNNING, 1, nodes=("node5",),
+               start=started, time_limit_s=limit_s)  # fmt: skip
+
+
+def test_a_replica_near_its_time_limit_hands_over_without_a_gap() -> None:
+    renew = 120.0
+    old = limited(10, 300)  # started 30 s ago, 5 minutes: ends in 270 s
+    assert reconcile(1, [view(0, 10)], seen({0: old}), NOW, 600, renew) == []  # not yet within 120 s
+    later = NOW + timedelta(seconds=160)  # ends in 110 s: a successor starts; the old one keeps serving
+    assert reconcile(1, [view(0, 10)], seen({0: old}), later, 600, renew) == [Launch(1)]
+    starting = [view(0, 10), view(1, 11, ReplicaState.STARTING)]
+    both = seen({0: old, 1: limited(11, 300, later)}, {1: note(1, 11, later)}, {0: 3})
+    acts = reconcile(1, starting, both, later + timedelta(seconds=5), 600, renew)
+    assert acts == [SetState(1, ReplicaState.READY, "http://node5:8001")]  # still no drain, no 2nd launch
+    ready = [view(0, 10), view(1, 11)]
+    acts = reconcile(1, ready, both, later + timedelta(seconds=10), 600, renew)
+    assert acts == [SetState(0, ReplicaState.DRAINING)]  # the successor serves: the old one drains
+    draining = [view(0, 10, ReplicaState.DRAINING), view(1, 11)]
+    assert reconcile(1, draining, both, later + timedelta(seconds=15), 600, renew) == []  # 3 in flight
+    empty = seen({0: old, 1: limited(11, 300, later)}, inflight={0: 0})
+    assert reconcile(1, draining, empty, later + timedelta(seconds=20), 600, renew) == [
+        Cancel(0, "10", "drained")
+    ]
+
+
+def test_no_renewal_when_the_limit_is_far_or_unknown() -> None:
+    assert reconcile(1, [view(0, 10)], seen({0: limited(10, 43200)}), NOW, 600, 900) == []
+    assert reconcile(1, [view(0, 10)], seen({0: job(10)}), NOW, 600, 900) == []  # no time limit seen
+    assert reconcile(1, [view(0, 10)], seen({0: limited(10, 60)}), NOW, 600, 0) == []  # renewal off
+    short = limited(10, 120)  # 2 minutes, 30 s in: half its limit (60 s) is the margin, not 900 s
+    assert reconcile(1, [view(0, 10)], seen({0: short}), NOW, 600, 900) == []
+    assert reconcile(1, [view(0, 10)], seen({0: short}), NOW + timedelta(seconds=31), 600, 900) == [Launch(1)]

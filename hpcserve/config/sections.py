@@ -286,6 +286,9 @@ class ServingSettings(Frozen):
     ready_timeout_s: float = Field(
         default=900.0, gt=0
     )  # engine start (weights load) before a replica is dead
+    # a replica whose job ends within this gets a successor, then drains before its time limit (0: never);
+    # it must cover a replica's start and its longest request
+    renew_before_s: float = Field(default=1800.0, ge=0)
 
     @field_validator("gateway_url")
     @classmethod

@@ -82,6 +82,7 @@ class ServingController:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     autoscaler: Autoscale | None = None  # default: hpcserve.serving.scaling.autoscale
     prewarm: Prewarm | None = None  # lending overlap: the forecast's replica floor (None: no floor)
+    renew_before_s: float = 0.0  # hand a replica over this long before its time limit (0: never)
     evict: Evict | None = None  # lending overlap: signal gentle victims for a pending replica (None: Slurm's)
     ignored: set[str] = field(default_factory=set)  # foreign tagged jobs already logged
 
@@ -107,7 +108,7 @@ class ServingController:
         desired = self._autoscale(deployment, replicas, stats, tick)
         seen = Observed(jobs, _announcements(replicas), _inflight(stats), frozenset(dead))
         views = [_view(r) for r in replicas if r.state in {s.value for s in ReplicaState}]
-        for action in reconcile(desired, views, seen, tick.now, self.ready_timeout_s):
+        for action in reconcile(desired, views, seen, tick.now, self.ready_timeout_s, self.renew_before_s):
             self._apply(deployment, action, tick)
         if self.evict is not None:
             for job in jobs.values():

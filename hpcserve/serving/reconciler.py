@@ -6,6 +6,11 @@ Replica lifecycle: ``starting`` (job queued or engine loading) -> ``ready`` (ann
 gateway routes to it) -> ``draining`` (no new requests; cancelled once nothing is in flight) -> gone.
 A replica whose job ended, or that never became ready in time, is dropped and, if still wanted, replaced.
 
+Handover before the time limit: a replica whose job ends within ``renew_before_s`` (its start plus its time
+limit) no longer counts as capacity, so a successor is launched while it still serves; once enough other
+replicas are ready, it drains (no new requests, cancelled when none is in flight) before Slurm would kill
+it. ``renew_before_s`` must cover a replica's start and its longest request.
+
 Trust: a job is a replica only when the service submitted it (its id is the one recorded for that replica)
 and Slurm runs it as the deployment's owner (``trusted_jobs``). A tag in ``--comment`` proves nothing, as
 anyone may write it: another job tagged with the deployment is ignored, never adopted nor routed to, and
@@ -119,7 +124,12 @@ def trusted_jobs(
 
 
 def reconcile(
-    desired: int, replicas: Sequence[ReplicaView], seen: Observed, now: datetime, ready_timeout_s: float
+    desired: int,
+    replicas: Sequence[ReplicaView],
+    seen: Observed,
+    now: datetime,
+    ready_timeout_s: float,
+    renew_before_s: float = 0.0,
 ) -> list[Action]:
     """Actions that move the replicas toward ``desired``; empty when they are there."""
     actions: list[Action] = []
@@ -129,8 +139,29 @@ def reconcile(
         actions += step
         if not any(isinstance(a, Forget | Cancel) for a in step):
             alive.append(replica)
+    expiring = [r for r in alive if _expiring(r, seen, now, renew_before_s)]
+    staying = [r for r in alive if r not in expiring]
     known = {r.index for r in replicas}
-    return actions + _resize(desired, alive, seen, known | set(seen.jobs) | seen.reserved)
+    actions += _resize(desired, staying, seen, known | set(seen.jobs) | seen.reserved)
+    return actions + _hand_over(desired, expiring, staying)
+
+
+def _expiring(replica: ReplicaView, seen: Observed, now: datetime, renew_before_s: float) -> bool:
+    """A serving replica whose job ends (start + time limit) within ``renew_before_s``, or within half its
+    time limit when that is shorter (a short-lived replica is not replaced as soon as it starts)."""
+    job = seen.jobs.get(replica.index)
+    if renew_before_s <= 0 or job is None or job.start is None or job.time_limit_s is None:
+        return False
+    left = job.time_limit_s - (now - job.start).total_seconds()
+    return replica.state is ReplicaState.READY and left <= min(renew_before_s, job.time_limit_s / 2)
+
+
+def _hand_over(desired: int, expiring: list[ReplicaView], staying: list[ReplicaView]) -> list[Action]:
+    """Expiring replicas drain once their successors are ready: as many as the ready others cover."""
+    ready = sum(1 for r in staying if r.state is ReplicaState.READY)
+    spare = max(0, min(len(expiring), ready + len(expiring) - desired))  # serving stays >= desired
+    oldest = sorted(expiring, key=lambda r: r.started_at)
+    return [SetState(r.index, ReplicaState.DRAINING) for r in oldest[:spare]]
 
 
 def _check(replica: ReplicaView, seen: Observed, now: datetime, timeout_s: float) -> list[Action]:

@@ -78,6 +78,7 @@ def make_controller(
         launcher=make_launcher(site),
         policy=policy,
         ready_timeout_s=site.serving.ready_timeout_s,
+        renew_before_s=site.serving.renew_before_s,
         scrape=scrape_metrics,
         service_user=current_user(),
         prewarm=_prewarm(site, policy, store),
