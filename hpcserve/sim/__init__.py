@@ -26,10 +26,11 @@ Modules (imports point down this list):
 Approximations (each module says more): inference is a fluid model per 1 s step (Poisson counts per step,
 FIFO cohorts, waits counted to the step), not per request; a replica's capacity is its saturated
 throughput under the engine simulator's latency model; ServeGen's 10-minute rates are interpolated
-linearly (no burstiness inside a window; request traces replay at their real timestamps, scaled so the
-peak of their 60-s bins fits the site); training run times are known exactly (backfill estimates,
-time limits); the autoscaler ticks every 10 s and the planner every 60 s; a node move takes the jobs'
-grace, then ``move_delay_s``. Deterministic: the same inputs and seed give the same figures.
+linearly (no window's own variability beyond Poisson noise; request traces replay at their real
+timestamps, scaled so their busiest 10 s fit the site); training run times are known exactly
+(backfill estimates, time limits); the autoscaler ticks every 10 s and the planner every 60 s; a node
+move takes the jobs' grace, then ``move_delay_s``. Deterministic: the same inputs and seed give the
+same figures.
 
 Simplifications per policy:
 - static (context only): a fixed split sized for the replay's inference peak; never moves.
@@ -69,7 +70,8 @@ jobs, no TP 1/2/4 replicas); a replica starts in phases: it waits for a node (Sl
 the lending or rebalance tick), the weights are copied from the cold tier to the node's warm tier on
 the node's first replica only (``replica_stage_s``; the copy is never evicted), then the engine loads
 (``replica_startup_s``); the pre-warm horizon covers the warm start only (a cold node's first replica
-is ``replica_stage_s`` late); one deployment; one training trace (openb pods), replayed as whole-node
-jobs (default) or, with ``gpu_scale`` 1, as 1-8-GPU single-node jobs; training run times known exactly
-to the backfill scheduler.
+is ``replica_stage_s`` late); one deployment; one training trace (openb pods, whole-node jobs by
+default), re-scaled to two loads in the benchmark (``training_load`` 0.7 and 0.8; with 1-8-GPU jobs,
+``gpu_scale`` 1, the trace spans too few days to reach either); training run times known exactly to the
+backfill scheduler.
 """
