@@ -14,6 +14,7 @@ from hpcserve.serving.autoscaler import Observation, ReplicaLoad, ScalerState, d
 from hpcserve.serving.prewarm import (
     SLOT_S,
     Forecasting,
+    floor_load,
     load_history,
     per_replica_capacity,
     prewarm_floor,
@@ -139,12 +140,12 @@ def test_the_policys_profile_slot_sets_when_the_floor_rises() -> None:
         for k in range(2 * 1440)
     ]
     minute = Forecasting(slot_s=60, halflife_s=1800.0, min_history_s=86_400.0)
-    now = burst_at + timedelta(days=2)
+    now = burst_at + timedelta(days=1)  # the history runs on past it: load is seen up to now
     past = [h for h in history if h[0] < now - timedelta(seconds=90)]
     cap = per_replica_capacity(SPEC, 0.9)
     assert prewarm_floor(SPEC, past, now - timedelta(seconds=90), 60.0, cap, minute) == 1  # not yet in sight
     assert prewarm_floor(SPEC, past, now - timedelta(seconds=30), 60.0, cap, minute) >= 5  # one horizon ahead
-    assert prewarm_floor(SPEC, past, now - timedelta(seconds=30), 60.0, cap) == 2  # 10-min slot: 12.5 mean
+    assert prewarm_floor(SPEC, past, now - timedelta(seconds=30), 60.0, cap) == 1  # 10-min slot: no rise seen
     short = Forecasting(slot_s=60, halflife_s=1800.0, min_history_s=3 * 86_400.0)
     assert prewarm_floor(SPEC, past, now - timedelta(seconds=30), 60.0, cap, short) == 0  # too little history
 
@@ -156,3 +157,17 @@ def test_the_policys_prewarm_section_is_checked() -> None:
     with pytest.raises(ValueError, match="extra"):
         PrewarmRules.model_validate({"slot": 60})
     assert prewarm_horizon_s(10, 900, 1, start_estimate_s=40) == 10 + 40 + 1
+
+
+def test_the_floor_follows_a_ramp_and_holds_more_for_bursty_traffic() -> None:
+    """What runs now, a ramp carried on over the horizon, and (bursty traffic only) most of the forecast's
+    peak: the rule the simulator measured against Slurm's preemption."""
+    flat = daily_burst(2, step_s=60)
+    now = DAY0 + timedelta(days=1, hours=9)  # quiet hours, load 5
+    past = [h for h in flat if h[0] < now]
+    assert floor_load(past, now, 300.0) == pytest.approx(5.0)  # smooth, no rise: what runs now
+    rising = [(at, v + max(0.0, 300 - (now - at).total_seconds()) / 10) for at, v in past]  # +6/min
+    assert floor_load(rising, now, 300.0) > 35.0  # ~35 now, and still rising over the horizon
+    spike = now - timedelta(seconds=120)
+    spiky = [(at, 40.0 if at == spike else v) for at, v in past]  # one busy minute in the last five
+    assert floor_load(spiky, now, 300.0) >= 40.0
