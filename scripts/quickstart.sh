@@ -6,7 +6,6 @@ bash scripts/bootstrap.sh
 # shellcheck disable=SC1091
 source "${PREFIX:-/tmp/hpcserve-mc}/env.sh"
 export HPCSERVE_SITE=$PWD/site_configs/minicluster.yaml HPCSERVE_POLICY=$PWD/policies/default.yaml
-echo; echo "== hpcserve doctor"; .venv/bin/hpcserve doctor
 echo; echo "== hpcserve nodes"; .venv/bin/hpcserve nodes
 echo; echo "== hpcserve templates"; .venv/bin/hpcserve templates
 
@@ -45,6 +44,8 @@ echo $! > "$demo/service.pid"
 nohup .venv/bin/hpcserve gateway --port 8000 --metrics-listen off >"$demo/gateway.log" 2>&1 &
 echo $! > "$demo/gateway.pid"
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.2; done
+echo; echo "== hpcserve doctor (Slurm, accounting, the config, the service's API, the database)"
+.venv/bin/hpcserve doctor
 # A user's shell: the site config and the service's socket, never the database.
 as() { local who=$1; shift; runuser -u "$who" -- env -u HPCSERVE_DATABASE_URL "$PWD/.venv/bin/hpcserve" "$@"; }
 echo; echo "== alice: hpcserve serve demo-llm --engine simulator --min-replicas 1 --max-replicas 3 --wait"
