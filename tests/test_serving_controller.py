@@ -250,3 +250,34 @@ def test_two_gateways_buffering_both_count_and_a_silent_one_drops_out(store: His
     later = NOW + timedelta(seconds=9)
     one([GatewaySample(later, "llm", 1, 0, 0.0)])  # login2 went silent 11 s ago: it drops out
     assert ctl._gateway_waiting("llm", later) == 1
+
+
+def test_an_engine_that_stops_generating_with_requests_running_is_stalled() -> None:
+    from dataclasses import replace
+
+    from hpcserve.serving.controller import StallWatch
+
+    watch = StallWatch(60.0)
+    busy = replace(stats(0), running=3, generation_tokens_total=100.0)
+    assert watch.update("llm", {0: busy, 1: busy}, NOW) == frozenset()
+    moving = replace(busy, generation_tokens_total=180.0)
+    assert watch.update("llm", {0: busy, 1: moving}, NOW + timedelta(seconds=59)) == frozenset()
+    later = NOW + timedelta(seconds=61)
+    assert watch.update("llm", {0: busy, 1: moving}, later) == frozenset({0})  # 1 moved 2 s ago
+    idle = replace(busy, running=0)  # nothing running: an idle engine generates nothing, rightly
+    assert watch.update("llm", {0: idle}, later + timedelta(seconds=90)) == frozenset()
+    assert StallWatch(0.0).update("llm", {0: busy}, NOW + timedelta(days=1)) == frozenset()  # off
+
+
+def test_a_stalled_replica_is_cancelled_and_replaced() -> None:
+    from hpcserve.serving.reconciler import Cancel, Launch, Observed, ReplicaState, ReplicaView, reconcile
+    from hpcserve.slurm.models import JobState
+
+    running = job(10, "llm", 0)
+    view = ReplicaView(0, "10", ReplicaState.READY, NOW, "http://node5:8000")
+    seen = Observed({0: running}, {}, {0: 3}, stalled=frozenset({0}))
+    assert reconcile(1, [view], seen, NOW, 600) == [
+        Cancel(0, "10", "stalled: requests running, no token generated"),
+        Launch(1),
+    ]
+    assert running.state is JobState.RUNNING

@@ -289,6 +289,8 @@ class ServingSettings(Frozen):
     # a replica whose job ends within this gets a successor, then drains before its time limit (0: never);
     # it must cover a replica's start and its longest request
     renew_before_s: float = Field(default=1800.0, ge=0)
+    # an engine with requests running that generates no token for this long is replaced (0: never)
+    stall_s: float = Field(default=120.0, ge=0)
 
     @field_validator("gateway_url")
     @classmethod

@@ -83,6 +83,7 @@ class ServingController:
     autoscaler: Autoscale | None = None  # default: hpcserve.serving.scaling.autoscale
     prewarm: Prewarm | None = None  # lending overlap: the forecast's replica floor (None: no floor)
     renew_before_s: float = 0.0  # hand a replica over this long before its time limit (0: never)
+    stalls: StallWatch = field(default_factory=lambda: StallWatch(0.0))  # 0: stalls are not looked for
     evict: Evict | None = None  # lending overlap: signal gentle victims for a pending replica (None: Slurm's)
     ignored: set[str] = field(default_factory=set)  # foreign tagged jobs already logged
 
@@ -106,7 +107,8 @@ class ServingController:
         jobs = {i: job for i, job in jobs.items() if i not in dead}  # cancelled: left to finish
         stats = self._scrape(deployment.name, replicas, tick.now)
         desired = self._autoscale(deployment, replicas, stats, tick)
-        seen = Observed(jobs, _announcements(replicas), _inflight(stats), frozenset(dead))
+        stalled = self.stalls.update(deployment.name, stats, tick.now)
+        seen = Observed(jobs, _announcements(replicas), _inflight(stats), frozenset(dead), stalled)
         views = [_view(r) for r in replicas if r.state in {s.value for s in ReplicaState}]
         for action in reconcile(desired, views, seen, tick.now, self.ready_timeout_s, self.renew_before_s):
             self._apply(deployment, action, tick)
@@ -272,3 +274,25 @@ def _saw_slurm_change(client: object) -> None:
     invalidate = getattr(client, "invalidate", None)
     if callable(invalidate):
         invalidate()
+
+
+@dataclass
+class StallWatch:
+    """Which engines stalled: requests running, and their generated-token counter has not moved for
+    ``stall_s`` (0: never looked for). Kept in the process: a restarted service looks again from scratch."""
+
+    stall_s: float
+    since: dict[tuple[str, int], tuple[float, datetime]] = field(default_factory=dict)
+
+    def update(self, deployment: str, stats: Mapping[int, EngineStats], now: datetime) -> frozenset[int]:
+        stalled = set()
+        for index, s in stats.items():
+            key = (deployment, index)
+            last = self.since.get(key)
+            if not s.running or last is None or s.generation_tokens_total != last[0]:
+                self.since[key] = (s.generation_tokens_total, now)
+            elif self.stall_s > 0 and (now - last[1]).total_seconds() >= self.stall_s:
+                stalled.add(index)
+        for key in [k for k in self.since if k[0] == deployment and k[1] not in stats]:
+            del self.since[key]  # not scraped any more (gone, or not ready)
+        return frozenset(stalled)

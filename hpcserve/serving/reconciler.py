@@ -4,7 +4,8 @@ database) and calls it again next tick, so a crash between two actions is repair
 
 Replica lifecycle: ``starting`` (job queued or engine loading) -> ``ready`` (announced and healthy; the
 gateway routes to it) -> ``draining`` (no new requests; cancelled once nothing is in flight) -> gone.
-A replica whose job ended, or that never became ready in time, is dropped and, if still wanted, replaced.
+A replica whose job ended, or that never became ready in time, is dropped and, if still wanted, replaced;
+so is one whose engine stalled (requests running, no token generated for ``serving.stall_s``).
 
 Handover before the time limit: a replica whose job ends within ``renew_before_s`` (its start plus its time
 limit) no longer counts as capacity, so a successor is launched while it still serves; once enough other
@@ -96,6 +97,7 @@ class Observed:
     announced: Mapping[int, Announcement]
     inflight: Mapping[int, int]
     reserved: frozenset[int] = frozenset()  # indices still held by cancelled replicas' jobs: not reused
+    stalled: frozenset[int] = frozenset()  # engines that generated nothing for a while with requests running
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,8 @@ def _check(replica: ReplicaView, seen: Observed, now: datetime, timeout_s: float
     job = seen.jobs.get(replica.index)
     if job is None or job.job_id != int(replica.job_id.split("_")[0]) or job.state.is_terminal:
         return [Forget(replica.index, "its Slurm job ended")]
+    if replica.index in seen.stalled and replica.state is not ReplicaState.STARTING:
+        return [Cancel(replica.index, replica.job_id, "stalled: requests running, no token generated")]
     if replica.state is ReplicaState.DRAINING:
         if seen.inflight.get(replica.index, 0) == 0:
             return [Cancel(replica.index, replica.job_id, "drained")]

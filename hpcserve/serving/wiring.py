@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from hpcserve.identity import current_user
-from hpcserve.serving.controller import ServingController
+from hpcserve.serving.controller import ServingController, StallWatch
 from hpcserve.serving.launcher import ReplicaLauncher
 from hpcserve.store.leases import holder_id, take_lease
 
@@ -79,6 +79,7 @@ def make_controller(
         policy=policy,
         ready_timeout_s=site.serving.ready_timeout_s,
         renew_before_s=site.serving.renew_before_s,
+        stalls=StallWatch(site.serving.stall_s),
         scrape=scrape_metrics,
         service_user=current_user(),
         prewarm=_prewarm(site, policy, store),
