@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -126,3 +127,19 @@ def test_overload_keeps_the_policys_side_limits() -> None:
     keep = P.model_copy(update={"rebalance": P.rebalance.model_copy(update={"min_training_nodes": 3})})
     assert share_capped(replicas, shared, infer, training, keep)  # t1, t2, s3 left: taking s3 leaves 2
     assert not share_capped(replicas[:1], shared, infer, training, keep)
+
+
+def test_bobs_marker_for_alices_job_is_ignored(short_root: Path) -> None:
+    """As bob (runuser), in a shared 1777 folder: a marker named after alice's job, to get her job evicted
+    first. It does not count; alice's own does."""
+    shared = short_root / "ckpt"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    done = subprocess.run(["runuser", "-u", "bob", "--", "touch", str(shared / "4242")], capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert checkpoint_times(shared, [("4242", "alice")]) == {}
+    (shared / "4242").unlink()
+    mine = subprocess.run(["runuser", "-u", "alice", "--", "touch", str(shared / "4242")], check=False)
+    assert mine.returncode == 0
+    assert list(checkpoint_times(shared, [("4242", "alice")])) == ["4242"]

@@ -76,6 +76,18 @@ def transient(exc: SlurmCommandError) -> bool:
     return exc.returncode in (None, 127) or any(text in exc.stderr for text in _UNREACHABLE)
 
 
+def traps_usr2(client: SlurmOperator, job_id: str) -> bool:
+    """Whether the job's batch shell traps USR2 (hpcserve's templates: it forwards the signal to the step and
+    requeues), so the signal goes to it; else its steps get it (``ResumableTask`` under submitit, or a job
+    without a batch script). A transient Slurm error is raised: the caller retries."""
+    try:
+        return signals_batch_shell(client.batch_script(job_id))
+    except SlurmCommandError as exc:
+        if transient(exc):
+            raise
+        return False  # no batch script (an srun/salloc job): its steps get the signal
+
+
 def crash_point(env: Mapping[str, str] = os.environ) -> tuple[str, str] | None:
     """The test hook's (step kind, "started"|"acted") from ``HPCSERVE_CRASH_AFTER``, or None."""
     value = env.get(CRASH_ENV, "").strip()
@@ -228,20 +240,12 @@ class Executor:
         jobs = holding_jobs(self._client.jobs(), step.node, self._layout.shared)
         policy = self._settings.policy  # recomputed from what Slurm shows on the node now, never the row
         for job in (j for j in jobs if preemptible(j, move.src, kinds, policy) and str(j.job_id) not in done):
-            batch = self._traps_usr2(job)
+            batch = traps_usr2(self._client, str(job.job_id))
             entries.append(f"{job.job_id} {'batch' if batch else 'steps'}")
             # recorded first: a crash between the two never signals a job twice
             self._store.mark_step(step.plan_id, step.seq, "todo", "signalled: " + ", ".join(entries))
             self._send_usr2(job, batch)
         return "signalled: " + ", ".join(entries) if entries else "no preemptible jobs"
-
-    def _traps_usr2(self, job: Job) -> bool:
-        try:
-            return signals_batch_shell(self._client.batch_script(str(job.job_id)))
-        except SlurmCommandError as exc:
-            if transient(exc):
-                raise
-            return False  # no batch script (an srun/salloc job): its steps get the signal
 
     def _send_usr2(self, job: Job, batch: bool) -> None:
         try:

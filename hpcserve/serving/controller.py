@@ -53,7 +53,8 @@ GATEWAY_SAMPLE_AGE_S = 10.0
 SCRAPE_WORKERS = 16  # engines scraped at once (each scrape waits at most its own timeout)
 Scrape = Callable[[str], "EngineStats | None"]  # replica URL -> its engine's stats, None if unreachable
 Autoscale = Callable[..., tuple[int, Any]]  # hpcserve.serving.scaling.autoscale
-EVICT_FOR = ("Resources", "JobHeldUser")  # a replica waiting for GPUs, or submitted held (lending overlap)
+HELD = "JobHeldUser"  # the reason squeue shows for a replica submitted held (lending overlap)
+EVICT_FOR = ("Resources", HELD)  # a replica waiting for GPUs, or submitted held
 Prewarm = Callable[["Deployment", datetime], int]  # hpcserve.serving.overlap.PrewarmSource
 Evict = Callable[["Job", "Sequence[Job]", datetime], Any]  # hpcserve.serving.overlap.GentleEvictor
 

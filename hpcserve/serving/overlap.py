@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from hpcserve.rebalance.forecast import Sample
 from hpcserve.serving.autoscaler import UP_UTILIZATION
+from hpcserve.serving.controller import HELD
 from hpcserve.serving.prewarm import Forecasting, load_history, per_replica_capacity, prewarm_floor
 
 if TYPE_CHECKING:
@@ -52,7 +53,6 @@ log = logging.getLogger("hpcserve.serving")
 
 HISTORY_S = 7 * 86_400.0  # a week: the day-of-week profile needs every weekday once
 REFRESH_S = 300.0
-HELD = "JobHeldUser"  # the reason squeue shows for a replica submitted held (lending overlap)
 UNDER_WAY_MARGIN_S = 60.0  # after a victim's grace, Slurm requeues it within about a scheduling cycle
 
 
@@ -191,16 +191,16 @@ class GentleEvictor:
         """USR2 to the batch shell when it traps it (hpcserve's templates: it forwards the signal to the step
         and requeues), else to the job's steps (``ResumableTask`` under submitit), as the rebalancer does."""
         from hpcserve.errors import SlurmCommandError
-        from hpcserve.rebalance.steps import signals_batch_shell
+        from hpcserve.rebalance.executor import traps_usr2
 
-        signal, script = getattr(self.client, "signal", None), getattr(self.client, "batch_script", None)
-        if signal is None or script is None:  # a client that cannot tell: the steps, Slurm's default
+        signal = getattr(self.client, "signal", None)
+        if signal is None or not hasattr(self.client, "batch_script"):  # cannot tell: the steps (Slurm's way)
             self.client.cancel([victim.id], signal="USR2")
             return
         try:
-            batch = signals_batch_shell(script(str(victim.job_id)))
+            batch = traps_usr2(self.client, str(victim.job_id))  # type: ignore[arg-type]
         except SlurmCommandError:
-            batch = False  # no batch script (srun/salloc): its steps get it
+            batch = False  # Slurm did not answer: the steps, as before the batch shell could be asked
         signal([str(victim.job_id)], "USR2", batch=batch)
 
     def _under_way(self, replica: Job, shared: Sequence[Job], now: datetime) -> bool:

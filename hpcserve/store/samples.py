@@ -62,10 +62,8 @@ def gateway_sources(conn: Connection, since: datetime) -> list[str]:
     return sorted(str(row[0]) for row in conn.execute(stmt))
 
 
-def lost_work(conn: Connection, since: datetime | None, job_ids: Iterable[str] | None) -> list[LostWork]:
+def lost_work(conn: Connection, since: datetime | None) -> list[LostWork]:
     stmt = within(select_record(LostWorkRow, LostWork), LostWorkRow.at, since, None)
-    if job_ids is not None:
-        stmt = stmt.where(LostWorkRow.job_id.in_(list(job_ids)))
     return to_records(conn.execute(stmt.order_by(LostWorkRow.at, LostWorkRow.id)), LostWork)
 
 

@@ -129,12 +129,10 @@ class HistoryStore:
         with self._write() as conn:
             return samples.add_samples(conn, LostWorkRow, rows)
 
-    def lost_work(
-        self, since: datetime | None = None, job_ids: Iterable[str] | None = None
-    ) -> list[LostWork]:
-        """Evictions since ``since`` (all of them: None), of ``job_ids`` only if given, oldest first."""
+    def lost_work(self, since: datetime | None = None) -> list[LostWork]:
+        """Evictions since ``since`` (all of them: None), oldest first."""
         with self._read() as conn:
-            return samples.lost_work(conn, since, job_ids)
+            return samples.lost_work(conn, since)
 
     def engine_samples(
         self, deployment: str, since: datetime | None = None, until: datetime | None = None
