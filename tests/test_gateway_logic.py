@@ -23,7 +23,6 @@ from hpcserve.serving.gateway import (
 )
 from hpcserve.serving.gateway.admission import Admitted, Rejection, admit
 from hpcserve.serving.gateway.buffer import ReplicaBuffer
-from hpcserve.serving.gateway.chunked import ChunkedDecoder, ChunkedError
 from hpcserve.serving.gateway.client import UpstreamPool, auth_line
 from hpcserve.serving.gateway.keys import Keyring, TokenBucket
 from hpcserve.serving.gateway.response import Connection, Response, UpstreamError
@@ -198,18 +197,6 @@ def test_routes_file_engine_keys_are_optional_bearer_tokens() -> None:
 
 
 # -- framing and relays ----------------------------------------------------------------------------------
-def test_chunked_decoder_at_every_split() -> None:
-    wire = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nTrailer: x\r\n\r\n"
-    for cut in range(len(wire) + 1):
-        decoder = ChunkedDecoder()
-        out = decoder.feed(wire[:cut]) + decoder.feed(wire[cut:])
-        assert b"".join(out) == b"hello, world" and decoder.done, cut
-    with pytest.raises(ChunkedError):
-        ChunkedDecoder().feed(b"zz\r\n")
-    with pytest.raises(ChunkedError):
-        ChunkedDecoder().feed(b"2\r\nabc\r\n")
-
-
 def test_sse_relay_strips_the_usage_event_and_counts() -> None:
     usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
     events = [

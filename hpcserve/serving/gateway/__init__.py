@@ -4,9 +4,10 @@
 ``source`` is a ``refresh() -> Mapping[str, DeploymentRoute]`` (``StaticRoutes``, ``routes_from_file``, or
 the database). Modules: routes (snapshot types, sources), routing (pure replica choice), admission (pure
 request checks), tenancy (pure: which models a key reaches), keys (API keys, token buckets), buffer
-(scale-from-zero wait), stats and metrics (counters, callbacks, Prometheus), client, response and chunked
-(the HTTP/1.1 hop to replicas), upstream and proxy (relaying), logs (one line per bad request), state, app
-(``make_app``, ``make_admin_app``), serve (``run_gateway``: uvloop, file limits, the admin address).
+(scale-from-zero wait), stats and metrics (counters, callbacks, Prometheus), client and response
+(the HTTP/1.1 hop to replicas, parsed by httptools), upstream and proxy (relaying), logs (one line per
+bad request), state, app (``make_app``, ``make_admin_app``), serve (``run_gateway``: uvloop, file limits,
+the admin address).
 
 The names below are loaded on first use, so importing one pure module (``gateway.keys``) does not load
 aiohttp.

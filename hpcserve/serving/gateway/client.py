@@ -3,7 +3,8 @@
 Why not aiohttp's ClientSession: on the 2-core bench box a bare aiohttp server+ClientSession proxy does
 ~0.35x nginx's requests/s, the client side being most of the cost. The hop has one shape (POST of a JSON
 body to ``http://host:port``, an answer with Content-Length, chunked or read-to-close framing), so this
-client does only that, on asyncio protocols: one write per request, response parsing on bytes.
+client does only that, on asyncio protocols: one write per request, the answer parsed by llhttp
+(httptools, as uvicorn does; response.py), strictly: a malformed answer closes its connection.
 
 - ``UpstreamPool.post`` returns a ``Response`` once its status and headers arrived; with the replica's
   engine key it sends ``Authorization: Bearer <key>`` (the client's own headers never go upstream). A

@@ -1,9 +1,18 @@
-"""One HTTP/1.1 answer from a replica, received on an asyncio protocol (used by client.UpstreamPool).
+"""One HTTP/1.1 answer from a replica, parsed by llhttp (httptools) on an asyncio protocol (client.py).
 
-``Response.feed`` parses the status line and headers, then the body by Content-Length, chunked framing
-(chunked.py) or read-to-close; an interim 1xx answer is skipped; 204 and 304 have no body. Body bytes queue
-up for ``read()`` or ``readany()``; for a stream (``readany``) reading from the replica pauses while more
-than ``HIGH_WATER`` bytes wait. ``Connection`` sets TCP keepalive (``KEEPALIVE``) on every connection.
+``Response.feed`` hands the bytes to ``httptools.HttpResponseParser``, which frames the body by
+Content-Length, chunked coding or read-to-close; an interim 1xx answer is skipped (at most
+``MAX_INTERIM``); 204 and 304 have no body. Body bytes queue up for ``read()`` or ``readany()``; for a
+stream (``readany``) reading from the replica pauses while more than ``HIGH_WATER`` bytes wait.
+
+Strict, because a replica that answers out of step must never leave its bytes for the next request:
+anything llhttp refuses (a bad status line, a bad chunk size such as ``0x5``, ``+5`` or one that
+overflows, two Content-Lengths, Content-Length with Transfer-Encoding), a status outside 100-599, an
+HTTP version other than 1.0/1.1, a Transfer-Encoding other than ``chunked``, a protocol switch, a head
+over ``MAX_HEAD`` bytes, more than ``MAX_INTERIM`` interim answers, or any byte after the answer ends
+(llhttp skips a bare CRLF there, as between pipelined answers) closes the connection and becomes an
+``UpstreamError``: the proxy's 502, or an error event in a stream. ``Connection`` sets TCP keepalive
+(``KEEPALIVE``) on every connection.
 """
 
 from __future__ import annotations
@@ -14,13 +23,14 @@ import socket
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
-from hpcserve.serving.gateway.chunked import ChunkedDecoder, ChunkedError
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 if TYPE_CHECKING:
     from hpcserve.serving.gateway.client import UpstreamPool
 
 HIGH_WATER = 256 * 1024
-MAX_HEAD = 64 * 1024
+MAX_HEAD = 64 * 1024  # bytes of status line, headers and trailers together
+MAX_INTERIM = 8  # 1xx answers before the real one
 # A replica whose node vanished sends no FIN or RST: TCP keepalive probes find it out after 2 s of silence
 # plus 2 unanswered probes 1 s apart. A live replica's kernel answers probes, however long its model thinks.
 KEEPALIVE = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)] + [
@@ -44,6 +54,10 @@ class ReadTimeout(UpstreamError):
 
 class BodyTooLarge(UpstreamError):
     """A non-streamed answer larger than the gateway takes."""
+
+
+class _Refused(ValueError):
+    """Raised inside a parser callback: what is wrong with the answer (llhttp itself accepts it)."""
 
 
 class Connection(asyncio.Protocol):
@@ -81,24 +95,26 @@ class Connection(asyncio.Protocol):
 
 
 class Response:
-    """One answer being received (see the module docstring)."""
+    """One answer being received (see the module docstring); its ``on_*`` methods are llhttp's callbacks."""
 
-    __slots__ = ("_chunked", "_conn", "_error", "_finished", "_flow", "_head", "_keep_alive", "_key", "_left",
-                 "_paused", "_pool", "_queue", "_queued", "_waiter", "complete", "headers", "received_any",
-                 "status")  # fmt: skip
+    __slots__ = ("_conn", "_error", "_finished", "_flow", "_framed", "_head_bytes", "_interim", "_keep_alive",
+                 "_key", "_length", "_parser", "_paused", "_pool", "_queue", "_queued", "_waiter", "complete",
+                 "headers", "received_any", "status")  # fmt: skip
 
     def __init__(self, pool: UpstreamPool, conn: Connection, key: tuple[str, int]) -> None:
         self._pool, self._conn, self._key = pool, conn, key
-        self.status = 0
+        self._parser = HttpResponseParser(self)
+        self.status = 0  # set once the final answer's head is complete
         self.headers: dict[str, str] = {}
-        self._head = b""
+        self._head_bytes = 0  # bytes fed before the head completed, and header/trailer bytes seen
+        self._interim = 0
         self._queue: deque[bytes] = deque()
         self._queued = 0
         self._paused = False
-        self._left = -1  # Content-Length still to come; -1: not length-framed
-        self._chunked: ChunkedDecoder | None = None
+        self._length = -1  # Content-Length; -1: not length-framed
+        self._framed = False  # by Content-Length, chunked coding or status: else read to close
         self.complete = False
-        self._keep_alive = True
+        self._keep_alive = False
         self.received_any = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -112,77 +128,64 @@ class Response:
     # -- fed by the protocol --------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         self.received_any = True
-        if self.complete:  # bytes past the end: the connection is out of step
-            self._keep_alive = False
-        elif self.status:
-            self._body(data)
-        else:
-            self._head_data(data)
-
-    def _head_data(self, data: bytes) -> None:
-        buf = self._head + data if self._head else data
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            self._head = buf
-            if len(buf) > MAX_HEAD:
-                self._fail(UpstreamError("the replica's response headers are too long"))
+        if self._error is not None:
             return
-        head, rest, self._head = buf[:end], buf[end + 4 :], b""
-        try:
-            self._parse_head(head)
-        except (ValueError, IndexError):
-            self._fail(UpstreamError("the replica's response head does not parse"))
-            return
-        if self.status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-            self.status, self.headers = 0, {}
-            if rest:
-                self._head_data(rest)
-            return
-        self._wake()
-        if rest or self._left == 0:
-            self._body(rest)
-
-    def _parse_head(self, head: bytes) -> None:
-        lines = head.decode("latin-1").split("\r\n")
-        self.status = int(lines[0].split(" ", 2)[1])
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            self.headers[name.strip().lower()] = value.strip()
-        if self.status in (204, 304):
-            self._left = 0
-        elif "chunked" in self.headers.get("transfer-encoding", "").lower():
-            self._chunked = ChunkedDecoder()
-        elif "content-length" in self.headers:
-            self._left = int(self.headers["content-length"])
-        self._keep_alive = self.headers.get("connection", "").lower() != "close" and (
-            self._chunked is not None or self._left >= 0
-        )
-
-    def _body(self, data: bytes) -> None:
-        if self._chunked is not None:
-            try:
-                pieces = self._chunked.feed(data)
-            except ChunkedError as err:
-                self._fail(UpstreamError(f"the replica's chunked framing is broken: {err}"))
-                return
-            for piece in pieces:
-                self._push(piece)
-            self.complete = self._chunked.done
-        elif self._left >= 0:
-            piece = data[: self._left]
-            if len(data) > self._left:  # more than Content-Length: do not reuse the connection
-                self._keep_alive = False
-            self._left -= len(piece)
-            self._push(piece)
-            self.complete = self._left == 0
-        else:
-            self._push(data)
         if self.complete:
-            self._wake()
-
-    def _push(self, piece: bytes) -> None:
-        if not piece:
+            self._fail(UpstreamError("the replica sent bytes after its answer"))
             return
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade:
+            self._fail(UpstreamError("the replica switched protocols, which the gateway never asks for"))
+            return
+        except HttpParserError as err:
+            why = err.__context__ if isinstance(err.__context__, _Refused) else err
+            self._fail(UpstreamError(f"the replica's answer is malformed: {why}"))
+            return
+        if not self.status:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._fail(UpstreamError(f"the replica's response head is longer than {MAX_HEAD} bytes"))
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise _Refused("bytes after the answer")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD:
+            raise _Refused(f"the head is longer than {MAX_HEAD} bytes")
+        if not self.status:  # after the head: a trailer, dropped
+            self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise _Refused(f"status {status} is outside 100-599")
+        if parser.get_http_version() not in ("1.1", "1.0"):
+            raise _Refused(f"HTTP/{parser.get_http_version()} is not HTTP/1.1")
+        if status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                raise _Refused(f"more than {MAX_INTERIM} interim (1xx) answers")
+            self.headers = {}
+            return
+        self._frame(status)
+        self.status = status
+        self._wake()
+
+    def _frame(self, status: int) -> None:
+        """How the body ends (llhttp has refused two Content-Lengths, and one with chunked coding)."""
+        coding = self.headers.get("transfer-encoding")
+        if coding is not None and coding.lower() != "chunked":
+            raise _Refused(f"Transfer-Encoding {coding[:40]!r} is not chunked")
+        length = self.headers.get("content-length")
+        if length is not None and status not in (204, 304):
+            self._length = int(length)
+        self._framed = coding is not None or length is not None or status in (204, 304)
+
+    def on_body(self, piece: bytes) -> None:
         self._queue.append(piece)
         self._queued += len(piece)
         if self._flow and self._queued > HIGH_WATER and not self._paused and self._conn.transport is not None:
@@ -190,10 +193,16 @@ class Response:
             self._conn.transport.pause_reading()
         self._wake()
 
+    def on_message_complete(self) -> None:
+        if self.status:  # else an interim answer ended
+            self.complete = True
+            self._keep_alive = self._parser.should_keep_alive()
+            self._wake()
+
     def lost(self, exc: Exception | None) -> None:
-        if self.complete:
+        if self.complete or self._error is not None:
             return
-        if self.status and self._chunked is None and self._left < 0:
+        if self.status and not self._framed:
             self.complete = True  # read-to-close framing: the close ends the body
             self._wake()
             return
@@ -236,9 +245,12 @@ class Response:
             self._fail(ReadTimeout(f"the replica sent nothing for {self._pool.read_timeout:g} s"))
 
     async def readany(self) -> bytes:
-        """The next body bytes as they arrive; b"" once the body is complete."""
+        """The next body bytes as they arrive; b"" once the body is complete; the answer's error once the
+        bytes before it are taken."""
         self._flow = True
         while not self._queue:
+            if self._error is not None:
+                raise self._error
             if self.complete:
                 return b""
             await self.wait()
@@ -252,12 +264,14 @@ class Response:
     async def read(self, limit: int) -> bytes:
         """The whole body; ``BodyTooLarge`` (the connection dropped) as soon as it is known to pass
         ``limit`` bytes."""
-        if self._queued + max(self._left, 0) > limit:  # Content-Length says so
+        if self._length > limit:  # Content-Length says so
             raise self._too_large(limit)
         while not self.complete:
             if self._queued > limit:
                 raise self._too_large(limit)
             await self.wait()
+        if self._error is not None:
+            raise self._error
         if self._queued > limit:
             raise self._too_large(limit)
         return self.body()
