@@ -262,9 +262,10 @@ def test_admin_actions_are_for_admins_only(service: ApiService) -> None:
         assert status == 200, answer
         moved += [m["dst"] for m in answer["plan"]["moves"] if m["node"] == "node5"]
     assert len(moved) == 1, moved
-    for path, body in (("/v1/admin/move", {"node": "node1", "to": "inference", "dry_run": True}),
-                       ("/v1/admin/drain", {"node": "node8", "reason": "maintenance"})):  # fmt: skip
-        status, answer = call_as(service, "carol", "POST", path, body)
-        assert status == 400 and "not in the site's managed pool" in answer["error"], answer
+    status, answer = call_as(service, "carol", "POST", "/v1/admin/move",
+                             {"node": "node1", "to": "inference", "dry_run": True})  # fmt: skip
+    assert status == 400 and "not in the site's managed pool" in answer["error"], answer
+    status, answer = call_as(service, "carol", "POST", "/v1/admin/drain", {"node": "node99", "reason": "x"})
+    assert status == 400 and "not a node of this cluster" in answer["error"], answer
     with service.store() as store:
         assert store.plans() == []  # dry runs store nothing

@@ -141,3 +141,38 @@ def test_a_replica_is_replaced_before_its_time_limit_with_no_failed_request(
     [record] = slurm.accounting([str(first.job_id)])
     assert record.state.value.startswith("CANCELLED"), record  # the service ended it, not the time limit
     assert record.elapsed_s < 180, record
+
+
+def test_drain_node_moves_a_replica_off_its_node_with_no_failed_request(
+    rig: Rig, slurm: CliSlurmClient
+) -> None:
+    first = rig.replicas()[0]
+    [node] = next(j for j in slurm.jobs() if j.id == str(first.job_id)).nodes
+    refused = rig.service.run_as("bob", "drain-node", node)
+    assert refused.returncode == 77 and "for admins" in refused.stderr, refused.stderr  # bob: no admin
+    threads = [threading.Thread(target=rig.load.run, daemon=True) for _ in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    try:
+        _warm(rig.load)
+        drained = rig.service.run_as("carol", "drain-node", node, "--reason", "new DIMMs", "--json")
+        assert drained.returncode == 0, drained.stderr
+        answer = json.loads(drained.stdout)
+        assert answer["moving"] == [{"deployment": NAME, "replica": 0, "job_id": first.job_id}], answer
+        gone = lambda: str(first.job_id) not in {j.id for j in slurm.jobs()}  # noqa: E731
+        wait_until(gone, timeout=120, interval=1)
+        successor = next(r for i, r in rig.replicas().items() if i != 0)
+        assert successor.state == "ready"
+        assert node not in next(j for j in slurm.jobs() if j.id == str(successor.job_id)).nodes
+        time.sleep(3)
+    finally:
+        rig.load.stop.set()
+        for thread in threads:
+            thread.join(timeout=90)
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], check=False)
+    assert rig.load.failures == [], rig.load.failures[:5]
+    assert rig.load.ok > 20
+    wait_until(lambda: bool(slurm.accounting([str(first.job_id)])), timeout=30)
+    [record] = slurm.accounting([str(first.job_id)])
+    assert record.state.value.startswith("CANCELLED"), record
+    assert record.elapsed_s < 90, record  # moved for the drain, before its time-limit handover was due

@@ -5,6 +5,7 @@ autoscaler's state kept in the database."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from hpcserve.config import Policy, load_policy
@@ -21,7 +23,7 @@ from hpcserve.serving.engine_stats import EngineStats
 from hpcserve.serving.launcher import Launched
 from hpcserve.serving.scaling import ScalerRecord, state_name
 from hpcserve.serving.tags import replica_tag, secret_hash
-from hpcserve.slurm.models import Job, JobState
+from hpcserve.slurm.models import Job, JobState, Node
 from hpcserve.store import HistoryStore
 from tests.conftest import POLICY
 
@@ -45,8 +47,13 @@ class FakeSlurm:
     queue: list[Job] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
 
+    drained: set[str] = field(default_factory=set)
+
     def jobs(self) -> list[Job]:
         return list(self.queue)
+
+    def nodes(self) -> list[Node]:
+        return [Node(n, "mixed", frozenset({"DRAIN"})) for n in sorted(self.drained)]
 
     def cancel(self, job_ids: list[str]) -> None:
         self.cancelled += job_ids
@@ -218,9 +225,13 @@ class CachedSlurm(FakeSlurm):
     """A fake behind a per-tick view: counts how often the controller says its cached reads are stale."""
 
     invalidated: int = 0
+    settled: list[bool] = field(default_factory=list)
 
     def invalidate(self) -> None:
         self.invalidated += 1
+
+    def settle(self, calm: bool) -> None:
+        self.settled.append(calm)
 
 
 def test_a_launch_makes_a_shared_slurm_view_read_again(store: HistoryStore) -> None:
@@ -232,6 +243,50 @@ def test_a_launch_makes_a_shared_slurm_view_read_again(store: HistoryStore) -> N
     assert slurm.invalidated == 2  # one per launch: the next tick sees the jobs just submitted
     ctl.tick()
     assert slurm.invalidated == 2 and len(slurm.queue) == 2  # nothing launched, nothing dropped
+
+
+def test_the_controller_is_calm_only_while_every_replica_is_ready_and_answering(store: HistoryStore) -> None:
+    serve(store, "llm", min_replicas=1)
+    slurm = CachedSlurm()
+    answering = {"yes": True}
+    ctl = controller(store, slurm=slurm, scrape=lambda url: stats(0) if answering["yes"] else None)
+    ctl.tick()  # launches: moving
+    assert slurm.settled[-1] is False
+    store.upsert_replica("llm", 0, url="http://node5:8000", ready_at=NOW)
+    ctl.tick()  # starting -> ready: an action, still moving
+    assert slurm.settled[-1] is False
+    ctl.tick()
+    assert slurm.settled[-1] is True  # ready, answering, nothing done: Slurm may be read less often
+    answering["yes"] = False
+    ctl.tick()  # the engine is silent (its job may be gone): read Slurm at once
+    assert slurm.settled[-1] is False
+
+
+def test_a_replica_on_a_draining_node_is_handed_over_then_cancelled(store: HistoryStore) -> None:
+    serve(store, "llm", min_replicas=1, max_replicas=1)
+    slurm = CachedSlurm()
+    idle = dataclasses.replace(stats(0), running=0)
+    ctl = controller(store, slurm=slurm, scrape=lambda url: idle)
+    ctl.tick()
+    slurm.queue[0] = msgspec.structs.replace(slurm.queue[0], nodes=("node5",))
+    store.upsert_replica("llm", 0, url="http://node5:8000", host="node5", ready_at=NOW)
+    ctl.tick()
+    slurm.drained.add("node5")  # hpcserve drain-node node5
+    ctl.tick()
+    states = {r.index: r.state for r in store.replicas("llm")}
+    assert states == {0: "ready", 1: "starting"}  # a successor first; the old one keeps serving meanwhile
+    assert ctl.launcher.launched[-1] == ("llm", 1)  # type: ignore[attr-defined]
+    slurm.queue[-1] = msgspec.structs.replace(slurm.queue[-1], nodes=("node6",))  # Slurm placed it elsewhere
+    store.upsert_replica("llm", 1, url="http://node6:8000", host="node6", ready_at=NOW)
+    ctl.tick()  # the successor becomes ready
+    ctl.tick()  # and the old one drains
+    assert {r.index: r.state for r in store.replicas("llm")} == {0: "draining", 1: "ready"}
+    ctl.tick()  # nothing in flight on it: cancelled
+    assert slurm.cancelled == [store_job(slurm, 0)]
+
+
+def store_job(slurm: FakeSlurm, index: int) -> str:
+    return next(j.id for j in slurm.queue if j.tag == replica_tag("llm", index))
 
 
 def test_two_gateways_buffering_both_count_and_a_silent_one_drops_out(store: HistoryStore) -> None:

@@ -2,9 +2,10 @@
 
 Reads (``history``, ``lost_work``, ``plans``) are cluster facts with no per-user data beyond what squeue
 shows everyone: every caller may see them. The actions (``rebalance``, ``move``, ``drain``) are for admins
-only (``admins`` in the service's site config, users or ``@group``): one ``Forbidden`` line otherwise. They
-act only on the site's managed pool, through the rebalancer's executor (a round under the "rebalance"
-lease) or the Slurm client's drain.
+only (``admins`` in the service's site config, users or ``@group``): one ``Forbidden`` line otherwise.
+``rebalance`` and ``move`` act only on the site's managed pool, through the rebalancer's executor (a round
+under the "rebalance" lease); ``drain`` takes any node down for maintenance, and the service moves its
+replicas off it (``hpcserve drain-node``).
 """
 
 from __future__ import annotations
@@ -135,9 +136,11 @@ def move(api: ApiContext, caller: Caller, node: str, side: str, dry_run: bool = 
 
 
 def drain(api: ApiContext, caller: Caller, node: str, reason: str) -> dict[str, Any]:
-    """Drain one managed-pool node (running jobs go on, nothing new starts) with the admin's reason."""
+    """Drain one node for maintenance (running jobs go on, nothing new starts there) with the admin's
+    reason. The service hands each replica on it over as it does before a time limit: a successor starts
+    elsewhere, the old replica gets no new requests, and is cancelled once its requests finished. Any node
+    Slurm knows, not only the managed pool: maintenance is not a move between sides."""
     require_admin(api, caller, "drain")
-    _check_managed(api.site, node)
     if (
         not isinstance(reason, str)
         or not reason.strip()
@@ -145,9 +148,23 @@ def drain(api: ApiContext, caller: Caller, node: str, reason: str) -> dict[str, 
         or len(reason) > MAX_REASON
     ):
         raise ValidationError(f"reason: give one printable line of at most {MAX_REASON} characters")
+    if node not in {n.name for n in api.slurm.nodes()}:
+        raise ValidationError(f"node: {node!r} is not a node of this cluster (fix: see `hpcserve nodes`)")
     said = f"{reason.strip()} (drained by {caller.user} through hpcserve)"
     _operator(api).drain([node], said)
-    return {"node": node, "drained": True, "reason": said}
+    return {"node": node, "drained": True, "reason": said, "moving": _replicas_on(api, node)}
+
+
+def _replicas_on(api: ApiContext, node: str) -> list[dict[str, Any]]:
+    """The service's replicas whose job runs on ``node``: they move off it."""
+    jobs = {str(j.job_id): j for j in api.slurm.jobs() if node in j.nodes}
+    moving = []
+    for deployment in api.store.list_deployments():
+        for r in api.store.replicas(deployment.name):
+            job = jobs.get((r.job_id or "").split("_")[0])
+            if job is not None and job.user == deployment.owner:
+                moving.append({"deployment": deployment.name, "replica": r.index, "job_id": r.job_id})
+    return moving
 
 
 def _check_managed(site: SiteConfig, node: str) -> None:

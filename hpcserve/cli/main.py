@@ -143,6 +143,7 @@ LAZY_COMMANDS = {
     "service": "hpcserve.cli.service_cmd:service",
     "simulate": "hpcserve.cli.simulate_cmd:simulate",
     "rebalance": "hpcserve.cli.rebalance_cmd:rebalance",
+    "drain-node": "hpcserve.cli.node_cmd:drain_node",
     "history": "hpcserve.cli.history_cmd:history",
 }
 

@@ -291,6 +291,9 @@ class ServingSettings(Frozen):
     renew_before_s: float = Field(default=1800.0, ge=0)
     # an engine with requests running that generates no token for this long is replaced (0: never)
     stall_s: float = Field(default=120.0, ge=0)
+    # while every replica is ready and answering and the last tick did nothing, Slurm's job and node lists
+    # are re-read this often instead of every tick (0: every tick); anything moving reads at once
+    calm_read_s: float = Field(default=10.0, ge=0)
 
     @field_validator("gateway_url")
     @classmethod

@@ -73,8 +73,11 @@ def _jobs(site: SiteConfig, policy: Policy, store: HistoryStore, runner: Subproc
     from hpcserve.slurm.factory import make_client
     from hpcserve.slurm.shared_view import SharedView
 
+    serving = site.serving
     shared = (
-        SharedView(make_client(site), site.serving.controller_interval_s) if options.shared_view else None
+        SharedView(make_client(site), serving.controller_interval_s, calm_s=serving.calm_read_s)
+        if options.shared_view
+        else None
     )
     jobs = _serving_jobs(site, policy, store, shared or make_client(site))
     if options.sample_interval_s > 0:

@@ -5,7 +5,7 @@
 - ``GET /v1/plans?last=N``: the recent rebalance plans;
 - ``POST /v1/admin/rebalance`` ``{"dry_run": bool}``: one rebalancer round (admins);
 - ``POST /v1/admin/move`` ``{"node", "to", "dry_run"?, "grace_s"?}``: move a managed node (admins);
-- ``POST /v1/admin/drain`` ``{"node", "reason"}``: drain a managed node (admins).
+- ``POST /v1/admin/drain`` ``{"node", "reason"}``: drain a node for maintenance; its replicas move (admins).
 """
 
 from __future__ import annotations

@@ -67,6 +67,7 @@ class _Tick:
     records: dict[str, ScalerRecord]
     submitter: Submitter
     now: datetime
+    draining: frozenset[str] = frozenset()  # nodes being drained (maintenance): replicas move off them
     launched_gpus: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -87,19 +88,24 @@ class ServingController:
     stalls: StallWatch = field(default_factory=lambda: StallWatch(0.0))  # 0: stalls are not looked for
     evict: Evict | None = None  # lending overlap: signal gentle victims for a pending replica (None: Slurm's)
     ignored: set[str] = field(default_factory=set)  # foreign tagged jobs already logged
+    calm: bool = False  # this tick, so far: every replica ready and answering, nothing done
 
     def tick(self) -> None:
         all_jobs = [j for j in self.client.jobs() if not j.state.is_terminal]
+        self.calm = True
         records = {name.removeprefix(STATE_PREFIX): ScalerRecord.from_json(data)
                    for name, data in self.store.states(STATE_PREFIX).items()}  # fmt: skip
-        tick = _Tick(all_jobs, records, self.submitter(), self.clock())
         tagged = _replica_jobs(all_jobs)
+        draining = _draining_nodes(self.client) if tagged else frozenset()
+        tick = _Tick(all_jobs, records, self.submitter(), self.clock(), draining)
         self.ignored &= {job.id for jobs in tagged.values() for job in jobs}  # logged while they last
         for deployment in self.store.list_deployments():
             try:
                 self._tick_one(deployment, tagged.get(deployment.name, []), tick)
             except Exception:  # one bad deployment must not stop the others, nor the scheduler
+                self.calm = False
                 log.exception("serving tick failed for deployment %s", deployment.name)
+        _settle(self.client, self.calm)
 
     def _tick_one(self, deployment: Deployment, tagged: list[Job], tick: _Tick) -> None:
         rows = self.store.replicas(deployment.name)
@@ -109,9 +115,14 @@ class ServingController:
         stats = self._scrape(deployment.name, replicas, tick.now)
         desired = self._autoscale(deployment, replicas, stats, tick)
         stalled = self.stalls.update(deployment.name, stats, tick.now)
-        seen = Observed(jobs, _announcements(replicas), _inflight(stats), frozenset(dead), stalled)
+        leaving = frozenset(i for i, job in jobs.items() if tick.draining.intersection(job.nodes))
+        seen = Observed(jobs, _announcements(replicas), _inflight(stats), frozenset(dead), stalled, leaving)
         views = [_view(r) for r in replicas if r.state in {s.value for s in ReplicaState}]
-        for action in reconcile(desired, views, seen, tick.now, self.ready_timeout_s, self.renew_before_s):
+        actions = reconcile(desired, views, seen, tick.now, self.ready_timeout_s, self.renew_before_s)
+        if actions or dead or not _steady(replicas, stats):
+            self.calm = False
+            _settle(self.client, False)  # what is launched next is placed on a fresh view
+        for action in actions:
             self._apply(deployment, action, tick)
         if self.evict is not None:
             for job in jobs.values():
@@ -267,6 +278,25 @@ def _inflight(stats: Mapping[int, EngineStats]) -> dict[int, int]:
 def _view(replica: Replica) -> ReplicaView:
     return ReplicaView(replica.index, replica.job_id or "0", ReplicaState(replica.state),
                        replica.started_at or replica.updated_at, replica.url)  # fmt: skip
+
+
+def _draining_nodes(client: SlurmClient) -> frozenset[str]:
+    """Nodes drained or draining (``hpcserve drain-node``, or an admin's scontrol): from the tick's shared
+    sinfo, read only when the service has replicas in Slurm."""
+    return frozenset(n.name for n in client.nodes() if "DRAIN" in n.flags)
+
+
+def _steady(replicas: Sequence[Replica], stats: Mapping[int, EngineStats]) -> bool:
+    """Every replica ready and its engine answered this tick's scrape."""
+    return all(r.state == ReplicaState.READY.value and r.index in stats for r in replicas)
+
+
+def _settle(client: object, calm: bool) -> None:
+    """Tell a shared view of Slurm whether anything moves (``SharedView.settle``): while all is calm it
+    reads Slurm less often."""
+    settle = getattr(client, "settle", None)
+    if callable(settle):
+        settle(calm)
 
 
 def _saw_slurm_change(client: object) -> None:

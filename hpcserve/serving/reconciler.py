@@ -98,6 +98,7 @@ class Observed:
     inflight: Mapping[int, int]
     reserved: frozenset[int] = frozenset()  # indices still held by cancelled replicas' jobs: not reused
     stalled: frozenset[int] = frozenset()  # engines that generated nothing for a while with requests running
+    leaving: frozenset[int] = frozenset()  # replicas whose node is draining (maintenance): they move off it
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +142,7 @@ def reconcile(
         actions += step
         if not any(isinstance(a, Forget | Cancel) for a in step):
             alive.append(replica)
-    expiring = [r for r in alive if _expiring(r, seen, now, renew_before_s)]
+    expiring = [r for r in alive if _expiring(r, seen, now, renew_before_s) or _leaving(r, seen)]
     staying = [r for r in alive if r not in expiring]
     known = {r.index for r in replicas}
     actions += _resize(desired, staying, seen, known | set(seen.jobs) | seen.reserved)
@@ -158,6 +159,11 @@ def _expiring(replica: ReplicaView, seen: Observed, now: datetime, renew_before_
     return replica.state is ReplicaState.READY and left <= min(renew_before_s, job.time_limit_s / 2)
 
 
+def _leaving(replica: ReplicaView, seen: Observed) -> bool:
+    """A serving replica on a node being drained: handed over like one near its time limit."""
+    return replica.state is ReplicaState.READY and replica.index in seen.leaving
+
+
 def _hand_over(desired: int, expiring: list[ReplicaView], staying: list[ReplicaView]) -> list[Action]:
     """Expiring replicas drain once their successors are ready: as many as the ready others cover."""
     ready = sum(1 for r in staying if r.state is ReplicaState.READY)
@@ -172,6 +178,8 @@ def _check(replica: ReplicaView, seen: Observed, now: datetime, timeout_s: float
         return [Forget(replica.index, "its Slurm job ended")]
     if replica.index in seen.stalled and replica.state is not ReplicaState.STARTING:
         return [Cancel(replica.index, replica.job_id, "stalled: requests running, no token generated")]
+    if replica.index in seen.leaving and replica.state is ReplicaState.STARTING:
+        return [Cancel(replica.index, replica.job_id, "its node is draining; starting elsewhere")]
     if replica.state is ReplicaState.DRAINING:
         if seen.inflight.get(replica.index, 0) == 0:
             return [Cancel(replica.index, replica.job_id, "drained")]

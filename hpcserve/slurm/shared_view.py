@@ -9,6 +9,11 @@ wraps the service's one Slurm client:
   submitter (both, with the cached partitions and topology);
 - the age adapts to the queue: a read that took ``d`` seconds is reused for at least ``ADAPT * d``, so on a
   slow slurmctld (a huge queue) hpcserve spends at most about 1/``ADAPT`` of its time in these RPCs;
+- and to what is moving: while the controller reports its deployments calm (``settle(True)``: every
+  replica ready and answering, nothing done last tick), reads are reused for ``calm_s``. A replica that
+  stops answering, a pending one, any action or any write ends the calm at once (``settle(False)``). The
+  replicas' health is checked over HTTP every tick either way; the sampler (every 30 s) and the planner
+  (every minute) see lists at most ``calm_s`` old, and the executor re-checks live before it acts;
 - ``partitions()`` (scontrol show partition) is cached for ``partitions_ttl_s``, the topology (scontrol show
   topology, which changes only with slurm.conf) for ``topology_ttl_s``;
 - a failed read is remembered: until the backoff ends (doubling from ``max_age_s`` up to ``MAX_BACKOFF_S``),
@@ -58,6 +63,7 @@ class SharedView:
         *,
         partitions_ttl_s: float = 60.0,
         topology_ttl_s: float = 3600.0,
+        calm_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.live = client
@@ -66,6 +72,8 @@ class SharedView:
             partitions_ttl_s,
             topology_ttl_s,
         )
+        self.calm_s = calm_s
+        self.calm = False  # settle(): the controller saw nothing move
         self._clock = clock
         self._lock = threading.Lock()
         self._reads: dict[str, _Read] = {}  # "jobs" (squeue), "nodes" (sinfo)
@@ -111,7 +119,11 @@ class SharedView:
     def invalidate(self) -> None:
         """Forget the cached reads (after a write, or when the caller knows Slurm changed)."""
         with self._lock:
-            self._reads, self._partitions = {}, None
+            self._reads, self._partitions, self.calm = {}, None, False
+
+    def settle(self, calm: bool) -> None:
+        """The controller's word after each tick: calm (reads may be ``calm_s`` old) or moving."""
+        self.calm = calm
 
     # ------------------------------------------------------------------------------------------ writes
     def __getattr__(self, name: str) -> Any:
@@ -132,7 +144,8 @@ class SharedView:
         with self._lock:
             now = self._clock()
             read = self._reads.get(what)
-            if read is not None and now - read.at < max(self.max_age_s, ADAPT * read.took_s):
+            age = self.calm_s if self.calm else self.max_age_s
+            if read is not None and now - read.at < max(age, ADAPT * read.took_s):
                 return read
             if self._failed is not None and now < self._failed[0]:
                 raise self._failed[2]
