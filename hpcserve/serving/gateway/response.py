@@ -97,16 +97,17 @@ class Connection(asyncio.Protocol):
 class Response:
     """One answer being received (see the module docstring); its ``on_*`` methods are llhttp's callbacks."""
 
-    __slots__ = ("_conn", "_error", "_finished", "_flow", "_framed", "_head_bytes", "_interim", "_keep_alive",
-                 "_key", "_length", "_parser", "_paused", "_pool", "_queue", "_queued", "_waiter", "complete",
-                 "headers", "received_any", "status")  # fmt: skip
+    __slots__ = ("_conn", "_error", "_fed", "_finished", "_flow", "_framed", "_head_bytes", "_interim",
+                 "_keep_alive", "_key", "_length", "_parser", "_paused", "_pool", "_queue", "_queued",
+                 "_waiter", "complete", "headers", "received_any", "status")  # fmt: skip
 
     def __init__(self, pool: UpstreamPool, conn: Connection, key: tuple[str, int]) -> None:
         self._pool, self._conn, self._key = pool, conn, key
         self._parser = HttpResponseParser(self)
         self.status = 0  # set once the final answer's head is complete
         self.headers: dict[str, str] = {}
-        self._head_bytes = 0  # bytes fed before the head completed, and header/trailer bytes seen
+        self._fed = 0  # bytes fed while the head is not complete
+        self._head_bytes = 0  # bytes of status lines, headers and trailers the parser handed over
         self._interim = 0
         self._queue: deque[bytes] = deque()
         self._queued = 0
@@ -143,20 +144,27 @@ class Response:
             self._fail(UpstreamError(f"the replica's answer is malformed: {why}"))
             return
         if not self.status:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD:
+            self._fed += len(data)
+            if self._fed > MAX_HEAD:
                 self._fail(UpstreamError(f"the replica's response head is longer than {MAX_HEAD} bytes"))
 
     def on_message_begin(self) -> None:
         if self.complete:
             raise _Refused("bytes after the answer")
 
+    def on_status(self, reason: bytes) -> None:
+        self._count_head(len(reason) + 16)
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > MAX_HEAD:
-            raise _Refused(f"the head is longer than {MAX_HEAD} bytes")
+        self._count_head(len(name) + len(value) + 4)
         if not self.status:  # after the head: a trailer, dropped
             self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def _count_head(self, size: int) -> None:
+        """Bytes of a head that arrived in one piece (``feed`` counts those of an unfinished one)."""
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD:
+            raise _Refused(f"the head is longer than {MAX_HEAD} bytes")
 
     def on_headers_complete(self) -> None:
         parser = self._parser
