@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpcserve.api.caller import Caller, is_admin
 from hpcserve.errors import ValidationError
+from hpcserve.model.gateway import PRIORITIES, Priority
 from hpcserve.serving.gateway.keys import new_secret
 from hpcserve.store.records import ApiKeyRecord, Usage
 
@@ -36,22 +37,38 @@ class KeyRequest:
     rate: float | None = None
     burst: float | None = None
     max_tokens: int | None = None
+    priority: Priority = "interactive"
+    allow_fallback: bool = False
+
+
+FIELDS = ("name", "models", "rate", "burst", "max_tokens", "priority", "allow_fallback")
 
 
 def parse_key_request(body: Mapping[str, Any]) -> KeyRequest:
     """A ``KeyRequest`` from a JSON body; ``ValidationError`` naming the field and the fix otherwise."""
-    unknown = set(body) - {"name", "models", "rate", "burst", "max_tokens"}
+    unknown = set(body) - set(FIELDS)
     if unknown:
-        raise ValidationError(
-            f"unknown key fields {sorted(unknown)}: use name, models, rate, burst, max_tokens"
-        )
+        raise ValidationError(f"unknown key fields {sorted(unknown)}: use {', '.join(FIELDS)}")
     rate, burst = _positive(body, "rate"), _positive(body, "burst")
     if burst is not None and rate is None:
         raise ValidationError("burst: a burst needs a rate (fix: pass --rate TOKENS_PER_S too)")
     max_tokens = body.get("max_tokens")
     if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
         raise ValidationError(f"max_tokens: {max_tokens!r} is not a positive integer")
-    return KeyRequest(_label(body.get("name")), _models(body.get("models")), rate, burst, max_tokens)
+    allow_fallback = body.get("allow_fallback", False)
+    if not isinstance(allow_fallback, bool):
+        raise ValidationError(f"allow_fallback: {allow_fallback!r} is not true or false")
+    return KeyRequest(_label(body.get("name")), _models(body.get("models")), rate, burst, max_tokens,
+                      _priority(body.get("priority")), allow_fallback)  # fmt: skip
+
+
+def _priority(value: object) -> Priority:
+    if value is None:
+        return "interactive"
+    for priority in PRIORITIES:
+        if value == priority:
+            return priority
+    raise ValidationError(f"priority: {value!r} is not a priority class (fix: {' or '.join(PRIORITIES)})")
 
 
 def _label(value: object) -> str:
@@ -102,6 +119,7 @@ def create_key(api: ApiContext, caller: Caller, request: KeyRequest) -> tuple[Ap
         id=secret.key_id, owner=caller.user, label=request.label, salt=secret.salt, digest=secret.digest,
         models=list(request.models) if request.models is not None else None, rate=request.rate,
         burst=request.burst, max_tokens=request.max_tokens, created_at=api.clock(),
+        priority=request.priority, allow_fallback=request.allow_fallback,
     )  # fmt: skip
     return api.store.add_api_key(record), secret.key
 
@@ -146,6 +164,7 @@ def key_view(record: ApiKeyRecord) -> dict[str, Any]:
     return {
         "id": record.id, "owner": record.owner, "name": record.label, "models": record.models,
         "rate": record.rate, "burst": record.burst, "max_tokens": record.max_tokens,
+        "priority": record.priority, "allow_fallback": record.allow_fallback,
         "created_at": record.created_at.isoformat(),
         "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,
     }  # fmt: skip

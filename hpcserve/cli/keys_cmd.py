@@ -44,10 +44,21 @@ def keys() -> None:
     "--burst", type=click.FloatRange(min=0, min_open=True), help="Bucket size in tokens (60 s of rate)."
 )
 @click.option("--max-tokens", type=click.IntRange(1), help="Cap on each request's max_tokens.")
+@click.option(
+    "--priority",
+    type=click.Choice(["interactive", "batch"]),
+    help="batch: waits behind interactive requests and is shed first when overloaded [interactive].",
+)
+@click.option(
+    "--allow-fallback",
+    is_flag=True,
+    help="An overloaded deployment may answer with its fallback deployment's model.",
+)
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.pass_obj
 def create(ctx: Context, /, name: str, models: str | None, rate: float | None, burst: float | None,
-           max_tokens: int | None, as_json: bool) -> None:  # fmt: skip
+           max_tokens: int | None, priority: str | None, allow_fallback: bool,
+           as_json: bool) -> None:  # fmt: skip
     """Make a key; it is printed once (store it now: the service cannot show it again)."""
     body = {
         "name": name or None,
@@ -55,6 +66,8 @@ def create(ctx: Context, /, name: str, models: str | None, rate: float | None, b
         "rate": rate,
         "burst": burst,
         "max_tokens": max_tokens,
+        "priority": priority,
+        "allow_fallback": allow_fallback or None,
     }
     made = _call(ctx, "POST", "/v1/keys", {k: v for k, v in body.items() if v is not None})
     if as_json:
@@ -81,8 +94,10 @@ def list_keys(ctx: Context, /, everyone: bool, as_json: bool) -> None:
         emit_json(found)
         return
     rows = [(k["id"], k["owner"], k["name"], ",".join(k["models"] or ["(all)"]), k["rate"], k["burst"],
-             k["max_tokens"], k["created_at"][:19], (k["revoked_at"] or "")[:19]) for k in found]  # fmt: skip
-    cols = ("ID", "OWNER", "NAME", "MODELS", "RATE", "BURST", "MAX TOKENS", "CREATED", "REVOKED")
+             k["max_tokens"], k.get("priority", "interactive"), "yes" if k.get("allow_fallback") else "no",
+             k["created_at"][:19], (k["revoked_at"] or "")[:19]) for k in found]  # fmt: skip
+    cols = ("ID", "OWNER", "NAME", "MODELS", "RATE", "BURST", "MAX TOKENS", "PRIORITY", "FALLBACK", "CREATED",
+            "REVOKED")  # fmt: skip
     emit_table(f"{len(found)} keys", cols, rows)
 
 

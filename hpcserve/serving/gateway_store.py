@@ -1,18 +1,18 @@
 """The gateway wired to hpcserve's database, read as the service account: routes from the deployments and
 replicas tables (each deployment under its one served model name, with its owner and shares; each replica
-with the engine key the gateway sends it), the live API keys with their owners' Unix groups, its
-buffered-request samples into the engine samples (replica NULL, what the autoscaler reads to scale from
-zero), usage per key."""
+with the engine key the gateway sends it; its overload settings from its spec), the live API keys with
+their owners' Unix groups, its buffered and queued request samples into the engine samples (replica NULL,
+what the autoscaler reads to scale from zero and to see demand waiting at the gateway), usage per key."""
 
 from __future__ import annotations
 
 import pwd
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hpcserve.serving.gateway.keys import BURST_SECONDS, ApiKey, KeySnapshot, KeySource
-from hpcserve.serving.gateway.routes import DeploymentRoute, Endpoint, Refresh, Routes
+from hpcserve.serving.gateway.routes import DeploymentRoute, Endpoint, Overload, Refresh, Routes
 from hpcserve.serving.gateway.stats import GatewaySample, Report, UsageRow, UsageSink
 
 if TYPE_CHECKING:
@@ -55,7 +55,21 @@ def _route(deployment: Deployment, replicas: list[Replica]) -> DeploymentRoute:
         draining=frozenset(r.index for r in serving if r.state == "draining"),
         owner=deployment.owner,
         shares=frozenset(deployment.shares or ()),
+        overload=spec_overload(deployment.spec),
     )
+
+
+def spec_overload(spec: Mapping[str, Any]) -> Overload:
+    """The overload settings of a stored spec, defaults filled in; a spec that no longer validates (an
+    older hpcserve's) gets none: no bound, as before overload handling."""
+    from pydantic import ValidationError
+
+    from hpcserve.serving.spec import DeploymentSpec
+
+    try:
+        return DeploymentSpec.model_validate(spec).overload
+    except (ValidationError, ValueError):
+        return Overload()
 
 
 def keys_from_store(store: HistoryStore, source: str | None = None) -> KeySource:
@@ -84,7 +98,8 @@ def gateway_key(record: ApiKeyRecord, share: float = 1.0) -> ApiKey:
     if rate and share < 1:
         rate, burst = rate * share, (burst or rate * BURST_SECONDS) * share
     return ApiKey(record.id, record.owner, rate=rate, burst=burst, max_tokens=record.max_tokens,
-                  models=models, salt=record.salt, digest=record.digest)  # fmt: skip
+                  models=models, salt=record.salt, digest=record.digest, priority=record.priority,
+                  allow_fallback=record.allow_fallback)  # fmt: skip
 
 
 def owner_groups(owners: Iterable[str]) -> dict[str, frozenset[str]]:
@@ -103,14 +118,14 @@ def owner_groups(owners: Iterable[str]) -> dict[str, frozenset[str]]:
 
 
 def report_to_store(store: HistoryStore, source: str | None = None) -> Report:
-    """The gateway's buffered requests per deployment into the history, named by ``source`` (this
+    """The gateway's buffered and queued requests per deployment into the history, named by ``source`` (this
     gateway's host:port), so that with several gateways the autoscaler sums them all."""
     from hpcserve.store import EngineSample
 
     def report(samples: Sequence[GatewaySample]) -> None:
         store.add_engine_samples(
             [
-                EngineSample(s.at, s.deployment, None, gateway_waiting=s.buffered, source=source)
+                EngineSample(s.at, s.deployment, None, gateway_waiting=s.buffered + s.queued, source=source)
                 for s in samples
             ]
         )

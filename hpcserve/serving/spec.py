@@ -36,6 +36,17 @@ Fields (``s`` = seconds):
   default. UNLIMITED is refused: it blocks maintenance reservations.
 - ``simulator``: settings of the engine simulator, allowed only with ``engine: simulator``:
   ``startup_delay_s``, ``prefill_tokens_per_s``, ``decode_ms_per_token``, ``max_num_seqs``.
+- Overload at the gateway (hpcserve/serving/gateway/overload.py):
+  - ``max_concurrency``: requests each gateway sends one replica at once; more wait in the gateway,
+    interactive keys' first, then batch keys'. Default: the replica's ``max_num_seqs``; 0: no bound.
+  - ``interactive_reserve``: of those slots, how many per replica only interactive requests take
+    (default: an eighth of ``max_concurrency``, at least 1).
+  - ``shed_wait_s``: at ``max_replicas``, a request expected to wait longer than this for a slot gets 503
+    with a Retry-After from the queue's drain rate, batch requests first (default 30; none: never shed).
+    Below ``max_replicas`` requests wait, and count towards the autoscaler's queue.
+  - ``fallback``: another deployment that requests of keys made with ``--allow-fallback`` (and that reach
+    it) are sent to when the expected wait passes ``fallback_wait_s`` (default: ``shed_wait_s``).
+  - ``overload_max_tokens``: the cap on a request's max_tokens while requests wait for a slot.
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ from hpcserve.config.loader import describe, read_mapping, to_config_error
 from hpcserve.config.policy import Duration
 from hpcserve.config.sections import check_node_path
 from hpcserve.errors import ConfigError, ValidationError
+from hpcserve.model.gateway import Overload
 from hpcserve.serving.vllm_cmd import engine_arg_problem, normalize_engine_arg
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -115,6 +127,12 @@ class DeploymentSpec(Frozen):
     partition: str | None = None
     time_limit: Duration | None = None
     simulator: SimulatorSettings | None = None
+    max_concurrency: int | None = Field(default=None, ge=0)
+    interactive_reserve: int | None = Field(default=None, ge=0)
+    shed_wait_s: float | None = Field(default=30.0, ge=0)
+    fallback: str | None = None
+    fallback_wait_s: float | None = Field(default=None, ge=0)
+    overload_max_tokens: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -123,10 +141,10 @@ class DeploymentSpec(Frozen):
             return {**data, "served_model_name": data["name"]}
         return data
 
-    @field_validator("name")
+    @field_validator("name", "fallback")
     @classmethod
-    def _dns_safe(cls, name: str) -> str:
-        if not _DNS_LABEL.match(name):
+    def _dns_safe(cls, name: str | None) -> str | None:
+        if name is not None and not _DNS_LABEL.match(name):
             raise Invalid(
                 "",
                 f"{name!r} is not DNS-safe",
@@ -169,7 +187,25 @@ class DeploymentSpec(Frozen):
             raise Invalid(
                 "simulator", "simulator settings with engine vllm", "set engine: simulator, or drop simulator"
             )
+        self._fallback_consistent()
         return self
+
+    def _fallback_consistent(self) -> None:
+        if self.fallback == self.name:
+            raise Invalid("fallback", "a deployment cannot fall back to itself", "name another deployment")
+        if self.fallback is not None and self.fallback_wait_s is None and self.shed_wait_s is None:
+            raise Invalid("fallback_wait_s", "a fallback needs a wait to start at",
+                          "set fallback_wait_s (or shed_wait_s)")  # fmt: skip
+
+    @property
+    def overload(self) -> Overload:
+        """What the gateway does when this deployment's replicas are saturated (defaults filled in)."""
+        bound = self.max_num_seqs if self.max_concurrency is None else self.max_concurrency or None
+        reserve = self.interactive_reserve
+        if reserve is None:
+            reserve = max(1, bound // 8) if bound else 0
+        return Overload(bound, reserve, self.shed_wait_s, self.max_replicas, self.fallback,
+                        self.fallback_wait_s, self.overload_max_tokens)  # fmt: skip
 
     @property
     def sim(self) -> SimulatorSettings:

@@ -11,6 +11,7 @@ from datetime import date, datetime
 from typing import Any, TypedDict
 
 from hpcserve.errors import ValidationError
+from hpcserve.model.gateway import Priority
 
 REPLICA_STATES = ("pending", "starting", "ready", "draining", "dead")
 STEP_KINDS = ("drain", "signal", "wait", "move", "resume")
@@ -232,6 +233,8 @@ class ApiKeyRecord:
     max_tokens: int | None
     created_at: datetime
     revoked_at: datetime | None = None
+    priority: Priority = "interactive"  # batch: waits behind interactive requests, shed first
+    allow_fallback: bool = False  # an overloaded deployment may send its requests to its fallback
 
     @property
     def revoked(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Date,
     DateTime,
     Dialect,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -282,6 +284,8 @@ class ApiKeyRow(Base):
     max_tokens: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    priority: Mapped[str] = mapped_column(String(16), server_default="interactive")  # or batch
+    allow_fallback: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
 
 class ServiceStateRow(Base):

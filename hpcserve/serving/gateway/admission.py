@@ -9,16 +9,17 @@ Answers, in the order they are checked (after the key, which the app checks firs
 - 413 ``prompt_too_long``: the estimated prompt tokens (characters / ``chars_per_token``, plus token-id
   prompts counted as given) exceed the deployment's ``max_prompt_tokens`` (or the gateway's default).
 An admitted request has both ``max_tokens`` and ``max_completion_tokens`` (those present) clamped to the
-smallest of the key's, the deployment's and the gateway's caps, and ``max_tokens`` set to it when neither
-is given; a stream that does not ask for usage asks the replica for it anyway
-(``stream_options.include_usage``), and the gateway strips the usage event from what the client sees. The
-body sent upstream is always re-encoded from the parsed JSON, never the client's bytes.
+smallest of the key's, the deployment's and the gateway's caps (and, while requests wait for a slot of
+the deployment, its ``overload.max_tokens``), and ``max_tokens`` set to it when neither is given; a
+stream that does not ask for usage asks the replica for it anyway (``stream_options.include_usage``),
+and the gateway strips the usage event from what the client sees. The body sent upstream is always
+re-encoded from the parsed JSON, never the client's bytes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,7 @@ class Admitted:
     max_tokens: int | None  # in effect upstream (None: no cap anywhere)
     clamped: bool  # the gateway lowered or set max_tokens
     prefix: str  # the prompt's start, for prefix affinity ("" when off)
+    overload_capped: bool = False  # the deployment's cap under overload is what lowered it
 
     @property
     def cost(self) -> int:
@@ -184,8 +186,10 @@ def admit(
     key: ApiKey,
     config: GatewayConfig,
     groups: Collection[str] = NO_GROUPS,
+    overload_cap: Callable[[DeploymentRoute], int | None] | None = None,
 ) -> Admitted | Rejection:
-    """Decide on one request body (see the module docstring); ``groups``: the key owner's Unix groups."""
+    """Decide on one request body (see the module docstring); ``groups``: the key owner's Unix groups;
+    ``overload_cap``: the deployment's max_tokens cap while it is overloaded (None while it is not)."""
     body = decode_body(raw)
     if isinstance(body, Rejection):
         return body
@@ -201,13 +205,24 @@ def admit(
     if limit is not None and tokens > limit:
         message = f"the prompt is ~{tokens} tokens; {route.name} takes at most {limit}"
         return Rejection(413, message, "prompt_too_long", deployment=route.name)
-    clamp = _clamp(body, _cap(key.max_tokens, route.max_tokens, config.max_tokens))
+    cap = _cap(key.max_tokens, route.max_tokens, config.max_tokens)
+    overload = overload_cap(route) if overload_cap is not None else None
+    clamp = _clamp(body, _cap(cap, overload))
     if isinstance(clamp, Rejection):
         return _for(clamp, route)
     max_tokens, clamped = clamp
+    by_overload = overload is not None and clamped and max_tokens == overload < (cap or overload + 1)
     client_usage = _ask_usage(body) if stream else False
     prefix = text[: config.affinity_chars] if config.affinity_chars > 0 else ""
-    return Admitted(route, _encode(body), stream, client_usage, tokens, max_tokens, clamped, prefix)
+    return Admitted(route, _encode(body), stream, client_usage, tokens, max_tokens, clamped, prefix,
+                    by_overload)  # fmt: skip
+
+
+def retarget(raw: bytes, model: str) -> bytes:
+    """The request body ``raw`` (already admitted once) asking for ``model`` instead (a fallback)."""
+    body = _decode(raw)
+    body["model"] = model
+    return _encode(body)
 
 
 def _for(rejection: Rejection, route: DeploymentRoute) -> Rejection:

@@ -114,7 +114,9 @@ class Gateway:
 
     async def tick(self) -> None:
         state = self.state
-        samples = state.stats.tick(state.clock(), datetime.now(UTC), state.deployments, state.buffer.depth)
+        samples = state.stats.tick(state.clock(), datetime.now(UTC), state.deployments, state.buffer.depth,
+                                   state.gate.waiting)  # fmt: skip
+        state.gate.tick()
         await _in_thread(self.report, samples)
 
     async def flush(self) -> None:
@@ -144,12 +146,14 @@ class Gateway:
         state = self.state
         ready = sum(len(r.ready()) for r in state.deployments.values())
         buffered = sum(state.buffer.depth(d) for d in state.buffer.waiting())
+        queued = sum(state.gate.waiting(d) for d in state.gate.lanes)
         return _json(
             {
                 "status": "ok",
                 "deployments": len(state.deployments),
                 "ready_replicas": ready,
                 "buffered": buffered,
+                "queued": queued,
             }
         )
 

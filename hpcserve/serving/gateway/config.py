@@ -28,3 +28,5 @@ class GatewayConfig:
     max_body_bytes: int = 16 * 1024 * 1024  # request bodies above this get 413
     client_body_timeout_s: float = 30.0  # a request body not whole within this gets 408 (slowloris)
     max_upstream_body_bytes: int = 16 * 1024 * 1024  # a non-streamed answer above this gets 502
+    queue_max: int = 4096  # requests waiting for a slot per deployment (max_concurrency); more are shed
+    queue_timeout_s: float = 120.0  # how long one waits for a slot before 503

@@ -14,6 +14,8 @@ key instead::
         rate: 200               # tokens/s refilled into the key's bucket (optional: unlimited)
         burst: 8000             # bucket size in tokens (optional: 60 s of rate)
         max_tokens: 2048        # cap on a request's max_tokens (optional: the deployment's cap)
+        priority: batch         # interactive (default) or batch: waits behind interactive, shed first
+        allow_fallback: true    # an overloaded deployment may send it to its fallback (default false)
 
 Clients send ``Authorization: Bearer <key>``. A request costs its estimated prompt tokens plus its
 (clamped) max_tokens when admitted; when the real usage is known the difference is given back (or taken).

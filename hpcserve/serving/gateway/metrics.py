@@ -6,7 +6,11 @@ Families (all ``hpcserve_gateway_*``):
 - ``buffered{deployment}`` (the scale-from-zero queue), ``inflight{deployment}``,
   ``requests_per_s{deployment}``, ``tokens_per_s{deployment}`` (completion tokens): gauges, likewise;
 - ``ttft_seconds{model}`` (request received to first byte sent), ``request_seconds{model}`` (end to
-  end): histograms.
+  end): histograms;
+- overload (queue.py): ``queued{deployment,priority}`` (waiting for a slot), ``drain_rate{deployment}``
+  (requests/s a saturated deployment finishes; absent while unknown) gauges; ``shed_total{deployment,
+  priority,reason}``, ``fallback_total{deployment,fallback}``, ``overload_capped_total{deployment}``
+  (max_tokens lowered by the overload cap) counters.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from hpcserve.model.gateway import PRIORITIES
+from hpcserve.serving.gateway.queue import Gate
 from hpcserve.serving.gateway.stats import UNKNOWN, Stats
 
 PREFIX = "hpcserve_gateway_"
@@ -95,14 +101,50 @@ class Buckets:
         return list(zip(edges, accumulate(self.counts), strict=True))
 
 
+class _OverloadCollector(Collector):
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    def collect(self) -> Iterator[Metric]:
+        lanes = sorted(self.gate.lanes.items())
+        queued = GaugeMetricFamily(PREFIX + "queued", "Requests waiting for a slot",
+                                   labels=["deployment", "priority"])  # fmt: skip
+        rate = GaugeMetricFamily(PREFIX + "drain_rate", "Requests/s a saturated deployment finishes",
+                                 labels=["deployment"])  # fmt: skip
+        shed = CounterMetricFamily(PREFIX + "shed", "Requests shed (503) under overload",
+                                   labels=["deployment", "priority", "reason"])  # fmt: skip
+        fallback = CounterMetricFamily(PREFIX + "fallback", "Requests sent to the fallback deployment",
+                                       labels=["deployment", "fallback"])  # fmt: skip
+        capped = CounterMetricFamily(PREFIX + "overload_capped", "Requests whose max_tokens the overload "
+                                     "cap lowered", labels=["deployment"])  # fmt: skip
+        for name, lane in lanes:
+            for priority in PRIORITIES:
+                queued.add_metric([name, priority], lane.queue.depth(priority))
+            drain = self.gate.rate(name)
+            if drain is not None:
+                rate.add_metric([name], drain)
+            for (priority, reason), n in sorted(lane.shed.items()):
+                shed.add_metric([name, priority, reason], n)
+            for target, n in sorted(lane.fallbacks.items()):
+                fallback.add_metric([name, target], n)
+            capped.add_metric([name], lane.capped)
+        return iter((queued, rate, shed, fallback, capped))
+
+
 class GatewayMetrics:
     """The registry, the two latency histograms per model and the rendering of /metrics."""
 
     def __init__(
-        self, stats: Stats, deployments: Callable[[], Collection[str]], buffered: Callable[[str], int]
+        self,
+        stats: Stats,
+        deployments: Callable[[], Collection[str]],
+        buffered: Callable[[str], int],
+        gate: Gate | None = None,
     ):
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(stats, deployments, buffered))
+        if gate is not None:
+            self.registry.register(_OverloadCollector(gate))
         self.histograms: dict[str, tuple[Buckets, Buckets]] = {}  # model -> (ttft, latency)
         self.registry.register(_HistogramCollector(self.histograms))
 

@@ -4,13 +4,16 @@ Answers the gateway makes itself (all OpenAI-style ``{"error": {"message", "type
 401 no or unknown key; 408 the body did not arrive within ``client_body_timeout_s``; 400/404/413 from
 admission (404 also for a model the key may not reach: checked before any buffering, so it never wakes a
 deployment); 429 over the key's token rate (Retry-After: when the bucket will hold the request); 503 no
-replica ready (buffer full, or none within ``buffer_timeout_s``; Retry-After: ``retry_after_s``); 502 no
+replica ready (buffer full, or none within ``buffer_timeout_s``; Retry-After: ``retry_after_s``); 503
+``overloaded`` (queue.py, overload.py: shed, batch first; Retry-After: the expected wait); 502 no
 replica reachable (a refused connection, or an engine that refuses the replica's engine key with 401,
 is retried once on another replica), the replica broke mid-answer, or its non-streamed answer passed
 ``max_upstream_body_bytes``; 504 the replica was silent past ``read_timeout_s``; 499 (counted, not sent)
 the client went away, and the replica's connection is closed so it stops. A clamped or set max_tokens is
-announced in ``X-Hpcserve-Max-Tokens``; ``X-Hpcserve-Replica`` names the replica. Malformed requests and
-oversized answers are logged in one line each (throttled).
+announced in ``X-Hpcserve-Max-Tokens`` (``; overload`` when the deployment's cap under overload did it);
+``X-Hpcserve-Replica`` names the replica; ``X-Hpcserve-Fallback: <primary> -> <fallback>`` says that an
+overloaded deployment's fallback served the request (its ``model`` field names the fallback's model).
+Malformed requests and oversized answers are logged in one line each (throttled).
 
 Upstream, each request carries ``Authorization: Bearer <engine key>`` of the replica it goes to (from the
 routes), never the client's key: engines answer only the gateway. An engine that answers 401 is not the
@@ -27,11 +30,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from hpcserve.serving.gateway.admission import Admitted, Rejection, admit
+from hpcserve.model.gateway import DeploymentRoute
+from hpcserve.serving.gateway.admission import Admitted, Rejection, admit, retarget
 from hpcserve.serving.gateway.buffer import BufferFull
 from hpcserve.serving.gateway.client import UpstreamPool
 from hpcserve.serving.gateway.keys import ApiKey
 from hpcserve.serving.gateway.logs import OneLine
+from hpcserve.serving.gateway.overload import Shed, fallback_route
+from hpcserve.serving.gateway.queue import Slot
 from hpcserve.serving.gateway.response import BodyTooLarge, ReadTimeout, Response, UpstreamError
 from hpcserve.serving.gateway.routes import Endpoint
 from hpcserve.serving.gateway.state import GatewayState
@@ -64,6 +70,16 @@ class Exchange:
     status: int = 500  # until an answer is chosen: an exception escaping the handler is aiohttp's 500
     ttft: float | None = None
     usage: tuple[int, int] | None = None  # (prompt, completion) tokens a replica spent
+    served_by: str | None = None  # the fallback deployment that answered, if one did
+
+
+@dataclass(frozen=True, slots=True)
+class Asker:
+    """Who asks, with what: what a fallback needs to admit the request again for another deployment."""
+
+    key: ApiKey
+    raw: bytes
+    groups: frozenset[str]
 
 
 class Proxy:
@@ -88,9 +104,9 @@ class Proxy:
         if isinstance(raw, Rejection):
             return self._reject(raw, key.id, request)
         groups = self.state.keyring.groups(key.owner)
-        decision = admit(raw, self.state.routes, key, self.config, groups)
+        decision = self._admit(raw, key, groups)
         if _unknown_model(decision) and self._on_miss is not None and await self._on_miss():
-            decision = admit(raw, self.state.routes, key, self.config, groups)  # made a moment ago?
+            decision = self._admit(raw, key, groups)  # made a moment ago?
         if isinstance(decision, Rejection):
             return self._reject(decision, key.id, request)
         wait = self.state.keyring.take(key, decision.cost, started)
@@ -98,12 +114,23 @@ class Proxy:
             return self._reject(_rate_limited(key, decision, wait), key.id)
         exchange = Exchange(started)
         try:
-            return await self._dispatch(request, decision, exchange)
+            return await self._dispatch(request, decision, exchange, Asker(key, raw, groups))
         except asyncio.CancelledError:  # the client went away (aiohttp's handler_cancellation)
             exchange.status = CLIENT_GONE
             raise
         finally:
             self._account(key, decision, exchange)
+
+    def _admit(self, raw: bytes, key: ApiKey, groups: frozenset[str]) -> Admitted | Rejection:
+        decision = admit(raw, self.state.routes, key, self.config, groups, self._overload_cap)
+        if isinstance(decision, Admitted) and decision.overload_capped:
+            self.state.gate.lane(decision.route.name).capped += 1
+        return decision
+
+    def _overload_cap(self, route: DeploymentRoute) -> int | None:
+        """The deployment's max_tokens cap while requests wait for one of its slots."""
+        cap = route.overload.max_tokens
+        return cap if cap is not None and self.state.gate.waiting(route.name) else None
 
     async def _body(self, request: web.Request) -> bytes | Rejection:
         """The request body: 413 over ``max_body_bytes``, 408 when not whole within
@@ -130,7 +157,7 @@ class Proxy:
         return error_response(rejection)
 
     def _account(self, key: ApiKey, request: Admitted, exchange: Exchange) -> None:
-        name, now, state = request.route.name, self.clock(), self.state
+        name, now, state = exchange.served_by or request.route.name, self.clock(), self.state
         ledger = state.stats.ledger(key.id, key.owner, name)
         ledger.count(exchange.status)
         state.metrics.observe(name, exchange.ttft, now - exchange.started)
@@ -140,13 +167,53 @@ class Proxy:
             used = exchange.usage[0] + exchange.usage[1]
         state.keyring.settle(key, request.cost, used, now)
 
-    async def _dispatch(self, request: web.Request, adm: Admitted, ex: Exchange) -> web.StreamResponse:
-        name = adm.route.name
-        if not self.state.ready(name):
-            refusal = await self._wait_for_replica(name)
+    async def _dispatch(
+        self, request: web.Request, adm: Admitted, ex: Exchange, asker: Asker
+    ) -> web.StreamResponse:
+        if not self.state.ready(adm.route.name):
+            refusal = await self._wait_for_replica(adm.route.name)
             if refusal is not None:
                 ex.status = refusal.status
                 return error_response(refusal)
+        granted = await self._slot(adm, asker)
+        if isinstance(granted, Rejection):
+            ex.status = granted.status
+            return error_response(granted)
+        served, slot = granted
+        headers: dict[str, str] = {}
+        if served is not adm:
+            ex.served_by = served.route.name
+            headers["X-Hpcserve-Fallback"] = f"{adm.route.name} -> {served.route.name}"
+        try:
+            return await self._forward(request, served, ex, headers)
+        finally:
+            self.state.gate.release(slot)
+
+    async def _slot(self, adm: Admitted, asker: Asker) -> tuple[Admitted, Slot] | Rejection:
+        """A slot of the deployment (queue.py), or of its fallback when the key allows it, or a 503."""
+        key, gate = asker.key, self.state.gate
+        fallback = None
+        if key.allow_fallback and adm.route.overload.fallback:
+            fallback = fallback_route(key, adm.route, self.state.routes, asker.groups)
+        got = await gate.acquire(adm.route, key.priority, fallback is not None)
+        if isinstance(got, Slot):
+            return adm, got
+        if isinstance(got, Shed):
+            return _shed(adm.route, key, got)
+        assert fallback is not None
+        other = self._admit(retarget(asker.raw, fallback[0]), key, asker.groups)
+        if isinstance(other, Rejection):
+            return other
+        again = await gate.acquire(other.route, key.priority, False)
+        if isinstance(again, Slot):
+            return other, again
+        assert isinstance(again, Shed)
+        return _shed(other.route, key, again)
+
+    async def _forward(
+        self, request: web.Request, adm: Admitted, ex: Exchange, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        name = adm.route.name
         sent = await self._send(adm, request.path)
         if isinstance(sent, Rejection):
             ex.status = sent.status
@@ -155,9 +222,10 @@ class Proxy:
         self.state.stats.begin(name)
         try:
             ex.status = upstream.status
-            headers = {"X-Hpcserve-Replica": f"{endpoint.deployment}/{endpoint.replica}"}
+            headers["X-Hpcserve-Replica"] = f"{endpoint.deployment}/{endpoint.replica}"
             if adm.clamped:
-                headers["X-Hpcserve-Max-Tokens"] = f"{adm.max_tokens}; clamped"
+                why = "; overload" if adm.overload_capped else ""
+                headers["X-Hpcserve-Max-Tokens"] = f"{adm.max_tokens}; clamped{why}"
             if adm.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
                 return await self._relay_stream(request, adm, upstream, headers, ex)
             return await self._relay_body(adm, upstream, headers, ex)
@@ -305,6 +373,21 @@ def _rate_limited(key: ApiKey, adm: Admitted, wait: int) -> Rejection:
     rate = f"{key.rate:g} tokens/s" if key.rate else "rate"
     message = f"key {key.id} is over its {rate}; this request needs ~{adm.cost} tokens; retry in {wait} s"
     return Rejection(429, message, "rate_limit_exceeded", "rate_limit_error", wait, adm.route.name)
+
+
+def _shed(route: DeploymentRoute, key: ApiKey, shed: Shed) -> Rejection:
+    name, wait = route.name, shed.wait_s
+    if shed.reason == "gone":
+        return Rejection(404, f"the model {name!r} was removed", "model_not_found", deployment=name)
+    expected = f"~{wait:.0f} s" if wait is not None else "unknown"
+    why = {
+        "overload": f"the expected wait ({expected}) passes its bound of {route.overload.shed_wait_s} s",
+        "evicted": f"queued batch requests were shed for interactive ones (expected wait {expected})",
+        "queue_full": f"its queue is full (expected wait {expected})",
+        "timeout": f"no slot came free within the gateway's queue timeout (expected wait {expected})",
+    }[shed.reason]
+    message = f"{name} is overloaded ({key.priority} request): {why}; retry in {shed.retry_after} s"
+    return Rejection(503, message, "overloaded", "service_unavailable", shed.retry_after, name)
 
 
 def _unknown_model(decision: object) -> bool:

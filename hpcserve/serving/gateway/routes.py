@@ -11,6 +11,13 @@ worker thread. ``StaticRoutes`` serves tests and benches; ``routes_from_file`` r
         max_tokens: 2048                     # optional: max_tokens is clamped to this
         owner: alice                         # optional: only her keys (and those she shares with) reach it
         shares: [bob, "@ml-team"]            # optional: users, @groups or "all" whose keys reach it too
+        max_concurrency: 32                  # optional: requests per replica at once; more wait here
+        interactive_reserve: 4               # optional: of those, slots only interactive keys take
+        shed_wait_s: 20                      # optional: 503 past this expected wait (batch first)
+        max_replicas: 2                      # optional: below it, nothing is shed (the autoscaler adds)
+        fallback: llama-1b                   # optional: where keys with allow_fallback go when overloaded
+        fallback_wait_s: 5                   # optional: past this expected wait (default: shed_wait_s)
+        overload_max_tokens: 256             # optional: max_tokens cap while requests wait here
         replicas:                            # READY replicas only; none = scaled to zero (requests wait)
           - {replica: 0, url: "http://node1:8001"}
           - {replica: 1, url: "http://node2:8001", draining: true}   # finishes its requests, gets no new
@@ -35,6 +42,7 @@ import msgspec
 from hpcserve.errors import ConfigError
 from hpcserve.model.gateway import DeploymentRoute as DeploymentRoute
 from hpcserve.model.gateway import Endpoint as Endpoint
+from hpcserve.model.gateway import Overload as Overload
 from hpcserve.model.gateway import Routes as Routes
 
 log = logging.getLogger(__name__)
@@ -91,6 +99,17 @@ class _DeploymentEntry(msgspec.Struct, forbid_unknown_fields=True):
     max_tokens: int | None = None
     owner: str | None = None
     shares: list[str] = []
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    interactive_reserve: Annotated[int, msgspec.Meta(ge=0)] = 0
+    shed_wait_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    max_replicas: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    fallback: str | None = None
+    fallback_wait_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    overload_max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+    def overload(self) -> Overload:
+        return Overload(self.max_concurrency, self.interactive_reserve, self.shed_wait_s, self.max_replicas,
+                        self.fallback, self.fallback_wait_s, self.overload_max_tokens)  # fmt: skip
 
 
 class _RoutesFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -115,7 +134,7 @@ def _route(entry: _DeploymentEntry) -> DeploymentRoute:
     )
     draining = frozenset(r.replica for r in entry.replicas if r.draining)
     return DeploymentRoute(entry.name, endpoints, draining, entry.max_prompt_tokens, entry.max_tokens,
-                           entry.owner, frozenset(entry.shares))  # fmt: skip
+                           entry.owner, frozenset(entry.shares), entry.overload())  # fmt: skip
 
 
 def load_routes(path: Path) -> Routes:

@@ -7,13 +7,14 @@ connection in the last ``eject_s`` seconds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from hpcserve.serving.gateway.admission import Admitted
 from hpcserve.serving.gateway.buffer import ReplicaBuffer
 from hpcserve.serving.gateway.config import GatewayConfig
 from hpcserve.serving.gateway.keys import ApiKey, Keyring
 from hpcserve.serving.gateway.metrics import GatewayMetrics
+from hpcserve.serving.gateway.queue import Gate
 from hpcserve.serving.gateway.routes import DeploymentRoute, Endpoint, Routes
 from hpcserve.serving.gateway.routing import pick_endpoint, prefix_digest
 from hpcserve.serving.gateway.stats import Stats
@@ -32,8 +33,9 @@ class GatewayState:
         self.outstanding: dict[str, int] = {}
         self.ejected: dict[str, float] = {}  # url -> until
         self.buffer = ReplicaBuffer(config.buffer_max)
+        self.gate = Gate(lambda: self.deployments, clock, config.queue_max, config.queue_timeout_s)
         self.stats = Stats()
-        self.metrics = GatewayMetrics(self.stats, lambda: self.deployments, self.buffer.depth)
+        self.metrics = GatewayMetrics(self.stats, lambda: self.deployments, self.buffer.depth, self.gate)
         self._turn = 0
 
     def apply(self, routes: Routes) -> None:
@@ -46,6 +48,7 @@ class GatewayState:
             route = deployments.get(name)
             if route is not None and route.ready():
                 self.buffer.release(name)
+        self.gate.refresh(deployments)  # new replicas bring slots; waiters of deployments gone are sent away
         if changed:
             self.buffer.forget_except(deployments)
             self.prune()
@@ -77,9 +80,13 @@ class GatewayState:
             return None
         self._turn += 1
         affinity = prefix_digest(request.prefix, self.config.affinity_chars) if request.prefix else None
+        ready, bound = route.ready(), route.overload.max_concurrency
+        avoid: Collection[str] = self.ejected
+        if bound is not None:  # replicas at their bound too, while others have room
+            avoid = {e.url for e in ready if self.outstanding.get(e.url, 0) >= bound} | self.ejected.keys()
         return pick_endpoint(
-            route.ready(), self.outstanding, turn=self._turn, affinity=affinity,
-            slack=self.config.affinity_slack, exclude=exclude, avoid=self.ejected,
+            ready, self.outstanding, turn=self._turn, affinity=affinity,
+            slack=self.config.affinity_slack, exclude=exclude, avoid=avoid,
         )  # fmt: skip
 
     def acquire(self, endpoint: Endpoint) -> None:

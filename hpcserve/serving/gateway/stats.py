@@ -5,7 +5,8 @@ Every table here is keyed by configured keys and known deployments only (unknown
 class such as ``5xx``), so nothing grows with the number of requests.
 
 - ``report(samples)`` gets one ``GatewaySample`` per known deployment every ~1 s: requests waiting for a
-  replica (the scale-from-zero signal), requests in flight, and requests/s since the last sample.
+  replica (the scale-from-zero signal), requests in flight, requests/s since the last sample, and
+  requests waiting for a slot of a saturated deployment (``queued``: demand the autoscaler adds).
 - ``usage_sink(rows)`` gets ``UsageRow``s every ~10 s: per key and deployment, what was used since the
   last rows (requests answered by a replica, prompt and completion tokens).
 Both are called from a worker thread, one call at a time; an exception is logged and the data dropped.
@@ -32,6 +33,7 @@ class GatewaySample:
     buffered: int
     inflight: int
     requests_per_s: float
+    queued: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +118,12 @@ class Stats:
             self.inflight.pop(deployment, None)
 
     def tick(
-        self, now: float, at: datetime, deployments: Collection[str], buffered: Callable[[str], int]
+        self,
+        now: float,
+        at: datetime,
+        deployments: Collection[str],
+        buffered: Callable[[str], int],
+        queued: Callable[[str], int] = lambda d: 0,
     ) -> list[GatewaySample]:
         """Rates since the last tick, and one sample per known deployment."""
         elapsed = now - self._tick_at if self._tick_at is not None else 0.0
@@ -128,7 +135,9 @@ class Stats:
         self.requests_per_s, self.tokens_per_s = _rates(self._started, elapsed), _rates(generated, elapsed)
         self._started, self._completion = {}, completion
         return [
-            GatewaySample(at, d, buffered(d), self.inflight.get(d, 0), self.requests_per_s.get(d, 0.0))
+            GatewaySample(
+                at, d, buffered(d), self.inflight.get(d, 0), self.requests_per_s.get(d, 0.0), queued(d)
+            )
             for d in sorted(deployments)
         ]
 
