@@ -5,8 +5,9 @@ requests per ready replica from this gateway; past it requests wait here, intera
 first out), then batch ones. ``interactive_reserve`` slots per replica are never given to batch requests,
 so an interactive request finds a free slot at once while batch load alone saturates the deployment.
 
-The queue's drain rate is measured by Little's law: at saturation, requests leave at ``slots / mean time a
-request holds its slot`` per second, the mean being an EWMA over finished requests. Unlike a count of
+The queue's drain rate is measured by Little's law: at saturation, requests leave at ``slots held / mean
+time a request holds its slot`` per second, the mean being an EWMA over finished requests (slots held, not
+all slots: a batch-only load holds fewer, the interactive reserve stays free). Unlike a count of
 completions per second, it does not decay while the deployment idles, so the first burst after a quiet
 spell is judged by how fast requests were served, not shed on a stale zero. A request's expected wait is
 its position in the queue over that rate (unknown until one request has finished: nothing is shed blind).

@@ -101,13 +101,17 @@ class Gate:
         return len(lane.queue) if priority is None else lane.queue.depth(priority)
 
     def rate(self, deployment: str) -> float | None:
-        """The deployment's drain rate (requests/s at saturation), None while unknown or unbounded."""
+        """The deployment's drain rate: requests/s it finishes with the slots now held (all of them while
+        idle); None while unknown or unbounded."""
         route = self._routes().get(deployment)
         lane = self.lanes.get(deployment)
         if route is None or lane is None:
             return None
         bound = slots(route.overload, len(route.ready()))
-        return drain_rate(bound[0], lane.service.mean) if bound else None
+        if bound is None:
+            return None
+        held = lane.held["interactive"] + lane.held["batch"]
+        return drain_rate(held or bound[0], lane.service.mean)
 
     def _free(self, lane: Lane, route: DeploymentRoute, priority: Priority) -> bool:
         bound = slots(route.overload, len(route.ready()))
