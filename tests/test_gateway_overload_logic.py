@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
-from hpcserve.api.keys import parse_key_request
+from hpcserve.api.caller import Caller
+from hpcserve.api.context import ApiContext
+from hpcserve.api.keys import create_key, key_view, parse_key_request
+from hpcserve.config import load_policy, load_site_config
 from hpcserve.errors import ConfigError, ValidationError
 from hpcserve.model.gateway import ApiKey, DeploymentRoute, Endpoint, Overload, Priority
 from hpcserve.serving.gateway.admission import Admitted, admit, retarget
@@ -36,8 +41,12 @@ from hpcserve.serving.gateway.overload import (
 )
 from hpcserve.serving.gateway.queue import Gate, Slot
 from hpcserve.serving.gateway.routes import index_routes, parse_routes
-from hpcserve.serving.gateway_store import spec_overload
+from hpcserve.serving.gateway.stats import GatewaySample
+from hpcserve.serving.gateway_store import keys_from_store, report_to_store, spec_overload
 from hpcserve.serving.spec import DeploymentSpec, load_deployment
+from hpcserve.slurm.factory import make_client
+from hpcserve.store import HistoryStore
+from tests.conftest import POLICY, SITE
 
 BOUNDED = Overload(max_concurrency=4, interactive_reserve=1, shed_wait_s=10.0, max_replicas=1)
 
@@ -294,3 +303,51 @@ def test_key_requests_take_priority_and_allow_fallback_and_name_bad_fields() -> 
     for body, field in (({"priority": "urgent"}, "priority"), ({"allow_fallback": "yes"}, "allow_fallback")):
         with pytest.raises(ValidationError, match=f"^{field}:"):
             parse_key_request(body)
+
+
+def test_key_priority_and_fallback_are_stored_and_reach_the_gateway(tmp_path: Path) -> None:
+    """Through the API and the database (migrations at head), as ``hpcserve keys create`` stores them;
+    a gateway's queued requests reach the autoscaler's samples with the buffered ones."""
+    with HistoryStore(f"sqlite:///{tmp_path}/h.db", admins=["root"]) as store:
+        store.upgrade()
+        site = load_site_config(SITE)
+        api = ApiContext(site, load_policy(POLICY), store, make_client(site))
+        bob = Caller(1002, "bob", frozenset())
+        made, _ = create_key(api, bob, parse_key_request({"priority": "batch", "allow_fallback": True}))
+        plain, _ = create_key(api, bob, parse_key_request({}))
+        assert key_view(made)["priority"] == "batch" and key_view(made)["allow_fallback"] is True
+        keys = {k.id: k for k in keys_from_store(store)().keys}
+        assert (keys[made.id].priority, keys[made.id].allow_fallback) == ("batch", True)
+        assert (keys[plain.id].priority, keys[plain.id].allow_fallback) == ("interactive", False)
+        now = datetime.now(UTC)
+        report_to_store(store, "gw:8000")([GatewaySample(now, "m", 2, 8, 1.0, queued=30)])
+        gateway = [
+            e for e in store.engine_samples("m", since=now - timedelta(seconds=10)) if e.replica is None
+        ]
+        assert [e.gateway_waiting for e in gateway] == [32]  # what the controller sums per live gateway
+
+
+def test_shedding_is_logged_once_per_burst(caplog: pytest.LogCaptureFixture) -> None:
+    route = DeploymentRoute("m", (Endpoint("m", 0, "http://a"),),
+                            overload=Overload(max_concurrency=1, shed_wait_s=0.0))  # fmt: skip
+
+    async def scenario() -> None:
+        clock = Clock()
+        gate = Gate(lambda: {"m": route}, clock, queue_max=100, queue_timeout_s=60)
+        held = await gate.acquire(route, "batch", False)
+        assert isinstance(held, Slot)
+        clock.now = 1.0
+        gate.release(held)  # 1 s a request: 1 request/s
+        held = await gate.acquire(route, "batch", False)
+        for _ in range(50):  # bound 0 s: every waiter is shed
+            assert isinstance(await gate.acquire(route, "batch", False), Shed)
+        gate.tick()
+        clock.now = 10.0
+        gate.tick()
+
+    with caplog.at_level(logging.WARNING, "hpcserve.serving.gateway.queue"):
+        asyncio.run(scenario())
+    assert [r.getMessage() for r in caplog.records] == [
+        "deployment m is overloaded: shedding (overload, expected wait 1.0 s, 0 waiting)",
+        "deployment m stopped shedding after 0.0 s; shed batch 50",
+    ]

@@ -126,11 +126,11 @@ class Gate:
     ) -> Slot | FallBack | Shed:
         """A slot for a request to ``route`` (now, or after waiting its turn), or why not."""
         lane = self.lane(route.name)
-        if route.overload.max_concurrency is None and not lane.queue:  # unbounded: no queue, no decision
+        free = self._free(lane, route, priority)
+        if free and not lane.queue.ahead(priority):  # the common case: no decision to make
             return self._take(lane, route.name, priority)
-        load = Load(lane.queue.depth("interactive"), lane.queue.depth("batch"),
-                    self._free(lane, route, priority), self.rate(route.name), len(route.ready()),
-                    self.queue_max)  # fmt: skip
+        load = Load(lane.queue.depth("interactive"), lane.queue.depth("batch"), free,
+                    self.rate(route.name), len(route.ready()), self.queue_max)  # fmt: skip
         decision = decide(priority, load, route.overload, may_fall_back)
         if isinstance(decision, Go):
             return self._take(lane, route.name, priority)
