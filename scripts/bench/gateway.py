@@ -1,9 +1,10 @@
 """Bench hpcserve's gateway against nginx and against no proxy at all, on loopback.
 
-Run from the repo root: scripts/bench/gateway [--engines 2] [--streams 2000] [--rounds 3] (the wrapper runs
-this file with .venv/bin/python). It installs nginx and wrk with apt-get when they are missing, and runs
-everything as its own processes in a temp dir: nginx gets its own config there (``-p``/``-c``/``-e``; the
-system's /etc/nginx is never read or changed), and every process it starts is stopped at the end.
+Run from the repo root: scripts/bench/gateway [--engines 2] [--streams 2000] [--rounds 3]
+[--sse-streams 256] (the wrapper runs this file with .venv/bin/python). It installs nginx and wrk with
+apt-get when they are missing, and runs everything as its own processes in a temp dir: nginx gets its own
+config there (``-p``/``-c``/``-e``; the system's /etc/nginx is never read or changed), and every process
+it starts is stopped at the end.
 
 Set-up: ``--engines`` engine simulators (``hpcserve engine-sim``, decode 0 ms/token, unbounded prefill, so
 the engine answers at once) for model ``bench``, two slow ones for model ``stream`` (200 ms/token); the
@@ -17,8 +18,14 @@ buffering) with one port in front of engine 0 and one in front of all engines. L
    engine 0 alone. CPU time per request of the gateway and of nginx is reported from /proc;
 3. streams: ``--streams`` concurrent SSE streams (30 events over ~6 s each) through the gateway, from the
    client process; errors are non-200 answers, exceptions, error events or a missing ``[DONE]``; the
-   peak of streams open at once is reported too.
-Goals: added p50 <= 1 ms and p99 <= 5 ms, gateway >= 0.5x nginx's req/s, 0 errors at 2,000 streams.
+   peak of streams open at once is reported too;
+4. SSE events: ``--sse-streams`` concurrent fast-token streams (``--sse-tokens`` tokens each from the decode-0
+   engines, one stream after another per client worker, for ``--sse-seconds``) through the gateway and
+   through nginx (over all engines), taking turns within each round; the events forwarded per CPU-second
+   of the proxy process (nginx: its worker), medians over rounds, so the proxy's cost per event is
+   compared, not the engines' speed.
+Goals: added p50 <= 1 ms and p99 <= 5 ms, gateway >= 0.8x nginx's req/s, >= 0.5x nginx's SSE events per
+CPU-second, 0 errors at 2,000 streams.
 Always exits 0 once it ran: it reports PASS/MISS, it does not test.
 """
 
@@ -50,7 +57,7 @@ wrk.body = '%s'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer %s"
 """
-GOALS = {"p50_ms": 1.0, "p99_ms": 5.0, "rps_ratio": 0.5}
+GOALS = {"p50_ms": 1.0, "p99_ms": 5.0, "rps_ratio": 0.8, "sse_ratio": 0.5}
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +74,15 @@ class Throughput:
     rps: dict[str, float]
     errors: int
     cpu_us: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class SseRate:
+    """Median SSE events/s and events per CPU-second of the proxy, per target; errors in all."""
+
+    events_per_s: dict[str, float]
+    per_cpu_s: dict[str, float]
+    errors: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="rounds of each load, medians reported (default 3)")
     p.add_argument("--seconds", type=float, default=3.0, help="length of one wrk run (default 3)")
     p.add_argument("--rate", type=float, default=300.0, help="latency load, requests/s (default 300)")
+    p.add_argument("--sse-streams", type=int, default=256, help="concurrent SSE streams for events/CPU-s")
+    p.add_argument("--sse-tokens", type=int, default=500, help="tokens (events) per SSE stream (default 500)")
+    p.add_argument("--sse-seconds", type=float, default=5.0, help="length of one SSE run (default 5)")
     return p.parse_args(argv)
 
 
@@ -240,6 +259,30 @@ def throughput(rig: Rig, script: Path, args: argparse.Namespace) -> Throughput:
     )
 
 
+def sse_rate(rig: Rig, args: argparse.Namespace) -> SseRate:
+    """Fast-token SSE streams through the gateway and nginx in turn, ``--rounds`` times; events per
+    CPU-second of each proxy."""
+    targets = {"gateway": (rig.gateway, rig.gateway_pid), "nginx": (rig.nginx_all, rig.nginx_pid)}
+    rates: dict[str, list[float]] = {name: [] for name in targets}
+    per_cpu: dict[str, list[float]] = {name: [] for name in targets}
+    errors = 0
+    tick_s = 1 / os.sysconf("SC_CLK_TCK")
+    sse_args = (str(args.sse_streams), str(args.sse_tokens), str(args.sse_seconds))
+    for _ in range(args.rounds):
+        for name, (url, pid) in targets.items():
+            before = cpu_ticks(pid)
+            result = load_client("sse", sse_args[0], url, *sse_args[1:])
+            cpu_s = (cpu_ticks(pid) - before) * tick_s
+            errors += result["errors"]
+            rates[name].append(result["events"] / result["seconds"])
+            per_cpu[name].append(result["events"] / max(cpu_s, tick_s))
+    return SseRate(
+        events_per_s={n: statistics.median(v) for n, v in rates.items()},
+        per_cpu_s={n: statistics.median(v) for n, v in per_cpu.items()},
+        errors=errors,
+    )
+
+
 # -- the load client -----------------------------------------------------------------------------------
 def load_client(*args: str, timeout: float = 300) -> dict[str, Any]:
     """Run scripts/bench/gateway_load.py with ``args``; its JSON answer."""
@@ -295,21 +338,22 @@ def bench(args: argparse.Namespace) -> None:
             f"req/s: wrk -t1 -c256; gateway and nginx over {args.engines} engines, direct to one", flush=True
         )
         rate = throughput(rig, script, args)
+        print(f"SSE: {args.sse_streams} concurrent {args.sse_tokens}-token streams, gateway and nginx over "
+              f"{args.engines} engines", flush=True)  # fmt: skip
+        sse = sse_rate(rig, args)
         print(f"streams: {args.streams} concurrent SSE streams through the gateway", flush=True)
         streams = load_client("streams", str(args.streams), rig.gateway)
     names = dict(zip(urls, ("direct", "gateway", "nginx"), strict=True))
     p50 = {names[u]: v for u, v in latency["p50"].items()}
     p99 = {names[u]: v for u, v in latency["p99"].items()}
     report(p50, p99, latency["errors"], rate, streams, args)
+    report_sse(sse)
 
 
 def report(
     p50: dict[str, float], p99: dict[str, float], latency_errors: int, rate: Throughput,
     streams: dict[str, Any], args: argparse.Namespace,
 ) -> None:  # fmt: skip
-    def verdict(ok: bool) -> str:
-        return "PASS" if ok else "MISS"
-
     print(f"\n{'target':9} {'p50 ms':>7} {'p99 ms':>7} {'req/s':>7} {'CPU us/req':>10}")
     for name in ("direct", "gateway", "nginx"):
         cpu = f"{rate.cpu_us[name]:10.0f}" if name in rate.cpu_us else f"{'-':>10}"
@@ -329,6 +373,20 @@ def report(
     print(f"{verdict(added99 <= GOALS['p99_ms'])}  added p99 <= {GOALS['p99_ms']:g} ms")
     print(f"{verdict(ratio >= GOALS['rps_ratio'])}  gateway >= {GOALS['rps_ratio']:g}x nginx req/s")
     print(f"{verdict(ok_streams)}  0 errors at {args.streams} concurrent streams")
+
+
+def report_sse(sse: SseRate) -> None:
+    ratio = sse.per_cpu_s["gateway"] / max(sse.per_cpu_s["nginx"], 1e-9)
+    for name in ("gateway", "nginx"):
+        print(f"SSE {name:8} {sse.events_per_s[name]:9.0f} events/s {sse.per_cpu_s[name]:9.0f} events/CPU-s")
+    print(f"SSE events/CPU-s gateway/nginx {ratio:.2f}; errors: {sse.errors}")
+    print(
+        f"{verdict(ratio >= GOALS['sse_ratio'])}  gateway >= {GOALS['sse_ratio']:g}x nginx SSE events/CPU-s"
+    )
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
 
 
 def main(argv: list[str] | None = None) -> None:

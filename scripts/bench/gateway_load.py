@@ -6,7 +6,10 @@ gateway's CPU time slices), each printing one JSON line:
   the URLs taking turns; prints p50 and p99 in ms per URL, and errors;
 - ``streams N URL``: N concurrent SSE streams (30 events over ~6 s each); prints the streams that ended
   with ``[DONE]`` and no error event, the errors (non-200 answers, exceptions, error events, no
-  ``[DONE]``), the peak of streams open at once and the seconds taken.
+  ``[DONE]``), the peak of streams open at once and the seconds taken;
+- ``sse N URL TOKENS SECONDS``: N workers each opening fast-token SSE streams (TOKENS tokens, model
+  ``bench``) one after the other for SECONDS; prints the events received (``\n\n``-ended, ``[DONE]``
+  included), the streams, the errors (as for ``streams``) and the seconds taken.
 """
 
 from __future__ import annotations
@@ -101,6 +104,36 @@ async def streams(n: int, url: str) -> dict[str, object]:
     return {**counts, "seconds": time.monotonic() - started}
 
 
+async def _sse_worker(
+    http: ClientSession, url: str, body: bytes, until: float, counts: dict[str, int]
+) -> None:
+    while time.monotonic() < until:
+        try:
+            async with http.post(url, data=body, headers=HEADERS) as resp:
+                data = await resp.read()
+                if resp.status != 200:
+                    counts["errors"] += 1
+                    continue
+        except Exception:
+            counts["errors"] += 1
+            continue
+        bad = not data.endswith(b"data: [DONE]\n\n") or b'{"error"' in data
+        counts["errors" if bad else "streams"] += 1
+        counts["events"] += data.count(b"\n\n")
+
+
+async def sse(n: int, url: str, tokens: int, seconds: float) -> dict[str, object]:
+    counts = {"events": 0, "streams": 0, "errors": 0}
+    body = json.dumps({"model": "bench", "prompt": "hi", "max_tokens": tokens, "stream": True}).encode()
+    started = time.monotonic()
+    async with ClientSession(connector=TCPConnector(limit=0), timeout=ClientTimeout(total=120)) as http:
+        workers = (
+            _sse_worker(http, url + "/v1/completions", body, started + seconds, counts) for _ in range(n)
+        )
+        await asyncio.gather(*workers)
+    return {**counts, "seconds": time.monotonic() - started}
+
+
 def main(argv: list[str]) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -109,6 +142,8 @@ def main(argv: list[str]) -> None:
     loop = new_event_loop()
     if argv[0] == "latency":
         result = loop.run_until_complete(latency(float(argv[1]), float(argv[2]), int(argv[3]), argv[4:]))
+    elif argv[0] == "sse":
+        result = loop.run_until_complete(sse(int(argv[1]), argv[2], int(argv[3]), float(argv[4])))
     else:
         result = loop.run_until_complete(streams(int(argv[1]), argv[2]))
     print(json.dumps(result))

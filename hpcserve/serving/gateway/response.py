@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 HIGH_WATER = 256 * 1024
 MAX_HEAD = 64 * 1024  # bytes of status line, headers and trailers together
 MAX_INTERIM = 8  # 1xx answers before the real one
+HEAD_TOO_LONG = f"the head is longer than {MAX_HEAD} bytes"
 # A replica whose node vanished sends no FIN or RST: TCP keepalive probes find it out after 2 s of silence
 # plus 2 unanswered probes 1 s apart. A live replica's kernel answers probes, however long its model thinks.
 KEEPALIVE = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)] + [
@@ -146,27 +147,26 @@ class Response:
         if not self.status:
             self._fed += len(data)
             if self._fed > MAX_HEAD:
-                self._fail(UpstreamError(f"the replica's response head is longer than {MAX_HEAD} bytes"))
+                self._fail(UpstreamError(f"the replica's answer is malformed: {HEAD_TOO_LONG}"))
 
     def on_message_begin(self) -> None:
         if self.complete:
             raise _Refused("bytes after the answer")
 
+    # The head's bytes as llhttp hands them over (``feed`` counts those of a head still unfinished).
     def on_status(self, reason: bytes) -> None:
-        self._count_head(len(reason) + 16)
+        self._head_bytes += len(reason) + 16  # checked with the first header, or the head's end
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD:
+            raise _Refused(HEAD_TOO_LONG)
         if not self.status:  # after the head: a trailer, dropped
             self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
-    def _count_head(self, size: int) -> None:
-        """Bytes of a head that arrived in one piece (``feed`` counts those of an unfinished one)."""
-        self._head_bytes += size
-        if self._head_bytes > MAX_HEAD:
-            raise _Refused(f"the head is longer than {MAX_HEAD} bytes")
-
     def on_headers_complete(self) -> None:
+        if self._head_bytes > MAX_HEAD:
+            raise _Refused(HEAD_TOO_LONG)
         parser = self._parser
         status = parser.get_status_code()
         if not 100 <= status <= 599:
