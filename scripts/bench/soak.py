@@ -10,15 +10,17 @@ Run as root from the repo root, on the local cluster (source /tmp/hpcserve-mc/en
     scripts/bench/soak --minutes 6          # short: every fault, the schedule compressed 5x
 The trace is read from where it lies (never copied into the repo), replayed ``--compress`` times faster
 (2: about 5 requests/s on average, bursts of 50/s) and again from its start when it runs out; prompts are
-scaled by ``--prompt-scale``, outputs by ``--output-scale``. Two requests in three are streamed.
+scaled by ``--prompt-scale`` (0.05: a median of 73 tokens), outputs by ``--output-scale`` and capped at 400
+(the trace's median is 13, its longest 1,899). Two requests in three are streamed.
 
-The report (a table, and JSON with --json-out): requests; errors by cause; p50/p99 TTFT before the first
-fault and during the faults; streams cut, each with its error event; peak RSS of each gateway and service
-(VmRSS every 5 s) and whether it grew after the first 5 minutes (minutes 5-10 against the last 5; in a soak
-shorter than 30 minutes, the first third against the last third); the fault log; the replica jobs' end
-states from sacct. PASS/MISS: 0 errors except streams in flight on a killed replica, each ending in a clean
-error event; no memory growth (growth = late max - early max; a MISS when it is 10% or more of the early
-max, or 20 MiB or more).
+The report (a table, and JSON with --json-out): requests; errors by cause; p50/p99 TTFT before the first fault
+and during the faults; streams cut, each with its error event; peak RSS of each gateway and service (VmRSS
+every 5 s) per role (each gateway, the acting service, the standby) and whether it grew after the first 5
+minutes (minutes 5-10 against the last 5; a shorter soak compresses both windows as it compresses the faults:
+the second sixth against the last sixth, as the first five minutes are process warm-up); the fault log; the
+replica jobs' end states from sacct and what the services did to them (their logs). PASS/MISS: 0 errors except
+streams in flight on a killed replica, each ending in a clean error event; no memory growth (growth = late max
+- early max; a MISS when it is 10% or more of the early max, or 20 MiB or more).
 
 Bounded: a hard deadline (setup + minutes + 10 minutes); whatever happens (Ctrl-C, SIGTERM, an exception),
 every process it started is stopped, its replica jobs cancelled, a node it drained resumed, slurmctld
@@ -40,7 +42,7 @@ from types import FrameType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from soak_faults import FULL_MIN, Faults, Memory, plan, watch
+from soak_faults import FULL_MIN, Faults, Memory, plan, service_actions, watch
 from soak_load import Client, Histogram, Shape, Stats, arrivals
 from soak_rig import NAME, REPO, Rig, Settings, make_rig, run, wait_for
 
@@ -62,7 +64,8 @@ def parse_args() -> argparse.Namespace:
                    help="the trace (default ../shared/traces/azure_llm_2023_code.csv)")  # fmt: skip
     p.add_argument("--compress", type=float, default=2.0, help="times faster than the trace (default 2)")
     p.add_argument("--prompt-scale", type=float, default=0.05, help="prompt tokens x this (default 0.05)")
-    p.add_argument("--output-scale", type=float, default=0.5, help="output tokens x this (default 0.5)")
+    p.add_argument("--output-scale", type=float, default=1.0,
+                   help="output tokens x this, at most 400 (default 1)")  # fmt: skip
     p.add_argument("--max-inflight", type=int, default=512, help="the client's bound (default 512)")
     p.add_argument("--json-out", type=Path, help="write the report as JSON here")
     p.add_argument("--keep-logs", action="store_true", help="keep the services' and gateways' logs")
@@ -124,7 +127,7 @@ def soak(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
     for thread in threads:
         thread.start()
     try:
-        asyncio.run(client.replay(arrivals(args.trace, shape, args.minutes * 60)))
+        asyncio.run(client.replay(arrivals(args.trace, shape, args.minutes * 60), args.minutes * 60))
     finally:
         faults.stopped.set()
         stopped.set()
@@ -153,15 +156,17 @@ def growth(memory: Memory, minutes: float) -> dict[str, dict[str, Any]]:
     """Per role: the early window's max RSS, the last window's, and whether it grew past the threshold."""
     if minutes >= FULL_MIN:
         early, late = (5.0, 10.0), (minutes - 5.0, minutes)
-    else:
-        early, late = (0.0, minutes / 3), (minutes * 2 / 3, minutes)
+    else:  # the same windows, compressed as the faults are
+        early, late = (minutes / 6, minutes / 3), (minutes * 5 / 6, minutes)
     out = {}
     for role in sorted(memory.peak):
         a, b = memory.window_max(role, *early), memory.window_max(role, *late)
         grew = (b - a) / 1024 >= GROWTH_MIB or (a > 0 and (b - a) * 100 / a >= GROWTH_PCT)
         out[role] = {"peak_mib": round(memory.peak[role] / 1024, 1), "early_mib": round(a / 1024, 1),
                      "late_mib": round(b / 1024, 1), "grew": bool(a and b and grew),
-                     "windows_min": [list(early), list(late)]}  # fmt: skip
+                     "windows_min": [list(early), list(late)], "pids": memory.pids[role],
+                     "max_mib_per_bucket": {round(b * memory.bucket_s): round(v / 1024, 1)
+                                            for b, v in sorted(memory.buckets[role].items())}}  # fmt: skip
     return out
 
 
@@ -193,6 +198,7 @@ def report(args: argparse.Namespace, stats: Stats, memory: Memory, faults: Fault
         "streams_cut": {"total": stats.cuts_total, "clean": stats.cuts_clean, "on_killed_replica": excused,
                         "listed": cuts},
         "memory": mem, "faults": faults.log(), "replica_jobs": job_states(rig.jobs_seen),
+        "service_actions": service_actions(rig.root),
         "goals": {"errors": errors == 0, "memory": not any(m["grew"] for m in mem.values())},
     }  # fmt: skip
 
@@ -219,10 +225,14 @@ def print_report(r: dict[str, Any]) -> None:
     for f in r["faults"]:
         took = "" if f["took_s"] is None else f" ({f['took_s']} s)"
         print(f"  [{f['at_s']:7.1f} s] {'ok ' if f['ok'] else 'BAD'} {f['kind']:<18} {f['detail']}{took}")
-    print("memory (MiB)            peak   early   late   grew")
+    first: dict[str, Any] = next(iter(r["memory"].values()), {})
+    windows = first.get("windows_min", [])
+    print(f"memory (MiB; windows {windows} min)  peak   early   late   grew   pids")
     for role, m in r["memory"].items():
-        print(f"  {role:<20} {m['peak_mib']:6.1f} {m['early_mib']:7.1f} {m['late_mib']:6.1f}   {m['grew']}")
+        print(f"  {role:<20} {m['peak_mib']:6.1f} {m['early_mib']:7.1f} {m['late_mib']:6.1f}   "
+              f"{m['grew']!s:<5}  {m['pids']}")  # fmt: skip
     print(f"replica jobs (sacct)  {r['replica_jobs']}")
+    print(f"service actions (logs)  {r['service_actions']}")
     g = r["goals"]
     verdict = "PASS" if g["errors"] else "MISS"
     print(f"\n0 errors except clean cuts on killed replicas: {e['total']} errors  {verdict}")

@@ -13,9 +13,11 @@ cancelled. Replicas have a 4-minute time limit throughout, so the handover befor
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,7 +70,6 @@ class Faults:
     t0: float
     done: list[Done] = field(default_factory=list)
     stopped: threading.Event = field(default_factory=threading.Event)
-    kills: int = 0
     next_at_s: float = float("inf")
 
     def now(self) -> float:
@@ -112,23 +113,25 @@ class Faults:
         return None
 
     def kill_replica(self, entry: Done, hard: bool) -> None:
-        """Cancel (or kill) the job of a ready replica, as root; ``took_s``: until the deployment has all its
-        replicas ready again."""
-        ready = sorted(self.rig.ready(), key=lambda r: r.index)
+        """Cancel (or kill) the job of the youngest ready replica, as root (the older ones live on to their
+        handover before the time limit); ``took_s``: until the deployment has all its replicas ready again."""
+        ready = self.rig.ready()
         if not ready:
             raise RuntimeError("no ready replica to kill")
-        victim = ready[self.kills % len(ready)]
-        self.kills += 1
+        victim = max(ready, key=lambda r: str(r.started_at or ""))
         job = str(victim.job_id)
         argv = ["scancel", "--signal=KILL", "--full", job] if hard else ["scancel", job]
         done = run(argv)
         entry.detail = f"job {victim.job_id} (replica {victim.index} on {victim.host}): {' '.join(argv[:-1])}"
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip())
+        want = self.rig.settings.replicas  # (during a handover, a successor makes one more for a moment)
         entry.took_s = self._until(
-            lambda: len([r for r in self.rig.ready() if str(r.job_id) != job]) >= len(ready), 120
+            lambda: len([r for r in self.rig.ready() if str(r.job_id) != job]) >= want, 120
         )
         entry.ok = entry.took_s is not None
+        if not entry.ok:
+            entry.detail += f"; not whole before the next fault: ready {[r.job_id for r in self.rig.ready()]}"
 
     def drain_node(self, entry: Done) -> None:
         ready = [r for r in self.rig.ready() if r.host]
@@ -192,6 +195,21 @@ class Faults:
         return [asdict(d) for d in self.done]
 
 
+ACTION = re.compile(r"deployment \S+: (Launch|Cancel|Forget)\((?:.*reason='([^']*)')?")
+
+
+def service_actions(root: Path) -> dict[str, int]:
+    """What the services did to the replicas, from their logs: launches, and cancels and forgets by reason
+    (a cancel for the time limit is a handover)."""
+    counts: Counter[str] = Counter()
+    for log in sorted(root.glob("service*.log")):
+        with log.open(errors="replace") as lines:
+            for line in lines:
+                if found := ACTION.search(line):
+                    counts[f"{found[1]} ({found[2]})" if found[2] else found[1]] += 1
+    return dict(counts.most_common())
+
+
 def rss_kib(pid: int) -> int | None:
     """VmRSS of ``pid`` in KiB (None: gone)."""
     try:
@@ -212,9 +230,12 @@ class Memory:
     bucket_s: float
     peak: dict[str, int] = field(default_factory=dict)
     buckets: dict[str, dict[int, int]] = field(default_factory=dict)
+    pids: dict[str, list[int]] = field(default_factory=dict)
 
-    def add(self, role: str, at_s: float, kib: int) -> None:
+    def add(self, role: str, pid: int, at_s: float, kib: int) -> None:
         self.peak[role] = max(self.peak.get(role, 0), kib)
+        if pid not in (pids := self.pids.setdefault(role, [])):
+            pids.append(pid)  # a new process in the role: a restart or a takeover
         held, bucket = self.buckets.setdefault(role, {}), int(at_s // self.bucket_s)
         held[bucket] = max(held.get(bucket, 0), kib)
 
@@ -241,5 +262,5 @@ def watch(rig: Rig, t0: float, memory: Memory, stopped: threading.Event) -> None
         for role, pid in roles(rig).items():
             kib = rss_kib(pid)
             if kib is not None:
-                memory.add(role, at, kib)
+                memory.add(role, pid, at, kib)
         rig.replicas()

@@ -36,7 +36,7 @@ class Shape:
 
     compress: float = 2.0
     prompt_scale: float = 0.05
-    output_scale: float = 0.5
+    output_scale: float = 1.0
     max_output: int = 400
 
 
@@ -140,8 +140,9 @@ class Client:
     def now(self) -> float:
         return time.monotonic() - self.t0
 
-    async def replay(self, sends: Iterator[Arrival]) -> None:
-        """Every arrival at its time; then wait for what is still in flight (at most ``TIMEOUT_S``)."""
+    async def replay(self, sends: Iterator[Arrival], end_s: float) -> None:
+        """Every arrival at its time until ``end_s``; then wait for what is still in flight (at most
+        ``TIMEOUT_S``)."""
         for n, arrival in enumerate(sends):
             delay = arrival.at_s - self.now()
             if delay > 0:
@@ -153,6 +154,7 @@ class Client:
             task = asyncio.create_task(self.one(n, arrival))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+        await asyncio.sleep(max(0.0, end_s - self.now()))  # the trace may fall quiet before the end
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=TIMEOUT_S + 10)
         await self.http.aclose()
