@@ -11,6 +11,7 @@ cut, and its connection is reused exactly when it may be. Each malformed answer 
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -285,3 +286,35 @@ def test_a_valid_answer_with_the_most_interim_answers_still_works() -> None:
     for pieces in every_cut(wire):
         got = receive(pieces, eof=False)
         assert (got.status, got.body, got.error, got.reused) == (200, b"hi", None, True)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        OK_HEAD + b"Content-Length: 2\r\n\r\nhi",
+        INTERIM[1] + CHUNKED + b"2\r\nhi\r\n0\r\nX-T: 1\r\n\r\n",
+        b"HTTP/1.1 1000 OK\r\n\r\n",  # refused by llhttp
+        b"HTTP/1.1 600 OK\r\n\r\n",  # refused by a callback
+        OK_HEAD + b"Content-Length: 2\r\n\r\nhixyz",  # bytes after the answer
+    ],
+)
+def test_an_answer_leaves_no_reference_cycle(wire: bytes) -> None:
+    """The parser's callbacks hold the response: a cycle per answer would keep the garbage collector busy
+    on the gateway's hot path."""
+
+    async def garbage() -> int:
+        pool = UpstreamPool(4, connect_timeout=1.0, read_timeout=1.0)
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(100):
+                conn = Connection()
+                response = conn.response = Response(pool, conn, ("h", 1))
+                conn.data_received(wire)
+                response.body()
+                response.release()
+            return gc.collect()
+        finally:
+            gc.enable()
+
+    assert asyncio.run(garbage()) == 0

@@ -61,6 +61,11 @@ class _Refused(ValueError):
     """Raised inside a parser callback: what is wrong with the answer (llhttp itself accepts it)."""
 
 
+def _reason(err: HttpParserError) -> str:
+    """What llhttp refused, or what a callback refused (``_Refused``, raised inside llhttp)."""
+    return str(err.__context__ if isinstance(err.__context__, _Refused) else err)
+
+
 class Connection(asyncio.Protocol):
     __slots__ = ("closed", "idle_since", "response", "transport")
 
@@ -104,7 +109,9 @@ class Response:
 
     def __init__(self, pool: UpstreamPool, conn: Connection, key: tuple[str, int]) -> None:
         self._pool, self._conn, self._key = pool, conn, key
-        self._parser = HttpResponseParser(self)
+        # The parser's callbacks hold this response: it is dropped once the answer is parsed, failed or
+        # released, so that no answer leaves a reference cycle for the garbage collector to find.
+        self._parser: HttpResponseParser | None = HttpResponseParser(self)
         self.status = 0  # set once the final answer's head is complete
         self.headers: dict[str, str] = {}
         self._fed = 0  # bytes fed while the head is not complete
@@ -132,17 +139,17 @@ class Response:
         self.received_any = True
         if self._error is not None:
             return
-        if self.complete:
+        parser = self._parser
+        if parser is None:  # the answer is complete (or released)
             self._fail(UpstreamError("the replica sent bytes after its answer"))
             return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except HttpParserUpgrade:
             self._fail(UpstreamError("the replica switched protocols, which the gateway never asks for"))
             return
-        except HttpParserError as err:
-            why = err.__context__ if isinstance(err.__context__, _Refused) else err
-            self._fail(UpstreamError(f"the replica's answer is malformed: {why}"))
+        except HttpParserError as err:  # no local keeps it: its traceback holds this frame
+            self._fail(UpstreamError(f"the replica's answer is malformed: {_reason(err)}"))
             return
         if not self.status:
             self._fed += len(data)
@@ -168,6 +175,7 @@ class Response:
         if self._head_bytes > MAX_HEAD:
             raise _Refused(HEAD_TOO_LONG)
         parser = self._parser
+        assert parser is not None  # called by it
         status = parser.get_status_code()
         if not 100 <= status <= 599:
             raise _Refused(f"status {status} is outside 100-599")
@@ -203,8 +211,10 @@ class Response:
 
     def on_message_complete(self) -> None:
         if self.status:  # else an interim answer ended
+            assert self._parser is not None  # called by it
             self.complete = True
             self._keep_alive = self._parser.should_keep_alive()
+            self._parser = None  # done: bytes after this one are refused (on_message_begin, feed)
             self._wake()
 
     def lost(self, exc: Exception | None) -> None:
@@ -212,6 +222,7 @@ class Response:
             return
         if self.status and not self._framed:
             self.complete = True  # read-to-close framing: the close ends the body
+            self._parser = None
             self._wake()
             return
         cause = f": {exc}" if exc else ""
@@ -224,6 +235,7 @@ class Response:
 
     def _fail(self, error: UpstreamError) -> None:
         self._error = self._error or error
+        self._parser = None
         self._conn.close()
         self._wake()
 
@@ -300,6 +312,7 @@ class Response:
         if self._finished:
             return
         self._finished = True
+        self._parser = None
         self._conn.response = None
         reusable = self.complete and self._keep_alive and self._error is None and not self._queue
         if reusable and self._paused and self._conn.transport is not None:
