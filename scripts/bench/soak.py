@@ -11,7 +11,9 @@ Run as root from the repo root, on the local cluster (source /tmp/hpcserve-mc/en
 The trace is read from where it lies (never copied into the repo), replayed ``--compress`` times faster
 (2: about 5 requests/s on average, bursts of 50/s) and again from its start when it runs out; prompts are
 scaled by ``--prompt-scale`` (0.05: a median of 73 tokens), outputs by ``--output-scale`` and capped at 400
-(the trace's median is 13, its longest 1,899). Two requests in three are streamed.
+(the trace's median is 13, its longest 1,899). Two requests in three are streamed. Beside the trace,
+``--long-streams`` clients stream 400 tokens (4 s) one after another, so that streams are in flight on every
+replica whenever a fault strikes.
 
 The report (a table, and JSON with --json-out): requests; errors by cause; p50/p99 TTFT before the first fault
 and during the faults; streams cut, each with its error event; peak RSS of each gateway and service (VmRSS
@@ -66,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-scale", type=float, default=0.05, help="prompt tokens x this (default 0.05)")
     p.add_argument("--output-scale", type=float, default=1.0,
                    help="output tokens x this, at most 400 (default 1)")  # fmt: skip
+    p.add_argument("--long-streams", type=int, default=4,
+                   help="clients streaming 400 tokens on and on, beside the trace (default 4)")  # fmt: skip
     p.add_argument("--max-inflight", type=int, default=512, help="the client's bound (default 512)")
     p.add_argument("--json-out", type=Path, help="write the report as JSON here")
     p.add_argument("--keep-logs", action="store_true", help="keep the services' and gateways' logs")
@@ -127,7 +131,8 @@ def soak(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
     for thread in threads:
         thread.start()
     try:
-        asyncio.run(client.replay(arrivals(args.trace, shape, args.minutes * 60), args.minutes * 60))
+        sends = arrivals(args.trace, shape, args.minutes * 60)
+        asyncio.run(client.replay(sends, args.minutes * 60, args.long_streams))
     finally:
         faults.stopped.set()
         stopped.set()

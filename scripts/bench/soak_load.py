@@ -47,6 +47,9 @@ class Arrival:
     output_tokens: int
 
 
+LONG = Arrival(0.0, 8, 400)
+
+
 def arrivals(path: Path, shape: Shape, until_s: float) -> Iterator[Arrival]:
     """The trace's rows as sends, ``shape``-scaled, replayed again from its start (shifted by its span) until
     ``until_s`` seconds; read lazily, one row at a time."""
@@ -140,9 +143,13 @@ class Client:
     def now(self) -> float:
         return time.monotonic() - self.t0
 
-    async def replay(self, sends: Iterator[Arrival], end_s: float) -> None:
-        """Every arrival at its time until ``end_s``; then wait for what is still in flight (at most
-        ``TIMEOUT_S``)."""
+    async def replay(self, sends: Iterator[Arrival], end_s: float, long_streams: int = 0) -> None:
+        """Every arrival at its time until ``end_s``, beside ``long_streams`` clients streaming without pause;
+        then wait for what is still in flight (at most ``TIMEOUT_S``)."""
+        for k in range(long_streams):
+            task = asyncio.create_task(self.steady(k, end_s))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
         for n, arrival in enumerate(sends):
             delay = arrival.at_s - self.now()
             if delay > 0:
@@ -151,7 +158,7 @@ class Client:
             if self.stats.inflight >= self.max_inflight:
                 self.stats.dropped += 1  # the client's own bound: not sent, never an error of the system
                 continue
-            task = asyncio.create_task(self.one(n, arrival))
+            task = asyncio.create_task(self.one(n, arrival, n % STREAM_EVERY != 2))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         await asyncio.sleep(max(0.0, end_s - self.now()))  # the trace may fall quiet before the end
@@ -163,8 +170,16 @@ class Client:
         return {"model": self.model, "stream": stream, "max_tokens": arrival.output_tokens,
                 "messages": [{"role": "user", "content": "tok " * arrival.prompt_tokens}]}  # fmt: skip
 
-    async def one(self, n: int, arrival: Arrival) -> None:
-        stats, stream, outcome = self.stats, n % STREAM_EVERY != 2, None
+    async def steady(self, k: int, end_s: float) -> None:
+        """One long stream after another until ``end_s`` (``LONG`` tokens, through gateway ``k % 2`` first):
+        streams in flight whenever a fault strikes, whatever the trace is doing then."""
+        n = k
+        while self.now() < end_s:
+            await self.one(n, LONG, True)
+            n += 2
+
+    async def one(self, n: int, arrival: Arrival, stream: bool) -> None:
+        stats, outcome = self.stats, None
         stats.inflight += 1
         stats.peak_inflight = max(stats.peak_inflight, stats.inflight)
         stats.streamed += stream
