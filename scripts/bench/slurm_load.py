@@ -5,6 +5,9 @@ and the planner).
 
 Run as root from the repo root, on the local cluster (source /tmp/hpcserve-mc/env.sh):
     scripts/bench/slurm_load [--jobs 10000] [--deployments 10] [--minutes 3]
+The service runs as the ``hpcserve`` service account, and the figures are sdiag's RPCs of that user, so
+other users' Slurm calls on a shared cluster do not count (the types shown are everyone's, for context).
+A slurmctld restart during a variant resets sdiag: the run says so and its figures are not to be trusted.
 It submits ``--jobs`` held jobs as carol (a queue to read), writes ``--deployments`` deployments at zero
 replicas into a fresh database, then for each variant starts ``hpcserve service`` (controller every 2 s,
 sampler every 30 s, rebalancer every 60 s), resets slurmctld's statistics (``sdiag --reset``), waits
@@ -47,11 +50,30 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def rpc_counts() -> dict[str, int]:
-    out = subprocess.run(["sdiag"], capture_output=True, text=True, check=True).stdout
+SERVICE_USER = "hpcserve"
+
+
+def sdiag() -> str:
+    return subprocess.run(["sdiag"], capture_output=True, text=True, check=True).stdout
+
+
+def rpc_counts(out: str) -> dict[str, int]:
+    """Everyone's client RPCs by type."""
     section = out.split("by message type", 1)[1].split("by user", 1)[0]
     found = re.finditer(r"^\s*(\w+)\s+\(\s*\d+\)\s+count:(\d+)", section, re.M)
     return {m.group(1): int(m.group(2)) for m in found if m.group(1) in COUNTED}
+
+
+def user_rpcs(out: str, user: str) -> int:
+    """All RPCs of ``user`` (sdiag counts by user without types)."""
+    section = out.split("by user", 1)[1].split("Pending RPC", 1)[0]
+    found = re.search(rf"^\s*{re.escape(user)}\s+\(\s*\d+\)\s+count:(\d+)", section, re.M)
+    return int(found.group(1)) if found else 0
+
+
+def data_since(out: str) -> str:
+    found = re.search(r"Data since\s+(.*)", out)
+    return found.group(1).strip() if found else ""
 
 
 def submit_queue(name: str, n: int) -> None:
@@ -70,7 +92,8 @@ def submit_queue(name: str, n: int) -> None:
 
 def setup(root: Path, deployments: int) -> dict[str, str]:
     site = yaml.safe_load((REPO / "site_configs" / "minicluster.yaml").read_text())
-    site["service"] = {"socket": str(root / "api.sock")}
+    # no replica is ever launched here: sudo is named only because the service does not run as root
+    site["service"] = {"socket": str(root / "api.sock"), "submit_as": "sudo"}
     site["database"] = {"url": f"sqlite:///{root / 'hpcserve.db'}"}
     site["serving"] = {
         **site["serving"],
@@ -78,6 +101,7 @@ def setup(root: Path, deployments: int) -> dict[str, str]:
         "replica_dir": str(root / "replicas"),
     }
     (root / "site.yaml").write_text(yaml.safe_dump(site))
+    root.chmod(0o755)
     env = {**os.environ, "HPCSERVE_SITE": str(root / "site.yaml"),
            "HPCSERVE_POLICY": str(REPO / "policies" / "default.yaml")}  # fmt: skip
     hpcserve = str(Path(sys.executable).parent / "hpcserve")
@@ -91,12 +115,21 @@ def setup(root: Path, deployments: int) -> dict[str, str]:
             spec = DeploymentSpec.model_validate({"name": name, "model": name, "engine": "simulator",
                                                   "min_replicas": 0}).model_dump(mode="json")  # fmt: skip
             store.create_deployment(name, "alice", spec, 0, served_model_name=name)
+    shutil.chown(root, SERVICE_USER)
+    for path in root.iterdir():
+        if path.name.startswith("hpcserve.db"):
+            shutil.chown(path, SERVICE_USER)
     return env
 
 
-def measure(env: dict[str, str], shared: bool, minutes: float, log: Path) -> dict[str, int]:
+def measure(env: dict[str, str], shared: bool, minutes: float, log: Path) -> tuple[int, dict[str, int]]:
+    """The service account's RPCs over ``minutes``, and everyone's by type."""
     hpcserve = str(Path(sys.executable).parent / "hpcserve")
     argv = [
+        "runuser",
+        "-u",
+        SERVICE_USER,
+        "--",
         hpcserve,
         "service",
         "--metrics-port",
@@ -113,19 +146,24 @@ def measure(env: dict[str, str], shared: bool, minutes: float, log: Path) -> dic
     try:
         time.sleep(5)  # started: its first round of every job
         subprocess.run(["sdiag", "--reset"], check=True, capture_output=True)
+        since = data_since(sdiag())
         time.sleep(minutes * 60)
-        return rpc_counts()
+        stats = sdiag()
+        if data_since(stats) != since:
+            print(f"WARNING: sdiag was reset during this variant (slurmctld restarted?): rerun ({log.stem})")
+        return user_rpcs(stats, SERVICE_USER), rpc_counts(stats)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
-def report(label: str, counts: dict[str, int], minutes: float) -> float:
-    total, ticks = sum(counts.values()), minutes * 60 / TICK_S
+def report(label: str, measured: tuple[int, dict[str, int]], minutes: float) -> float:
+    total, counts = measured
+    ticks = minutes * 60 / TICK_S
     detail = ", ".join(
         f"{k.removeprefix('REQUEST_')} {v}" for k, v in sorted(counts.items(), key=lambda i: -i[1])
     )
-    print(f"{label:<34} {total:6d} RPCs  {total / ticks:5.2f} per tick   ({detail})")
+    print(f"{label:<34} {total:6d} RPCs  {total / ticks:5.2f} per tick   (everyone's by type: {detail})")
     return total
 
 
@@ -155,7 +193,10 @@ def main() -> int:
         print(f"before / after = {ratio:.2f}x (goal >= {RATIO_GOAL:g}x)  {verdict}")
     finally:
         subprocess.run(["scancel", "-n", name, "-u", "carol"], capture_output=True, check=False)
-        shutil.rmtree(root, ignore_errors=True)
+        if os.environ.get("KEEP"):
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
