@@ -5,7 +5,8 @@ multi-cuts), then read with ``read()`` or ``readany()`` as the proxy reads them.
 A valid answer (Content-Length, chunked with random chunk sizes, extensions and trailers, or read-to-close;
 after up to ``MAX_INTERIM`` interim answers) decodes to the same status, headers and body however it is
 cut, and its connection is reused exactly when it may be. Each malformed answer fails with an
-``UpstreamError`` at every cut, before any read timeout, and its connection is never reused.
+``UpstreamError`` at every cut, before any read timeout, and its connection is never reused. Then what the
+parser must keep: no reference cycle per answer, flow control, the read timeout and the body cap.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from hypothesis import strategies as st
 
 from hpcserve.serving.gateway.client import UpstreamPool
 from hpcserve.serving.gateway.response import (
+    HIGH_WATER,
     MAX_HEAD,
     MAX_INTERIM,
+    BodyTooLarge,
     Connection,
     ReadTimeout,
     Response,
@@ -318,3 +321,83 @@ def test_an_answer_leaves_no_reference_cycle(wire: bytes) -> None:
             gc.enable()
 
     assert asyncio.run(garbage()) == 0
+
+
+# -- what the parser keeps from before: flow control, read timeout, the body cap ---------------------------
+class FakeTransport:
+    """Records what the response asks of its transport."""
+
+    def __init__(self) -> None:
+        self.paused = self.closed = False
+        self.pauses = 0
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def pause_reading(self) -> None:
+        self.paused, self.pauses = True, self.pauses + 1
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _connected(read_timeout: float = 1.0) -> tuple[UpstreamPool, Connection, FakeTransport]:
+    conn, transport = Connection(), FakeTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    return UpstreamPool(4, connect_timeout=1.0, read_timeout=read_timeout), conn, transport
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def test_a_lagging_stream_pauses_the_replica_and_resumes_it() -> None:
+    async def scenario() -> None:
+        pool, conn, transport = _connected()
+        response = conn.response = Response(pool, conn, ("h", 1))
+        conn.data_received(CHUNKED + _chunk(b"a"))
+        assert await response.readany() == b"a"  # a stream: flow control on
+        piece = b"x" * 16384
+        for _ in range(HIGH_WATER // len(piece) + 2):
+            conn.data_received(_chunk(piece))
+        assert transport.paused and transport.pauses == 1
+        while transport.paused:
+            assert await response.readany() == piece
+        conn.data_received(b"0\r\n\r\n")
+        while await response.readany():
+            pass
+        response.release()
+        assert not transport.closed and not conn.closed  # kept alive for the next request
+
+    asyncio.run(scenario())
+
+
+def test_a_silent_replica_is_a_read_timeout_and_its_connection_closes() -> None:
+    async def scenario() -> None:
+        pool, conn, transport = _connected(read_timeout=0.05)
+        response = conn.response = Response(pool, conn, ("h", 1))
+        conn.data_received(OK_HEAD + b"Content-Length: 10\r\n\r\nhalf")
+        with pytest.raises(ReadTimeout, match=r"sent nothing for 0\.05 s"):
+            await response.read(LIMIT)
+        assert transport.closed
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_an_answer_over_the_cap_is_body_too_large(framing: str) -> None:
+    async def scenario() -> None:
+        pool, conn, transport = _connected()
+        response = conn.response = Response(pool, conn, ("h", 1))
+        if framing == "length":
+            conn.data_received(OK_HEAD + b"Content-Length: 101\r\n\r\n")  # known before the body
+        else:
+            conn.data_received(CHUNKED + _chunk(b"y" * 101))
+        with pytest.raises(BodyTooLarge, match="larger than 100 bytes"):
+            await response.read(100)
+        assert transport.closed
+
+    asyncio.run(scenario())
