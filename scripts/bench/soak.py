@@ -49,7 +49,9 @@ from soak_load import Client, Histogram, Shape, Stats, arrivals
 from soak_rig import NAME, REPO, Rig, Settings, make_rig, run, wait_for
 
 GROWTH_PCT, GROWTH_MIB = 10.0, 20.0
-KILL_WINDOW_S = 45.0  # a cut this soon after a replica was cancelled or killed was in flight on it
+# a cut this soon after a replica was killed (or cancelled: its engine drains for up to 20 s, then Slurm's
+# KillWait) was in flight on it
+KILL_WINDOW_S = {"kill-replica": 10.0, "cancel-replica": 35.0}
 SETUP_S = 360.0
 ERRORS_SHOWN = 12
 
@@ -151,9 +153,9 @@ def window(hist: Histogram) -> dict[str, Any]:
 
 def judge_cuts(stats: Stats, faults: Faults) -> list[dict[str, Any]]:
     """Each listed cut, marked ``on_killed_replica`` when a replica was cancelled or killed just before."""
-    kills = [d.at_s for d in faults.done if d.kind.endswith("-replica")]
+    kills = [(d.at_s, d.at_s + KILL_WINDOW_S[d.kind]) for d in faults.done if d.kind in KILL_WINDOW_S]
     for cut in stats.cuts:
-        cut["on_killed_replica"] = any(k <= cut["at_s"] <= k + KILL_WINDOW_S for k in kills)
+        cut["on_killed_replica"] = any(start <= cut["at_s"] <= end for start, end in kills)
     return stats.cuts
 
 
@@ -236,7 +238,8 @@ def print_report(r: dict[str, Any]) -> None:
     for role, m in r["memory"].items():
         print(f"  {role:<20} {m['peak_mib']:6.1f} {m['early_mib']:7.1f} {m['late_mib']:6.1f}   "
               f"{m['grew']!s:<5}  {m['pids']}")  # fmt: skip
-    print(f"replica jobs (sacct)  {r['replica_jobs']}")
+    own = {s: n for s, n in r["replica_jobs"].items() if s not in ("CANCELLED", "RUNNING", "COMPLETED")}
+    print(f"replica jobs (sacct)  {r['replica_jobs']}" + (f"  <- ended on their own: {own}" if own else ""))
     print(f"service actions (logs)  {r['service_actions']}")
     g = r["goals"]
     verdict = "PASS" if g["errors"] else "MISS"

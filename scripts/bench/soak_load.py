@@ -97,7 +97,7 @@ class Stats:
     """Every request's outcome, in counters; ``first_fault_s`` splits TTFT into before and during faults."""
 
     first_fault_s: float
-    sent: int = 0
+    sent: int = 0  # the trace's requests and the long streams (``dropped`` not included)
     ok: int = 0
     streamed: int = 0
     retries: int = 0
@@ -154,7 +154,6 @@ class Client:
             delay = arrival.at_s - self.now()
             if delay > 0:
                 await asyncio.sleep(delay)
-            self.stats.sent += 1
             if self.stats.inflight >= self.max_inflight:
                 self.stats.dropped += 1  # the client's own bound: not sent, never an error of the system
                 continue
@@ -175,11 +174,15 @@ class Client:
         streams in flight whenever a fault strikes, whatever the trace is doing then."""
         n = k
         while self.now() < end_s:
+            errors = sum(self.stats.errors.values())
             await self.one(n, LONG, True)
             n += 2
+            if sum(self.stats.errors.values()) > errors:
+                await asyncio.sleep(1.0)  # as a client does after an error: no tight loop of failures
 
     async def one(self, n: int, arrival: Arrival, stream: bool) -> None:
         stats, outcome = self.stats, None
+        stats.sent += 1
         stats.inflight += 1
         stats.peak_inflight = max(stats.peak_inflight, stats.inflight)
         stats.streamed += stream
