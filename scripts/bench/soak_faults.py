@@ -3,8 +3,8 @@ gateway and service, sampled from /proc every few seconds). See soak.py for how 
 
 The 30-minute schedule (minutes from the start of the load; a shorter soak compresses it proportionally):
 5 a replica's job cancelled (``scancel``, the engine drains), 7 the node of a replica drained
-(``scontrol update ... state=drain reason=soak``), 10 a replica's job killed hard (``scancel --signal=KILL
---full``: its streams are cut), 11 the node resumed, 13 slurmctld restarted, 15 a replica cancelled, 17 the
+(``scontrol update ... state=drain reason=soak``), 10 a replica killed hard (its engine's process -9, as a crash
+kills it, and ``scancel --signal=KILL --full``: its streams are cut), 11 the node resumed, 13 slurmctld restarted, 15 a replica cancelled, 17 the
 acting service killed with -9 (the standby takes the lease; the killed one is started again as the standby),
 20 a replica killed hard, 22 one gateway restarted (SIGTERM, then started on the same port), 25 a replica
 cancelled. Replicas have a 4-minute time limit throughout, so the handover before the limit happens too.
@@ -13,6 +13,7 @@ cancelled. Replicas have a 4-minute time limit throughout, so the handover befor
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import signal
 import threading
@@ -121,8 +122,12 @@ class Faults:
         victim = max(ready, key=lambda r: str(r.started_at or ""))
         job = str(victim.job_id)
         argv = ["scancel", "--signal=KILL", "--full", job] if hard else ["scancel", job]
+        engines = engine_pids(victim.port) if hard else []
+        for pid in engines:  # a crash: Slurm's own KILL leaves the engine child a SIGTERM, and it drains
+            os.kill(pid, signal.SIGKILL)
         done = run(argv)
         entry.detail = f"job {victim.job_id} (replica {victim.index} on {victim.host}): {' '.join(argv[:-1])}"
+        entry.detail += f"; engine pid {engines} killed -9" if hard else ""
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip())
         want = self.rig.settings.replicas  # (during a handover, a successor makes one more for a moment)
@@ -193,6 +198,22 @@ class Faults:
 
     def log(self) -> list[dict[str, Any]]:
         return [asdict(d) for d in self.done]
+
+
+def engine_pids(port: int | None, owner: str = "alice") -> list[int]:
+    """The engine simulator of ``owner`` serving on ``port`` (the nodes share this process table)."""
+    uid, want = pwd.getpwnam(owner).pw_uid, [b"--port", b"%d" % (port or 0)]
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            mine = proc.stat().st_uid == uid
+        except OSError:
+            continue
+        pairs = [argv[k : k + 2] for k in range(len(argv) - 1)]
+        if mine and b"engine-sim" in argv and want in pairs:
+            found.append(int(proc.name))
+    return found
 
 
 ACTION = re.compile(r"deployment \S+: (Launch|Cancel|Forget)\((?:.*reason='([^']*)')?")
