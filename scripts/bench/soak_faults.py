@@ -1,13 +1,14 @@
 """The soak's faults, on a schedule that scales with the soak's length, and its watcher (the memory of each
 gateway and service, sampled from /proc every few seconds). See soak.py for how to run the soak.
 
-The 30-minute schedule (minutes from the start of the load; a shorter soak compresses it proportionally):
-5 a replica's job cancelled (``scancel``, the engine drains), 7 the node of a replica drained
-(``scontrol update ... state=drain reason=soak``), 10 a replica killed hard (its engine's process -9, as a crash
-kills it, and ``scancel --signal=KILL --full``: its streams are cut), 11 the node resumed, 13 slurmctld restarted, 15 a replica cancelled, 17 the
-acting service killed with -9 (the standby takes the lease; the killed one is started again as the standby),
-20 a replica killed hard, 22 one gateway restarted (SIGTERM, then started on the same port), 25 a replica
-cancelled. Replicas have a 4-minute time limit throughout, so the handover before the limit happens too.
+The 30-minute schedule (minutes from the start of the load; a shorter soak compresses it proportionally): 5 a
+replica's job cancelled (``scancel``, the engine drains), 7 the node of a replica drained (``scontrol update
+... state=drain reason=soak``), 10 a replica killed hard (its engine's process -9, as a crash kills it, and
+``scancel --signal=KILL --full``: its streams are cut), 11 the node resumed, 13 slurmctld restarted, 15 a
+replica cancelled, 17 the acting service killed with -9 (the standby takes the lease; the killed one is
+started again as the standby), 20 a replica killed hard, 22 one gateway restarted (SIGTERM, then started on
+the same port), 25 a replica cancelled. Replicas have a 4-minute time limit throughout, so the handover before
+the limit happens too.
 """
 
 from __future__ import annotations
