@@ -24,6 +24,12 @@ buffering) with one port in front of engine 0 and one in front of all engines. L
    through nginx (over all engines), taking turns within each round; the events forwarded per CPU-second
    of the proxy process (nginx: its worker), medians over rounds, so the proxy's cost per event is
    compared, not the engines' speed.
+``--baseline-worktree DIR`` (repeatable) runs another gateway from another checkout of hpcserve (``git
+worktree add DIR <commit>``; ``python -m hpcserve gateway`` with DIR as its working directory and
+PYTHONPATH) on the same engines, reported as ``base:<DIR's name>`` beside ``gateway`` in the req/s and SSE
+loads (taking turns with it in every round), so a change's effect is measured in one run on a noisy
+machine. ``--loads`` picks loads
+(``latency,rps,sse,streams``; all by default).
 Goals: added p50 <= 1 ms and p99 <= 5 ms, gateway >= 0.8x nginx's req/s, >= 0.5x nginx's SSE events per
 CPU-second, 0 errors at 2,000 streams.
 Always exits 0 once it ran: it reports PASS/MISS, it does not test.
@@ -57,6 +63,7 @@ wrk.body = '%s'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer %s"
 """
+LOADS = ("latency", "rps", "sse", "streams")
 GOALS = {"p50_ms": 1.0, "p99_ms": 5.0, "rps_ratio": 0.8, "sse_ratio": 0.5}
 
 
@@ -74,6 +81,7 @@ class Throughput:
     rps: dict[str, float]
     errors: int
     cpu_us: dict[str, float]
+    cpu_range: dict[str, tuple[float, float]]  # lowest and highest CPU us/request over the rounds
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +107,7 @@ class Rig:
     stream: list[int]
     gateway_pid: int
     nginx_pid: int
+    baselines: tuple[tuple[str, str, int], ...] = ()  # (name, URL, pid) of each --baseline-worktree
 
     def route_to(self, engines: int) -> None:
         """Point the gateway's ``bench`` at the first ``engines`` engines (it re-reads within 0.5 s)."""
@@ -116,7 +125,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sse-streams", type=int, default=256, help="concurrent SSE streams for events/CPU-s")
     p.add_argument("--sse-tokens", type=int, default=500, help="tokens (events) per SSE stream (default 500)")
     p.add_argument("--sse-seconds", type=float, default=5.0, help="length of one SSE run (default 5)")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--baseline-worktree",
+        type=Path,
+        action="append",
+        default=[],
+        help="another hpcserve checkout whose gateway runs beside this one (repeatable)",
+    )
+    p.add_argument("--loads", default=",".join(LOADS), help=f"loads to run (default {','.join(LOADS)})")
+    args = p.parse_args(argv)
+    args.loads = [load.strip() for load in args.loads.split(",") if load.strip()]
+    unknown = sorted(set(args.loads) - set(LOADS))
+    if unknown:
+        p.error(f"--loads: unknown {', '.join(unknown)}; choose from {', '.join(LOADS)}")
+    for tree in args.baseline_worktree:
+        if not (tree / "hpcserve" / "__init__.py").exists():
+            p.error(f"--baseline-worktree: {tree} holds no hpcserve/ (git worktree add DIR REV)")
+    return args
 
 
 # -- tools and processes -------------------------------------------------------------------------------
@@ -139,10 +164,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    argv: list[str], log: Path, cwd: Path = REPO, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """A background process for the bench's duration, stopped (by its handle) at the end."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
     try:
         yield proc
     finally:
@@ -240,6 +267,7 @@ def throughput(rig: Rig, script: Path, args: argparse.Namespace) -> Throughput:
     targets = {
         "direct": (rig.direct, 0),
         "gateway": (rig.gateway, rig.gateway_pid),
+        **{name: (url, pid) for name, url, pid in rig.baselines},
         "nginx": (rig.nginx_all, rig.nginx_pid),
     }
     runs: dict[str, list[WrkResult]] = {name: [] for name in targets}
@@ -256,13 +284,18 @@ def throughput(rig: Rig, script: Path, args: argparse.Namespace) -> Throughput:
         rps={n: statistics.median(r.rps for r in rs) for n, rs in runs.items()},
         errors=sum(r.errors for rs in runs.values() for r in rs),
         cpu_us={n: statistics.median(v) for n, v in cpu_us.items() if v},
+        cpu_range={n: (min(v), max(v)) for n, v in cpu_us.items() if v},
     )
 
 
 def sse_rate(rig: Rig, args: argparse.Namespace) -> SseRate:
     """Fast-token SSE streams through the gateway and nginx in turn, ``--rounds`` times; events per
     CPU-second of each proxy."""
-    targets = {"gateway": (rig.gateway, rig.gateway_pid), "nginx": (rig.nginx_all, rig.nginx_pid)}
+    targets = {
+        "gateway": (rig.gateway, rig.gateway_pid),
+        **{name: (url, pid) for name, url, pid in rig.baselines},
+        "nginx": (rig.nginx_all, rig.nginx_pid),
+    }
     rates: dict[str, list[float]] = {name: [] for name in targets}
     per_cpu: dict[str, list[float]] = {name: [] for name in targets}
     errors = 0
@@ -308,17 +341,34 @@ def stack(tmp: Path, args: argparse.Namespace) -> Iterator[Rig]:
         for i, port in enumerate(bench + stream):
             model, decode = ("bench", 0.0) if i < len(bench) else ("stream", 200.0)
             procs.enter_context(process(engine_argv(port, model, decode), tmp / f"engine-{port}.log"))
-        gateway = [sys.executable, "-m", "hpcserve", "gateway", "--host", "127.0.0.1", "--port", str(gw),
-                   "--keys", str(tmp / "keys.yaml"), "--routes", str(routes),
-                   "--metrics-listen", "off"]  # fmt: skip
-        gw_proc = procs.enter_context(process(gateway, tmp / "gateway.log"))
+        gw_proc = procs.enter_context(process(gateway_argv(gw, tmp), tmp / "gateway.log"))
+        baselines = [baseline(procs, tree, tmp) for tree in args.baseline_worktree]
         nginx = ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "nginx-error.log")]
         nginx_proc = procs.enter_context(process(nginx, tmp / "nginx.log"))
         for port in [*bench, *stream, gw, one]:
             wait_http(f"http://127.0.0.1:{port}/health")
-        base = "http://127.0.0.1:"
-        urls = (f"{base}{bench[0]}", f"{base}{gw}", f"{base}{one}", f"{base}{everyone}")
-        yield Rig(*urls, routes, bench, stream, gw_proc.pid, nginx_proc.pid)
+        for _, url, _ in baselines:
+            wait_http(f"{url}/health")
+        at = "http://127.0.0.1:"
+        urls = (f"{at}{bench[0]}", f"{at}{gw}", f"{at}{one}", f"{at}{everyone}")
+        yield Rig(*urls, routes, bench, stream, gw_proc.pid, nginx_proc.pid, tuple(baselines))
+
+
+def baseline(procs: ExitStack, tree: Path, tmp: Path) -> tuple[str, str, int]:
+    """A gateway run from the hpcserve checkout ``tree`` (its own code, the bench's engines, keys and
+    routes): its name in the report, URL and pid."""
+    tree, port = tree.resolve(), free_port()
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    log = tmp / f"gateway-{tree.name}.log"
+    proc = procs.enter_context(process(gateway_argv(port, tmp), log, tree, env))
+    return f"base:{tree.name}", f"http://127.0.0.1:{port}", proc.pid
+
+
+def gateway_argv(port: int, tmp: Path) -> list[str]:
+    """``hpcserve gateway`` on ``port`` with the bench's keys and routes files, no /metrics listener."""
+    return [sys.executable, "-m", "hpcserve", "gateway", "--host", "127.0.0.1", "--port", str(port),
+            "--keys", str(tmp / "keys.yaml"), "--routes", str(tmp / "routes.yaml"),
+            "--metrics-listen", "off"]  # fmt: skip
 
 
 def bench(args: argparse.Namespace) -> None:
@@ -326,62 +376,87 @@ def bench(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="hpcserve-gwbench-") as name, stack(Path(name), args) as rig:
         script = Path(name) / "post.lua"
         script.write_text(WRK_LUA % (BODY % ("bench", 8), KEY))
-        rig.route_to(1)
-        print(
-            f"latency: {args.rate:g} req/s open loop, 8-token completions, all in front of engine 0",
-            flush=True,
-        )
-        urls = [rig.direct, rig.gateway, rig.nginx_one]
-        latency = load_client("latency", str(args.rate), str(args.seconds), str(args.rounds), *urls)
+        if "latency" in args.loads:
+            report_latency(latency(rig, args), args)
         rig.route_to(args.engines)
-        print(
-            f"req/s: wrk -t1 -c256; gateway and nginx over {args.engines} engines, direct to one", flush=True
-        )
-        rate = throughput(rig, script, args)
-        print(f"SSE: {args.sse_streams} concurrent {args.sse_tokens}-token streams, gateway and nginx over "
-              f"{args.engines} engines", flush=True)  # fmt: skip
-        sse = sse_rate(rig, args)
-        print(f"streams: {args.streams} concurrent SSE streams through the gateway", flush=True)
-        streams = load_client("streams", str(args.streams), rig.gateway)
+        if "rps" in args.loads:
+            print(f"req/s: wrk -t1 -c256; gateway and nginx over {args.engines} engines, direct to one",
+                  flush=True)  # fmt: skip
+            report_rps(throughput(rig, script, args))
+        if "sse" in args.loads:
+            print(f"SSE: {args.sse_streams} concurrent {args.sse_tokens}-token streams, gateway and nginx "
+                  f"over {args.engines} engines", flush=True)  # fmt: skip
+            report_sse(sse_rate(rig, args))
+        if "streams" in args.loads:
+            print(f"streams: {args.streams} concurrent SSE streams through the gateway", flush=True)
+            report_streams(load_client("streams", str(args.streams), rig.gateway), args)
+
+
+def latency(rig: Rig, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """p50 and p99 (ms) per target (direct, gateway, nginx, all in front of engine 0), and errors."""
+    rig.route_to(1)
+    print(
+        f"latency: {args.rate:g} req/s open loop, 8-token completions, all in front of engine 0", flush=True
+    )
+    urls = [rig.direct, rig.gateway, rig.nginx_one]
+    result = load_client("latency", str(args.rate), str(args.seconds), str(args.rounds), *urls)
     names = dict(zip(urls, ("direct", "gateway", "nginx"), strict=True))
-    p50 = {names[u]: v for u, v in latency["p50"].items()}
-    p99 = {names[u]: v for u, v in latency["p99"].items()}
-    report(p50, p99, latency["errors"], rate, streams, args)
-    report_sse(sse)
+    return {
+        "p50": {names[u]: v for u, v in result["p50"].items()},
+        "p99": {names[u]: v for u, v in result["p99"].items()},
+        "errors": {"all": result["errors"]},
+    }
 
 
-def report(
-    p50: dict[str, float], p99: dict[str, float], latency_errors: int, rate: Throughput,
-    streams: dict[str, Any], args: argparse.Namespace,
-) -> None:  # fmt: skip
-    print(f"\n{'target':9} {'p50 ms':>7} {'p99 ms':>7} {'req/s':>7} {'CPU us/req':>10}")
+def report_latency(result: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
+    p50, p99 = result["p50"], result["p99"]
+    print(f"\n{'target':9} {'p50 ms':>7} {'p99 ms':>7}")
     for name in ("direct", "gateway", "nginx"):
-        cpu = f"{rate.cpu_us[name]:10.0f}" if name in rate.cpu_us else f"{'-':>10}"
-        print(f"{name:9} {p50[name]:7.3f} {p99[name]:7.3f} {rate.rps[name]:7.0f} {cpu}")
+        print(f"{name:9} {p50[name]:7.3f} {p99[name]:7.3f}")
     added50, added99 = p50["gateway"] - p50["direct"], p99["gateway"] - p99["direct"]
-    ratio = rate.rps["gateway"] / max(rate.rps["nginx"], 1e-9)
     nginx50, nginx99 = p50["nginx"] - p50["direct"], p99["nginx"] - p99["direct"]
-    print(f"\nadded latency: gateway p50 {added50:+.3f} ms, p99 {added99:+.3f} ms; "
-          f"nginx p50 {nginx50:+.3f} ms, p99 {nginx99:+.3f} ms")  # fmt: skip
+    errors = result["errors"]["all"]
+    print(f"added latency: gateway p50 {added50:+.3f} ms, p99 {added99:+.3f} ms; "
+          f"nginx p50 {nginx50:+.3f} ms, p99 {nginx99:+.3f} ms; errors: {errors:.0f}")  # fmt: skip
+    print(f"{verdict(added50 <= GOALS['p50_ms'])}  added p50 <= {GOALS['p50_ms']:g} ms")
+    print(f"{verdict(added99 <= GOALS['p99_ms'])}  added p99 <= {GOALS['p99_ms']:g} ms\n", flush=True)
+
+
+def report_rps(rate: Throughput) -> None:
+    print(f"\n{'target':14} {'req/s':>7} {'/nginx':>6} {'CPU us/req':>10} (lowest-highest)")
+    for name in rate.rps:
+        cpu = f"{rate.cpu_us[name]:10.1f}" if name in rate.cpu_us else f"{'-':>10}"
+        low, high = rate.cpu_range.get(name, (0.0, 0.0))
+        spread = f" ({low:.1f}-{high:.1f})" if name in rate.cpu_range else ""
+        share = rate.rps[name] / max(rate.rps["nginx"], 1e-9)
+        print(f"{name:9} {rate.rps[name]:7.0f} {share:6.2f} {cpu}{spread}")
+    ratio = rate.rps["gateway"] / max(rate.rps["nginx"], 1e-9)
     direct_ratio = rate.rps["gateway"] / max(rate.rps["direct"], 1e-9)
     print(f"req/s: gateway/nginx {ratio:.2f}, gateway/direct {direct_ratio:.2f} (direct: one engine); "
-          f"errors: {latency_errors} in the latency load, {rate.errors} under wrk")  # fmt: skip
+          f"errors under wrk: {rate.errors}")  # fmt: skip
+    print(
+        f"{verdict(ratio >= GOALS['rps_ratio'])}  gateway >= {GOALS['rps_ratio']:g}x nginx req/s\n",
+        flush=True,
+    )
+
+
+def report_streams(streams: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"streams: {streams['ok']} ok, {streams['errors']} errors, peak {streams['peak']} open at once, "
           f"{streams['seconds']:.1f} s")  # fmt: skip
     ok_streams = streams["errors"] == 0 and streams["ok"] == args.streams
-    print(f"\n{verdict(added50 <= GOALS['p50_ms'])}  added p50 <= {GOALS['p50_ms']:g} ms")
-    print(f"{verdict(added99 <= GOALS['p99_ms'])}  added p99 <= {GOALS['p99_ms']:g} ms")
-    print(f"{verdict(ratio >= GOALS['rps_ratio'])}  gateway >= {GOALS['rps_ratio']:g}x nginx req/s")
     print(f"{verdict(ok_streams)}  0 errors at {args.streams} concurrent streams")
 
 
 def report_sse(sse: SseRate) -> None:
     ratio = sse.per_cpu_s["gateway"] / max(sse.per_cpu_s["nginx"], 1e-9)
-    for name in ("gateway", "nginx"):
-        print(f"SSE {name:8} {sse.events_per_s[name]:9.0f} events/s {sse.per_cpu_s[name]:9.0f} events/CPU-s")
+    for name in sse.per_cpu_s:
+        print(f"SSE {name:8} {sse.events_per_s[name]:9.0f} events/s {sse.per_cpu_s[name]:9.0f} events/CPU-s "
+              f"{sse.per_cpu_s[name] / max(sse.per_cpu_s['nginx'], 1e-9):5.2f}x nginx")  # fmt: skip
     print(f"SSE events/CPU-s gateway/nginx {ratio:.2f}; errors: {sse.errors}")
     print(
-        f"{verdict(ratio >= GOALS['sse_ratio'])}  gateway >= {GOALS['sse_ratio']:g}x nginx SSE events/CPU-s"
+        f"{verdict(ratio >= GOALS['sse_ratio'])}  gateway >= {GOALS['sse_ratio']:g}x nginx SSE events/CPU-s",
+        end="\n\n",
+        flush=True,
     )
 
 
