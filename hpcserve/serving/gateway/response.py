@@ -67,13 +67,20 @@ def _reason(err: HttpParserError) -> str:
 
 
 class Connection(asyncio.Protocol):
-    __slots__ = ("closed", "idle_since", "response", "transport")
+    """A kept-alive connection to a replica and its parser: one llhttp parser for every answer on the
+    connection (llhttp starts the next message once one is complete), whose callbacks are this object's
+    ``on_*`` methods, working on ``response``, the answer being received. The parser and the connection
+    hold each other: ``close`` and ``connection_lost`` drop the parser, so no cycle outlives the
+    connection (one per connection, not one per answer)."""
+
+    __slots__ = ("closed", "idle_since", "parser", "response", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.response: Response | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.parser: HttpResponseParser | None = HttpResponseParser(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
@@ -91,32 +98,86 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.parser = None
         if self.response is not None:
             self.response.lost(exc)
 
     def close(self) -> None:
         self.closed = True
+        self.parser = None
         if self.transport is not None:
             self.transport.close()
 
+    # -- llhttp's callbacks, for ``response`` (set whenever the parser is fed) ---------------------------
+    def on_message_begin(self) -> None:
+        response = self.response
+        assert response is not None  # fed by it
+        if response.complete:
+            raise _Refused("bytes after the answer")
+
+    # The head's bytes as llhttp hands them over (``feed`` counts those of a head still unfinished).
+    def on_status(self, reason: bytes) -> None:
+        response = self.response
+        assert response is not None
+        response.head_bytes += len(reason) + 16  # checked with the first header, or the head's end
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        response = self.response
+        assert response is not None
+        response.head_bytes += len(name) + len(value) + 4
+        if response.head_bytes > MAX_HEAD:
+            raise _Refused(HEAD_TOO_LONG)
+        if not response.status:  # after the head: a trailer, dropped
+            response.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        response, parser = self.response, self.parser
+        assert response is not None and parser is not None  # it calls
+        if response.head_bytes > MAX_HEAD:
+            raise _Refused(HEAD_TOO_LONG)
+        status = parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise _Refused(f"status {status} is outside 100-599")
+        if parser.get_http_version() not in ("1.1", "1.0"):
+            raise _Refused(f"HTTP/{parser.get_http_version()} is not HTTP/1.1")
+        if status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            response.interim += 1
+            if response.interim > MAX_INTERIM:
+                raise _Refused(f"more than {MAX_INTERIM} interim (1xx) answers")
+            response.raw_headers = []
+            return
+        response.framed(status)
+
+    def on_body(self, piece: bytes) -> None:
+        response = self.response
+        assert response is not None
+        response.on_body(piece)
+
+    def on_message_complete(self) -> None:
+        response, parser = self.response, self.parser
+        assert response is not None and parser is not None
+        if response.status:  # else an interim answer ended
+            response.finished(parser.should_keep_alive())
+
 
 class Response:
-    """One answer being received (see the module docstring); its ``on_*`` methods are llhttp's callbacks."""
+    """One answer being received (see the module docstring), fed to its connection's parser."""
 
-    __slots__ = ("_conn", "_error", "_fed", "_finished", "_flow", "_framed", "_head_bytes", "_interim",
-                 "_keep_alive", "_key", "_length", "_parser", "_paused", "_pool", "_queue", "_queued",
-                 "_waiter", "complete", "headers", "received_any", "status")  # fmt: skip
+    __slots__ = ("_conn", "_error", "_fed", "_finished", "_flow", "_framed", "_headers", "_keep_alive",
+                 "_key", "_length", "_paused", "_pool", "_queue", "_queued", "_waiter", "complete",
+                 "head_bytes", "interim", "raw_content_type", "raw_headers", "received_any",
+                 "status")  # fmt: skip
 
     def __init__(self, pool: UpstreamPool, conn: Connection, key: tuple[str, int]) -> None:
         self._pool, self._conn, self._key = pool, conn, key
-        # The parser's callbacks hold this response: it is dropped once the answer is parsed, failed or
-        # released, so that no answer leaves a reference cycle for the garbage collector to find.
-        self._parser: HttpResponseParser | None = HttpResponseParser(self)
+        conn.response = self  # the answer its connection's parser works on, until released
         self.status = 0  # set once the final answer's head is complete
-        self.headers: dict[str, str] = {}
+        self.raw_headers: list[tuple[bytes, bytes]] = []  # as received; ``headers`` decodes them
+        self._headers: dict[str, str] | None = None
+        self.raw_content_type: str | None = None
         self._fed = 0  # bytes fed while the head is not complete
-        self._head_bytes = 0  # bytes of status lines, headers and trailers the parser handed over
-        self._interim = 0
+        self.head_bytes = 0  # bytes of status lines, headers and trailers the parser handed over
+        self.interim = 0
         self._queue: deque[bytes] = deque()
         self._queued = 0
         self._paused = False
@@ -131,18 +192,28 @@ class Response:
         self._flow = False  # pause the replica when the consumer lags (streams only; read() takes all)
 
     @property
+    def headers(self) -> dict[str, str]:
+        """The final answer's headers, names lower-cased (decoded when first asked for: the proxy needs
+        only the content type, which ``raw_content_type`` holds)."""
+        if self._headers is None:
+            self._headers = {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in self.raw_headers}
+        return self._headers
+
+    @property
     def content_type(self) -> str:
-        return self.headers.get("content-type", "").partition(";")[0].strip().lower()
+        return (self.raw_content_type or "").partition(";")[0].strip().lower()
 
     # -- fed by the protocol --------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         self.received_any = True
         if self._error is not None:
             return
-        parser = self._parser
-        if parser is None:  # the answer is complete (or released)
+        conn = self._conn
+        parser = conn.parser
+        if parser is None or self.complete:  # the answer is complete (or the connection closed)
             self._fail(UpstreamError("the replica sent bytes after its answer"))
             return
+        conn.response = self
         try:
             parser.feed_data(data)
         except HttpParserUpgrade:
@@ -156,50 +227,25 @@ class Response:
             if self._fed > MAX_HEAD:
                 self._fail(UpstreamError(f"the replica's answer is malformed: {HEAD_TOO_LONG}"))
 
-    def on_message_begin(self) -> None:
-        if self.complete:
-            raise _Refused("bytes after the answer")
-
-    # The head's bytes as llhttp hands them over (``feed`` counts those of a head still unfinished).
-    def on_status(self, reason: bytes) -> None:
-        self._head_bytes += len(reason) + 16  # checked with the first header, or the head's end
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > MAX_HEAD:
-            raise _Refused(HEAD_TOO_LONG)
-        if not self.status:  # after the head: a trailer, dropped
-            self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-
-    def on_headers_complete(self) -> None:
-        if self._head_bytes > MAX_HEAD:
-            raise _Refused(HEAD_TOO_LONG)
-        parser = self._parser
-        assert parser is not None  # called by it
-        status = parser.get_status_code()
-        if not 100 <= status <= 599:
-            raise _Refused(f"status {status} is outside 100-599")
-        if parser.get_http_version() not in ("1.1", "1.0"):
-            raise _Refused(f"HTTP/{parser.get_http_version()} is not HTTP/1.1")
-        if status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-            self._interim += 1
-            if self._interim > MAX_INTERIM:
-                raise _Refused(f"more than {MAX_INTERIM} interim (1xx) answers")
-            self.headers = {}
-            return
-        self._frame(status)
-        self.status = status
-        self._wake()
-
-    def _frame(self, status: int) -> None:
-        """How the body ends (llhttp has refused two Content-Lengths, and one with chunked coding)."""
-        coding = self.headers.get("transfer-encoding")
-        if coding is not None and coding.lower() != "chunked":
-            raise _Refused(f"Transfer-Encoding {coding[:40]!r} is not chunked")
-        length = self.headers.get("content-length")
+    def framed(self, status: int) -> None:
+        """The final head is complete: how the body ends (llhttp has refused two Content-Lengths, and one
+        with chunked coding)."""
+        coding = length = None
+        for name, value in self.raw_headers:
+            lowered = name.lower()
+            if lowered == b"content-type":
+                self.raw_content_type = value.decode("latin-1")
+            elif lowered == b"content-length":
+                length = value
+            elif lowered == b"transfer-encoding":
+                coding = value
+        if coding is not None and coding.lower() != b"chunked":
+            raise _Refused(f"Transfer-Encoding {coding[:40].decode('latin-1')!r} is not chunked")
         if length is not None and status not in (204, 304):
             self._length = int(length)
         self._framed = coding is not None or length is not None or status in (204, 304)
+        self.status = status
+        self._wake()
 
     def on_body(self, piece: bytes) -> None:
         self._queue.append(piece)
@@ -209,20 +255,17 @@ class Response:
             self._conn.transport.pause_reading()
         self._wake()
 
-    def on_message_complete(self) -> None:
-        if self.status:  # else an interim answer ended
-            assert self._parser is not None  # called by it
-            self.complete = True
-            self._keep_alive = self._parser.should_keep_alive()
-            self._parser = None  # done: bytes after this one are refused (on_message_begin, feed)
-            self._wake()
+    def finished(self, keep_alive: bool) -> None:
+        """The final answer is complete: bytes after it are refused (``on_message_begin``, ``feed``)."""
+        self.complete = True
+        self._keep_alive = keep_alive
+        self._wake()
 
     def lost(self, exc: Exception | None) -> None:
         if self.complete or self._error is not None:
             return
         if self.status and not self._framed:
             self.complete = True  # read-to-close framing: the close ends the body
-            self._parser = None
             self._wake()
             return
         cause = f": {exc}" if exc else ""
@@ -235,7 +278,6 @@ class Response:
 
     def _fail(self, error: UpstreamError) -> None:
         self._error = self._error or error
-        self._parser = None
         self._conn.close()
         self._wake()
 
@@ -312,7 +354,6 @@ class Response:
         if self._finished:
             return
         self._finished = True
-        self._parser = None
         self._conn.response = None
         reusable = self.complete and self._keep_alive and self._error is None and not self._queue
         if reusable and self._paused and self._conn.transport is not None:
