@@ -11,8 +11,9 @@ client does only that, on asyncio protocols: one write per request, the answer p
   connection that could not be made, or was lost before any byte of the answer, raises ``UpstreamError``
   with ``retryable`` (nothing was answered; a reused keep-alive connection is first retried once fresh).
 - ``read()`` gives the whole body; ``readany()`` the next decoded bytes as they arrive (b"" at the end).
-  A silence longer than ``read_timeout`` raises ``ReadTimeout``; a connection lost mid-answer raises
-  ``UpstreamError``. Reading pauses while more than ``HIGH_WATER`` bytes wait for the consumer.
+  A silence longer than ``read_timeout`` raises ``ReadTimeout`` (all waits share one timer: ``watch``);
+  a connection lost mid-answer raises ``UpstreamError``. Reading pauses while more than ``HIGH_WATER``
+  bytes wait for the consumer.
 - ``release()`` hands a fully read connection back to the pool (closing anything else); ``close()``
   drops the connection, which is how the replica learns the client went away.
 Connections are capped at ``limit`` in all; idle ones are reused last-in first-out and closed after
@@ -67,6 +68,8 @@ class UpstreamPool:
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._idle: dict[tuple[str, int], list[Connection]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._waits: dict[Response, float] = {}  # answers waited for -> deadline, oldest first
+        self._watch: asyncio.TimerHandle | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -74,6 +77,30 @@ class UpstreamPool:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         return self._loop
+
+    def watch(self, response: Response) -> None:
+        """``response`` waits for bytes: ``timed_out()`` is called on it after ``read_timeout`` unless
+        ``unwatch`` comes first. All waits share one timer, at the oldest wait's deadline (every wait
+        lasts the same ``read_timeout``, so the oldest ends first)."""
+        deadline = self.loop.time() + self.read_timeout
+        self._waits[response] = deadline
+        if self._watch is None:
+            self._watch = self.loop.call_at(deadline, self._check_waits)
+
+    def unwatch(self, response: Response) -> None:
+        self._waits.pop(response, None)
+
+    def _check_waits(self) -> None:
+        """Time out the waits past their deadline; the timer again for the oldest left."""
+        self._watch = None
+        now, waits = self.loop.time(), self._waits
+        while waits:
+            response, deadline = next(iter(waits.items()))
+            if deadline > now:
+                self._watch = self.loop.call_at(deadline, self._check_waits)
+                return
+            del waits[response]
+            response.timed_out()
 
     async def post(self, url: str, path: str, body: bytes, key: str | None = None) -> Response:
         """Send a JSON POST (with the engine ``key`` as its bearer token) and wait for the answer's head
@@ -179,6 +206,9 @@ class UpstreamPool:
                 del self._idle[key]
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
