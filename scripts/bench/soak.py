@@ -56,8 +56,9 @@ SETUP_S = 360.0
 ERRORS_SHOWN = 12
 
 
-class Deadline(Exception):
-    """The soak's hard deadline passed, or it was told to stop."""
+class Deadline(KeyboardInterrupt):
+    """The soak's hard deadline passed, or it was told to stop. A KeyboardInterrupt: asyncio lets only that
+    and SystemExit out of a task; anything else raised inside one ends only that task."""
 
 
 def parse_args() -> argparse.Namespace:
@@ -132,15 +133,18 @@ def soak(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
     client = Client(rig.urls(), rig.key, NAME, stats, t0, args.max_inflight)
     for thread in threads:
         thread.start()
+    interrupted = None
     try:
         sends = arrivals(args.trace, shape, args.minutes * 60)
         asyncio.run(client.replay(sends, args.minutes * 60, args.long_streams))
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or the deadline: report what ran
+        interrupted = repr(exc)
     finally:
         faults.stopped.set()
         stopped.set()
         for thread in threads:
             thread.join(timeout=90)
-    return report(args, stats, memory, faults, rig, time.monotonic() - t0)
+    return report(args, stats, memory, faults, rig, time.monotonic() - t0) | {"interrupted": interrupted}
 
 
 def ms(seconds: float | None) -> float | None:
@@ -212,7 +216,8 @@ def report(args: argparse.Namespace, stats: Stats, memory: Memory, faults: Fault
 
 def print_report(r: dict[str, Any]) -> None:
     q, e, t, c = r["requests"], r["errors"], r["ttft_ms"], r["streams_cut"]
-    print(f"\nsoak: {r['minutes']:g} min of load ({r['elapsed_s']:.0f} s), trace x{r['compress']:g}")
+    print(f"\nsoak: {r['minutes']:g} min of load ({r['elapsed_s']:.0f} s), trace x{r['compress']:g}"
+          + (f"  INTERRUPTED: {r['interrupted']}" if r["interrupted"] else ""))  # fmt: skip
     print(f"requests  sent {q['sent']}  ok {q['ok']}  streamed {q['streamed']}  retried on the other gateway "
           f"{q['retried_on_other_gateway']}  dropped by the client {q['dropped_by_client']}  peak in flight "
           f"{q['peak_inflight']}")  # fmt: skip
@@ -238,8 +243,9 @@ def print_report(r: dict[str, Any]) -> None:
     for role, m in r["memory"].items():
         print(f"  {role:<20} {m['peak_mib']:6.1f} {m['early_mib']:7.1f} {m['late_mib']:6.1f}   "
               f"{m['grew']!s:<5}  {m['pids']}")  # fmt: skip
-    own = {s: n for s, n in r["replica_jobs"].items() if s not in ("CANCELLED", "RUNNING", "COMPLETED")}
-    print(f"replica jobs (sacct)  {r['replica_jobs']}" + (f"  <- ended on their own: {own}" if own else ""))
+    kills = sum(1 for f in r["faults"] if f["kind"] == "kill-replica")
+    print(f"replica jobs (sacct)  {r['replica_jobs']}  (a hard kill ends FAILED: {kills} hard kills; "
+          "TIMEOUT, or FAILED beyond them, ended on their own)")  # fmt: skip
     print(f"service actions (logs)  {r['service_actions']}")
     g = r["goals"]
     verdict = "PASS" if g["errors"] else "MISS"
@@ -252,6 +258,7 @@ def main() -> int:
     args = parse_args()
     rig = make_rig(Settings())
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)  # also when started in the background, where SIGINT is ignored
     signal.signal(signal.SIGALRM, _stop)
     signal.alarm(int(SETUP_S + args.minutes * 60 + 600))
     print(f"soak: {args.minutes:g} min, logs in {rig.root}", flush=True)
