@@ -54,9 +54,9 @@ class Rejection:
         return self.status in (400, 408)
 
 
-@dataclass(frozen=True, slots=True)
-class Admitted:
-    """A request to send upstream: ``body`` is what the replica gets (re-encoded from the parsed JSON)."""
+class Admitted(msgspec.Struct, frozen=True):
+    """A request to send upstream: ``body`` is what the replica gets (re-encoded from the parsed JSON).
+    A frozen Struct, not a frozen dataclass: made for every request, ~0.1 us instead of ~0.9 us."""
 
     route: DeploymentRoute
     body: bytes

@@ -53,6 +53,10 @@ class PriorityQueue(Generic[T]):
     def __len__(self) -> int:
         return sum(len(lane) for lane in self._lanes.values())
 
+    def __bool__(self) -> bool:
+        """Whether anyone waits (asked after every request: no sum of the lanes' lengths)."""
+        return any(self._lanes.values())
+
     def __iter__(self) -> Iterator[T]:
         """In the order they will be served."""
         for priority in PRIORITIES:

@@ -28,6 +28,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import msgspec
 from aiohttp import web
 
 from hpcserve.model.gateway import DeploymentRoute
@@ -73,8 +74,7 @@ class Exchange:
     served_by: str | None = None  # the fallback deployment that answered, if one did
 
 
-@dataclass(frozen=True, slots=True)
-class Asker:
+class Asker(msgspec.Struct, frozen=True):
     """Who asks, with what: what a fallback needs to admit the request again for another deployment."""
 
     key: ApiKey
@@ -175,7 +175,8 @@ class Proxy:
             if refusal is not None:
                 ex.status = refusal.status
                 return error_response(refusal)
-        granted = await self._slot(adm, asker)
+        free = self.state.gate.take(adm.route, asker.key.priority)  # the common case, without a coroutine
+        granted = (adm, free) if free is not None else await self._slot(adm, asker)
         if isinstance(granted, Rejection):
             ex.status = granted.status
             return error_response(granted)

@@ -18,6 +18,8 @@ import logging
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
+import msgspec
+
 from hpcserve.model.gateway import PRIORITIES, DeploymentRoute, Priority
 from hpcserve.serving.gateway.logs import OneLine
 from hpcserve.serving.gateway.overload import (
@@ -40,9 +42,9 @@ log = logging.getLogger(__name__)
 QUIET_S = 5.0  # a shedding burst ends after this long without a shed
 
 
-@dataclass(frozen=True, slots=True)
-class Slot:
-    """A slot held by one request: give it back with ``Gate.release``."""
+class Slot(msgspec.Struct, frozen=True):
+    """A slot held by one request: give it back with ``Gate.release`` (a Struct: ~0.1 us to make, a frozen
+    dataclass ~0.3 us)."""
 
     deployment: str
     priority: Priority
@@ -121,6 +123,14 @@ class Gate:
         held = lane.held["interactive"] + lane.held["batch"]
         return held < total and (priority == "interactive" or lane.held["batch"] < batch)
 
+    def take(self, route: DeploymentRoute, priority: Priority) -> Slot | None:
+        """A slot for a request to ``route`` at once when one is free and nobody waits ahead (the common
+        case: no decision to make, and no coroutine); else None: ``acquire`` decides."""
+        lane = self.lane(route.name)
+        if self._free(lane, route, priority) and not lane.queue.ahead(priority):
+            return self._take(lane, route.name, priority)
+        return None
+
     async def acquire(
         self, route: DeploymentRoute, priority: Priority, may_fall_back: bool
     ) -> Slot | FallBack | Shed:
@@ -176,6 +186,8 @@ class Gate:
         lane.held[slot.priority] = max(0, lane.held[slot.priority] - 1)
         if finished:
             lane.service.observe(self.clock() - slot.since)
+        if not lane.queue:  # nobody to hand the slot to
+            return
         route = self._routes().get(slot.deployment)
         if route is not None:
             self._hand_out(lane, route)
