@@ -305,7 +305,8 @@ class Proxy:
             return error_response(refusal)
         ex.usage = read_usage(body) if upstream.status == 200 else None
         ex.ttft = self.clock() - ex.started
-        headers["Content-Type"] = upstream.headers.get("content-type", "application/json")
+        kind = upstream.raw_content_type  # the one header the proxy needs: no other is decoded
+        headers["Content-Type"] = kind if kind is not None else "application/json"
         return web.Response(body=body, status=upstream.status, headers=headers)
 
     async def _relay_stream(
