@@ -33,7 +33,7 @@ def test_the_console_script_prints_the_shells_completion_script(shell: str, mark
 @pytest.mark.parametrize(
     ("words", "cword", "expected"),
     [
-        ("hpcserve d", "1", ["db", "deployments", "doctor"]),
+        ("hpcserve d", "1", ["db", "deployments", "doctor", "drain-node"]),
         ("hpcserve de", "1", ["deployments"]),
         ("hpcserve --site x.yaml re", "3", ["rebalance", "render"]),
         ("hpcserve rebalance --a", "2", ["--apply"]),

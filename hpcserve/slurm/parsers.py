@@ -117,6 +117,9 @@ def iter_squeue(lines: Iterable[str], now: datetime, nonce: str = NONCE) -> Iter
             line = "".join([*pending, line])
             pending.clear()
         parts = line.split(mark)  # exactly two marks: after the name and after the comment
+        if len(parts) == 2:  # the name's mark, then a comment that starts with a newline: not the end
+            pending.append(line)
+            continue
         if len(parts) == 3:
             c = parts[0].split(SEP, _FIXED)
             if len(c) == _FIXED + 1 and c[0].isdigit():
