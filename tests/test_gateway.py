@@ -525,6 +525,31 @@ def test_an_engine_that_refuses_the_replicas_key_is_skipped_and_never_401s_the_c
     assert "its engine refused the replica's engine key" in caplog.text and "engine-key" not in caplog.text
 
 
+def test_a_draining_engines_503_goes_to_another_replica_and_only_then_to_the_client() -> None:
+    """A replica cancelled from outside hpcserve (an admin's scancel, preemption) drains: its engine answers
+    503 until its job ends and the service forgets it. The gateway takes those requests to another ready
+    replica; only when every replica tried is draining does the client get a 503, with Retry-After."""
+    sim = pytest.importorskip("hpcserve.serving.engine_sim")
+
+    async def scenario() -> None:
+        fast = sim.SimConfig(model="m", decode_s_per_token=0.0005)
+        draining_app = sim.make_app(fast)
+        async with serving(sim.make_app(fast)) as live_url, rig() as r, serving(draining_app) as draining_url:
+            draining_app[sim.ENGINE].draining = True  # what SIGTERM does
+            draining = Endpoint("m", 0, draining_url)
+            r.routes.set(DeploymentRoute("m", (draining, Endpoint("m", 1, live_url))))
+            await asyncio.sleep(0.1)
+            answers = [await r.post({"model": "m", "prompt": "hi", "stream": i % 2 == 1}) for i in range(8)]
+            assert [status for status, _, _ in answers] == [200] * 8
+            r.routes.set(DeploymentRoute("m", (draining,)))
+            await asyncio.sleep(0.1)
+            status, headers, body = await r.post({"model": "m", "prompt": "hi"})
+            assert status == 503 and body["error"]["code"] == "no_replica_ready", body
+            assert "draining" in body["error"]["message"] and int(headers["Retry-After"]) > 0
+
+    run(scenario)
+
+
 @dataclass
 class CountingRoutes(StaticRoutes):
     reads: int = 0

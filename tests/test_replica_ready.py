@@ -72,3 +72,20 @@ def test_a_model_never_listed_or_a_wrong_key_is_not_ready(engine: str, proc: sub
     with pytest.raises(HpcserveError, match="not ready"):
         wait_healthy(engine, proc, 1.5, "llm", "wrong-key")
     wait_healthy(engine, proc, 5, "llm", KEY)
+
+
+def test_slurms_time_limit_warning_does_not_end_a_replica() -> None:
+    """submitit's USR2 handler ends a job at once (``--signal=USR2@90``, delivered up to a minute early):
+    a replica ignores it, and the service hands it over before the limit instead."""
+    code = (
+        "import os, signal, time\n"
+        "from hpcserve.serving.replica import _ignore_time_limit_warning\n"
+        "signal.signal(signal.SIGUSR2, lambda *a: os._exit(3))  # what submitit's handler amounts to\n"
+        "_ignore_time_limit_warning()\n"
+        "os.kill(os.getpid(), signal.SIGUSR2)\n"
+        "time.sleep(0.1)\n"
+        "print('still serving')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout == "still serving\n", done
+    assert "time-limit warning (USR2) ignored" in done.stderr

@@ -172,6 +172,7 @@ class ReplicaMain:
         argv = engine_argv(spec, "0.0.0.0", port, rank, head)  # noqa: S104 (the gateway connects)
         proc = subprocess.Popen(argv, env=engine_environ(os.environ, self.credentials().engine_key))
         _forward_sigterm(proc)
+        _ignore_time_limit_warning()
         if rank:  # a headless vLLM rank: no API of its own
             return proc.wait()
         try:
@@ -236,6 +237,18 @@ def _staged(spec: Any) -> Any:
     warm = Path(str(spec.warm_tier).format(node=socket.gethostname())) / Path(spec.model).name
     stage_weights(Path(spec.model), warm)
     return spec.model_copy(update={"model": str(warm)})
+
+
+def _ignore_time_limit_warning() -> None:
+    """submitit's USR2 handler (sent by Slurm up to ~2.5 min before the time limit) would end the job at
+    once, killing the engine and its streams. The service hands a replica over before its limit and cancels
+    it when it is idle: the warning is only logged."""
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        print("replica: Slurm's time-limit warning (USR2) ignored: the service hands this replica over",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    signal.signal(signal.SIGUSR2, note)
 
 
 def _forward_sigterm(proc: subprocess.Popen[bytes]) -> None:

@@ -4,7 +4,8 @@ Answers the gateway makes itself (all OpenAI-style ``{"error": {"message", "type
 401 no or unknown key; 408 the body did not arrive within ``client_body_timeout_s``; 400/404/413 from
 admission (404 also for a model the key may not reach: checked before any buffering, so it never wakes a
 deployment); 429 over the key's token rate (Retry-After: when the bucket will hold the request); 503 no
-replica ready (buffer full, or none within ``buffer_timeout_s``; Retry-After: ``retry_after_s``); 503
+replica ready (buffer full, or none within ``buffer_timeout_s``, or every replica tried answered 503 while
+draining: an engine that answers 503 is skipped for another; Retry-After: ``retry_after_s``); 503
 ``overloaded`` (queue.py, overload.py: shed, batch first; Retry-After: the expected wait); 502 no
 replica reachable (a refused connection, or an engine that refuses the replica's engine key with 401,
 is retried once on another replica), the replica broke mid-answer, or its non-streamed answer passed
@@ -46,6 +47,8 @@ from hpcserve.serving.gateway.stats import NO_KEY, UNKNOWN
 from hpcserve.serving.gateway.upstream import SseRelay, error_body, error_event, read_usage
 
 log = logging.getLogger(__name__)
+UNAVAILABLE = 503  # an engine's answer while it drains (SIGTERM): retried on another replica
+DRAINING = "its engine answered 503 (draining)"
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection before the answer
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 TOO_LARGE = Rejection(413, "the request body is too large", "body_too_large")
@@ -274,12 +277,29 @@ class Proxy:
                 problem = f"replica {endpoint.replica} ({endpoint.url}): {err}"
                 tried.append(endpoint.url)
                 continue
-            if upstream.status != UNAUTHORIZED.status:
+            if upstream.status == UNAUTHORIZED.status:
+                problem = self._refused_key(endpoint, upstream)
+            elif upstream.status == UNAVAILABLE:
+                problem = self._unavailable(endpoint, upstream)
+            else:
                 return endpoint, upstream
-            problem = self._refused_key(endpoint, upstream)
             tried.append(endpoint.url)
-        message = f"no replica of {adm.route.name} could be reached: {problem}"
-        return Rejection(502, message, "upstream_unreachable", "upstream_error", deployment=adm.route.name)
+        name = adm.route.name
+        if problem.endswith(DRAINING):  # the last replica tried drains: come back soon, as when buffered
+            message = f"no replica of {name} takes requests now: {problem}"
+            retry = self.config.retry_after_s
+            return Rejection(503, message, "no_replica_ready", "service_unavailable", retry, name)
+        message = f"no replica of {name} could be reached: {problem}"
+        return Rejection(502, message, "upstream_unreachable", "upstream_error", deployment=name)
+
+    def _unavailable(self, endpoint: Endpoint, upstream: Response) -> str:
+        """An engine that answered 503 before any byte was relayed: it is draining (its job was cancelled
+        from outside hpcserve, or preempted, and the service has not seen it end yet). The request goes to
+        another replica; this one gets none for a while."""
+        upstream.close()
+        self.state.release(endpoint)
+        self.state.eject(endpoint)
+        return f"replica {endpoint.replica} ({endpoint.url}): {DRAINING}"
 
     def _refused_key(self, endpoint: Endpoint, upstream: Response) -> str:
         """An engine that answered 401 to the replica's engine key: not the replica's own engine. It gets no
