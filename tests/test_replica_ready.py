@@ -74,18 +74,23 @@ def test_a_model_never_listed_or_a_wrong_key_is_not_ready(engine: str, proc: sub
     wait_healthy(engine, proc, 5, "llm", KEY)
 
 
-def test_slurms_time_limit_warning_does_not_end_a_replica() -> None:
-    """submitit's USR2 handler ends a job at once (``--signal=USR2@90``, delivered up to a minute early):
-    a replica ignores it, and the service hands it over before the limit instead."""
+def test_slurms_time_limit_warning_ends_neither_the_replica_nor_its_engine() -> None:
+    """Slurm sends USR2 before the time limit to every process of the step: submitit's handler would end the
+    job, and USR2's default action would kill the engine. A replica ignores it, and so does the engine it
+    starts (as the replica starts it: USR2 ignored before the spawn); the service hands it over instead."""
     code = (
-        "import os, signal, time\n"
+        "import os, signal, subprocess, sys, time\n"
         "from hpcserve.serving.replica import _ignore_time_limit_warning\n"
         "signal.signal(signal.SIGUSR2, lambda *a: os._exit(3))  # what submitit's handler amounts to\n"
+        "signal.signal(signal.SIGUSR2, signal.SIG_IGN)\n"
+        "engine = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1.5)'])\n"
         "_ignore_time_limit_warning()\n"
+        "time.sleep(0.5)\n"
+        "os.kill(engine.pid, signal.SIGUSR2)\n"
         "os.kill(os.getpid(), signal.SIGUSR2)\n"
         "time.sleep(0.1)\n"
-        "print('still serving')\n"
+        "print('still serving', engine.wait())\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0 and done.stdout == "still serving\n", done
+    assert done.returncode == 0 and done.stdout == "still serving 0\n", done
     assert "time-limit warning (USR2) ignored" in done.stderr

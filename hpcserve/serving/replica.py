@@ -170,6 +170,7 @@ class ReplicaMain:
             return 0
         host, port = socket.gethostname(), free_port()
         argv = engine_argv(spec, "0.0.0.0", port, rank, head)  # noqa: S104 (the gateway connects)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # inherited: the engine ignores it too (see below)
         proc = subprocess.Popen(argv, env=engine_environ(os.environ, self.credentials().engine_key))
         _forward_sigterm(proc)
         _ignore_time_limit_warning()
@@ -240,9 +241,11 @@ def _staged(spec: Any) -> Any:
 
 
 def _ignore_time_limit_warning() -> None:
-    """submitit's USR2 handler (sent by Slurm up to ~2.5 min before the time limit) would end the job at
-    once, killing the engine and its streams. The service hands a replica over before its limit and cancels
-    it when it is idle: the warning is only logged."""
+    """Slurm sends USR2 (submitit's ``--signal=USR2@90``, up to a minute early) to every process of the
+    step. submitit's handler would end the job at once, and USR2's default action kills the engine (vLLM
+    installs no handler), cutting its streams. The service hands a replica over before its limit and
+    cancels it when idle, so the warning is only logged here, and the engine, started with USR2 ignored,
+    keeps ignoring it (an ignored signal stays ignored across exec)."""
 
     def note(signum: int, frame: FrameType | None) -> None:
         print("replica: Slurm's time-limit warning (USR2) ignored: the service hands this replica over",
