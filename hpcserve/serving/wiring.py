@@ -8,6 +8,7 @@ refused here, at once, rather than at its first submission. Users act through th
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from datetime import UTC, datetime
@@ -19,6 +20,8 @@ from hpcserve.serving.launcher import ReplicaLauncher
 from hpcserve.store.leases import holder_id, take_lease
 
 if TYPE_CHECKING:
+    import httpx
+
     from hpcserve.config import Policy, SiteConfig
     from hpcserve.serving.engine_stats import EngineStats
     from hpcserve.serving.overlap import GentleEvictor, PrewarmSource
@@ -29,6 +32,16 @@ log = logging.getLogger("hpcserve.serving")
 LOCK = "serving-controller"
 
 
+@functools.cache
+def _scrape_client() -> httpx.Client:
+    """One kept-alive client for every scrape, in every thread (httpx.Client is thread-safe). A client per
+    call (``httpx.get``) built an SSL context and a pool each time: the service's memory grew by ~30 MiB in
+    a 30-minute soak, and each scrape paid a new connection."""
+    import httpx
+
+    return httpx.Client(timeout=1.0)
+
+
 def scrape_metrics(url: str) -> EngineStats | None:
     """The engine's /metrics, parsed; None when it does not answer within a second."""
     import httpx
@@ -36,7 +49,7 @@ def scrape_metrics(url: str) -> EngineStats | None:
     from hpcserve.serving.engine_stats import EngineMetricsError, parse_engine_metrics
 
     try:
-        response = httpx.get(f"{url}/metrics", timeout=1.0)
+        response = _scrape_client().get(f"{url}/metrics")
         response.raise_for_status()
         return parse_engine_metrics(response.text)
     except (httpx.HTTPError, EngineMetricsError) as exc:
