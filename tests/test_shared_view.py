@@ -141,26 +141,28 @@ def test_backoff_doubles_up_to_its_cap() -> None:
     assert gaps[:5] == [2, 4, 8, 16, 32] and set(gaps[5:]) == {MAX_BACKOFF_S}
 
 
-def test_a_calm_controller_lets_reads_age_to_calm_s_and_anything_moving_reads_at_once() -> None:
+def test_a_calm_controller_lets_its_own_reads_age_to_calm_s_and_anything_moving_reads_at_once() -> None:
     clock = Clock()
     slurm = CountingSlurm(clock)
     shared = SharedView(slurm, 2.0, calm_s=10.0, clock=clock)
-    shared.jobs()
-    shared.settle(True)  # every replica ready and answering: the list may be 10 s old
+    shared.calm_jobs()
+    shared.settle(True)  # every replica ready and answering: the controller's list may be 10 s old
     for _ in range(4):
         clock.now += 2.0
-        shared.jobs()
+        shared.calm_jobs()
     assert slurm.calls.count("squeue") == 1
-    clock.now += 2.0  # 10 s since the read: read again
-    shared.jobs()
+    shared.jobs()  # the sampler and the planner still get a list at most one tick old
     assert slurm.calls.count("squeue") == 2
     clock.now += 2.0
-    shared.settle(False)  # a replica stopped answering: the next reader gets a fresh list
-    shared.jobs()
+    shared.calm_jobs()
+    assert slurm.calls.count("squeue") == 2
+    clock.now += 2.0
+    shared.settle(False)  # a replica stopped answering: the next read is fresh
+    shared.calm_jobs()
     assert slurm.calls.count("squeue") == 3
     shared.settle(True)
     shared.cancel(["7"])  # a write drops the cache and ends the calm
     assert shared.calm is False
     clock.now += 2.0
-    shared.jobs()
+    shared.calm_jobs()
     assert slurm.calls.count("squeue") == 4

@@ -91,7 +91,7 @@ class ServingController:
     calm: bool = False  # this tick, so far: every replica ready and answering, nothing done
 
     def tick(self) -> None:
-        all_jobs = [j for j in self.client.jobs() if not j.state.is_terminal]
+        all_jobs = [j for j in _read(self.client, "jobs") if not j.state.is_terminal]
         self.calm = True
         records = {name.removeprefix(STATE_PREFIX): ScalerRecord.from_json(data)
                    for name, data in self.store.states(STATE_PREFIX).items()}  # fmt: skip
@@ -283,7 +283,14 @@ def _view(replica: Replica) -> ReplicaView:
 def _draining_nodes(client: SlurmClient) -> frozenset[str]:
     """Nodes drained or draining (``hpcserve drain-node``, or an admin's scontrol): from the tick's shared
     sinfo, read only when the service has replicas in Slurm."""
-    return frozenset(n.name for n in client.nodes() if "DRAIN" in n.flags)
+    return frozenset(n.name for n in _read(client, "nodes") if "DRAIN" in n.flags)
+
+
+def _read(client: SlurmClient, what: str) -> list[Any]:
+    """The controller's squeue or sinfo: through a shared view, the calm read (``calm_jobs``: up to
+    ``calm_read_s`` old while nothing moves), else the client's own."""
+    calm = getattr(client, f"calm_{what}", None)
+    return list(calm() if callable(calm) else getattr(client, what)())
 
 
 def _steady(replicas: Sequence[Replica], stats: Mapping[int, EngineStats]) -> bool:

@@ -10,10 +10,11 @@ wraps the service's one Slurm client:
 - the age adapts to the queue: a read that took ``d`` seconds is reused for at least ``ADAPT * d``, so on a
   slow slurmctld (a huge queue) hpcserve spends at most about 1/``ADAPT`` of its time in these RPCs;
 - and to what is moving: while the controller reports its deployments calm (``settle(True)``: every
-  replica ready and answering, nothing done last tick), reads are reused for ``calm_s``. A replica that
-  stops answering, a pending one, any action or any write ends the calm at once (``settle(False)``). The
-  replicas' health is checked over HTTP every tick either way; the sampler (every 30 s) and the planner
-  (every minute) see lists at most ``calm_s`` old, and the executor re-checks live before it acts;
+  replica ready and answering, nothing done last tick), its own reads (``calm_jobs``, ``calm_nodes``)
+  are reused for ``calm_s``. A replica that stops answering, a pending one, any action or any write ends
+  the calm at once (``settle(False)``). The replicas' health is checked over HTTP every tick either way.
+  The sampler, the planner and the submitter always get a read at most one tick old: the rebalancer picks
+  victims and waits for drains from it;
 - ``partitions()`` (scontrol show partition) is cached for ``partitions_ttl_s``, the topology (scontrol show
   topology, which changes only with slurm.conf) for ``topology_ttl_s``;
 - a failed read is remembered: until the backoff ends (doubling from ``max_age_s`` up to ``MAX_BACKOFF_S``),
@@ -94,6 +95,13 @@ class SharedView:
     def nodes(self) -> list[Node]:
         return list(self._fresh("nodes").value)
 
+    def calm_jobs(self) -> list[Job]:
+        """The controller's read: up to ``calm_s`` old while it reports calm."""
+        return list(self._fresh("jobs", calm_ok=True).value)
+
+    def calm_nodes(self) -> list[Node]:
+        return list(self._fresh("nodes", calm_ok=True).value)
+
     def partitions(self) -> list[Partition]:
         with self._lock:
             now = self._clock()
@@ -140,11 +148,11 @@ class SharedView:
         return passed_through
 
     # -------------------------------------------------------------------------------------- internals
-    def _fresh(self, what: str) -> _Read:
+    def _fresh(self, what: str, calm_ok: bool = False) -> _Read:
         with self._lock:
             now = self._clock()
             read = self._reads.get(what)
-            age = self.calm_s if self.calm else self.max_age_s
+            age = self.calm_s if calm_ok and self.calm else self.max_age_s
             if read is not None and now - read.at < max(age, ADAPT * read.took_s):
                 return read
             if self._failed is not None and now < self._failed[0]:
