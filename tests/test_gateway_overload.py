@@ -34,6 +34,7 @@ from hpcserve.serving.engine_sim_core import SimConfig
 from hpcserve.serving.gateway import GatewayConfig, StaticRoutes, hash_key, make_admin_app, make_app
 from hpcserve.serving.gateway.app import STATE
 from hpcserve.serving.gateway.state import GatewayState
+from tests.test_gateway import serving
 
 INTERACTIVE, BATCH, FALLBACK, NARROW = "sk-interactive", "sk-batch", "sk-fallback", "sk-narrow"
 KEYS = [
@@ -43,17 +44,6 @@ KEYS = [
     ApiKey("narrow", "alice", hash_key(NARROW), models=frozenset({"big"}), allow_fallback=True),
 ]
 FAST = GatewayConfig(refresh_interval_s=0.05, report_interval_s=0.1, usage_flush_interval_s=0.1)
-
-
-@asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 @dataclass
