@@ -155,6 +155,8 @@ class Rebalancer:
         ex = self.executor
         resumed, repaired, reasserted = ex.finish_unfinished(), ex.repair_orphans(), ex.assert_split()
         report = RoundReport(resumed=tuple(resumed), repaired=tuple(repaired), reasserted=reasserted)
+        if resumed or repaired or reasserted:  # the executor wrote to Slurm: plan from what is there now
+            self._saw_change()
         state: PlannerState | None = None
         if wanted:
             plan = self.manual_plan(wanted, grace_s)  # after the repairs: from where nodes are now
@@ -165,7 +167,16 @@ class Rebalancer:
         if plan.empty:
             return replace(report, plan=plan)
         plan_id = ex.submit(plan)
-        return replace(report, plan=plan, plan_id=plan_id, state=ex.run(plan_id))
+        try:
+            return replace(report, plan=plan, plan_id=plan_id, state=ex.run(plan_id))
+        finally:
+            self._saw_change()  # the next round's planner sees the nodes where the plan left them
+
+    def _saw_change(self) -> None:
+        """The executor writes through its own client: a shared view of Slurm (the planner's) reads again."""
+        invalidate = getattr(self._view, "invalidate", None)
+        if callable(invalidate):
+            invalidate()
 
     def manual_plan(self, wanted: Mapping[str, Side], grace_s: int | None = None) -> RebalancePlan:
         partitions = {p.name: p.nodes for p in self._client.partitions()}
