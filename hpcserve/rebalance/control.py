@@ -22,6 +22,7 @@ from hpcserve.rebalance.executor import Executor, ExecutorSettings, crash_point
 from hpcserve.rebalance.planner import PlannerState
 from hpcserve.rebalance.planning import PlanFn, PlanInput
 from hpcserve.rebalance.split import Layout, current_side
+from hpcserve.slurm.shared_view import saw_change
 from hpcserve.store.leases import holder_id, take_lease
 from hpcserve.store.store import utc_now
 
@@ -156,7 +157,7 @@ class Rebalancer:
         resumed, repaired, reasserted = ex.finish_unfinished(), ex.repair_orphans(), ex.assert_split()
         report = RoundReport(resumed=tuple(resumed), repaired=tuple(repaired), reasserted=reasserted)
         if resumed or repaired or reasserted:  # the executor wrote to Slurm: plan from what is there now
-            self._saw_change()
+            saw_change(self._view)
         state: PlannerState | None = None
         if wanted:
             plan = self.manual_plan(wanted, grace_s)  # after the repairs: from where nodes are now
@@ -170,13 +171,7 @@ class Rebalancer:
         try:
             return replace(report, plan=plan, plan_id=plan_id, state=ex.run(plan_id))
         finally:
-            self._saw_change()  # the next round's planner sees the nodes where the plan left them
-
-    def _saw_change(self) -> None:
-        """The executor writes through its own client: a shared view of Slurm (the planner's) reads again."""
-        invalidate = getattr(self._view, "invalidate", None)
-        if callable(invalidate):
-            invalidate()
+            saw_change(self._view)  # the next round's planner sees the nodes where the plan left them
 
     def manual_plan(self, wanted: Mapping[str, Side], grace_s: int | None = None) -> RebalancePlan:
         partitions = {p.name: p.nodes for p in self._client.partitions()}

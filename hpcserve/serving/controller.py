@@ -37,6 +37,7 @@ from hpcserve.serving.reconciler import (
 )
 from hpcserve.serving.scaling import STATE_PREFIX, GpuLimit, ScalerRecord, cap_scale_up, state_name
 from hpcserve.serving.tags import parse_replica_tag
+from hpcserve.slurm.shared_view import saw_change
 
 if TYPE_CHECKING:
     from hpcserve.config import Policy
@@ -217,7 +218,7 @@ class ServingController:
             case Launch(index):
                 spec = _spec(deployment)
                 launched = self.launcher.launch(tick.submitter, deployment, spec, index)
-                _saw_slurm_change(self.client)  # submitted as the owner, not through the client
+                saw_change(self.client)  # submitted as the owner: the next tick sees the new job
                 tick.launched_gpus[deployment.owner] += _gpus(spec)
                 self._record_launch(name, index, launched, tick.now)
             case SetState(index, state, url):
@@ -304,14 +305,6 @@ def _settle(client: object, calm: bool) -> None:
     settle = getattr(client, "settle", None)
     if callable(settle):
         settle(calm)
-
-
-def _saw_slurm_change(client: object) -> None:
-    """A shared, per-tick view of Slurm (``hpcserve.slurm.shared_view``) reads again next time: the next
-    tick must see the job just submitted, or it would take the replica for one whose job vanished."""
-    invalidate = getattr(client, "invalidate", None)
-    if callable(invalidate):
-        invalidate()
 
 
 @dataclass

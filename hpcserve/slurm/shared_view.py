@@ -47,6 +47,14 @@ ADAPT = 10.0  # reuse a read for at least ADAPT x the time it took
 MAX_BACKOFF_S = 60.0
 
 
+def saw_change(reader: object) -> None:
+    """A write that did not go through ``reader`` (submitted as a replica's owner, or by the rebalancer's
+    executor on its own client): a shared view reads again next time; any other reader is left alone."""
+    invalidate = getattr(reader, "invalidate", None)
+    if callable(invalidate):
+        invalidate()
+
+
 @dataclass(frozen=True, slots=True)
 class _Read:
     value: tuple[Any, ...]
