@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import string
 from pathlib import Path
 from typing import Literal
@@ -349,3 +350,34 @@ class ServiceSettings(Frozen):
         if url is not None and not url.startswith(("http://", "https://")):
             raise Invalid("", f"{url!r} is not an http(s) URL", "write e.g. http://login1:8470")
         return None if url is None else url.rstrip("/")
+
+
+class CostSettings(Frozen):
+    """What a GPU-hour costs, per GRES GPU type (``gres/gpu:a100`` -> ``a100``); ``default`` for other types
+    and for jobs that ask for untyped GPUs. No ``default`` key: those GPU-hours cost 0."""
+
+    currency: str = Field(default="USD", min_length=1, max_length=8)
+    gpu_hour_price: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("gpu_hour_price")
+    @classmethod
+    def _non_negative(cls, prices: dict[str, float]) -> dict[str, float]:
+        for gpu_type, price in prices.items():
+            if not gpu_type:
+                raise Invalid("", "an empty GPU type", "name the type as gres/gpu:TYPE has it, or `default`")
+            if not 0 <= price < math.inf:  # also refuses NaN
+                raise Invalid(
+                    gpu_type, f"price {price} is not a finite number >= 0", "give a price per GPU-hour >= 0"
+                )
+        return prices
+
+    def price(self, gpu_type: str | None) -> float:
+        """Price of one GPU-hour of ``gpu_type`` (case-insensitive), else ``default``, else 0."""
+        prices = self.gpu_hour_price
+        if gpu_type:
+            if gpu_type in prices:
+                return prices[gpu_type]
+            lowered = {name.lower(): price for name, price in prices.items()}
+            if gpu_type.lower() in lowered:
+                return lowered[gpu_type.lower()]
+        return prices.get("default", 0.0)

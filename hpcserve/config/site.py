@@ -8,6 +8,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from hpcserve.config.base import Frozen, Invalid, Name, nodes_text
 from hpcserve.config.sections import (
+    CostSettings,
     DatabaseSettings,
     Fabric,
     Lending,
@@ -38,6 +39,7 @@ class SiteConfig(Frozen):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
+    cost: CostSettings = Field(default_factory=CostSettings)  # price per GPU-hour, for hpcserve usage
     admins: tuple[str, ...] = ()  # users, or Unix groups as "@group": may act on every deployment
 
     _group: dict[str, NodeGroup] = PrivateAttr(default_factory=dict)
