@@ -16,6 +16,7 @@ from hpcserve.store.errors import (
 from hpcserve.store.records import (
     Deployment,
     EngineSample,
+    GpuSampleRecord,
     LostWork,
     NewStep,
     Plan,
@@ -34,6 +35,7 @@ __all__ = [
     "Deployment",
     "DeploymentExists",
     "EngineSample",
+    "GpuSampleRecord",
     "HistoryStore",
     "LostWork",
     "NewStep",

@@ -12,6 +12,7 @@ from typing import Any, TypedDict
 
 from hpcserve.errors import ValidationError
 from hpcserve.model.gateway import Priority
+from hpcserve.model.telemetry import GpuSample
 
 REPLICA_STATES = ("pending", "starting", "ready", "draining", "dead")
 STEP_KINDS = ("drain", "signal", "wait", "move", "resume")
@@ -215,6 +216,33 @@ class RetentionResult:
     engine_rolled: int
     queue_rollups_deleted: int
     engine_rollups_deleted: int
+    gpu_samples_deleted: int = 0  # GPU telemetry past its own window (``gpu_days``)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSampleRecord:
+    """A stored GPU reading (``gpu_samples``): the sample and whose job it is. ``source``: "nvml" (the
+    in-job sampler) or "sacct" (slurmd's gres/gpuutil)."""
+
+    at: datetime
+    job_id: str
+    user: str
+    kind: str  # training | inference
+    deployment: str | None
+    gpu_uuid: str
+    gpu_index: int
+    util_pct: float
+    mem_used_bytes: int
+    mem_total_bytes: int
+    power_w: float | None
+    sm_clock_mhz: int | None
+    source: str
+
+    def sample(self) -> GpuSample:
+        return GpuSample(
+            self.at, self.job_id, self.gpu_uuid, self.gpu_index, self.util_pct, self.mem_used_bytes,
+            self.mem_total_bytes, self.power_w, self.sm_clock_mhz,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,10 @@ from hpcserve.store.engine import writer
 from hpcserve.store.records import ENGINE_FIELDS, QUEUE_FIELDS, RetentionResult, Rollup
 from hpcserve.store.schema import Base, EngineRollupRow, EngineSampleRow, QueueRollupRow, QueueSampleRow
 from hpcserve.store.sql import columns, dialect_insert
+from hpcserve.store.telemetry import delete_gpu_samples
 
 WINDOW = timedelta(days=1)  # raw rows folded per transaction: bounds memory after a long pause
+GPU_DAYS = 31.0  # GPU telemetry is kept raw this long (a month's usage report), then deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +38,15 @@ ENGINE = Series(EngineSampleRow, EngineRollupRow, "deployment", ENGINE_FIELDS)
 
 
 def apply_retention(
-    engine: Engine, now: datetime, raw_days: float, rollup_days: float, bucket_s: int
-) -> RetentionResult:
+    engine: Engine, now: datetime, raw_days: float, rollup_days: float, bucket_s: int,
+    gpu_days: float = GPU_DAYS,
+) -> RetentionResult:  # fmt: skip
     cutoff = bucket_floor(now - timedelta(days=raw_days), bucket_s)
     rolled = [roll_up(engine, series, cutoff, bucket_s) for series in (QUEUE, ENGINE)]
     expired = [drop_rollups(engine, series, now - timedelta(days=rollup_days)) for series in (QUEUE, ENGINE)]
-    return RetentionResult(rolled[0], rolled[1], expired[0], expired[1])
+    with writer(engine).begin() as conn:
+        gpu = delete_gpu_samples(conn, now - timedelta(days=gpu_days))
+    return RetentionResult(rolled[0], rolled[1], expired[0], expired[1], gpu)
 
 
 def bucket_floor(at: datetime, bucket_s: int) -> datetime:

@@ -119,6 +119,29 @@ class LostWorkRow(Base):
     replica_job_id: Mapped[str] = mapped_column(String(64))
 
 
+class GpuSampleRow(Base):
+    """One reading of one GPU of a job: from the in-job NVML sampler (``source`` "nvml") or sacct's
+    ``gres/gpuutil`` (``source`` "sacct")."""
+
+    __tablename__ = "gpu_samples"
+    __table_args__ = (Index(None, "job_id", "at"), Index(None, "at"))
+
+    id: Mapped[int] = mapped_column(SampleId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(64))
+    user: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # training | inference
+    deployment: Mapped[str | None] = mapped_column(String(128))  # a replica's deployment
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    gpu_uuid: Mapped[str] = mapped_column(String(96))
+    gpu_index: Mapped[int] = mapped_column(Integer)
+    util_pct: Mapped[float] = mapped_column(Double)
+    mem_used_bytes: Mapped[int] = mapped_column(BigInteger)
+    mem_total_bytes: Mapped[int] = mapped_column(BigInteger)
+    power_w: Mapped[float | None] = mapped_column(Double)
+    sm_clock_mhz: Mapped[int | None] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(8))  # nvml | sacct
+
+
 class QueueRollupRow(Base):
     """Raw queue samples of one partition and bucket, downsampled: the mean and maximum of each field."""
 

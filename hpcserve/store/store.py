@@ -16,7 +16,8 @@ from typing import Any, Unpack
 
 from sqlalchemy import Connection, Engine
 
-from hpcserve.store import counters, deployments, migrate, plans, retention, samples, state
+from hpcserve.model.telemetry import GpuSample
+from hpcserve.store import counters, deployments, migrate, plans, retention, samples, state, telemetry
 from hpcserve.store import keys as api_keys
 from hpcserve.store.engine import make_engine, parse_url, writer
 from hpcserve.store.errors import reported
@@ -25,6 +26,7 @@ from hpcserve.store.records import (
     Deployment,
     DeploymentExtra,
     EngineSample,
+    GpuSampleRecord,
     LostWork,
     NewStep,
     Plan,
@@ -151,11 +153,43 @@ class HistoryStore:
             return samples.engine_rollups(conn, deployment, since)
 
     def apply_retention(
-        self, now: datetime, raw_days: float = 7, rollup_days: float = 180, bucket_s: int = 3600
-    ) -> RetentionResult:
+        self, now: datetime, raw_days: float = 7, rollup_days: float = 180, bucket_s: int = 3600,
+        gpu_days: float = retention.GPU_DAYS,
+    ) -> RetentionResult:  # fmt: skip
         """Fold raw samples older than ``raw_days`` (whole buckets) into rollups and delete them; delete
-        rollups older than ``rollup_days``. Safe to repeat: nothing is counted twice."""
-        return retention.apply_retention(self.engine, now, raw_days, rollup_days, bucket_s)
+        rollups older than ``rollup_days``, and GPU telemetry older than ``gpu_days`` (kept raw: usage
+        reports split a month's GPU-hours into busy and idle). Safe to repeat: nothing is counted twice."""
+        return retention.apply_retention(self.engine, now, raw_days, rollup_days, bucket_s, gpu_days)
+
+    # GPU telemetry (``hpcserve.store.telemetry``)
+
+    def add_gpu_samples(
+        self, samples: Iterable[GpuSample], *, user: str, kind: str, deployment: str | None = None,
+        source: str = "nvml",
+    ) -> int:  # fmt: skip
+        """Store readings of ``user``'s job (kind "training" or "inference"); how many."""
+        with self._write() as conn:
+            return telemetry.add_gpu_samples(conn, samples, user, kind, deployment, source)
+
+    def gpu_samples(
+        self, since: datetime | None, until: datetime | None = None, *,
+        job_ids: Collection[str] | None = None, user: str | None = None,
+    ) -> list[GpuSampleRecord]:  # fmt: skip
+        """Readings in ``[since, until)``, of ``job_ids`` and/or ``user`` when given, oldest first."""
+        with self._read() as conn:
+            return telemetry.gpu_samples(conn, since, until, job_ids, user)
+
+    def latest_gpu_samples(
+        self, since: datetime, *, job_ids: Collection[str] | None = None, user: str | None = None
+    ) -> list[GpuSampleRecord]:
+        """The newest reading of each GPU of each job, no older than ``since``."""
+        with self._read() as conn:
+            return telemetry.latest_gpu_samples(conn, since, job_ids, user)
+
+    def job_utilisation(self, since: datetime, until: datetime | None = None) -> dict[str, float]:
+        """Mean GPU utilisation (0..100) of each job with readings in ``[since, until)``, by job id."""
+        with self._read() as conn:
+            return telemetry.job_utilisation(conn, since, until)
 
     # deployments and replicas
 
