@@ -28,12 +28,19 @@ fi
 # torch 2.13.0 first: it is the CPU build on this machine's disk; the `train` extra's range then adds nothing
 # (a bare `torch` requirement would fetch a CUDA build of several GB).
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[dev,postgres,train,plot]' --config-settings editable_mode=strict
+.venv/bin/python -m pip install -q -e '.[dev,postgres,train,plot,nvml]' --config-settings editable_mode=strict
 # systemd-analyze checks the site install's unit files and visudo its sudoers rule (tests/test_site_install.py);
 # no systemd needs to run
 if ! command -v systemd-analyze >/dev/null || ! command -v visudo >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd sudo >/dev/null
+fi
+# prometheus/promtool check the monitoring config and its queries (tests/test_monitoring*.py); chromium renders
+# `hpcserve report` headless (tests/test_report*.py)
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v chromium >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus chromium fonts-dejavu-core >/dev/null
+  systemctl disable --now prometheus >/dev/null 2>&1 || true  # the tests start their own, on loopback
 fi
 bash scripts/minicluster.sh start
 # The multi-user tests and the quickstart run this checkout's hpcserve as real users (alice, bob, carol): every

@@ -564,3 +564,16 @@ def test_the_planner_hookup_forecasts_from_the_samples_and_keeps_its_state(
     report = rebalancer.round()
     assert report.state == "done" and set(slurm.parts["infer"]) >= {m.node for m in plan.moves}
     assert store.get_state(STATE) is not None and planner_plan_fn is default_plan_fn()
+
+
+def test_a_sampler_on_the_shared_view_dates_samples_by_the_read_and_stores_a_read_once(
+    slurm: FakeSlurm, store: HistoryStore, clock: Clock
+) -> None:
+    read_at = clock.now - timedelta(seconds=8)  # the controller's calm read, 8 s old
+    sampler = Sampler(slurm, store, clock=clock, timed=lambda: (read_at, slurm.jobs(), slurm.nodes()))
+    assert sampler.tick() == 3 and sampler.last_sample == read_at
+    assert {s.at for s in store.queue_samples(since=read_at)} == {read_at}
+    clock.sleep(2)
+    assert sampler.tick() == 0  # the same read again: nothing stored twice
+    read_at = clock.now
+    assert sampler.tick() == 3 and len(store.queue_samples(since=read_at - timedelta(seconds=11))) == 6

@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import pytest
 
@@ -166,3 +167,31 @@ def test_a_calm_controller_lets_its_own_reads_age_to_calm_s_and_anything_moving_
     clock.now += 2.0
     shared.calm_jobs()
     assert slurm.calls.count("squeue") == 4
+
+
+def test_while_calm_the_sampler_and_the_planner_share_the_controllers_read_dated_when_read() -> None:
+    clock = Clock()
+    slurm = CountingSlurm(clock)
+    shared = SharedView(slurm, 2.0, calm_s=10.0, clock=clock)
+    planner = shared.calm_reader()
+    shared.calm_jobs()
+    shared.settle(True)
+    clock.now += 4.0
+    at, jobs, nodes = shared.timed_read(30.0)  # the sampler: the controller's squeue, 4 s old
+    assert slurm.calls == ["squeue", "sinfo"] and len(jobs) == len(nodes) == 1
+    assert 3.0 < (datetime.now(UTC) - at).total_seconds() < 5.0  # dated by the older read, not now
+    planner.snapshot()
+    assert slurm.calls == ["squeue", "sinfo", "topology", "partitions"]
+    shared.jobs()  # the replica submitter: at most one tick old
+    assert slurm.calls[4:] == ["squeue"]
+    clock.now += 6.0
+    shared.timed_read(5.0)  # a sampler every 5 s takes nothing older than its period
+    assert slurm.calls[5:] == ["squeue", "sinfo"]
+    shared.settle(False)  # something moves: the planner reads a tick-fresh list
+    clock.now += 2.0
+    planner.snapshot()
+    assert slurm.calls[7:] == ["squeue", "sinfo"]
+    shared.settle(True)
+    planner.invalidate()  # the rebalancer's executor wrote: everyone reads again
+    shared.timed_read(30.0)
+    assert slurm.calls[9:] == ["squeue", "sinfo"]

@@ -294,7 +294,7 @@ class ServingSettings(Frozen):
     stall_s: float = Field(default=120.0, ge=0)
     # while every replica is ready and answering and the last tick did nothing, Slurm's job and node lists
     # are re-read this often instead of every tick (0: every tick); anything moving reads at once
-    calm_read_s: float = Field(default=10.0, ge=0)
+    calm_read_s: float = Field(default=20.0, ge=0)
 
     @field_validator("gateway_url")
     @classmethod

@@ -129,7 +129,7 @@ class Rebalancer:
         self.lease = Lease(store, ttl_s, clock, holder)
         self.executor = Executor(client, store, self.layout, executor_settings(policy), clock=clock,
                                  sleep=sleep, keepalive=self.lease.renew, crash=crash_point(),
-                                 holder=self.lease.holder)  # fmt: skip
+                                 holder=self.lease.holder, reads=view)  # fmt: skip
 
     def plan(self) -> tuple[RebalancePlan, PlannerState | None]:
         """What the planner would do now, and its state for the next cycle (None: no planner). Reads

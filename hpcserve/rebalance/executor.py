@@ -54,7 +54,7 @@ from hpcserve.rebalance.steps import (
 )
 from hpcserve.rebalance.types import NodeMove, RebalancePlan, Side
 from hpcserve.slurm.models import Job, Node
-from hpcserve.slurm.protocol import SlurmOperator
+from hpcserve.slurm.protocol import SlurmOperator, SlurmReader
 from hpcserve.store import HistoryStore, NotFound, Plan, Step
 from hpcserve.store.store import utc_now
 
@@ -129,8 +129,10 @@ class Executor:
         keepalive: Callable[[], None] = lambda: None,
         crash: tuple[str, str] | None = None,
         holder: str | None = None,
+        reads: SlurmReader | None = None,  # the round's look for orphans (default: client, live)
     ) -> None:
         self._client, self._store, self._layout, self._holder = client, store, layout, holder
+        self._reads: SlurmReader = reads or client
         self._settings = settings or ExecutorSettings()
         self._clock, self._sleep, self._keepalive, self._crash = clock, sleep, keepalive, crash
 
@@ -332,7 +334,7 @@ class Executor:
     def repair_orphans(self) -> list[str]:
         """Resume managed nodes hpcserve drained that no unfinished plan is moving; their names."""
         busy = {str(m.get("node")) for p in self.unfinished() for m in p.moves}
-        orphans = [n.name for n in self._client.nodes() if "DRAIN" in n.flags and drained_by_us(n.reason)
+        orphans = [n.name for n in self._reads.nodes() if "DRAIN" in n.flags and drained_by_us(n.reason)
                    and n.name not in busy and self._layout.managed(n.name)]  # fmt: skip
         for name in orphans:
             log.warning("%s is drained by hpcserve but no plan is moving it: resuming it", name)

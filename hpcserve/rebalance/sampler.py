@@ -57,14 +57,23 @@ def queue_samples(at: datetime, nodes: Sequence[Node], jobs: Iterable[Job]) -> l
     ]
 
 
+TimedRead = Callable[[], tuple[datetime, Sequence[Job], Sequence[Node]]]
+
+
 class Sampler:
     """Reads Slurm once per ``tick`` and stores the samples. ``down_since`` is set while slurmctld does not
-    answer."""
+    answer.
+
+    ``timed``, when given, reads for it and dates the read (the service's shared view: a read up to a few
+    seconds old while nothing moves, dated when it was made); a read already stored is not stored twice.
+    """
 
     def __init__(
-        self, client: SlurmReader, store: HistoryStore, *, clock: Callable[[], datetime] = utc_now
-    ) -> None:
+        self, client: SlurmReader, store: HistoryStore, *, clock: Callable[[], datetime] = utc_now,
+        timed: TimedRead | None = None,
+    ) -> None:  # fmt: skip
         self._client, self._store, self._clock = client, store, clock
+        self._timed, self._shared = timed or self._now_read, timed is not None
         self.down_since: datetime | None = None
         self.last_sample: datetime | None = None
 
@@ -72,15 +81,21 @@ class Sampler:
         """Sample and store; how many rows were stored, or None when Slurm did not answer (a gap)."""
         at = self._clock()
         try:
-            jobs = self._client.jobs()  # first: squeue fails at once when slurmctld is down
-            nodes = self._client.nodes()
+            read_at, jobs, nodes = self._timed()
         except SlurmCommandError as exc:
             self._gap(at, exc)
             return None
         self._back(at)
-        stored = self._store.add_queue_samples(queue_samples(at, nodes, jobs))
-        self.last_sample = at
+        if self.last_sample is not None and read_at <= self.last_sample and self._shared:
+            return 0  # the shared view's read this sampler has stored already
+        stored = self._store.add_queue_samples(queue_samples(read_at, nodes, jobs))
+        self.last_sample = read_at
         return stored
+
+    def _now_read(self) -> tuple[datetime, Sequence[Job], Sequence[Node]]:
+        at = self._clock()
+        jobs = self._client.jobs()  # first: squeue fails at once when slurmctld is down
+        return at, jobs, self._client.nodes()
 
     def _gap(self, at: datetime, exc: SlurmCommandError) -> None:
         if self.down_since is None:

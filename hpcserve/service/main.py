@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,7 +82,7 @@ def _jobs(site: SiteConfig, policy: Policy, store: HistoryStore, runner: Subproc
     )
     jobs = _serving_jobs(site, policy, store, shared or make_client(site))
     if options.sample_interval_s > 0:
-        sampler = _sampler_tick(shared or make_client(site), store, metrics)
+        sampler = _sampler_tick(shared or make_client(site), store, metrics, options.sample_interval_s)
         ttl_s = max(3 * options.sample_interval_s, 60.0)
         jobs["sampler"] = (leased(store, "sampler", ttl_s, sampler), options.sample_interval_s)
     if options.rebalance_interval_s > 0:
@@ -198,10 +199,14 @@ def leased(
     return run
 
 
-def _sampler_tick(view: SlurmReader, store: HistoryStore, metrics: ServiceMetrics) -> Callable[[], None]:
+def _sampler_tick(view: SlurmReader, store: HistoryStore, metrics: ServiceMetrics,
+                  interval_s: float) -> Callable[[], None]:  # fmt: skip
     from hpcserve.rebalance.sampler import Sampler
+    from hpcserve.slurm.shared_view import SharedView
 
-    sampler = Sampler(view, store)
+    # through the shared view: a read up to min(calm, period) old while calm, dated when it was read
+    timed = partial(view.timed_read, interval_s) if isinstance(view, SharedView) else None
+    sampler = Sampler(view, store, timed=timed)
 
     def tick() -> None:
         try:
@@ -220,7 +225,8 @@ def _rebalance_tick(runner: SubprocessRunner, site: SiteConfig, policy: Policy, 
 
     client = CliSlurmClient(runner, timeout=site.slurm.command_timeout_s)
     ttl_s = max(3 * interval, 120.0)
-    rebalancer = Rebalancer(client, store, site, policy, default_plan_fn(), ttl_s=ttl_s, view=view)
+    planner_view = view.calm_reader() if view is not None else None  # may be calm_s old while calm
+    rebalancer = Rebalancer(client, store, site, policy, default_plan_fn(), ttl_s=ttl_s, view=planner_view)
 
     def tick() -> None:
         report = rebalancer.round()

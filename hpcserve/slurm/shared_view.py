@@ -10,11 +10,14 @@ wraps the service's one Slurm client:
 - the age adapts to the queue: a read that took ``d`` seconds is reused for at least ``ADAPT * d``, so on a
   slow slurmctld (a huge queue) hpcserve spends at most about 1/``ADAPT`` of its time in these RPCs;
 - and to what is moving: while the controller reports its deployments calm (``settle(True)``: every
-  replica ready and answering, nothing done last tick), its own reads (``calm_jobs``, ``calm_nodes``)
-  are reused for ``calm_s``. A replica that stops answering, a pending one, any action or any write ends
-  the calm at once (``settle(False)``). The replicas' health is checked over HTTP every tick either way.
-  The sampler, the planner and the submitter always get a read at most one tick old: the rebalancer picks
-  victims and waits for drains from it;
+  replica ready and answering, nothing done last tick), reads are reused for ``calm_s``: the controller's
+  own (``calm_jobs``, ``calm_nodes``), the sampler's (``timed_read``: its samples carry the time of the
+  read, so none is dated inside an outage) and the rebalancer's (through ``calm_reader()``: the planner
+  plans on minutes of history, the executor looks for orphaned drains there, and re-checks a node's jobs
+  live before it acts). A replica that stops
+  answering, a pending one, any action or any write ends the calm at once (``settle(False)``). The
+  replicas' health is checked over HTTP every tick either way. The replica submitter always gets a read
+  at most one tick old (``jobs()``, ``nodes()``, ``snapshot()``);
 - ``partitions()`` (scontrol show partition) is cached for ``partitions_ttl_s``, the topology (scontrol show
   topology, which changes only with slurm.conf) for ``topology_ttl_s``;
 - a failed read is remembered: until the backoff ends (doubling from ``max_age_s`` up to ``MAX_BACKOFF_S``),
@@ -35,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hpcserve.errors import SlurmCommandError
@@ -105,10 +109,23 @@ class SharedView:
 
     def calm_jobs(self) -> list[Job]:
         """The controller's read: up to ``calm_s`` old while it reports calm."""
-        return list(self._fresh("jobs", calm_ok=True).value)
+        return list(self._fresh("jobs", self.calm_s).value)
 
     def calm_nodes(self) -> list[Node]:
-        return list(self._fresh("nodes", calm_ok=True).value)
+        return list(self._fresh("nodes", self.calm_s).value)
+
+    def timed_read(self, max_age_s: float) -> tuple[datetime, tuple[Job, ...], tuple[Node, ...]]:
+        """The sampler's squeue and sinfo: while calm, up to ``min(calm_s, max_age_s)`` old (its own
+        period bounds it), with the wall time of the older of the two."""
+        calm_age = min(self.calm_s, max_age_s)
+        jobs, nodes = self._fresh("jobs", calm_age), self._fresh("nodes", calm_age)
+        with self._lock:
+            age_s = self._clock() - min(jobs.at, nodes.at)
+        return datetime.now(UTC) - timedelta(seconds=age_s), jobs.value, nodes.value
+
+    def calm_reader(self) -> CalmReader:
+        """This view as the planner reads it: reads up to ``calm_s`` old while calm."""
+        return CalmReader(self)
 
     def partitions(self) -> list[Partition]:
         with self._lock:
@@ -124,11 +141,9 @@ class SharedView:
                 self._topology = (now, self.live.topology())
             return self._topology[1]
 
-    def snapshot(self) -> ClusterSnapshot:
-        from datetime import UTC, datetime
-
-        jobs = self._fresh("jobs").value  # first: squeue fails at once when slurmctld is down
-        nodes, topology = self._fresh("nodes").value, self.topology()
+    def snapshot(self, calm_age_s: float | None = None) -> ClusterSnapshot:
+        jobs = self._fresh("jobs", calm_age_s).value  # first: squeue fails at once when slurmctld is down
+        nodes, topology = self._fresh("nodes", calm_age_s).value, self.topology()
         partitions = tuple(self.partitions())
         return ClusterSnapshot(datetime.now(UTC), with_switches(nodes, topology), jobs, partitions, topology)
 
@@ -156,11 +171,13 @@ class SharedView:
         return passed_through
 
     # -------------------------------------------------------------------------------------- internals
-    def _fresh(self, what: str, calm_ok: bool = False) -> _Read:
+    def _fresh(self, what: str, calm_age_s: float | None = None) -> _Read:
+        """The cached read while it is young enough: ``calm_age_s`` (when given) while calm, else a
+        tick; a slow read lives longer either way."""
         with self._lock:
             now = self._clock()
             read = self._reads.get(what)
-            age = self.calm_s if calm_ok and self.calm else self.max_age_s
+            age = calm_age_s if calm_age_s is not None and self.calm else self.max_age_s
             if read is not None and now - read.at < max(age, ADAPT * read.took_s):
                 return read
             if self._failed is not None and now < self._failed[0]:
@@ -183,3 +200,33 @@ class SharedView:
         self.reads += 1
         self._reads[what] = _Read(value, end, end - start)
         return self._reads[what]
+
+
+class CalmReader:
+    """A ``SlurmReader`` over a shared view whose unfiltered reads may be ``calm_s`` old while the
+    controller reports calm (the planner's); writes seen elsewhere still drop the cache
+    (``invalidate``)."""
+
+    def __init__(self, view: SharedView) -> None:
+        self._view = view
+
+    def ping(self) -> Ping:
+        return self._view.ping()
+
+    def jobs(self, filt: JobFilter | None = None) -> list[Job]:
+        return self._view.jobs(filt) if filt is not None else self._view.calm_jobs()
+
+    def nodes(self) -> list[Node]:
+        return self._view.calm_nodes()
+
+    def partitions(self) -> list[Partition]:
+        return self._view.partitions()
+
+    def topology(self) -> Topology:
+        return self._view.topology()
+
+    def snapshot(self) -> ClusterSnapshot:
+        return self._view.snapshot(self._view.calm_s)
+
+    def invalidate(self) -> None:
+        self._view.invalidate()
