@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
@@ -150,12 +150,36 @@ class PrewarmRules(Frozen):
         return self
 
 
+class IdleActions(Frozen):
+    """What the service does about a flagged job, per kind: ``notify`` (a log line, /metrics and
+    ``hpcserve idle``) or, for inference, ``scale_down`` (one replica fewer, never below the deployment's
+    ``min_replicas``)."""
+
+    training: Literal["notify"] = "notify"
+    inference: Literal["notify", "scale_down"] = "notify"
+
+
+class IdleRules(Frozen):
+    """When a job's GPUs count as idle (``hpcserve.telemetry.idle``): averaged under
+    ``gpu_util_below_pct`` over the last ``window_s``, sampled throughout (no gap between readings longer
+    than ``sample_gap_s``); or, a replica, allocated and serving no request for ``replica_no_requests_s``
+    (None: replicas are judged by their GPUs only)."""
+
+    gpu_util_below_pct: float = Field(default=20.0, gt=0, le=100)
+    window_s: int = Field(default=1800, gt=0)
+    replica_no_requests_s: int | None = Field(default=1800, gt=0)
+    sample_gap_s: int = Field(default=120, gt=0)
+    action: IdleActions = Field(default_factory=IdleActions)
+
+
 class Policy(Frozen):
-    """Job classes -> their rules (all four are required), the rebalancer's rules and pre-warm's."""
+    """Job classes -> their rules (all four are required), the rebalancer's rules, pre-warm's and the idle
+    rules."""
 
     classes: dict[JobClassName, JobClass]
     rebalance: RebalanceRules = Field(default_factory=RebalanceRules)
     prewarm: PrewarmRules = Field(default_factory=PrewarmRules)
+    idle: IdleRules = Field(default_factory=IdleRules)
 
     @model_validator(mode="after")
     def _all_classes(self) -> Policy:
