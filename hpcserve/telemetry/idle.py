@@ -1,0 +1,123 @@
+"""Which running jobs hold GPUs they do not use: the idle decision. Pure (import-linter checks it): the
+service's idle tick (``hpcserve.service.idle_tick``) loads the readings, jobs and replica activity, and
+acts on what this returns.
+
+A running job is flagged when either holds:
+- **low utilisation**: it ran for the whole window (``idle.window_s``), its GPUs were read throughout it
+  (the first reading at most ``sample_gap_s`` after the window began, the last at most that long ago, and no
+  two further apart), and their mean ``util_pct`` over the window is under ``gpu_util_below_pct``. A job
+  without readings is never flagged for utilisation: no telemetry is not proof of idleness;
+- **no requests** (replicas only, ``replica_no_requests_s`` set): nothing was seen running or waiting on its
+  engine for that long, counted from its last request, or from its start if it never served one.
+
+``since`` is when the idle stretch began: the start of the window that first flagged it (a job still flagged
+keeps the ``since`` of the last tick), or the replica's last request. **GPU-hours wasted** = the job's GPUs x
+the hours since ``since``: the GPU time the job held while flagged, the window that proved it included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from itertools import pairwise
+from typing import Any
+
+from hpcserve.config.policy import IdleRules
+from hpcserve.model.cluster import TAG_PREFIX, Job, JobState
+from hpcserve.model.telemetry import GpuSample, IdleFlag
+from hpcserve.serving.tags import parse_replica_tag
+
+INFERENCE_TAG_KINDS = ("replica", "inference")
+
+
+def job_kind(job: Job) -> str:
+    """Kind "inference" for a replica or a job tagged ``hpcserve:inference:...``; "training" otherwise."""
+    tag = job.tag or ""
+    kind = tag.removeprefix(TAG_PREFIX).split(":", 1)[0] if tag.startswith(TAG_PREFIX) else ""
+    return "inference" if kind in INFERENCE_TAG_KINDS or parse_replica_tag(tag) else "training"
+
+
+def idle_flags(
+    samples_by_job: Mapping[str, Sequence[GpuSample]],
+    running_jobs: Iterable[Job],
+    replica_activity: Mapping[str, datetime | None],
+    policy: IdleRules,
+    now: datetime,
+    *,
+    previous: Mapping[str, datetime] | None = None,
+) -> list[IdleFlag]:
+    """The flags of ``running_jobs`` now, most GPU-hours wasted first.
+
+    ``samples_by_job``: readings by job id (at least the last ``window_s``; older ones are ignored).
+    ``replica_activity``: for each replica's job id, when its engine was last seen serving a request (None:
+    never). ``previous``: the ``since`` of each job flagged at the last tick, kept while it stays flagged.
+    """
+    flags = []
+    for job in running_jobs:
+        if job.state != JobState.RUNNING or job.start is None:
+            continue
+        flag = _flag(job, samples_by_job.get(job.id, ()), replica_activity, policy, now, previous or {})
+        if flag is not None:
+            flags.append(flag)
+    return sorted(flags, key=lambda f: (-f.gpu_hours_wasted, f.job_id))
+
+
+def _flag(
+    job: Job, samples: Sequence[GpuSample], activity: Mapping[str, datetime | None], policy: IdleRules,
+    now: datetime, previous: Mapping[str, datetime],
+) -> IdleFlag | None:  # fmt: skip
+    assert job.start is not None
+    start = now - timedelta(seconds=policy.window_s)
+    window = [s for s in samples if start <= s.at <= now]
+    mean = sum(s.util_pct for s in window) / len(window) if window else None
+    found: list[tuple[datetime, str]] = []
+    low = mean is not None and mean < policy.gpu_util_below_pct and job.start <= start
+    if low and covered([s.at for s in window], start, now, policy.sample_gap_s):
+        since = min(previous.get(job.id, start), start)
+        found.append((since, f"GPUs averaged {mean:.0f}% for {span(policy.window_s)} "
+                             f"(< {policy.gpu_util_below_pct:g}%)"))  # fmt: skip
+    if policy.replica_no_requests_s is not None and job.id in activity:
+        quiet_from = max(activity[job.id] or job.start, job.start)
+        quiet_s = (now - quiet_from).total_seconds()
+        if quiet_s >= policy.replica_no_requests_s:
+            what = "since it started" if activity[job.id] is None else "since its last one"
+            found.append((quiet_from, f"served no request for {span(quiet_s)} ({what})"))
+    if not found:
+        return None
+    since = min(at for at, _ in found)
+    gpus = max(job.gpus, len({s.gpu_index for s in samples}))
+    wasted = gpus * max((now - since).total_seconds(), 0.0) / 3600
+    reason = "; ".join(text for _, text in found)
+    return IdleFlag(job.id, job.user, job_kind(job), reason, since, gpus, round(wasted, 4), mean)
+
+
+def covered(times: Sequence[datetime], start: datetime, end: datetime, gap_s: float) -> bool:
+    """Whether readings at ``times`` cover ``[start, end]`` with no hole longer than ``gap_s``."""
+    if not times:
+        return False
+    ordered = sorted(set(times))
+    edges = [start, *ordered, end]
+    return all((b - a).total_seconds() <= gap_s for a, b in pairwise(edges))
+
+
+def span(seconds: float) -> str:
+    """A duration for a reason line: "45 s", "30 min", "2.5 h"."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def flag_to_json(flag: IdleFlag) -> dict[str, Any]:
+    """A flag as the service stores and serves it (``since`` in ISO 8601)."""
+    return {"job_id": flag.job_id, "user": flag.user, "kind": flag.kind, "reason": flag.reason,
+            "since": flag.since.isoformat(), "gpus": flag.gpus, "gpu_hours_wasted": flag.gpu_hours_wasted,
+            "mean_util_pct": flag.mean_util_pct}  # fmt: skip
+
+
+def flag_from_json(data: Mapping[str, Any]) -> IdleFlag:
+    mean = data.get("mean_util_pct")
+    return IdleFlag(str(data["job_id"]), str(data["user"]), str(data["kind"]), str(data["reason"]),
+                    datetime.fromisoformat(str(data["since"])), int(data["gpus"]),
+                    float(data["gpu_hours_wasted"]), None if mean is None else float(mean))  # fmt: skip
