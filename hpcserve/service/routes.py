@@ -9,9 +9,11 @@ from aiohttp import web
 
 ROUTE_MODULES = (
     "hpcserve.service.routes_deployments",  # deployments: create, list, show, scale, share, remove, logs
-    "hpcserve.service.routes_keys",  # API keys: create, list, revoke; usage
+    "hpcserve.service.routes_keys",  # API keys: create, list, revoke; their usage per day
+    "hpcserve.service.routes_usage",  # usage: GPU-hours, cost and tokens per user, account, deployment...
     "hpcserve.service.routes_replicas",  # replicas announcing themselves with their secret
     "hpcserve.service.routes_admin",  # history and plans (read); rebalance, move, drain (admins)
+    "hpcserve.service.routes_telemetry",  # GPU telemetry: jobs report, users read theirs; idle jobs (admins)
 )
 
 
