@@ -335,13 +335,13 @@ def test_service_samples_the_queue_and_serves_metrics(tmp_path: Path, slurm_env:
                 text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
             except httpx.HTTPError:
                 return False
-            return re.search(r'hpcserve_service_ticks_total\{job="sampler"\} [2-9]', text) is not None
+            return re.search(r'hpcserve_service_ticks_total\{task="sampler"\} [2-9]', text) is not None
 
         wait_until(sampled_twice, timeout=60, interval=0.5)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert 'hpcserve_service_errors_total{job="sampler"}' not in text or 'job="sampler"} 0.0' in text
+    assert 'hpcserve_service_errors_total{task="sampler"}' not in text or 'task="sampler"} 0.0' in text
     stamp = re.search(r"^hpcserve_sampler_last_sample_timestamp_seconds (\S+)$", text, re.MULTILINE)
     assert stamp is not None and abs(float(stamp[1]) - time.time()) < 60
     with HistoryStore(f"sqlite:///{tmp_path}/h.db") as store:

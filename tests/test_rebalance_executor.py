@@ -494,8 +494,8 @@ def test_the_guard_logs_a_lost_database_in_one_line_and_counts_it(caplog: pytest
     assert line.getMessage() == "sampler: database unavailable (connection refused); the next tick retries"
     assert line.exc_info is None
     value = metrics.registry.get_sample_value
-    assert value("hpcserve_service_ticks_total", {"job": "sampler"}) == 2
-    assert value("hpcserve_service_errors_total", {"job": "sampler"}) == 1
+    assert value("hpcserve_service_ticks_total", {"task": "sampler"}) == 2
+    assert value("hpcserve_service_errors_total", {"task": "sampler"}) == 1
 
 
 # ------------------------------------------------------------------------------------------ history

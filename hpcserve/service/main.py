@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hpcserve.service")
 RETENTION_S = 3600.0
+METRICS_INTERVAL_S = 15.0
 Jobs = dict[str, tuple[Callable[[], object], float]]
 
 
@@ -54,7 +55,7 @@ def run_service(site: SiteConfig, policy: Policy, store: HistoryStore, runner: S
     """Run the jobs (and, unless ``once``, the API and /metrics) until the process is stopped."""
     from hpcserve.service.metrics import ServiceMetrics
 
-    metrics = ServiceMetrics()
+    metrics = ServiceMetrics(site.cost.price)
     jobs = _jobs(site, policy, store, runner, metrics, options)
     if options.once:
         for name, (func, _) in jobs.items():
@@ -89,7 +90,19 @@ def _jobs(site: SiteConfig, policy: Policy, store: HistoryStore, runner: Subproc
         interval = options.rebalance_interval_s
         rebalance = _rebalance_tick(runner, site, policy, store, metrics, interval, shared)
         jobs["rebalance"] = (rebalance, interval)
+    jobs["metrics"] = (_metrics_tick(store, metrics, options), METRICS_INTERVAL_S)
     return jobs
+
+
+def _metrics_tick(
+    store: HistoryStore, metrics: ServiceMetrics, options: ServiceOptions
+) -> Callable[[], None]:
+    """/metrics' figures from the database: replicas, plans, evictions, and the leases this process holds."""
+    from hpcserve.serving.wiring import LOCK
+    from hpcserve.store.leases import holder_id
+
+    leases = [LOCK, "retention", *(["sampler"] if options.sample_interval_s > 0 else [])]
+    return partial(metrics.look, store, holder_id(), leases)
 
 
 def _guarded(
@@ -205,7 +218,7 @@ def _sampler_tick(view: SlurmReader, store: HistoryStore, metrics: ServiceMetric
     from hpcserve.slurm.shared_view import SharedView
 
     # through the shared view: a read up to min(calm, period) old while calm, dated when it was read
-    timed = partial(view.timed_read, interval_s) if isinstance(view, SharedView) else None
+    timed = metrics.reading(partial(view.timed_read, interval_s)) if isinstance(view, SharedView) else None
     sampler = Sampler(view, store, timed=timed)
 
     def tick() -> None:

@@ -56,3 +56,14 @@ def take_lease(store: HistoryStore, name: str, holder: str, ttl_s: float, now: d
     if taken:
         log.warning("lease %r: its holder %s is gone (crashed?); taken over by %s", name, previous, holder)
     return taken
+
+
+def leases_held(store: HistoryStore, holder: str, now: datetime) -> dict[str, bool]:
+    """Every lease in the database by name: whether ``holder`` holds it at ``now`` (named and unexpired)."""
+    from sqlalchemy import select
+
+    from hpcserve.store.schema import LockRow
+
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(LockRow.name, LockRow.holder, LockRow.expires_at)).all()
+    return {name: who == holder and until > now for name, who, until in rows}
