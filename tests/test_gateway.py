@@ -270,7 +270,7 @@ def test_buffered_at_zero_then_answered_when_a_replica_appears() -> None:
             assert not any(t.done() for t in tasks)
             assert r.samples[-1].buffered == 3 and r.samples[-1].deployment == "m"
             async with r.http.get(r.admin + "/metrics") as resp:
-                assert 'hpcserve_gateway_buffered{deployment="m"} 3.0' in await resp.text()
+                assert 'hpcserve_gateway_buffered_requests{model="m"} 3.0' in await resp.text()
             r.routes.set(DeploymentRoute("m", r.endpoints(0)))
             assert [(await t)[0] for t in tasks] == [200, 200, 200]
             assert [b["prompt"] for b in r.ups[0].bodies] == ["q0", "q1", "q2"]  # first in, first out
@@ -400,8 +400,9 @@ def test_usage_counted_per_key_and_sent_to_the_sink() -> None:
     run(scenario)
 
 
-FAMILIES = ["requests_total", "prompt_tokens_total", "completion_tokens_total", "buffered", "inflight",
-            "requests_per_s", "tokens_per_s", "ttft_seconds_bucket", "request_seconds_bucket"]  # fmt: skip
+FAMILIES = ["requests_total", "prompt_tokens_total", "completion_tokens_total", "queued_requests",
+            "buffered_requests", "inflight_requests", "requests_per_second", "completion_tokens_per_second",
+            "ttft_seconds_bucket", "request_seconds_bucket"]  # fmt: skip
 
 
 def test_metrics_has_the_families_and_health_answers() -> None:

@@ -88,11 +88,13 @@ async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of /metrics (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    """The value of one sample of /metrics (0 when absent), its labels in any order."""
+    want = {f'{k}="{v}"' for k, v in labels.items()}
     for line in text.splitlines():
-        if line.startswith(f"hpcserve_gateway_{name}{{{want}}} "):
-            return float(line.rsplit(" ", 1)[1])
+        head, _, value = line.rpartition(" ")
+        family, _, rest = head.partition("{")
+        if family == f"hpcserve_gateway_{name}" and set(rest.rstrip("}").split(",")) == want:
+            return float(value)
     return 0.0
 
 
@@ -123,8 +125,8 @@ async def shed_run(decode_s: float) -> tuple[int, int, list[int]]:
         evicted = [int(h["Retry-After"]) for s, h, _ in answers if s == 503]
         assert evicted and all(s in (200, 503) for s, _, _ in answers)
         text = await rig.metrics()
-        assert metric(text, "shed_total", deployment="m", priority="batch", reason="overload") == 1
-        assert metric(text, "shed_total", deployment="m", priority="batch", reason="evicted") == len(evicted)
+        assert metric(text, "shed_total", model="m", priority="batch", reason="overload") == 1
+        assert metric(text, "shed_total", model="m", priority="batch", reason="evicted") == len(evicted)
         shed_lines = [line for line in text.splitlines() if line.startswith("hpcserve_gateway_shed_total{")]
         assert shed_lines and not [line for line in shed_lines if 'priority="interactive"' in line]
         return int(headers["Retry-After"]), expected, evicted
@@ -271,7 +273,7 @@ def test_the_fallback_serves_keys_that_allow_it_and_never_others() -> None:
                 assert status == 200 and answer["model"] == "big" and "X-Hpcserve-Fallback" not in headers
             await asyncio.gather(*busy)
             text = await rig.metrics()
-            assert metric(text, "fallback_total", deployment="big", fallback="small") == 1
+            assert metric(text, "fallback_total", model="big", fallback="small") == 1
 
     run(scenario)
 
@@ -299,6 +301,6 @@ def test_max_tokens_is_capped_while_requests_wait_and_only_then() -> None:
             assert (await queued)[2]["usage"]["completion_tokens"] == 30  # arrived to an empty queue
             status, headers, answer = await rig.post(INTERACTIVE, ask)  # calm again
             assert answer["usage"]["completion_tokens"] == 30 and "X-Hpcserve-Max-Tokens" not in headers
-            assert metric(await rig.metrics(), "overload_capped_total", deployment="m") == 1
+            assert metric(await rig.metrics(), "overload_capped_total", model="m") == 1
 
     run(scenario)

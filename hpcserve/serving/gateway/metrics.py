@@ -1,16 +1,19 @@
 """Prometheus metrics of one gateway app, in its own registry (no module-global state).
 
-Families (all ``hpcserve_gateway_*``):
+Families (all ``hpcserve_gateway_*``; ``model`` is the deployment's name, as the gateway routes it):
 - ``requests_total{model,key,code}``, ``prompt_tokens_total{model,key}``,
-  ``completion_tokens_total{model,key}``: counters, read from ``Stats`` at scrape time;
-- ``buffered{deployment}`` (the scale-from-zero queue), ``inflight{deployment}``,
-  ``requests_per_s{deployment}``, ``tokens_per_s{deployment}`` (completion tokens): gauges, likewise;
+  ``completion_tokens_total{model,key}``: counters, read from ``Stats`` at scrape time (tokens/s:
+  ``rate(hpcserve_gateway_completion_tokens_total[1m])``);
+- ``queued_requests{model}`` (everything waiting in this gateway: for a ready replica or for a slot),
+  ``buffered_requests{model}`` (the scale-from-zero queue), ``inflight_requests{model}``,
+  ``requests_per_second{model}``, ``completion_tokens_per_second{model}`` (the gateway's own smoothed
+  rates, as the autoscaler sees them): gauges, likewise;
 - ``ttft_seconds{model}`` (request received to first byte sent), ``request_seconds{model}`` (end to
   end): histograms;
-- overload (queue.py): ``queued{deployment,priority}`` (waiting for a slot), ``drain_rate{deployment}``
-  (requests/s a saturated deployment finishes; absent while unknown) gauges; ``shed_total{deployment,
-  priority,reason}``, ``fallback_total{deployment,fallback}``, ``overload_capped_total{deployment}``
-  (max_tokens lowered by the overload cap) counters.
+- overload (queue.py): ``waiting_requests{model,priority}`` (waiting for a slot),
+  ``drain_rate_requests_per_second{model}`` (requests/s a saturated deployment finishes; absent while
+  unknown) gauges; ``shed_total{model,priority,reason}``, ``fallback_total{model,fallback}``,
+  ``overload_capped_total{model}`` (max_tokens lowered by the overload cap) counters.
 """
 
 from __future__ import annotations
@@ -35,9 +38,16 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
 
 class _StatsCollector(Collector):
     def __init__(
-        self, stats: Stats, deployments: Callable[[], Collection[str]], buffered: Callable[[str], int]
+        self,
+        stats: Stats,
+        deployments: Callable[[], Collection[str]],
+        buffered: Callable[[str], int],
+        gate: Gate | None = None,
     ):
-        self.stats, self.deployments, self.buffered = stats, deployments, buffered
+        self.stats, self.deployments, self.buffered, self.gate = stats, deployments, buffered, gate
+
+    def queued(self, deployment: str) -> int:
+        return self.buffered(deployment) + (self.gate.waiting(deployment) if self.gate is not None else 0)
 
     def collect(self) -> Iterator[Metric]:
         yield from self._counters()
@@ -65,17 +75,26 @@ class _StatsCollector(Collector):
         names = sorted(self.deployments())
         stats = self.stats
         values: list[tuple[str, str, Callable[[str], float]]] = [
-            ("buffered", "Requests waiting for a ready replica", self.buffered),
-            ("inflight", "Requests being answered by a replica", lambda d: stats.inflight.get(d, 0)),
             (
-                "requests_per_s",
-                "Requests sent to replicas per second",
+                "queued_requests",
+                "Requests waiting in the gateway (for a ready replica or a slot)",
+                self.queued,
+            ),
+            ("buffered_requests", "Requests waiting for a ready replica", self.buffered),
+            ("inflight_requests", "Requests being answered by a replica", lambda d: stats.inflight.get(d, 0)),
+            (
+                "requests_per_second",
+                "Requests sent to replicas per second (smoothed)",
                 lambda d: stats.requests_per_s.get(d, 0.0),
             ),
-            ("tokens_per_s", "Completion tokens per second", lambda d: stats.tokens_per_s.get(d, 0.0)),
+            (
+                "completion_tokens_per_second",
+                "Completion tokens per second (smoothed)",
+                lambda d: stats.tokens_per_s.get(d, 0.0),
+            ),
         ]
         for name, doc, value in values:
-            family = GaugeMetricFamily(PREFIX + name, doc, labels=["deployment"])
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["model"])
             for d in names:
                 family.add_metric([d], value(d))
             yield family
@@ -107,16 +126,16 @@ class _OverloadCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         lanes = sorted(self.gate.lanes.items())
-        queued = GaugeMetricFamily(PREFIX + "queued", "Requests waiting for a slot",
-                                   labels=["deployment", "priority"])  # fmt: skip
-        rate = GaugeMetricFamily(PREFIX + "drain_rate", "Requests/s a saturated deployment finishes",
-                                 labels=["deployment"])  # fmt: skip
+        queued = GaugeMetricFamily(PREFIX + "waiting_requests", "Requests waiting for a slot",
+                                   labels=["model", "priority"])  # fmt: skip
+        rate = GaugeMetricFamily(PREFIX + "drain_rate_requests_per_second",
+                                 "Requests/s a saturated deployment finishes", labels=["model"])  # fmt: skip
         shed = CounterMetricFamily(PREFIX + "shed", "Requests shed (503) under overload",
-                                   labels=["deployment", "priority", "reason"])  # fmt: skip
+                                   labels=["model", "priority", "reason"])  # fmt: skip
         fallback = CounterMetricFamily(PREFIX + "fallback", "Requests sent to the fallback deployment",
-                                       labels=["deployment", "fallback"])  # fmt: skip
+                                       labels=["model", "fallback"])  # fmt: skip
         capped = CounterMetricFamily(PREFIX + "overload_capped", "Requests whose max_tokens the overload "
-                                     "cap lowered", labels=["deployment"])  # fmt: skip
+                                     "cap lowered", labels=["model"])  # fmt: skip
         for name, lane in lanes:
             for priority in PRIORITIES:
                 queued.add_metric([name, priority], lane.queue.depth(priority))
@@ -142,7 +161,7 @@ class GatewayMetrics:
         gate: Gate | None = None,
     ):
         self.registry = CollectorRegistry()
-        self.registry.register(_StatsCollector(stats, deployments, buffered))
+        self.registry.register(_StatsCollector(stats, deployments, buffered, gate))
         if gate is not None:
             self.registry.register(_OverloadCollector(gate))
         self.histograms: dict[str, tuple[Buckets, Buckets]] = {}  # model -> (ttft, latency)
