@@ -29,7 +29,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -50,12 +50,13 @@ if TYPE_CHECKING:
     from hpcserve.model.cluster import Job, Node
     from hpcserve.rebalance.control import RoundReport
     from hpcserve.rebalance.sampler import Sampler
-    from hpcserve.store import HistoryStore
+    from hpcserve.store import HistoryStore, Replica
 
 TimedRead = Callable[[], tuple[datetime, Sequence["Job"], Sequence["Node"]]]
 Rows = Iterable[tuple[Sequence[str], float]]
 PLAN_STATES = ("done", "failed", "aborted")
 RECENT_PLANS = 50
+ENGINE_STATES = frozenset({"starting", "ready", "draining"})
 
 
 def no_price(gpu_type: str | None) -> float:
@@ -86,8 +87,24 @@ class ServiceMetrics:
         reg.register(_FiguresCollector(self.watched))
 
     def serve(self, port: int, addr: str) -> None:
-        """/metrics on ``addr:port``: the site's admin address (``service.metrics_listen``), not the API's."""
-        start_http_server(port, addr=addr, registry=self.registry)
+        """/metrics on ``addr:port``: the site's admin address (``service.metrics_listen``), not the API's;
+        and ``/sd/engines``, the replicas' engines for Prometheus's ``http_sd_configs``."""
+        from hpcserve.service.metrics_http import serve_metrics
+
+        serve_metrics(addr, port, make_wsgi_app(self.registry), {"/sd/engines": self.engine_targets})
+
+    def engine_targets(self) -> list[dict[str, object]]:
+        """Prometheus HTTP service discovery: one target group per replica engine that may answer."""
+        with self.watched.lock:
+            replicas = list(self.watched.engines)
+        return [
+            {
+                "targets": [f"{r.host}:{r.port}"],
+                "labels": {"deployment": r.deployment, "replica": str(r.index)},
+            }
+            for r in replicas
+            if r.host and r.port and r.state in ENGINE_STATES
+        ]
 
     def ticked(self, task: str) -> None:
         self.ticks.labels(task=task).inc()
@@ -134,6 +151,7 @@ class ServiceMetrics:
         with self.watched.lock:
             w = self.watched
             w.deployments = deployment_figures(deployments, replicas, w.cluster)
+            w.engines = tuple(replicas)
             w.replicas.look(replicas)
             w.plans.look(plans)
             w.lost.look(lost, now)
@@ -147,6 +165,7 @@ class Watched:
         self.lock = threading.Lock()
         self.cluster: ClusterFigures | None = None
         self.deployments: DeploymentFigures | None = None
+        self.engines: tuple[Replica, ...] = ()
         self.replicas, self.plans = ReplicaWatch(), PlanWatch()
         self.lost, self.leases = LostWorkWatch(), LeaseWatch()
 
