@@ -11,7 +11,7 @@ this job's samples, so the reporter stops.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -29,7 +29,7 @@ class ReplicaIdentity:
 
     deployment: str
     index: int
-    secret: str
+    secret: str = field(repr=False)
 
 
 class Outcome(Enum):
