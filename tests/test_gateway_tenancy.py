@@ -281,5 +281,5 @@ def test_an_unreachable_model_at_zero_is_not_woken_and_metrics_stay_off_the_publ
     text = rig.log.read_text()
     assert "malformed request from" in text and "Traceback" not in text
 
-    usage = json.loads(rig.cli("alice", "usage", "--json").stdout)
+    usage = json.loads(rig.cli("alice", "keys", "usage", "--json").stdout)
     assert usage == [] or all(row["key_id"] == alice["id"] for row in usage)

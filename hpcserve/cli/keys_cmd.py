@@ -1,4 +1,4 @@
-"""``hpcserve keys create|list|revoke`` and ``hpcserve usage``: gateway API keys, made and read through the
+"""``hpcserve keys create|list|revoke|usage``: gateway API keys, made and read through the
 service (the CLI never opens the database). A key is printed once, when it is made."""
 
 from __future__ import annotations
@@ -118,19 +118,19 @@ def revoke(ctx: Context, /, key_id: str, as_json: bool) -> None:
     click.echo(f"key {done['id']} revoked")
 
 
-@click.command(short_help="Gateway usage of your API keys.")
+@keys.command("usage", short_help="Requests and tokens per day of your keys.")
 @click.option("--since", "since_days", type=click.FloatRange(0), help="Only the last DAYS days.")
 @click.option("--all", "everyone", is_flag=True, help="Every user's keys (admins).")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.pass_obj
 def usage(ctx: Context, /, since_days: float | None, everyone: bool, as_json: bool) -> None:
-    """Requests and tokens per day, key and model, of your keys."""
+    """Requests and tokens per day, key and model, of your keys (GPU-hours and cost: hpcserve usage)."""
     from urllib.parse import urlencode
 
     from hpcserve.cli.output import emit_json, emit_table
 
     query = {k: v for k, v in (("since", since_days), ("all", 1 if everyone else None)) if v is not None}
-    rows = _call(ctx, "GET", "/v1/usage" + (f"?{urlencode(query)}" if query else ""))
+    rows = _call(ctx, "GET", "/v1/keys/usage" + (f"?{urlencode(query)}" if query else ""))
     if as_json:
         emit_json(rows)
         return

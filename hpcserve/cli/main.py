@@ -132,7 +132,7 @@ LAZY_COMMANDS = {
     "engine-sim": "hpcserve.cli.engine_cmd:engine_sim",
     "gateway": "hpcserve.cli.gateway_cmd:gateway",
     "keys": "hpcserve.cli.keys_cmd:keys",
-    "usage": "hpcserve.cli.keys_cmd:usage",
+    "usage": "hpcserve.cli.usage_cmd:usage",
     "db": "hpcserve.cli.db_cmd:db",
     "serve": "hpcserve.cli.serve_cmds:serve",
     "deployments": "hpcserve.cli.serve_cmds:deployments",

@@ -1,6 +1,7 @@
-"""API keys and usage: ``POST /v1/keys`` (create; the key is in this answer only), ``GET /v1/keys``
-(``?all=1``: every user's, admins only), ``DELETE /v1/keys/{id}``, ``GET /v1/usage`` (``?since=DAYS``,
-``?all=1``). The logic and its ownership rules are in ``hpcserve.api.keys``."""
+"""API keys and their usage: ``POST /v1/keys`` (create; the key is in this answer only), ``GET /v1/keys``
+(``?all=1``: every user's, admins only), ``DELETE /v1/keys/{id}``, ``GET /v1/keys/usage`` (``?since=DAYS``,
+``?all=1``; GPU-hours and cost are ``GET /v1/usage``, in routes_usage). The logic and its ownership rules
+are in ``hpcserve.api.keys``."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     return web.json_response(keys.key_view(record))
 
 
-@routes.get("/v1/usage")
+@routes.get("/v1/keys/usage")
 async def usage(request: web.Request) -> web.Response:
     caller, api = caller_of(request), api_of(request)
     since = _number(request, "since")

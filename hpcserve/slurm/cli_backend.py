@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 
 from hpcserve.errors import SlurmCommandError
+from hpcserve.model.usage import GpuAllocation
 from hpcserve.slurm import parsers
 from hpcserve.slurm.commands import (
     batch_script_argv,
@@ -18,6 +19,7 @@ from hpcserve.slurm.commands import (
     release_argv,
     requeue_argv,
     sacct_argv,
+    sacct_usage_argv,
     scancel_argv,
     signal_argv,
     squeue_argv,
@@ -111,6 +113,13 @@ class CliSlurmClient:
         nonce = new_nonce()
         return parsers.parse_sacct(self._run(sacct_argv(job_ids, nonce)), nonce)
 
+    def gpu_allocations(self, since: datetime, until: datetime, user: str | None) -> list[GpuAllocation]:
+        """Every allocation that ran in ``[since, until]``, in one sacct read: ``user``'s only, or (None)
+        every user's (``--allusers``)."""
+        nonce = new_nonce()
+        argv = sacct_usage_argv(_sacct_time(since), _sacct_time(until), user, nonce)
+        return parsers.parse_sacct_usage(self._run(argv), nonce)
+
     # ---------------------------------------------------------------------------------------- writes
     def submit(self, script: str, sbatch_args: Sequence[str] = ()) -> str:
         """``sbatch --parsable ARGS`` with the script on stdin; returns the job id."""
@@ -153,6 +162,11 @@ class CliSlurmClient:
 
     def batch_script(self, job_id: str) -> str:
         return self._run(batch_script_argv(job_id))
+
+
+def _sacct_time(at: datetime) -> str:
+    """sacct reads times in its own local time zone, to the second."""
+    return at.astimezone().strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _reported_errors(text: str) -> bool:

@@ -141,6 +141,24 @@ def sacct_argv(job_ids: Iterable[str], nonce: str) -> list[str]:
             f"--format={','.join(SACCT_FIELDS)}", f"--jobs={','.join(ids)}"]  # fmt: skip
 
 
+# hpcserve usage's sacct fields: the two a user writes last (slurmdbd keeps a comment only with
+# AccountingStoreFlags=job_comment; without it Comment is empty)
+USAGE_FIELDS = (
+    "JobIDRaw", "User", "Account", "Partition", "State", "NodeList", "AllocTRES", "Start", "End",
+    "ElapsedRaw", "JobName", "Comment",
+)  # fmt: skip
+
+
+def sacct_usage_argv(since: str, until: str, user: str | None, nonce: str) -> list[str]:
+    """One sacct read of every allocation that ran in ``[since, until]`` (local times, as sacct takes them:
+    ``2026-12-07T18:00:00``): -X allocations only, -D each run of a requeued job, --noconvert raw units.
+    ``user`` None: every user's (``--allusers``, for admins); otherwise only that user's."""
+    who = "--allusers" if user is None else f"--user={_plain_name('user', user)}"
+    return ["sacct", "-n", "-X", "-D", "--noconvert", "--parsable", f"--delimiter={record_mark(nonce)}",
+            f"--format={','.join(USAGE_FIELDS)}", f"--starttime={since}", f"--endtime={until}",
+            who]  # fmt: skip
+
+
 def _plain_name(what: str, name: str) -> str:
     """A node or partition name as one ``Key=Value`` word: no spaces, ``=``, commas or brackets."""
     if not name or any(ch in name for ch in " \t\n=,[]\"'"):

@@ -37,7 +37,16 @@ from typing import Protocol
 
 from hpcserve.errors import SlurmParseError
 from hpcserve.hostlists import expand
-from hpcserve.slurm.commands import NONCE, SACCT_FIELDS, SEP, SQUEUE_FIELDS, SQUEUE_FREE_TEXT, record_mark
+from hpcserve.model.usage import GpuAllocation
+from hpcserve.slurm.commands import (
+    NONCE,
+    SACCT_FIELDS,
+    SEP,
+    SQUEUE_FIELDS,
+    SQUEUE_FREE_TEXT,
+    USAGE_FIELDS,
+    record_mark,
+)
 from hpcserve.slurm.models import (
     AccountingRecord,
     Job,
@@ -319,6 +328,41 @@ def _accounting(c: list[str]) -> AccountingRecord:
         end=parse_timestamp(c[11]),
         elapsed_s=int(c[12]) if c[12].isdigit() else 0,
     )
+
+
+def gpu_tres(tres: str) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """AllocTRES -> (``gres/gpu=N``, the typed ``gres/gpu:TYPE=N`` entries): ``billing=4,gres/gpu=4,
+    gres/gpu:a100=3,gres/gpu:l40s=1`` -> (4, (("a100", 3), ("l40s", 1)))."""
+    typed = []
+    for item in tres.split(","):
+        key, _, value = item.partition("=")
+        if key.startswith("gres/gpu:") and value.isdigit():
+            typed.append((key.removeprefix("gres/gpu:"), int(value)))
+    return gpus_from_tres(tres), tuple(typed)
+
+
+def parse_sacct_usage(text: str, nonce: str) -> list[GpuAllocation]:
+    """Parse ``sacct_usage_argv``'s output (every field ends with the mark; the job name and the comment,
+    which a user writes, come last). A record that does not parse is dropped (and logged)."""
+    mark = record_mark(nonce)
+    out = []
+    for record in _records(text_lines(text), mark + "\n", "sacct"):
+        c = record.split(mark)
+        if len(c) != len(USAGE_FIELDS) or not c[0].isdigit():
+            _log_dropped("sacct", record)
+            continue
+        out.append(_allocation(c))
+    return out
+
+
+def _allocation(c: list[str]) -> GpuAllocation:
+    gpus, typed = gpu_tres(c[6])
+    return GpuAllocation(
+        job_id=c[0], user=c[1], account=_clean(c[2]), partition=_clean(c[3]), state=c[4].split(" ", 1)[0],
+        nodes=expand(c[5]) if _clean(c[5]) and c[5] != "None assigned" else (), gpus=gpus, gpu_types=typed,
+        start=parse_timestamp(c[7]), end=parse_timestamp(c[8]),
+        elapsed_s=int(c[9]) if c[9].isdigit() else 0, name=c[10], comment=c[11],
+    )  # fmt: skip
 
 
 def parse_sbatch(text: str) -> str:

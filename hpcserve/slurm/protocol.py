@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from datetime import datetime
 
+    from hpcserve.model.usage import GpuAllocation
     from hpcserve.slurm.models import AccountingRecord, ClusterSnapshot, Job, Node, Partition, Topology
     from hpcserve.slurm.runner import CommandResult
 
@@ -66,6 +68,13 @@ class SlurmClient(SlurmReader, Protocol):
     def submit(self, script: str, sbatch_args: Sequence[str] = ()) -> str: ...
 
     def cancel(self, job_ids: Iterable[str], *, signal: str | None = None) -> None: ...
+
+
+@runtime_checkable
+class UsageReader(Protocol):
+    """Accounting over a time window (``hpcserve usage``): one sacct read, every allocation in it."""
+
+    def gpu_allocations(self, since: datetime, until: datetime, user: str | None) -> list[GpuAllocation]: ...
 
 
 @runtime_checkable

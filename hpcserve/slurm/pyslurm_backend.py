@@ -36,6 +36,7 @@ import msgspec
 
 from hpcserve.errors import HpcserveError, SlurmParseError
 from hpcserve.hostlists import expand
+from hpcserve.model.usage import GpuAllocation
 from hpcserve.slurm.models import (
     AccountingRecord,
     ClusterSnapshot,
@@ -303,6 +304,14 @@ class PyslurmClient:
 
     def accounting(self, job_ids: Iterable[str]) -> list[AccountingRecord]:
         return self._writer("accounting").accounting(job_ids)
+
+    def gpu_allocations(self, since: datetime, until: datetime, user: str | None) -> list[GpuAllocation]:
+        from hpcserve.slurm.protocol import UsageReader
+
+        reader = self._writer("gpu_allocations")
+        if not isinstance(reader, UsageReader):
+            raise HpcserveError("usage needs the CLI backend's sacct read (set `slurm.backend: cli`)")
+        return reader.gpu_allocations(since, until, user)
 
     def submit(self, script: str, sbatch_args: Sequence[str] = ()) -> str:
         return self._writer("submit").submit(script, sbatch_args)
