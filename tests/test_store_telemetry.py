@@ -104,3 +104,21 @@ def test_retention_deletes_telemetry_past_its_window_only(store: HistoryStore) -
     assert [r.job_id for r in store.gpu_samples(None)] == ["new"]
     assert store.apply_retention(now).gpu_samples_deleted == 0
     assert store.apply_retention(now, gpu_days=7).gpu_samples_deleted == 1
+
+
+def test_last_requests_is_the_newest_busy_engine_sample_of_each_replica(store: HistoryStore) -> None:
+    from hpcserve.store import EngineSample
+
+    rows = [
+        EngineSample(T0, "llama", 0, waiting=0, running=2),
+        EngineSample(T0 + timedelta(minutes=1), "llama", 0, waiting=1, running=0),
+        EngineSample(T0 + timedelta(minutes=2), "llama", 0, waiting=0, running=0),  # idle: not a request
+        EngineSample(T0 + timedelta(minutes=2), "llama", 1, waiting=0, running=0),
+        EngineSample(T0 + timedelta(minutes=3), "llama", None, gateway_waiting=5, source="gw"),
+        EngineSample(T0 + timedelta(minutes=3), "other", 0, running=1),
+    ]
+    store.add_engine_samples(rows)
+    assert store.last_requests(["llama"], T0) == {("llama", 0): T0 + timedelta(minutes=1)}
+    assert store.last_requests(["llama", "other"], T0 + timedelta(minutes=2)) == {
+        ("other", 0): T0 + timedelta(minutes=3)
+    }

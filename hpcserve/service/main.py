@@ -8,8 +8,8 @@ next tick reconnects. Only the process holding a job's database lease acts (the 
 and "rebalance", shared with ``hpcserve rebalance --apply`` from cron), so two processes never both act.
 
 Jobs: serving (reconcile + autoscale), sampler (queue samples), rebalance (finish crashed plans, re-assert
-the split, plan and move nodes), retention. The API serves users on the socket (see ``http.py``); /metrics
-serves the jobs' counters on the admin address.
+the split, plan and move nodes), retention, idle (GPU idle flags). The API serves users on the socket (see
+``http.py``); /metrics serves the jobs' counters on the admin address.
 """
 
 from __future__ import annotations
@@ -91,7 +91,21 @@ def _jobs(site: SiteConfig, policy: Policy, store: HistoryStore, runner: Subproc
         rebalance = _rebalance_tick(runner, site, policy, store, metrics, interval, shared)
         jobs["rebalance"] = (rebalance, interval)
     jobs["metrics"] = (_metrics_tick(store, metrics, options), METRICS_INTERVAL_S)
+    jobs["idle"] = _idle_job(store, policy, metrics, shared or make_client(site))
     return jobs
+
+
+def _idle_job(store: HistoryStore, policy: Policy, metrics: ServiceMetrics,
+              view: SlurmReader) -> tuple[Callable[[], object], float]:  # fmt: skip
+    """The idle tick (``hpcserve.service.idle_tick``) under the lease "idle", on the controller's read of
+    the jobs (no Slurm RPC of its own); and its GPU telemetry collector on /metrics."""
+    from hpcserve.service.idle_tick import IdleTick, tick_interval_s
+    from hpcserve.service.metrics_telemetry import TelemetryCollector
+
+    idle = IdleTick(getattr(view, "calm_jobs", view.jobs), store, policy.idle)
+    metrics.registry.register(TelemetryCollector(store, policy.idle, lambda: idle.running))
+    interval = tick_interval_s(policy.idle)
+    return leased(store, "idle", max(3 * interval, 60.0), idle.tick), interval
 
 
 def _metrics_tick(

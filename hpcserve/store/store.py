@@ -191,6 +191,12 @@ class HistoryStore:
         with self._read() as conn:
             return telemetry.job_utilisation(conn, since, until)
 
+    def last_requests(self, deployments: Collection[str], since: datetime) -> dict[tuple[str, int], datetime]:
+        """When each replica of ``deployments`` last had a request on its engine (its engine samples since
+        ``since``), by (deployment, index); replicas seen serving nothing are left out."""
+        with self._read() as conn:
+            return telemetry.last_requests(conn, deployments, since)
+
     # deployments and replicas
 
     def create_deployment(

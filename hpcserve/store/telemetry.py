@@ -12,11 +12,11 @@ from collections.abc import Collection, Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, insert, select
+from sqlalchemy import Connection, and_, delete, func, insert, or_, select
 
 from hpcserve.model.telemetry import JOB_KINDS, GpuSample
 from hpcserve.store.records import GpuSampleRecord, check_state
-from hpcserve.store.schema import GpuSampleRow
+from hpcserve.store.schema import EngineSampleRow, GpuSampleRow
 from hpcserve.store.sql import select_record, to_records, within
 
 G = GpuSampleRow
@@ -71,6 +71,21 @@ def job_utilisation(conn: Connection, since: datetime, until: datetime | None = 
     for job_id, source, mean in conn.execute(stmt.group_by(G.job_id, G.source)):
         found.setdefault(str(job_id), {})[str(source)] = float(mean)
     return {job: by_source.get("nvml", by_source.get("sacct", 0.0)) for job, by_source in found.items()}
+
+
+def last_requests(
+    conn: Connection, deployments: Collection[str], since: datetime
+) -> dict[tuple[str, int], datetime]:
+    """When each replica of ``deployments`` was last seen serving (a request running or waiting on its
+    engine, or tokens flowing), from the engine samples since ``since``: by (deployment, replica index)."""
+    E = EngineSampleRow
+    busy = or_(E.running > 0, E.waiting > 0, E.tokens_per_s > 0)
+    stmt = (
+        select(E.deployment, E.replica, func.max(E.at))
+        .where(E.deployment.in_(list(deployments)), E.replica.is_not(None), E.at >= since, busy)
+        .group_by(E.deployment, E.replica)
+    )
+    return {(str(d), int(r or 0)): at for d, r, at in conn.execute(stmt)}
 
 
 def delete_gpu_samples(conn: Connection, before: datetime) -> int:

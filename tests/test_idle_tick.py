@@ -1,0 +1,137 @@
+"""The service's idle tick and its /metrics collector over a real SQLite store: flags stored for the API,
+one log line per newly flagged job, a replica's last request from its engine samples, the scale-down
+action, and the exported families. (The cluster test, test_telemetry_cluster.py, runs them in a service.)"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from hpcserve.api.telemetry import FLAGS_STATE, current_flags
+from hpcserve.config.policy import IdleActions, IdleRules
+from hpcserve.model.cluster import Job, JobState
+from hpcserve.model.telemetry import GpuSample
+from hpcserve.service.idle_tick import IdleTick, tick_interval_s
+from hpcserve.service.metrics_telemetry import TelemetryCollector
+from hpcserve.store import EngineSample, HistoryStore
+
+T0 = datetime(2026, 12, 7, 19, 0, tzinfo=UTC)
+RULES = IdleRules(gpu_util_below_pct=20, window_s=60, replica_no_requests_s=60, sample_gap_s=15)
+
+
+def spec(name: str, min_replicas: int = 0) -> dict[str, object]:
+    return {"name": name, "served_model_name": name, "model": "m", "engine": "simulator",
+            "gpus_per_replica": 1, "min_replicas": min_replicas, "max_replicas": 3}  # fmt: skip
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[HistoryStore]:
+    with HistoryStore(f"sqlite:///{tmp_path}/h.db") as s:
+        s.upgrade()
+        yield s
+
+
+def job(job_id: str, user: str, tag: str | None = None, gpus: int = 1) -> Job:
+    return Job(job_id, int(job_id), "j", user, "acct", "infer", JobState.RUNNING, 1, ("node5",), gpus,
+               start=T0 - timedelta(hours=1), tag=tag)  # fmt: skip
+
+
+def report(store: HistoryStore, job_id: str, user: str, util: float, kind: str = "training") -> None:
+    rows = [GpuSample(T0 - timedelta(seconds=s), job_id, "GPU-x", 0, util, 10, 20, 100.0, 1000)
+            for s in range(0, 61, 10)]  # fmt: skip
+    store.add_gpu_samples(rows, user=user, kind=kind)
+
+
+def test_the_tick_stores_flags_logs_new_ones_once_and_keeps_their_since(
+    store: HistoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    report(store, "5", "alice", 5.0)
+    report(store, "9", "bob", 90.0)
+    clock = Clock()
+    tick = IdleTick(lambda: [job("5", "alice"), job("9", "bob")], store, RULES, clock)
+    with caplog.at_level(logging.INFO, "hpcserve.idle"):
+        (flag,) = tick.tick()
+    assert flag.job_id == "5" and flag.since == T0 - timedelta(seconds=60)
+    assert current_flags(store.get_state(FLAGS_STATE), T0) == [flag]
+    assert [r.message for r in caplog.records] == [
+        "idle: job 5 of alice (training, 1 GPUs): GPUs averaged 5% for 60 s (< 20%); 0.02 GPU-hours wasted "
+        "so far"
+    ]
+    caplog.clear()
+    clock.now = T0 + timedelta(seconds=10)
+    report(store, "5", "alice", 5.0)  # readings go on (the same instants again: still covered)
+    store.add_gpu_samples([GpuSample(clock.now, "5", "GPU-x", 0, 5.0, 10, 20, None, None)], user="alice",
+                          kind="training")  # fmt: skip
+    (again,) = tick.tick()
+    assert again.since == flag.since and caplog.records == []  # still flagged: no second line
+    assert tick.running == frozenset({"5", "9"})
+
+
+def test_a_replica_is_judged_by_its_last_request_and_scaled_down_when_asked(
+    store: HistoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.create_deployment("llama", "alice", spec("llama"), 2, served_model_name="llama")
+    for index, job_id in ((0, "20"), (1, "21")):
+        store.upsert_replica("llama", index, job_id=job_id, state="ready")
+    store.add_engine_samples([EngineSample(T0 - timedelta(seconds=30), "llama", 1, waiting=0, running=1)])
+    running = [job("20", "alice", "hpcserve:replica:llama:0"), job("21", "alice", "hpcserve:replica:llama:1")]
+    rules = RULES.model_copy(update={"action": IdleActions(inference="scale_down")})
+    with caplog.at_level(logging.INFO, "hpcserve.idle"):
+        (flag,) = IdleTick(lambda: running, store, rules, Clock()).tick()
+    assert flag.job_id == "20" and flag.kind == "inference" and "since it started" in flag.reason
+    deployment = store.get_deployment("llama")
+    assert deployment is not None and deployment.spec["max_replicas"] == 1  # 2 running -> at most 1
+    assert "idle: deployment llama scaled down: max_replicas 3 -> 1" in caplog.text
+
+
+def test_scale_down_never_goes_below_min_replicas(store: HistoryStore) -> None:
+    store.create_deployment("one", "alice", spec("one", min_replicas=1), 1, served_model_name="one")
+    store.upsert_replica("one", 0, job_id="30", state="ready")
+    rules = RULES.model_copy(update={"action": IdleActions(inference="scale_down")})
+    IdleTick(lambda: [job("30", "alice", "hpcserve:replica:one:0")], store, rules, Clock()).tick()
+    deployment = store.get_deployment("one")
+    assert deployment is not None and deployment.spec["max_replicas"] == 3
+
+
+def test_the_collector_exports_the_newest_readings_and_the_flags(store: HistoryStore) -> None:
+    report(store, "5", "alice", 5.0)
+    report(store, "9", "bob", 90.0)
+    report(store, "7", "carol", 50.0)  # not running any more
+    tick = IdleTick(lambda: [job("5", "alice"), job("9", "bob", gpus=4)], store, RULES, Clock())
+    tick.tick()
+    registry = CollectorRegistry()
+    registry.register(TelemetryCollector(store, RULES, lambda: tick.running, Clock()))
+    text = generate_latest(registry).decode()
+    assert 'hpcserve_job_gpu_utilization_ratio{gpu="0",job_id="5",user="alice"} 0.05' in text
+    assert 'hpcserve_job_gpu_utilization_ratio{gpu="0",job_id="9",user="bob"} 0.9' in text
+    assert 'hpcserve_job_gpu_memory_used_bytes{gpu="0",job_id="9",user="bob"} 10.0' in text
+    assert 'hpcserve_job_gpu_power_watts{gpu="0",job_id="5",user="alice"} 100.0' in text
+    assert 'job_id="7"' not in text
+    assert 'hpcserve_job_idle{job_id="5",kind="training",user="alice"} 1.0' in text
+    assert 'hpcserve_idle_gpu_hours{kind="training"} 0.0167' in text
+    assert 'hpcserve_idle_gpu_hours{kind="inference"} 0.0' in text
+
+
+def test_the_collector_survives_a_database_that_is_away(tmp_path: Path) -> None:
+    broken = HistoryStore(f"sqlite:///{tmp_path}/none/h.db")  # never migrated: no tables
+    registry = CollectorRegistry()
+    registry.register(TelemetryCollector(broken, RULES))
+    assert "hpcserve_job_idle" not in generate_latest(registry).decode()
+
+
+def test_the_tick_runs_at_a_sixth_of_the_shortest_span() -> None:
+    assert tick_interval_s(RULES) == 10
+    assert tick_interval_s(IdleRules()) == 60 and tick_interval_s(IdleRules(window_s=6)) == 2
