@@ -145,6 +145,7 @@ LAZY_COMMANDS = {
     "rebalance": "hpcserve.cli.rebalance_cmd:rebalance",
     "drain-node": "hpcserve.cli.node_cmd:drain_node",
     "history": "hpcserve.cli.history_cmd:history",
+    "report": "hpcserve.cli.report_cmd:report",
     "telemetry": "hpcserve.cli.telemetry_cmd:telemetry",
 }
 

@@ -13,6 +13,7 @@ ROUTE_MODULES = (
     "hpcserve.service.routes_usage",  # usage: GPU-hours, cost and tokens per user, account, deployment...
     "hpcserve.service.routes_replicas",  # replicas announcing themselves with their secret
     "hpcserve.service.routes_admin",  # history and plans (read); rebalance, move, drain (admins)
+    "hpcserve.service.routes_report",  # the data of `hpcserve report` (own; everyone's for admins)
     "hpcserve.service.routes_telemetry",  # GPU telemetry: jobs report, users read theirs; idle jobs (admins)
 )
 

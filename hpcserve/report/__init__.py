@@ -1,0 +1,6 @@
+"""``hpcserve report``: one self-contained HTML page of where the GPUs went.
+
+``data`` holds the report's typed records, their JSON (what ``GET /v1/report-data`` sends) and the pure
+bucketing of store samples into time series; ``charts`` draws them with matplotlib as inline SVG; ``html``
+turns the records and the charts into the page; ``render`` joins the last two.
+"""
