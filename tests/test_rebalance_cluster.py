@@ -341,7 +341,7 @@ def test_service_samples_the_queue_and_serves_metrics(tmp_path: Path, slurm_env:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert 'hpcserve_service_errors_total{task="sampler"}' not in text or 'task="sampler"} 0.0' in text
+    assert re.search(r'^hpcserve_service_errors_total\{task="sampler"\} 0\.0$', text, re.MULTILINE), text
     stamp = re.search(r"^hpcserve_sampler_last_sample_timestamp_seconds (\S+)$", text, re.MULTILINE)
     assert stamp is not None and abs(float(stamp[1]) - time.time()) < 60
     with HistoryStore(f"sqlite:///{tmp_path}/h.db") as store:

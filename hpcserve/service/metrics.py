@@ -108,6 +108,7 @@ class ServiceMetrics:
 
     def ticked(self, task: str) -> None:
         self.ticks.labels(task=task).inc()
+        self.errors.labels(task=task)  # at 0 until one fails, so rate() has a series to work on
 
     def failed(self, task: str) -> None:
         self.errors.labels(task=task).inc()
