@@ -10,6 +10,7 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 
 from hpcserve.config.sections import CostSettings
+from hpcserve.errors import SlurmParseError
 from hpcserve.model.usage import GpuAllocation
 from hpcserve.slurm.commands import USAGE_FIELDS, record_mark, sacct_usage_argv
 from hpcserve.slurm.parsers import gpu_tres, parse_sacct_usage
@@ -178,3 +179,18 @@ def test_a_user_sees_their_keys_and_only_sums_of_their_deployments() -> None:
     assert [r.key_id for r in visible_tokens(rows, "alice", ["a-dep"], "user")] == ["ka"]
     wide = visible_tokens(rows, "alice", ["a-dep"], "deployment")
     assert [(r.key_id, r.deployment) for r in wide] == [("ka", "a-dep"), ("kb", "a-dep")]
+
+
+def test_a_record_that_does_not_parse_is_dropped_and_a_cut_output_is_an_error() -> None:
+    short = "".join(f + M for f in ("106", "alice", "acct-alice")) + "\n"  # three fields, not twelve
+    assert [r.job_id for r in parse_sacct_usage(short + SACCT, NONCE)] == [
+        "101",
+        "102",
+        "103",
+        "104",
+        "104",
+        "105",
+    ]
+    with pytest.raises(SlurmParseError, match="ends inside a record"):
+        parse_sacct_usage(SACCT + "107" + M + "bob", NONCE)
+    assert parse_sacct_usage("", NONCE) == []
