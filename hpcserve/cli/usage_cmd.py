@@ -38,14 +38,15 @@ def parse_since(text: str) -> float:
 
 
 @click.command(short_help="GPU-hours, cost and tokens (yours; everyone's for admins).")
-@click.option("--since", default="30d", show_default=True, help="How far back: 30d, 12h, 90m, 3600s, 2w.")
+@click.option("--since", "since_s", default="30d", show_default=True, callback=lambda c, p, v: parse_since(v),
+              help="How far back: 30d, 12h, 90m, 3600s, 2w.")  # fmt: skip
 @click.option("--by", type=click.Choice(GROUP_BY), default="user", show_default=True, help="Group by.")
 @click.option("--hpcserve-only", is_flag=True, help="Only hpcserve's jobs (replicas and tagged jobs).")
 @click.option("--jobs", "with_jobs", is_flag=True, help="With --json: each job's share too.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV, one line per group, then the total.")
 @click.pass_obj
-def usage(ctx: Context, /, since: str, by: str, hpcserve_only: bool, with_jobs: bool, as_json: bool,
+def usage(ctx: Context, /, since_s: float, by: str, hpcserve_only: bool, with_jobs: bool, as_json: bool,
           as_csv: bool) -> None:  # fmt: skip
     """GPU-hours from Slurm's accounting (allocated GPUs x time in the window; training/inference,
     busy/idle), their cost at the site's price per GPU-hour, and the gateway's tokens: cost per million
@@ -56,7 +57,7 @@ def usage(ctx: Context, /, since: str, by: str, hpcserve_only: bool, with_jobs: 
 
     if as_json and as_csv:
         raise click.UsageError("--json and --csv: choose one")
-    query = {"since_s": f"{parse_since(since):g}", "by": by}
+    query = {"since_s": repr(round(since_s, 3)), "by": by}
     query |= {"hpcserve_only": "1"} if hpcserve_only else {}
     query |= {"jobs": "1"} if with_jobs else {}
     report = ServiceClient.for_site(ctx.load_site()).call("GET", f"/v1/usage?{urlencode(query)}")
