@@ -145,6 +145,7 @@ LAZY_COMMANDS = {
     "rebalance": "hpcserve.cli.rebalance_cmd:rebalance",
     "drain-node": "hpcserve.cli.node_cmd:drain_node",
     "history": "hpcserve.cli.history_cmd:history",
+    "idle": "hpcserve.cli.idle_cmd:idle",
     "report": "hpcserve.cli.report_cmd:report",
     "telemetry": "hpcserve.cli.telemetry_cmd:telemetry",
 }
@@ -248,21 +249,25 @@ def nodes(ctx: Context, partitions: tuple[str, ...], as_json: bool) -> None:
 @pass_ctx
 def ps(ctx: Context, me: bool, user: str | None, partitions: tuple[str, ...], states: tuple[str, ...],
        job_ids: tuple[str, ...], as_json: bool) -> None:  # fmt: skip
-    """Jobs with hpcserve's tag, GPUs, nodes, reason and wait time. Needs no site config."""
+    """Jobs with hpcserve's tag, GPUs, nodes, reason and wait time; GPU% and IDLE for your jobs where the
+    service has GPU telemetry (an admin: every job). Needs no site config."""
+    from hpcserve.cli.ps_telemetry import annotate, fetched, start
     from hpcserve.slurm.cli_backend import CliSlurmClient
     from hpcserve.slurm.protocol import JobFilter
 
+    pending = start()  # the service's GPU figures, on a thread (none without a service socket)
     filt = JobFilter(
         user=current_user() if me else user, states=states, partitions=partitions, job_ids=job_ids
     )
-    jobs = CliSlurmClient(ctx.runner).iter_jobs(filt)  # squeue runs while the rest loads
+    jobs = list(CliSlurmClient(ctx.runner).iter_jobs(filt))  # squeue runs while the rest loads
+    jobs = list(annotate(jobs, fetched(pending)))
     if as_json:
         from hpcserve.inventory import jobs_json
 
         gc.disable()  # a short-lived process building 10,000 records: the cycle collector only costs time
         sys.stdout.buffer.write(jobs_json(jobs) + b"\n")
         return
-    _print_jobs(list(jobs))
+    _print_jobs(jobs)
 
 
 def _print_jobs(jobs: list[Job]) -> None:
@@ -270,9 +275,15 @@ def _print_jobs(jobs: list[Job]) -> None:
     from hpcserve.hostlists import collect
 
     rows = [(j.id, j.name, j.user, j.partition, j.state.value, j.gpus, j.num_nodes, collect(j.nodes),
-             j.tag, j.reason, human_seconds(j.wait_s)) for j in jobs]  # fmt: skip
-    cols = ("JOBID", "NAME", "USER", "PARTITION", "STATE", "GPUS", "N", "NODES", "TAG", "REASON", "WAIT")
+             j.tag, j.reason, human_seconds(j.wait_s), _gpu_pct(j), "IDLE" if j.idle else "")
+            for j in jobs]  # fmt: skip
+    cols = ("JOBID", "NAME", "USER", "PARTITION", "STATE", "GPUS", "N", "NODES", "TAG", "REASON", "WAIT",
+            "GPU%", "IDLE")  # fmt: skip
     emit_table(f"{len(jobs)} jobs", cols, rows)
+
+
+def _gpu_pct(job: Job) -> str:
+    return "" if job.gpu_util_pct is None else f"{job.gpu_util_pct:.0f}%"
 
 
 @cli.command()

@@ -147,6 +147,9 @@ class Job(msgspec.Struct, frozen=True):
     comment: str = ""
     tag: str | None = None  # hpcserve's own marker from the comment: see tag_of()
     wait_s: float | None = None  # seconds queued when observed: until start, or until then if pending
+    # from the service's GPU telemetry, for ``hpcserve ps`` only (None: no telemetry for this job)
+    gpu_util_pct: float | None = None  # the newest readings, averaged over the job's GPUs
+    idle: bool | None = None  # flagged idle by the service's policy (``hpcserve idle``)
 
 
 def tag_of(comment: str) -> str | None:
