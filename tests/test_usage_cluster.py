@@ -31,7 +31,9 @@ pytestmark = pytest.mark.cluster
 PRICES = {"default": 1.75, "h100": 3.2, "l40s": 1.1}
 NODE_TYPE = {**{f"node{i}": "h100" for i in range(1, 5)}, **{f"node{i}": "l40s" for i in range(5, 9)}}
 # user, partition, GPUs, seconds of sleep
-JOBS = (("alice", "train", 2, 3), ("alice", "infer", 1, 5), ("bob", "infer", 3, 4), ("bob", "train", 1, 2))
+EDGE_S = 16  # alice's job that the second window opens in the middle of
+JOBS = (("alice", "train", 2, 3), ("alice", "infer", 1, 5), ("bob", "infer", 3, 4), ("bob", "train", 1, 2),
+        ("alice", "train", 1, EDGE_S))  # fmt: skip
 
 
 def sbatch_as(user: str, partition: str, gpus: int, sleep_s: int) -> str:
@@ -106,16 +108,20 @@ def sacct_window(report: dict[str, Any], *who: str) -> list[dict[str, str]]:
 
 def check_against_sacct(report: dict[str, Any], rows: list[dict[str, str]]) -> int:
     """Every run that had finished before the report's window closed: the same GPU-seconds as sacct's
-    gres/gpu x ElapsedRaw, to the second (runs still going change between two reads: left out)."""
+    gres/gpu x ElapsedRaw, to the second; a run that began before the window, only its seconds inside it
+    (runs still going change between two reads: left out)."""
     since = datetime.fromisoformat(report["since"])
     until = datetime.fromisoformat(report["until"])
     expected: dict[str, int] = defaultdict(int)
     for row in rows:
-        start = datetime.fromisoformat(row["Start"]).astimezone(UTC) if row["Start"] != "Unknown" else None
-        gpu_seconds = gpus_of(row["AllocTRES"]) * int(row["ElapsedRaw"] or 0)
-        inside = start is not None and start >= since and gpu_seconds > 0
-        if inside and finished(row) and datetime.fromisoformat(row["End"]).astimezone(UTC) <= until:
-            expected[row["JobIDRaw"]] += gpu_seconds
+        if row["Start"] == "Unknown" or not finished(row):
+            continue
+        start = datetime.fromisoformat(row["Start"]).astimezone(UTC)
+        before = max(0, round((since - start).total_seconds()))
+        seconds = int(row["ElapsedRaw"] or 0) - before
+        ended = datetime.fromisoformat(row["End"]).astimezone(UTC) <= until
+        if ended and seconds > 0 and gpus_of(row["AllocTRES"]):
+            expected[row["JobIDRaw"]] += gpus_of(row["AllocTRES"]) * seconds
     got: dict[str, int] = defaultdict(int)
     for job in report["jobs"]:
         if job["job_id"] in expected:
@@ -123,6 +129,22 @@ def check_against_sacct(report: dict[str, Any], rows: list[dict[str, str]]) -> i
     assert got == expected
     assert report["total"]["gpu_seconds"] == sum(j["gpu_seconds"] for j in report["jobs"])
     return sum(expected.values())
+
+
+def test_a_job_overlapping_the_window_counts_its_time_inside(
+    ran: tuple[float, dict[str, tuple[str, int, int]]], priced: ApiService
+) -> None:
+    _, ids = ran
+    edge = next(i for i, (_, _, sleep_s) in ids.items() if sleep_s == EDGE_S)
+    row = sacct(f"--jobs={edge}")[0]
+    start = datetime.fromisoformat(row["Start"]).astimezone(UTC)
+    since_s = int((datetime.now(UTC) - start).total_seconds()) - EDGE_S // 2  # the window opens mid-job
+    report = usage_as(priced, "alice", "--since", f"{since_s}s")
+    inside = [j["gpu_seconds"] for j in report["jobs"] if j["job_id"] == edge]
+    full = int(row["ElapsedRaw"])
+    assert inside and 0 < inside[0] < full, (inside, full, report["since"], row)
+    assert inside[0] == full - round((datetime.fromisoformat(report["since"]) - start).total_seconds())
+    check_against_sacct(report, sacct_window(report, "--user=alice"))
 
 
 def test_usage_matches_sacct_and_each_user_sees_their_own(
