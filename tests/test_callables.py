@@ -35,6 +35,7 @@ from hpcserve.jobs.callables import (
 from hpcserve.jobs.distributed import WithTorchEnv
 from hpcserve.jobs.resumable import read_saved
 from hpcserve.jobs.spec import JobRequest, ResolvedJob
+from hpcserve.telemetry.injob import WithTelemetry
 from tests import jobs_fixtures
 from tests.conftest import REPO
 
@@ -188,8 +189,9 @@ def test_submit_writes_the_pickle_and_script_where_submitit_looks(tmp_path: Path
     job = submitter.submit(resolved(), jobs_fixtures.add, 1, b=2, folder=tmp_path / "%j")
     assert job.job_id == "4242" and job.num_tasks == 8  # 2 nodes x 4 tasks
     delayed = DelayedSubmission.load(tmp_path / "4242" / "4242_submitted.pkl")
-    assert isinstance(delayed.function, WithTorchEnv)  # 8 tasks: each rank sees the torch.distributed env
-    assert (delayed.function.fn, delayed.args, delayed.kwargs) == (jobs_fixtures.add, (1,), {"b": 2})
+    assert isinstance(delayed.function, WithTelemetry)  # GPUs: each node reports them (hpcserve.telemetry)
+    assert isinstance(delayed.function.fn, WithTorchEnv)  # 8 tasks: each rank sees the torch.distributed env
+    assert (delayed.function.fn.fn, delayed.args, delayed.kwargs) == (jobs_fixtures.add, (1,), {"b": 2})
     (script,) = client.scripts
     assert "#SBATCH --hold" in script and "export NCCL_IB_HCA=mlx5_0,mlx5_1" in script
     assert (tmp_path / "4242" / "4242_submission.sh").read_text() == script

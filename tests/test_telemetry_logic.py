@@ -24,7 +24,7 @@ from hpcserve.telemetry.batching import (
     report_headers,
     retry_delay_s,
 )
-from hpcserve.telemetry.devices import VisibleDevice, visible_devices
+from hpcserve.telemetry.devices import VisibleDevice, job_sees_gpus, visible_devices
 from hpcserve.telemetry.injob import WithTelemetry, wanted
 from hpcserve.telemetry.nvml import NvmlUnavailable
 from hpcserve.telemetry.recorded import RecordedDevice, RecordedRow, Recording, parse, render
@@ -75,6 +75,17 @@ def test_cuda_stops_at_the_first_entry_it_cannot_use(value: str, stop: str) -> N
 def test_mig_uuids_go_to_nvml_by_uuid() -> None:
     seen = visible_devices("MIG-1234-abcd,0", UUIDS)
     assert seen.devices == (VisibleDevice(0, None, "MIG-1234-abcd"), VisibleDevice(1, 0, UUIDS[0]))
+
+
+@pytest.mark.parametrize(("environ", "sees"), [
+    ({}, True),  # not a job: an admin's look at the node
+    ({"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "0,1"}, True),
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "2"}, True),
+    ({"SLURM_JOB_ID": "7"}, False),  # a CPU job on a GPU node: the node's GPUs are other jobs'
+    ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "0"}, False),
+])  # fmt: skip
+def test_only_a_job_given_gpus_samples(environ: dict[str, str], sees: bool) -> None:
+    assert job_sees_gpus(environ) is sees
 
 
 # ------------------------------------------------------------------------------------- bodies and back-off

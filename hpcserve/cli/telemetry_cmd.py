@@ -70,6 +70,7 @@ def record(seconds: float, interval: float, output: Path) -> None:
 def run(job_id: str, interval: float | None) -> None:
     """Report the job's GPUs to the service every --interval until SIGTERM. Never fails: without NVML, or
     with HPCSERVE_TELEMETRY=0, it says so and exits 0."""
+    from hpcserve.telemetry.devices import job_sees_gpus
     from hpcserve.telemetry.nvml import NvmlSampler
     from hpcserve.telemetry.reporter import Reporter, client_post, enabled, interval_from_env, site_client
 
@@ -78,8 +79,11 @@ def run(job_id: str, interval: float | None) -> None:
     if not enabled():
         click.echo("hpcserve telemetry: off (HPCSERVE_TELEMETRY=0)", err=True)
         return
+    if not job_sees_gpus(os.environ):
+        click.echo(f"hpcserve telemetry: job {job_id} has no GPUs: nothing to report", err=True)
+        return
     every = interval if interval is not None else interval_from_env()
-    reporter = Reporter(job_id, NvmlSampler(job_id), client_post(site_client()), every)
+    reporter = Reporter(job_id, NvmlSampler(job_id), client_post(site_client), every)
 
     def end(signum: int, frame: FrameType | None) -> None:
         reporter.stop(timeout=0)

@@ -252,11 +252,16 @@ class CallableSubmitter:
 
 
 def _for_tasks(job: ResolvedJob, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` itself for a one-task job; wrapped to see the torch.distributed env when there are more."""
+    """``fn`` itself for a one-task job; wrapped to see the torch.distributed env when there are more; and
+    wrapped to report its GPUs (``hpcserve.telemetry``) when it has some, unless HPCSERVE_TELEMETRY=0."""
     if job.request.nodes * job.request.tasks_per_node > 1:
         from hpcserve.jobs.distributed import WithTorchEnv
 
-        return WithTorchEnv(fn)
+        fn = WithTorchEnv(fn)
+    if job.request.gpus_per_node:
+        from hpcserve.telemetry.injob import WithTelemetry, wanted
+
+        fn = WithTelemetry(fn) if wanted(job.env) else fn
     return fn
 
 

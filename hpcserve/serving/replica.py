@@ -175,6 +175,7 @@ class ReplicaMain:
         _forward_sigterm(proc)
         _ignore_time_limit_warning()
         if rank:  # a headless vLLM rank: no API of its own
+            self.report_telemetry(spec.name)
             return proc.wait()
         try:
             key = self.credentials().engine_key
@@ -183,7 +184,17 @@ class ReplicaMain:
         except BaseException:
             _stop(proc)
             raise
+        self.report_telemetry(spec.name)
         return proc.wait()
+
+    def report_telemetry(self, deployment: str) -> None:
+        """This node's GPUs to the service in a thread beside the engine, with the replica's secret
+        (``hpcserve.telemetry.reporter``: never fails the replica; off with HPCSERVE_TELEMETRY=0)."""
+        from hpcserve.telemetry.batching import ReplicaIdentity
+        from hpcserve.telemetry.reporter import start_reporter
+
+        identity = ReplicaIdentity(deployment, self.index, self.credentials().secret)
+        start_reporter(os.environ.get("SLURM_JOB_ID", ""), self.client, identity)
 
     def announce(self, deployment: str, host: str, port: int, deadline: float) -> None:
         """``host:port`` to the service, with this job's id and the secret; retried while the service

@@ -15,7 +15,7 @@ Indices are NVML's (PCI bus order), which is what Slurm writes for a GRES with `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 ENV = "CUDA_VISIBLE_DEVICES"
@@ -65,3 +65,15 @@ def _resolve(entry: str, position: int, uuids: Sequence[str]) -> VisibleDevice |
         matches = [i for i, uuid in enumerate(uuids) if uuid.startswith(entry)]
         return VisibleDevice(position, matches[0], uuids[matches[0]]) if len(matches) == 1 else None
     return None
+
+
+_SLURM_GPU_VARS = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE")
+
+
+def job_sees_gpus(environ: Mapping[str, str]) -> bool:
+    """Whether to sample at all. Outside Slurm, yes (an admin's look at a node). Inside a job, only when it
+    was given GPUs (``CUDA_VISIBLE_DEVICES`` or Slurm's GPU variables): with the variable unset, CUDA (and
+    the sampler) would see every GPU of the node, which belong to other jobs."""
+    if "SLURM_JOB_ID" not in environ or ENV in environ:
+        return True
+    return any(environ.get(name, "") not in ("", "0") for name in _SLURM_GPU_VARS)

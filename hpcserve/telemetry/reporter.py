@@ -166,13 +166,19 @@ class Reporter:
                         "back-off up to %.0f s", line, retry_delay_s(self.interval_s, 99))  # fmt: skip
 
 
-def client_post(client: ServiceClient) -> Post:
-    """``Post`` over hpcserve's service client (the Unix socket, or TCP with munge)."""
-    from hpcserve.service.client import ServiceError, ServiceUnavailable
+def client_post(make_client: Callable[[], ServiceClient]) -> Post:
+    """``Post`` over hpcserve's service client (the Unix socket, or TCP with munge), made at the first
+    report (in the reporter's thread, once NVML answered) with a short timeout."""
+    made: list[ServiceClient] = []
 
     def post(body: dict[str, Any], headers: dict[str, str]) -> Answer:
+        from hpcserve.service.client import ServiceError, ServiceUnavailable
+
+        if not made:
+            made.append(make_client())
+            made[0].timeout_s = CALL_TIMEOUT_S
         try:
-            client.call("POST", REPORT_PATH, body, headers=headers)
+            made[0].call("POST", REPORT_PATH, body, headers=headers)
         except ServiceUnavailable as exc:
             return None, str(exc)
         except ServiceError as exc:
@@ -184,15 +190,13 @@ def client_post(client: ServiceClient) -> Post:
 
 def site_client() -> ServiceClient:
     """The service's client as the site config says (``$HPCSERVE_SITE``, else /etc/hpcserve/site.yaml when
-    it exists, else the defaults and ``$HPCSERVE_SOCKET``), with a short timeout."""
+    it exists, else the defaults and ``$HPCSERVE_SOCKET``)."""
     from hpcserve.config import load_site_config
     from hpcserve.service.client import ServiceClient
 
     path = os.environ.get("HPCSERVE_SITE") or "/etc/hpcserve/site.yaml"
     site = load_site_config(Path(path)) if Path(path).is_file() else None
-    client = ServiceClient.for_site(site)
-    client.timeout_s = CALL_TIMEOUT_S
-    return client
+    return ServiceClient.for_site(site)
 
 
 def start_reporter(
@@ -201,21 +205,17 @@ def start_reporter(
     replica: ReplicaIdentity | None = None,
     interval_s: float | None = None,
 ) -> Reporter | None:
-    """A started reporter for ``job_id`` (None when the job opted out, or has no job id). Never raises: a
-    reporter that cannot be set up is one warning line, and the job goes on."""
-    if not enabled() or not job_id:
+    """A started reporter for ``job_id`` (None when the job opted out, has no job id or no GPUs); NVML and
+    the service's client are set up in its thread, so the job does not wait for them."""
+    from hpcserve.telemetry.devices import job_sees_gpus
+
+    if not enabled() or not job_id or not job_sees_gpus(os.environ):
         return None
     from hpcserve.telemetry.nvml import NvmlSampler
 
     _log_to_stderr()
-
-    try:
-        post = client_post(client())
-    except Exception as exc:
-        log.warning("telemetry: no reporter (%s: %s)", type(exc).__name__, exc)
-        return None
     every = interval_s if interval_s is not None else interval_from_env()
-    return Reporter(job_id, NvmlSampler(job_id), post, every, replica).start()
+    return Reporter(job_id, NvmlSampler(job_id), client_post(client), every, replica).start()
 
 
 def _log_to_stderr() -> None:
