@@ -115,7 +115,7 @@ def _metrics_tick(
     from hpcserve.serving.wiring import LOCK
     from hpcserve.store.leases import holder_id
 
-    leases = [LOCK, "retention", *(["sampler"] if options.sample_interval_s > 0 else [])]
+    leases = [LOCK, "retention", "idle", *(["sampler"] if options.sample_interval_s > 0 else [])]
     return partial(metrics.look, store, holder_id(), leases)
 
 
