@@ -24,7 +24,7 @@ from hpcserve.api.report import report_data
 from hpcserve.api.telemetry import FLAGS_STATE
 from hpcserve.config import load_policy, load_site_config
 from hpcserve.errors import HpcserveError, ValidationError
-from hpcserve.model.telemetry import IdleFlag
+from hpcserve.model.telemetry import GpuSample, IdleFlag
 from hpcserve.report import data as rd
 from hpcserve.report.html import page
 from hpcserve.report.render import render
@@ -75,6 +75,7 @@ def populate(store: HistoryStore, clock: list[datetime]) -> None:
                                        source="login1:8080"))  # fmt: skip
     store.add_queue_samples(queue)
     store.add_engine_samples(engine)
+    add_gpu_telemetry(store, rng)
     store.create_deployment("alice-chat", "alice", {"model": "m", "engine": "vllm"}, 2, served_model_name="a")
     store.create_deployment("bob-coder", "bob", {"model": "m", "engine": "vllm"}, 2, served_model_name="b")
     for days, node, src, dst in ((5, "node5", "inference", "training"), (3, "node5", "training", "inference"),
@@ -92,6 +93,23 @@ def populate(store: HistoryStore, clock: list[datetime]) -> None:
              IdleFlag("5002", "bob", "inference", "served no request for 30 min", NOW - timedelta(hours=1),
                       1, 1.0, None)]  # fmt: skip
     store.put_state(FLAGS_STATE, {"evaluated_at": NOW.isoformat(), "flags": [flag_to_json(f) for f in flags]})
+
+
+def add_gpu_telemetry(store: HistoryStore, rng: random.Random) -> None:
+    """NVML readings every 10 minutes: alice's training job 5000 (4 GPUs, busy, days 7 to 3 ago), her
+    job 5001 (4 GPUs at ~4%, the last 3 days: flagged idle) and bob's replica job 5002 (1 GPU, ~40%)."""
+    jobs = (("5000", "alice", "training", 4, 7.0, 3.0, 85.0), ("5001", "alice", "training", 4, 3.0, 0.0, 4.0),
+            ("5002", "bob", "inference", 1, 7.0, 0.0, 40.0))  # fmt: skip
+    for job, user, kind, gpus, start_d, end_d, mean in jobs:
+        samples = []
+        at = NOW - timedelta(days=start_d)
+        while at < NOW - timedelta(days=end_d):
+            samples += [GpuSample(at, job, f"GPU-{job}-{i}", i, max(0.0, min(100.0, rng.gauss(mean, 6))),
+                                  30 << 30, 80 << 30, 250.0, 1410) for i in range(gpus)]  # fmt: skip
+            at += timedelta(minutes=10)
+        store.add_gpu_samples(
+            samples, user=user, kind=kind, deployment="bob-coder" if user == "bob" else None
+        )
 
 
 def api_for(store: HistoryStore) -> ApiContext:
@@ -225,6 +243,9 @@ def test_a_user_sees_their_own_deployments_and_idle_jobs_and_an_admin_everyones(
     assert [j["job_id"] for j in alice["idle_jobs"]] == ["5001"]
     assert [j["job_id"] for j in bob["idle_jobs"]] == ["5002"]
     assert sorted(j["job_id"] for j in carol["idle_jobs"]) == ["5001", "5002"]
+    assert [b["kind"] for b in alice["busy"]] == ["training"]  # her jobs' GPU telemetry only
+    assert [b["kind"] for b in bob["busy"]] == ["inference"]
+    assert [b["kind"] for b in carol["busy"]] == ["training", "inference"]
     assert (alice["everyone"], carol["everyone"]) == (False, True)
     # cluster facts (squeue's and hpcserve history's): the same for everyone
     for key in ("partitions", "split", "evictions", "lost_gpu_h"):
@@ -241,6 +262,11 @@ def test_the_data_is_bucketed_from_a_week_of_real_shaped_samples(full_store: His
     assert all(p.total_gpus == 16 for p in train.points)
     assert [(s.training_nodes, s.inference_nodes) for s in report.split] == [(4, 4), (5, 3), (4, 4), (3, 5)]
     assert (report.evictions, report.lost_gpu_h) == (1, 1.5)
+    training, inference = report.busy
+    # 4 GPUs at ~85% for 4 days, then 4 at ~4% for 3 days; bob's one GPU at ~40% all week
+    assert training.mean_pct == pytest.approx((85 * 4 + 4 * 3) / 7, abs=1.5)
+    assert inference.mean_pct == pytest.approx(40, abs=1.5)
+    assert max(p.util_pct for p in training.points[-60:]) < 15  # the idle job's stretch
     assert report.usage is None
     assert "could not be read" in report.usage_note or "not installed" in report.usage_note
 

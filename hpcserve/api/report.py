@@ -13,6 +13,7 @@ hundred means per series; the CLI draws the page itself.
 from __future__ import annotations
 
 import importlib.util
+from collections import Counter
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,7 @@ def report_data(
         generated_at=until, since=since, until=until, bucket_s=width, viewer=caller.user, everyone=everyone,
         lending_mode=api.site.lending.mode, roles=api.site.partition_names(),
         partitions=_partitions(api, since, width), split=_split(api, since),
+        busy=_busy(api, caller, everyone, since, until, width),
         evictions=len(lost), lost_gpu_h=round(sum(r.lost_gpu_h for r in lost), 3),
         deployments=_deployments(api, caller, everyone, since, width),
         idle_jobs=idle, idle_note=idle_note, usage=usage, usage_note=usage_note,
@@ -61,6 +63,28 @@ def _partitions(api: ApiContext, since: datetime, width: float) -> tuple[rd.Part
     readings = [rd.queue_reading(s) for s in api.store.queue_samples(since=since)]
     readings += [rd.rollup_reading(r, engine=False) for r in api.store.queue_rollups(since=since)]
     return rd.partition_series(readings, since, width, api.site.partition_names())
+
+
+def _busy(
+    api: ApiContext, caller: Caller, everyone: bool, since: datetime, until: datetime, width: float
+) -> tuple[rd.BusySeries, ...]:
+    """How busy the jobs' GPUs were (their NVML telemetry), per kind: every job's for an admin, the
+    caller's own otherwise. One ``job_utilisation`` per bucket (an indexed range each), never every
+    reading of a month at once."""
+    latest = api.store.latest_gpu_samples(since, user=None if everyone else caller.user)
+    kind = {r.job_id: r.kind for r in latest}
+    gpus = Counter(r.job_id for r in latest)
+    readings = []
+    start = since
+    while kind and start < until:
+        end = min(start + timedelta(seconds=width), until)
+        middle = start + (end - start) / 2
+        means = api.store.job_utilisation(start, end)
+        readings += [
+            rd.Reading(kind[j], middle, {"util_pct": u}, gpus[j]) for j, u in means.items() if j in kind
+        ]
+        start = end
+    return rd.busy_series(readings, since, width)
 
 
 def _split(api: ApiContext, since: datetime) -> tuple[rd.SplitPoint, ...]:

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 from hpcserve.errors import HpcserveError
 
 if TYPE_CHECKING:
-    from hpcserve.report.data import DeploymentSeries, PartitionSeries, ReportData, SplitPoint, UsageTable
+    from hpcserve.report.data import (
+        BusySeries,
+        DeploymentSeries,
+        PartitionSeries,
+        ReportData,
+        SplitPoint,
+        UsageTable,
+    )
 
 # Colour-blind-safe (Okabe-Ito), in order; a role keeps its colour across charts.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
@@ -104,12 +111,17 @@ def _colour(index: int, role: str | None = None) -> str:
 
 
 def utilisation_chart(report: ReportData) -> str | None:
-    """Top: allocated GPUs as a share of each partition's GPUs. Bottom: nodes per side (the lending
-    split), a step that holds its last value to the end of the period."""
+    """Top: allocated GPUs as a share of each partition's GPUs. Middle (with GPU telemetry): how busy the
+    jobs' GPUs were, per kind. Bottom: nodes per side (the lending split), a step that holds its last
+    value to the end of the period."""
     drawn = [p for p in report.partitions if p.points]
     if not drawn:
         return None
-    with _figure(2, 5.2, (2.2, 1)) as (fig, (util, sides)):
+    ratios = (2.2, 1.6, 1) if report.busy else (2.2, 1)
+    with _figure(len(ratios), 2.4 * sum(ratios), ratios) as (fig, axes):
+        util, sides = axes[0], axes[-1]
+        if report.busy:
+            _busy_lines(axes[1], report.busy, report.bucket_s)
         for i, series in enumerate(drawn):
             _utilisation_line(util, series, i, report.bucket_s)
         util.set_ylim(0, 105)
@@ -129,6 +141,17 @@ def _utilisation_line(axes: Any, series: PartitionSeries, index: int, bucket_s: 
     mean = series.allocated_pct()
     label = series.name + (f" (mean {mean:.0f}%)" if mean is not None else "")
     axes.plot(xs, ys, color=colour, linewidth=1.6, label=label)
+
+
+def _busy_lines(axes: Any, busy: Sequence[BusySeries], bucket_s: float) -> None:
+    for i, series in enumerate(busy):
+        xs, ys = _gapped([p.at for p in series.points], [p.util_pct for p in series.points], bucket_s)
+        axes.plot(xs, ys, color=_colour(i, series.kind), linewidth=1.4,
+                  label=f"{series.kind} jobs (mean {series.mean_pct:.0f}%)")  # fmt: skip
+    axes.set_ylim(0, 105)
+    axes.set_ylabel("GPU busy (%)")
+    axes.set_title("How busy the allocated GPUs were (the jobs' NVML utilisation)")
+    _legend(axes, len(busy))
 
 
 def _split_steps(axes: Any, split: Sequence[SplitPoint], until: datetime, roles: Mapping[str, str]) -> None:

@@ -64,6 +64,21 @@ class PartitionSeries:
 
 
 @dataclass(frozen=True, slots=True)
+class BusyPoint:
+    """How busy the GPUs of one kind of job were over one bucket: their mean NVML utilisation (0..100)."""
+
+    at: datetime
+    util_pct: float
+
+
+@dataclass(frozen=True, slots=True)
+class BusySeries:
+    kind: str  # training | inference
+    points: tuple[BusyPoint, ...]
+    mean_pct: float  # over the whole period, each job weighed by its GPUs
+
+
+@dataclass(frozen=True, slots=True)
 class SplitPoint:
     """Nodes per side from ``at`` on (the lending split)."""
 
@@ -138,6 +153,7 @@ class ReportData:
     lending_mode: str
     roles: Mapping[str, str]  # role -> partition name
     partitions: tuple[PartitionSeries, ...]
+    busy: tuple[BusySeries, ...]  # the jobs' GPU telemetry: every job's for an admin, else the viewer's
     split: tuple[SplitPoint, ...]
     evictions: int
     lost_gpu_h: float
@@ -244,6 +260,23 @@ def partition_series(
     return tuple(series)
 
 
+def busy_series(readings: Iterable[Reading], since: datetime, width_s: float) -> tuple[BusySeries, ...]:
+    """Per job kind (``Reading.key``), the GPU-weighted mean utilisation per bucket and overall; readings
+    are each job's mean ``util_pct`` over a bucket, weighing its GPUs."""
+    kept = list(readings)
+    series = []
+    order = {role: i for i, role in enumerate(ROLE_ORDER)}
+    by_kind = sorted(
+        bucketed(kept, since, width_s).items(), key=lambda kv: (order.get(str(kv[0]), 9), str(kv[0]))
+    )
+    for kind, buckets in by_kind:
+        points = tuple(BusyPoint(b.at, float(b.means["util_pct"] or 0.0)) for b in buckets)
+        ours = [r for r in kept if r.key == kind and r.values.get("util_pct") is not None]
+        mean = sum(float(r.values["util_pct"] or 0.0) * r.weight for r in ours) / sum(r.weight for r in ours)
+        series.append(BusySeries(str(kind), points, mean))
+    return tuple(series)
+
+
 def deployment_series(
     readings: Iterable[Reading], since: datetime, width_s: float, owners: Mapping[str, str]
 ) -> tuple[DeploymentSeries, ...]:
@@ -288,6 +321,8 @@ def to_json(report: ReportData) -> dict[str, Any]:
         "partitions": [{"name": p.name, "role": p.role,
                         "points": [[_iso(x.at), x.running_gpus, x.idle_gpus, x.total_gpus, x.pending_jobs,
                                     x.pending_gpus] for x in p.points]} for p in report.partitions],
+        "busy": [{"kind": b.kind, "mean_pct": b.mean_pct,
+                  "points": [[_iso(x.at), x.util_pct] for x in b.points]} for b in report.busy],
         "split": [[_iso(s.at), s.training_nodes, s.inference_nodes] for s in report.split],
         "evictions": report.evictions, "lost_gpu_h": report.lost_gpu_h,
         "deployments": [{"name": d.name, "owner": d.owner,
@@ -330,6 +365,8 @@ def _from_json(d: Mapping[str, Any]) -> ReportData:
         lending_mode=str(d["lending_mode"]), roles={str(k): str(v) for k, v in d["roles"].items()},
         partitions=tuple(PartitionSeries(p["name"], p["role"], tuple(
             PartitionPoint(_time(x[0]), *map(float, x[1:6])) for x in p["points"])) for p in d["partitions"]),
+        busy=tuple(BusySeries(b["kind"], tuple(BusyPoint(_time(at), float(u)) for at, u in b["points"]),
+                              float(b["mean_pct"])) for b in d["busy"]),
         split=tuple(SplitPoint(_time(at), int(t), int(i)) for at, t, i in d["split"]),
         evictions=int(d["evictions"]), lost_gpu_h=float(d["lost_gpu_h"]),
         deployments=tuple(DeploymentSeries(x["name"], x["owner"], tuple(

@@ -166,6 +166,11 @@ def _cards(report: ReportData) -> str:
         cards.append(
             _card(f"{series.name}: GPUs allocated", _num(pct, 0, "%"), sub, pct is not None and pct < 30)
         )
+    for busy in report.busy:
+        sub = "mean NVML utilisation of their GPUs"
+        cards.append(
+            _card(f"{busy.kind} jobs: GPUs busy", _num(busy.mean_pct, 0, "%"), sub, busy.mean_pct < 30)
+        )
     if report.lending_mode == "overlap" or report.evictions:
         lost = f"{report.lost_gpu_h:,.1f} GPU-hours of work lost"
         cards.append(_card("Lending: jobs evicted", str(report.evictions), lost, report.evictions > 0))
@@ -186,7 +191,9 @@ def _cards(report: ReportData) -> str:
 
 
 def _utilisation(report: ReportData, charts: Mapping[str, str]) -> str:
-    lead = ("Allocated GPUs as a share of each partition's GPUs, and below, how many nodes each side "
+    whose = "every job" if report.everyone else f"{report.viewer}'s jobs"
+    busy = f"how busy the GPUs of {whose} were (NVML), " if report.busy else ""
+    lead = (f"Allocated GPUs as a share of each partition's GPUs, {busy}and how many nodes each side "
             f"(training, inference) held: lending mode {report.lending_mode}.")  # fmt: skip
     drawn = [p for p in report.partitions if p.points]
     if not drawn:
@@ -196,8 +203,11 @@ def _utilisation(report: ReportData, charts: Mapping[str, str]) -> str:
     rows = [_partition_row(p, report.bucket_s) for p in drawn]
     table = _table(("Partition", "Role", "GPUs", "Allocated (mean)", "Idle GPU-hours", "Peak pending GPUs"),
                    rows, numeric=(2, 3, 4, 5))  # fmt: skip
+    none = "" if report.busy else (
+        f'<p class="meta">No GPU telemetry from {escape(whose)} in this period: the chart shows GPUs '
+        "allocated, not how busy they were.</p>")  # fmt: skip
     return _section(
-        "utilisation", "GPU utilisation per partition", lead, charts.get("utilisation", ""), table
+        "utilisation", "GPU utilisation per partition", lead, charts.get("utilisation", ""), none, table
     )
 
 
