@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from hpcserve.model.telemetry import GpuSample
     from hpcserve.telemetry.nvml import NvmlSampler
 
-COLUMNS = ("GPU", "UUID", "NAME", "UTIL %", "MEM USED", "MEM TOTAL", "POWER W", "SM MHZ")
+COLUMNS = ("GPU", "UUID", "NAME", "UTIL %", "MEM USED GIB", "MEM TOTAL GIB", "POWER W", "SM MHZ")
 positive = click.FloatRange(min=0.01)
 
 
@@ -124,6 +124,10 @@ def _emit(sampler: NvmlSampler, samples: list[GpuSample], as_json: bool) -> None
         return
     from hpcserve.cli.output import emit_table
 
-    table = [(s.gpu_index, s.gpu_uuid, names.get(s.gpu_uuid, ""), f"{s.util_pct:g}", s.mem_used_bytes,
-              s.mem_total_bytes, s.power_w, s.sm_clock_mhz) for s in samples]  # fmt: skip
+    table = [(s.gpu_index, s.gpu_uuid, names.get(s.gpu_uuid, ""), f"{s.util_pct:g}", _gib(s.mem_used_bytes),
+              _gib(s.mem_total_bytes), s.power_w, s.sm_clock_mhz) for s in samples]  # fmt: skip
     emit_table(f"{len(samples)} GPUs, driver {sampler.driver or '?'}", COLUMNS, table)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f}"
