@@ -4,9 +4,14 @@ prints on a cluster whose slurmd gathers GPU usage (the local cluster's fake GPU
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
+from hpcserve.service.sacct_gpu import SacctGpu
 from hpcserve.slurm.gpu_usage import job_samples, parse_sacct_gpu, sacct_gpu_argv, size_bytes, tres
+from hpcserve.slurm.runner import CommandResult
+from hpcserve.store import HistoryStore
 
 SACCT = """\
 1201|alice|2026-12-07T18:10:00|1|billing=2,cpu=2,gres/gpu=2,mem=4G,node=1|
@@ -57,3 +62,34 @@ def test_helpers() -> None:
     argv = sacct_gpu_argv("2026-12-07T18:00:00", "2026-12-07T19:00:00")
     assert argv[:5] == ["sacct", "-n", "-P", "--noconvert", "--allusers"]
     assert "--format=JobID,User,End,NTasks,AllocTRES,TRESUsageInAve" in argv
+
+
+class Recorded:
+    """A command runner that answers sacct with recorded text (a unit test's stand-in for Slurm)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.argvs: list[list[str]] = []
+
+    def __call__(self, argv: Any, *, timeout: float, stdin: str | None = None) -> CommandResult:
+        self.argvs.append(list(argv))
+        return CommandResult(tuple(argv), 0, self.text, "")
+
+
+def test_the_service_stores_each_jobs_reading_once_as_source_sacct(tmp_path: Path) -> None:
+    now = datetime(2026, 12, 7, 19, 0, tzinfo=UTC)
+    with HistoryStore(f"sqlite:///{tmp_path}/h.db") as store:
+        store.upgrade()
+        store.create_deployment("llama", "bob", {"name": "llama"}, 1, served_model_name="llama")
+        store.upsert_replica("llama", 0, job_id="1202", state="ready")
+        runner = Recorded(SACCT)
+        reader = SacctGpu(runner, store, 10.0, clock=lambda: now)  # type: ignore[arg-type]
+        assert reader.tick() == 2
+        assert reader.tick() == 0  # the same jobs again (an overlapping read): nothing twice
+        rows = {r.job_id: r for r in store.gpu_samples(None)}
+        assert {(j, r.user, r.kind, r.deployment, r.source, r.util_pct) for j, r in rows.items()} == {
+            ("1201", "alice", "training", None, "sacct", 45.0),
+            ("1202", "bob", "inference", "llama", "sacct", 15.0),
+        }
+        assert store.job_utilisation(now - timedelta(hours=2)) == {"1201": 45.0, "1202": 15.0}
+        assert runner.argvs[0][0] == "sacct" and any(a.startswith("--starttime=") for a in runner.argvs[0])

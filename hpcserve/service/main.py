@@ -8,8 +8,8 @@ next tick reconnects. Only the process holding a job's database lease acts (the 
 and "rebalance", shared with ``hpcserve rebalance --apply`` from cron), so two processes never both act.
 
 Jobs: serving (reconcile + autoscale), sampler (queue samples), rebalance (finish crashed plans, re-assert
-the split, plan and move nodes), retention, idle (GPU idle flags). The API serves users on the socket (see
-``http.py``); /metrics serves the jobs' counters on the admin address.
+the split, plan and move nodes), retention, idle (GPU idle flags), gpu_sacct (slurmd's GPU usage). The API
+serves users on the socket (see ``http.py``); /metrics serves the jobs' counters on the admin address.
 """
 
 from __future__ import annotations
@@ -92,7 +92,17 @@ def _jobs(site: SiteConfig, policy: Policy, store: HistoryStore, runner: Subproc
         jobs["rebalance"] = (rebalance, interval)
     jobs["metrics"] = (_metrics_tick(store, metrics, options), METRICS_INTERVAL_S)
     jobs["idle"] = _idle_job(store, policy, metrics, shared or make_client(site))
+    jobs["gpu_sacct"] = _sacct_gpu_job(runner, site, store)
     return jobs
+
+
+def _sacct_gpu_job(runner: SubprocessRunner, site: SiteConfig,
+                   store: HistoryStore) -> tuple[Callable[[], object], float]:  # fmt: skip
+    """slurmd's own GPU usage from sacct (``hpcserve.service.sacct_gpu``), under the lease "gpu_sacct"."""
+    from hpcserve.service.sacct_gpu import INTERVAL_S, SacctGpu
+
+    reader = SacctGpu(runner, store, site.slurm.command_timeout_s)
+    return leased(store, "gpu_sacct", 3 * INTERVAL_S, reader.tick), INTERVAL_S
 
 
 def _idle_job(store: HistoryStore, policy: Policy, metrics: ServiceMetrics,
