@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import generate_latest
 
 from hpcserve.service.metrics import ServiceMetrics
@@ -127,3 +128,38 @@ def test_every_metric_the_files_use_is_one_hpcserve_exports() -> None:
     assert used & TELEMETRY, "the dashboard shows the per-job GPU figures"
     if missing_telemetry:
         pytest.xfail(f"helper S's collector is not in the tree yet: {sorted(missing_telemetry)}")
+
+
+@needs_promtool
+def test_every_panel_query_parses(tmp_path: Path) -> None:
+    """promtool checks each panel's query as a recording rule's expression (PromQL syntax and types)."""
+    queries = panel_queries()
+    group = {
+        "name": "panels",
+        "rules": [{"record": f"panel:{i}", "expr": e} for i, (_, e) in enumerate(queries)],
+    }
+    (tmp_path / "panels.yml").write_text(yaml.safe_dump({"groups": [group]}))
+    out = promtool("check", "rules", "panels.yml", cwd=tmp_path)
+    assert out.returncode == 0 and f"SUCCESS: {len(queries)} rules found" in out.stdout, (
+        out.stdout + out.stderr
+    )
+
+
+@needs_promtool
+def test_cost_per_million_tokens_joins_the_service_and_the_gateway(tmp_path: Path) -> None:
+    """The one panel that joins two sources (deployment vs model labels), on series promtool makes up: a
+    deployment costing 3.6/h that generates 100 tokens/s costs 3.6 / 0.36 = 10 per million tokens."""
+    (expr,) = [e for title, e in panel_queries() if title == "Cost per million completion tokens"]
+    service = ('hpcserve_deployment_gpu_cost_dollars_per_hour{instance="s:9464", job="hpcserve-service", '
+               'deployment="chat"}')  # fmt: skip
+    tokens = ('hpcserve_gateway_completion_tokens_total{instance="g:9465", job="hpcserve-gateway", '
+              'model="chat", key="k"}')  # fmt: skip
+    series = [{"series": service, "values": "3.6x120"}, {"series": tokens, "values": "0+6000x120"}]
+    expected = [{"labels": '{deployment="chat"}', "value": 10}]
+    test = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series,
+        "promql_expr_test": [{"expr": expr, "eval_time": "90m", "exp_samples": expected}],
+    }]}  # fmt: skip
+    (tmp_path / "panel_test.yml").write_text(yaml.safe_dump(test))
+    out = promtool("test", "rules", "panel_test.yml", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
