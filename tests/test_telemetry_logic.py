@@ -247,6 +247,21 @@ def test_no_nvml_is_one_info_line_and_the_reporter_ends(caplog: pytest.LogCaptur
     assert "Driver Not Loaded" in caplog.records[0].getMessage()
 
 
+def test_a_sampler_that_fails_to_start_is_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(FakeSampler):
+        def open(self) -> FakeSampler:
+            raise RuntimeError("the GPU is lost")
+
+    with caplog.at_level(logging.INFO, logger="hpcserve.telemetry"):
+        Reporter("42", Broken(), FakeService(200)).run()
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "WARNING",
+            "telemetry: cannot start the NVML sampler (RuntimeError: the GPU is lost): no GPU samples",
+        )
+    ]
+
+
 def test_stop_sends_a_last_round() -> None:
     service = FakeService(200)
     reporter = Reporter("42", FakeSampler(), service, interval_s=60).start()

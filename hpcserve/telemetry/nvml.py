@@ -87,6 +87,9 @@ class NvmlSampler:
         try:
             self.driver = str(_optional(pynvml.nvmlSystemGetDriverVersion) or "")
             self.devices = self._find_devices()
+        except pynvml.NVMLError as exc:
+            self.close()
+            raise NvmlUnavailable(f"NVML could not list the GPUs: {exc}") from None
         except BaseException:
             self.close()
             raise

@@ -111,6 +111,11 @@ class Reporter:
         except NvmlUnavailable as exc:
             log.info("telemetry: %s; this job reports no GPU samples", exc)
             return
+        except Exception as exc:  # whatever else: the job goes on without telemetry
+            log.warning(
+                "telemetry: cannot start the NVML sampler (%s: %s): no GPU samples", type(exc).__name__, exc
+            )
+            return
         try:
             while not self.refused:
                 self.tick()
