@@ -4,11 +4,17 @@ said in words), and, on the cluster, the CLI through the real service as alice, 
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import math
+import os
 import random
 import shutil
 import subprocess
+import sys
+import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -273,10 +279,76 @@ def test_the_data_is_bucketed_from_a_week_of_real_shaped_samples(full_store: His
 
 def test_bad_periods_are_refused_naming_the_field(full_store: HistoryStore) -> None:
     api = api_for(full_store)
-    with pytest.raises(ValidationError, match="since_s: -5 is out of range"):
+    with pytest.raises(ValidationError, match="since_s: -5 seconds is out of range"):
         report_data(api, ALICE, -5)
     with pytest.raises(ValidationError, match="points: 0 is out of range"):
         report_data(api, ALICE, WEEK_S, points=0)
+
+
+# ------------------------------------------------------- the CLI through the API's route (no Slurm)
+
+
+@pytest.fixture
+def api_socket(full_store: HistoryStore) -> Iterator[Path]:
+    """The service's API app with the report route, on a Unix socket in this process (the caller is this
+    test's uid by SO_PEERCRED: root, an admin here). The whole service, as alice, bob and carol, is the
+    cluster test's."""
+    from aiohttp import web
+
+    from hpcserve.service.http import make_api_app
+    from hpcserve.service.routes_report import routes
+
+    folder = Path(tempfile.mkdtemp(prefix="hps-report-", dir="/tmp"))  # a socket path fits 108 bytes
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(make_api_app(api_for(full_store), [routes], "unix"))
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.UnixSite(runner, str(folder / "api.sock")).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder / "api.sock"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def cli(socket: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HPCSERVE_SITE": str(SITE), "HPCSERVE_SOCKET": str(socket)}
+    return subprocess.run([sys.executable, "-m", "hpcserve", "report", *args], capture_output=True, text=True,
+                          env=env, timeout=120, check=False)  # fmt: skip
+
+
+def test_the_cli_fetches_the_data_through_the_api_and_writes_the_page(
+    api_socket: Path, full_store: HistoryStore, tmp_path: Path
+) -> None:
+    out = tmp_path / "week.html"
+    done = cli(api_socket, "--since", "7d", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"wrote {out}"
+    text = out.read_text(encoding="utf-8")
+    assert text.count('<svg class="chart"') == 3 and "alice-chat" in text and "bob-coder" in text
+    as_json = cli(api_socket, "--since", "7d", "--json")
+    assert json.loads(as_json.stdout) == report_data(api_for(full_store), CAROL, WEEK_S) | {"viewer": "root"}
+
+
+def test_the_cli_refuses_bad_input_in_one_line(api_socket: Path, tmp_path: Path) -> None:
+    bad_since = cli(api_socket, "--since", "7x")
+    assert (bad_since.returncode, bad_since.stderr.strip()) == (
+        2, "error: --since '7x': expected a number and a unit, e.g. 90m, 24h or 7d")  # fmt: skip
+    far = cli(api_socket, "--since", "500d")
+    said = (
+        "error: since_s: 43200000 seconds is out of range "
+        "(fix: more than 0, at most 400 days, e.g. --since 7d)"
+    )
+    assert (far.returncode, far.stderr.strip()) == (2, said)
+    unwritable = cli(api_socket, "-o", str(tmp_path / "missing" / "r.html"))
+    assert unwritable.returncode == 1
+    assert "cannot write" in unwritable.stderr and "fix: pick a writable path with -o" in unwritable.stderr
+    nobody = cli(tmp_path / "none.sock", "-o", str(tmp_path / "r.html"))
+    assert nobody.returncode == 69 and "cannot reach the hpcserve service" in nobody.stderr
 
 
 # --------------------------------------------------------------------------- in headless Chromium

@@ -36,7 +36,8 @@ def report_data(
     """The report's data for the last ``since_s`` seconds, in about ``points`` buckets, as JSON."""
     if not 0 < since_s <= MAX_SINCE_S:
         raise ValidationError(
-            f"since_s: {since_s:g} is out of range (fix: 1 to {MAX_SINCE_S:.0f} seconds, e.g. --since 7d)"
+            f"since_s: {since_s:.0f} seconds is out of range "
+            f"(fix: more than 0, at most {MAX_SINCE_S / 86400:.0f} days, e.g. --since 7d)"
         )
     if not 1 <= points <= rd.MAX_POINTS:
         raise ValidationError(f"points: {points} is out of range (fix: 1 to {rd.MAX_POINTS})")

@@ -29,6 +29,8 @@ def report(ctx: Context, since: str, output: Path, points: int, as_json: bool) -
     from hpcserve.cli.history_cmd import parse_since
     from hpcserve.cli.serve_cmds import service_client
 
+    if not as_json:
+        check_writable(output)
     query = urlencode({"since_s": parse_since(since).total_seconds(), "points": points})
     answer = service_client(ctx).call("GET", "/v1/report-data?" + query)
     if as_json:
@@ -41,6 +43,18 @@ def report(ctx: Context, since: str, output: Path, points: int, as_json: bool) -
 
     write_page(output, render(from_json(answer)))
     click.echo(f"wrote {output}")
+
+
+def check_writable(path: Path) -> None:
+    """Fail before asking the service when the page could not be written anyway."""
+    import os
+
+    from hpcserve.errors import HpcserveError
+
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise HpcserveError(f"cannot write {path}: {folder} is not a folder you may write to "
+                            "(fix: pick a writable path with -o)")  # fmt: skip
 
 
 def write_page(path: Path, text: str) -> None:

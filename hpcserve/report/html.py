@@ -290,7 +290,7 @@ def _usage_table(table: UsageTable) -> str:
     body = [[r.key, _num(r.gpu_hours, 1), _num(r.busy_gpu_hours, 1), _num(r.idle_gpu_hours, 1),
              NONE if r.tokens is None else f"{r.tokens:,}",
              _bar(r.cost, top, f"{r.cost:,.2f} {table.currency}")] for r in rows]  # fmt: skip
-    columns = (table.by.capitalize(), "GPU-hours", "busy", "idle", "Tokens", "Cost")
+    columns = (table.by.capitalize(), "GPU-hours", "Busy GPU-h", "Idle GPU-h", "Tokens", "Cost")
     return _table(columns, body, numeric=(1, 2, 3, 4), raw=(5,))
 
 
