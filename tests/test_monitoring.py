@@ -147,21 +147,22 @@ def reading(at: datetime, util_pct: float) -> dict[str, Any]:
 
 def load(rig: Rig, name: str, job_id: str, stop: threading.Event) -> None:
     """Chat requests through the gateway, streamed and not, and the replica's GPU at 5% posted every second
-    (as its owner, over the service's socket); the 10 s before the first post are back-filled."""
+    (as its owner, over the service's socket); the 10 s before the first post are back-filled. What fails
+    goes to ``rig.errors``."""
     client = ServiceClient(rig.serving.socket)
     now = datetime.now(UTC)
-    back = [reading(now - timedelta(seconds=s), 5.0) for s in range(10, 0, -1)]
-    client.call("POST", "/v1/telemetry", {"job_id": job_id, "samples": back})
-    posted, i = time.monotonic(), 0
+    readings = [reading(now - timedelta(seconds=s), 5.0) for s in range(10, -1, -1)]
+    posted, i = 0.0, 0
     while not stop.is_set():
-        answer = chat(rig.serving, name, stream=i % 2 == 0, max_tokens=8, timeout=30)
-        if answer.status_code != 200:
-            rig.errors.append(f"{answer.status_code} {answer.text[:200]}")
-        if time.monotonic() - posted >= 1:
-            client.call(
-                "POST", "/v1/telemetry", {"job_id": job_id, "samples": [reading(datetime.now(UTC), 5.0)]}
-            )
-            posted = time.monotonic()
+        try:
+            if time.monotonic() - posted >= 1:
+                client.call("POST", "/v1/telemetry", {"job_id": job_id, "samples": readings})
+                posted, readings = time.monotonic(), [reading(datetime.now(UTC), 5.0)]
+            answer = chat(rig.serving, name, stream=i % 2 == 0, max_tokens=8, timeout=30)
+            if answer.status_code != 200:
+                rig.errors.append(f"chat: {answer.status_code} {answer.text[:200]}")
+        except Exception as exc:  # the test reads them; a dead thread would only stop the load
+            rig.errors.append(f"{type(exc).__name__}: {exc}")
         i += 1
         stop.wait(0.2)
 
@@ -193,7 +194,7 @@ def test_panels_and_rules_return_data_and_the_lease_alerts_fire(rig: Rig) -> Non
         queries = panel_queries() + [(r["alert"], with_bool(r["expr"])) for r in rules()]
         wait_until(lambda: not missing(rig, queries), timeout=60, interval=2)
     except AssertionError:
-        pytest.fail(f"no finite data in 60 s for: {missing(rig, queries)}")
+        pytest.fail(f"no finite data in 60 s for: {missing(rig, queries)} (load errors: {rig.errors[:3]})")
     finally:
         stop.set()
         worker.join(timeout=40)
