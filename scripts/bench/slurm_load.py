@@ -149,6 +149,9 @@ def measure(env: dict[str, str], shared: bool, minutes: float, log: Path) -> tup
         since = data_since(sdiag())
         time.sleep(minutes * 60)
         stats = sdiag()
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").splitlines()[-15:]
+            raise SystemExit(f"the service ({log.stem}) exited with {proc.returncode}:\n" + "\n".join(tail))
         if data_since(stats) != since:
             print(f"WARNING: sdiag was reset during this variant (slurmctld restarted?): rerun ({log.stem})")
         return user_rpcs(stats, SERVICE_USER), rpc_counts(stats)
