@@ -36,6 +36,7 @@ from hpcserve.report.html import page
 from hpcserve.report.render import render
 from hpcserve.store import EngineSample, HistoryStore, LostWork, NewStep, QueueSample
 from hpcserve.telemetry.idle import flag_to_json
+from tests.api_fixtures import ApiService
 from tests.conftest import POLICY, SITE
 
 NOW = datetime(2026, 12, 7, 18, 0, tzinfo=UTC)
@@ -57,14 +58,17 @@ class NoSlurm:
 # ------------------------------------------------------------------------------------ a week of data
 
 
-def populate(store: HistoryStore, clock: list[datetime]) -> None:
-    """A week of 10-minute samples with a daily cycle and a 5-hour outage, two deployments (alice's and
-    bob's) with two replicas and a gateway each, three node moves, one eviction and two idle flags."""
+def populate(store: HistoryStore, clock: list[datetime], deployments: bool = True) -> None:
+    """A week up to ``clock[0]`` (the store's clock; the moves set it back for each): 10-minute samples
+    with a daily cycle and a 5-hour outage, two deployments (alice's and bob's) with two replicas and a
+    gateway each, GPU telemetry, three node moves, one eviction and two idle flags. ``deployments``
+    False: their rows are left to the caller (the cluster test serves them through the API)."""
+    now = clock[0]
     rng = random.Random(13)  # noqa: S311 - repeatable noise, not a secret
     queue, engine = [], []
     for i in range(7 * 144):
-        at = NOW - timedelta(days=7) + timedelta(minutes=10 * i)
-        if timedelta(days=2) < NOW - at < timedelta(days=2, hours=5):
+        at = now - timedelta(days=7) + timedelta(minutes=10 * i)
+        if timedelta(days=2) < now - at < timedelta(days=2, hours=5):
             continue
         day = 0.5 + 0.5 * math.sin(2 * math.pi * (at.hour - 8) / 24)
         for name, total, base in (("train", 16, 0.55), ("infer", 16, 0.2), ("all", 32, 0.4)):
@@ -81,35 +85,36 @@ def populate(store: HistoryStore, clock: list[datetime]) -> None:
                                        source="login1:8080"))  # fmt: skip
     store.add_queue_samples(queue)
     store.add_engine_samples(engine)
-    add_gpu_telemetry(store, rng)
-    store.create_deployment("alice-chat", "alice", {"model": "m", "engine": "vllm"}, 2, served_model_name="a")
-    store.create_deployment("bob-coder", "bob", {"model": "m", "engine": "vllm"}, 2, served_model_name="b")
+    add_gpu_telemetry(store, rng, now)
+    if deployments:
+        store.create_deployment("alice-chat", "alice", {"model": "m"}, 2, served_model_name="a")
+        store.create_deployment("bob-coder", "bob", {"model": "m"}, 2, served_model_name="b")
     for days, node, src, dst in ((5, "node5", "inference", "training"), (3, "node5", "training", "inference"),
                                  (1.2, "node3", "training", "inference")):  # fmt: skip
-        clock[0] = NOW - timedelta(days=days)
+        clock[0] = now - timedelta(days=days)
         plan = store.create_plan("test", [{"node": node, "dst": dst}], [NewStep(node, src, dst, "move")])
         store.start_step(plan, 0)
         store.mark_step(plan, 0, "done")
-    clock[0] = NOW
+    clock[0] = now
     store.add_lost_work(
-        [LostWork(NOW - timedelta(days=2), "4211", "bob", "node5", 4, 5400.0, "alice-chat", "43")]
+        [LostWork(now - timedelta(days=2), "4211", "bob", "node5", 4, 5400.0, "alice-chat", "43")]
     )
     flags = [IdleFlag("5001", "alice", "training", "GPUs averaged 4% for 30 min (< 20%)",
-                      NOW - timedelta(hours=3), 4, 12.0, 4.0),
-             IdleFlag("5002", "bob", "inference", "served no request for 30 min", NOW - timedelta(hours=1),
+                      now - timedelta(hours=3), 4, 12.0, 4.0),
+             IdleFlag("5002", "bob", "inference", "served no request for 30 min", now - timedelta(hours=1),
                       1, 1.0, None)]  # fmt: skip
-    store.put_state(FLAGS_STATE, {"evaluated_at": NOW.isoformat(), "flags": [flag_to_json(f) for f in flags]})
+    store.put_state(FLAGS_STATE, {"evaluated_at": now.isoformat(), "flags": [flag_to_json(f) for f in flags]})
 
 
-def add_gpu_telemetry(store: HistoryStore, rng: random.Random) -> None:
+def add_gpu_telemetry(store: HistoryStore, rng: random.Random, now: datetime) -> None:
     """NVML readings every 10 minutes: alice's training job 5000 (4 GPUs, busy, days 7 to 3 ago), her
     job 5001 (4 GPUs at ~4%, the last 3 days: flagged idle) and bob's replica job 5002 (1 GPU, ~40%)."""
     jobs = (("5000", "alice", "training", 4, 7.0, 3.0, 85.0), ("5001", "alice", "training", 4, 3.0, 0.0, 4.0),
             ("5002", "bob", "inference", 1, 7.0, 0.0, 40.0))  # fmt: skip
     for job, user, kind, gpus, start_d, end_d, mean in jobs:
         samples = []
-        at = NOW - timedelta(days=start_d)
-        while at < NOW - timedelta(days=end_d):
+        at = now - timedelta(days=start_d)
+        while at < now - timedelta(days=end_d):
             samples += [GpuSample(at, job, f"GPU-{job}-{i}", i, max(0.0, min(100.0, rng.gauss(mean, 6))),
                                   30 << 30, 80 << 30, 250.0, 1410) for i in range(gpus)]  # fmt: skip
             at += timedelta(minutes=10)
@@ -465,3 +470,45 @@ def test_an_empty_store_gives_a_page_that_says_so_in_words(empty_store: HistoryS
     rgb = pixels(shot)
     assert colours(rgb) > 20  # the page itself rendered (text, boxes)
     assert near(rgb, "#0072B2") < 5000  # no chart lines: only the header's rule and a card's edge
+
+
+# ------------------------------------------------------------------- the cluster: the real service
+
+
+@pytest.mark.cluster
+def test_each_user_reads_their_own_report_through_the_service(
+    api_service: ApiService, short_root: Path
+) -> None:
+    """The whole path as real users: the service (as root, its own database) answers ``hpcserve report``
+    run by alice, bob and carol (an admin through @hpcadmin) with runuser; usage comes from sacct."""
+    for user, name in (("alice", "alice-chat"), ("bob", "bob-coder")):
+        served = api_service.run_as(user, "serve", "sim-model", "--name", name, "--engine", "simulator",
+                                    "--min-replicas", "0", "--json")  # fmt: skip
+        assert served.returncode == 0, served.stderr
+    clock = [datetime.now(UTC)]
+    with HistoryStore(api_service.db_url, clock=lambda: clock[0]) as store:
+        populate(store, clock, deployments=False)
+    pages, data = {}, {}
+    for user in ("alice", "bob", "carol"):
+        folder = short_root / user
+        folder.mkdir()
+        shutil.chown(folder, user)
+        done = api_service.run_as(user, "report", "--since", "7d", "-o", str(folder / "week.html"))
+        assert done.returncode == 0, done.stderr
+        pages[user] = (folder / "week.html").read_text(encoding="utf-8")
+        answer = api_service.run_as(user, "report", "--since", "7d", "--json")
+        assert answer.returncode == 0, answer.stderr
+        data[user] = json.loads(answer.stdout)
+    names = {user: [d["name"] for d in data[user]["deployments"]] for user in data}
+    assert names == {"alice": ["alice-chat"], "bob": ["bob-coder"], "carol": ["alice-chat", "bob-coder"]}
+    assert "bob-coder" not in pages["alice"] and "bob-coder" not in json.dumps(data["alice"])
+    assert "alice-chat" not in pages["bob"]
+    kinds = {user: [b["kind"] for b in data[user]["busy"]] for user in data}
+    assert kinds == {"alice": ["training"], "bob": ["inference"], "carol": ["training", "inference"]}
+    assert [data[u]["everyone"] for u in ("alice", "bob", "carol")] == [False, False, True]
+    for user in data:  # the service read sacct for each: a table (maybe empty), never "could not be read"
+        assert data[user]["usage"] is not None, data[user]["usage_note"]
+        assert data[user]["partitions"] == data["carol"]["partitions"]  # cluster facts: everyone's
+    shot, dom = screenshot_and_dom(pages["carol"], short_root)
+    assert len(dom.svgs) >= 3 and all(children > 20 for children in dom.svgs) and dom.external == []
+    assert colours(pixels(shot)) > 500
