@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hpcserve.idle")
 MAX_LOOKBACK = timedelta(days=7)  # a replica's last request is looked for this far back at most
+MAX_IDS = 2000  # more running jobs than this: the window's readings are read without a job filter
 
 
 def tick_interval_s(rules: IdleRules) -> float:
@@ -51,7 +52,8 @@ class IdleTick:
         running = [j for j in self.jobs() if j.state == JobState.RUNNING]
         self.running = frozenset(j.id for j in running)
         previous = {f.job_id: f for f in current_flags(self.store.get_state(FLAGS_STATE), now)}
-        flags = idle_flags(self._samples(now), running, self._activity(running, now), self.rules, now,
+        samples, activity = self._samples(now, running), self._activity(running, now)
+        flags = idle_flags(samples, running, activity, self.rules, now,
                            previous={k: f.since for k, f in previous.items()})  # fmt: skip
         self.store.put_state(FLAGS_STATE, {"evaluated_at": now.isoformat(),
                                            "flags": [flag_to_json(f) for f in flags]})  # fmt: skip
@@ -59,10 +61,12 @@ class IdleTick:
             self._newly_flagged(flag, running)
         return flags
 
-    def _samples(self, now: datetime) -> dict[str, list[GpuSample]]:
+    def _samples(self, now: datetime, running: Sequence[Job]) -> dict[str, list[GpuSample]]:
+        """The window's readings of the running jobs (of every job when there are very many)."""
         since = now - timedelta(seconds=self.rules.window_s)
+        ids = [j.id for j in running] if len(running) <= MAX_IDS else None
         by_job: dict[str, list[GpuSample]] = {}
-        for record in self.store.gpu_samples(since):
+        for record in self.store.gpu_samples(since, job_ids=ids):
             by_job.setdefault(record.job_id, []).append(record.sample())
         return by_job
 
