@@ -82,9 +82,9 @@ def test_ps_reads_the_answer_and_marks_only_the_jobs_it_names() -> None:
     found = ps_telemetry.parse(answer)
     assert found == {"5": (4.6, True), "7": (None, False)}
     jobs = [Job(i, int(i), "j", "alice", "a", "p", JobState.RUNNING, 1) for i in ("5", "6")]
-    marked = list(ps_telemetry.annotate(jobs, found))
+    marked = ps_telemetry.annotate(jobs, found)
     assert [(j.gpu_util_pct, j.idle) for j in marked] == [(4.6, True), (None, None)]
-    assert list(ps_telemetry.annotate(jobs, {})) == jobs
+    assert ps_telemetry.annotate(jobs, {}) is jobs
 
 
 def test_ps_skips_silently_without_a_service_socket(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -260,7 +260,7 @@ def ps(ctx: Context, me: bool, user: str | None, partitions: tuple[str, ...], st
         user=current_user() if me else user, states=states, partitions=partitions, job_ids=job_ids
     )
     jobs = list(CliSlurmClient(ctx.runner).iter_jobs(filt))  # squeue runs while the rest loads
-    jobs = list(annotate(jobs, fetched(pending)))
+    jobs = annotate(jobs, fetched(pending))
     if as_json:
         from hpcserve.inventory import jobs_json
 

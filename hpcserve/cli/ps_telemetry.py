@@ -17,8 +17,6 @@ import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
-
     from hpcserve.model.cluster import Job
 
 SOCKET_ENV = "HPCSERVE_SOCKET"
@@ -95,16 +93,15 @@ def parse(data: Any) -> Telemetry:
     return found
 
 
-def annotate(jobs: Iterable[Job], telemetry: Telemetry) -> Iterator[Job]:
-    """``jobs`` with ``gpu_util_pct`` and ``idle`` set where the service has figures for them."""
+def annotate(jobs: list[Job], telemetry: Telemetry) -> list[Job]:
+    """``jobs`` with ``gpu_util_pct`` and ``idle`` set where the service has figures for them (the same
+    list, untouched, when it has none)."""
     if not telemetry:
-        yield from jobs
-        return
+        return jobs
     from msgspec.structs import replace
 
-    for job in jobs:
-        found = telemetry.get(job.id)
-        yield job if found is None else replace(job, gpu_util_pct=found[0], idle=found[1])
+    return [job if (found := telemetry.get(job.id)) is None
+            else replace(job, gpu_util_pct=found[0], idle=found[1]) for job in jobs]  # fmt: skip
 
 
 def fetched(pending: Fetch | None) -> Telemetry:
