@@ -4,17 +4,33 @@ test_telemetry_cluster.py."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hpcserve.api.telemetry import MAX_SAMPLES, current_flags, parse_report
+from hpcserve.api.caller import Caller
+from hpcserve.api.context import ApiContext
+from hpcserve.api.errors import Forbidden
+from hpcserve.api.telemetry import (
+    FLAGS_STATE,
+    MAX_SAMPLES,
+    admin_idle_jobs,
+    current_flags,
+    idle_jobs,
+    latest_by_job,
+    parse_report,
+    store_report,
+)
 from hpcserve.cli import ps_telemetry
 from hpcserve.config.sections import ServiceSettings
 from hpcserve.errors import ValidationError
 from hpcserve.model.cluster import Job, JobState
 from hpcserve.model.telemetry import IdleFlag
+from hpcserve.serving.tags import secret_hash
+from hpcserve.store import HistoryStore
 from hpcserve.telemetry.idle import flag_to_json
 
 NOW = datetime(2026, 12, 7, 19, 0, tzinfo=UTC)
@@ -91,3 +107,70 @@ def test_ps_skips_silently_without_a_service_socket(monkeypatch: pytest.MonkeyPa
     assert ServiceSettings().socket == ps_telemetry.DEFAULT_SOCKET
     monkeypatch.setenv(ps_telemetry.SOCKET_ENV, "/nonexistent/api.sock")
     assert ps_telemetry.start() is None and ps_telemetry.fetched(None) == {}
+
+
+# ---------------------------------------------- the API's rules over a real SQLite store (Slurm recorded)
+class RecordedSlurm:
+    """The running jobs a filtered squeue would print (a unit test's stand-in; the cluster test has
+    Slurm)."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.running, self.asked = jobs, []  # type: ignore[var-annotated]
+
+    def jobs(self, filt: Any = None) -> list[Job]:
+        self.asked.append(filt)
+        return [j for j in self.running if not filt or j.id in filt.job_ids]
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[ApiContext]:
+    from hpcserve.config import load_policy, load_site_config
+    from tests.conftest import POLICY, SITE
+
+    site = load_site_config(SITE).model_copy(update={"admins": ["@hpcadmin"]})
+    jobs = [Job("77", 77, "j", "alice", "a", "infer", JobState.RUNNING, 1, tag="hpcserve:replica:llama:0"),
+            Job("88", 88, "j", "bob", "a", "train", JobState.RUNNING, 1)]  # fmt: skip
+    with HistoryStore(f"sqlite:///{tmp_path}/h.db") as store:
+        store.upgrade()
+        store.create_deployment("llama", "alice", {"name": "llama"}, 1, served_model_name="llama")
+        store.upsert_replica("llama", 0, job_id="77", state="ready", secret_hash=secret_hash("s3cret"))
+        yield ApiContext(site, load_policy(POLICY), store, RecordedSlurm(jobs), clock=lambda: NOW)  # type: ignore[arg-type]
+
+
+ALICE = Caller(1001, "alice", frozenset({"alice"}))
+BOB = Caller(1002, "bob", frozenset({"bob"}))
+CAROL = Caller(1003, "carol", frozenset({"carol", "hpcadmin"}))
+
+
+def test_the_owner_or_the_replica_stores_and_nobody_else(api: ApiContext) -> None:
+    mine = parse_report(body(job_id="77"), NOW)
+    assert store_report(api, mine, None, ALICE) == 1
+    assert api.slurm.asked[-1].job_ids == ("77",) and api.slurm.asked[-1].states == ("RUNNING",)  # type: ignore[attr-defined]
+    as_replica = parse_report(body(job_id="77", deployment="llama", index=0), NOW)
+    assert store_report(api, as_replica, "s3cret", None) == 1  # TCP: the secret is the proof
+    refused = [(mine, None, BOB, "not a running job of bob"),
+               (mine, None, CAROL, "not a running job of carol"),
+               (mine, None, None, "no identity"), (as_replica, "guess", ALICE, "wrong secret"),
+               (as_replica, "s3cret", BOB, "not bob"), (as_replica, None, ALICE, "with its secret"),
+               (parse_report(body(job_id="88", deployment="llama", index=0), NOW), "s3cret", None,
+                "not the job of replica llama:0")]  # fmt: skip
+    for report, secret, caller, why in refused:
+        with pytest.raises(Forbidden, match=why):
+            store_report(api, report, secret, caller)
+    rows = api.store.gpu_samples(None)
+    assert [(r.user, r.kind, r.deployment) for r in rows] == [("alice", "inference", None),
+                                                              ("alice", "inference", "llama")]  # fmt: skip
+
+
+def test_readers_see_their_own_and_admins_everything(api: ApiContext) -> None:
+    store_report(api, parse_report(body(job_id="77", sample={"util_pct": 5.0}), NOW), None, ALICE)
+    store_report(api, parse_report(body(job_id="88", sample={"util_pct": 90.0}), NOW), None, BOB)
+    flag = IdleFlag("77", "alice", "inference", "GPUs averaged 5% for 30 min (< 20%)", NOW, 1, 0.5, 5.0)
+    api.store.put_state(FLAGS_STATE, {"evaluated_at": NOW.isoformat(), "flags": [flag_to_json(flag)]})
+    assert [(r["job_id"], r["util_pct"], r["idle"]) for r in latest_by_job(api, ALICE)] == [("77", 5.0, True)]
+    assert [(r["job_id"], r["idle"]) for r in latest_by_job(api, BOB)] == [("88", False)]
+    assert [r["job_id"] for r in latest_by_job(api, CAROL)] == ["77", "88"]
+    assert idle_jobs(api, BOB) == [] and idle_jobs(api, ALICE) == [flag] == idle_jobs(api, CAROL)
+    assert admin_idle_jobs(api, CAROL)["gpu_hours_wasted"] == 0.5
+    with pytest.raises(Forbidden, match="idle jobs are for admins; bob is not one"):
+        admin_idle_jobs(api, BOB)
