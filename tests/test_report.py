@@ -35,6 +35,7 @@ from hpcserve.report import data as rd
 from hpcserve.report.html import page
 from hpcserve.report.render import render
 from hpcserve.store import EngineSample, HistoryStore, LostWork, NewStep, QueueSample
+from hpcserve.store.buckets import engine_buckets, queue_buckets
 from hpcserve.telemetry.idle import flag_to_json
 from tests.api_fixtures import ApiService
 from tests.conftest import POLICY, SITE
@@ -148,6 +149,15 @@ def empty_store(tmp_path: Path) -> Iterator[HistoryStore]:
 # ------------------------------------------------------------------------------------------- pure
 
 
+def queue_reading(sample: QueueSample) -> rd.Reading:
+    return rd.Reading(sample.partition, sample.at, {k: float(getattr(sample, k)) for k in rd.QUEUE_KEYS})
+
+
+def engine_reading(sample: EngineSample) -> rd.Reading:
+    key = (sample.deployment, sample.replica, sample.source)
+    return rd.Reading(key, sample.at, {k: getattr(sample, k) for k in rd.ENGINE_KEYS})
+
+
 def test_buckets_weigh_rollups_and_skip_missing_values() -> None:
     since = NOW - timedelta(hours=2)
     readings = [
@@ -175,11 +185,11 @@ def test_deployment_sums_waiting_over_replicas_and_gateways_and_weighs_ttft() ->
     since = NOW - timedelta(minutes=10)
     at = since + timedelta(seconds=30)
     readings = [
-        rd.engine_reading(EngineSample(at, "d", 0, waiting=4, ttft_p50=0.1, ttft_p95=0.5)),
-        rd.engine_reading(EngineSample(at, "d", 0, waiting=2, ttft_p50=0.1, ttft_p95=0.5)),
-        rd.engine_reading(EngineSample(at, "d", 1, waiting=1, ttft_p50=0.4, ttft_p95=1.1)),
-        rd.engine_reading(EngineSample(at, "d", None, gateway_waiting=5, source="gw:1")),
-        rd.engine_reading(EngineSample(at, "other", 0, waiting=50, ttft_p50=9.0)),
+        engine_reading(EngineSample(at, "d", 0, waiting=4, ttft_p50=0.1, ttft_p95=0.5)),
+        engine_reading(EngineSample(at, "d", 0, waiting=2, ttft_p50=0.1, ttft_p95=0.5)),
+        engine_reading(EngineSample(at, "d", 1, waiting=1, ttft_p50=0.4, ttft_p95=1.1)),
+        engine_reading(EngineSample(at, "d", None, gateway_waiting=5, source="gw:1")),
+        engine_reading(EngineSample(at, "other", 0, waiting=50, ttft_p50=9.0)),
     ]
     (series,) = rd.deployment_series(readings, since, 600, {"d": "alice", "unsampled": "alice"})
     (point,) = series.points
@@ -195,7 +205,7 @@ def test_partitions_come_training_first_and_know_their_allocation() -> None:
     samples = [QueueSample(since + timedelta(minutes=m), p, 0, pend, run, 8 - run, 8)
                for m in (0, 30) for p, run, pend in parts]  # fmt: skip
     roles = {"training": "train", "inference": "infer", "shared": "all"}
-    series = rd.partition_series([rd.queue_reading(s) for s in samples], since, 1800, roles)
+    series = rd.partition_series([queue_reading(s) for s in samples], since, 1800, roles)
     assert [(s.name, s.role) for s in series] == [
         ("train", "training"),
         ("infer", "inference"),
@@ -241,6 +251,28 @@ def test_usage_shows_as_a_chart_and_a_table_by_cost(full_store: HistoryStore) ->
 
 
 # ------------------------------------------------------------------------------- the API's data
+
+
+@pytest.mark.parametrize("width", [2520.0, 600.0, 37.0])
+def test_the_databases_buckets_are_pythons_over_the_raw_samples(
+    full_store: HistoryStore, width: float
+) -> None:
+    """The SQL grouping (julianday on SQLite) puts every sample where Python's exact arithmetic does,
+    samples on a bucket's very edge included (every 10 minutes; 600 s buckets have one at each edge)."""
+    since = NOW - timedelta(days=7)
+    py_queue = rd.bucketed([queue_reading(s) for s in full_store.queue_samples(since=since)], since, width)
+    engine = [s for d in ("alice-chat", "bob-coder") for s in full_store.engine_samples(d, since=since)]
+    py_engine = rd.bucketed([engine_reading(s) for s in engine], since, width)
+    sql_queue = queue_buckets(full_store, since, NOW, width)
+    sql_engine = engine_buckets(full_store, ["alice-chat", "bob-coder"], since, NOW, width)
+    for python, sql, keys in ((py_queue, sql_queue, rd.QUEUE_KEYS), (py_engine, sql_engine, rd.ENGINE_KEYS)):
+        rows = {(r.key if len(r.key) > 1 else r.key[0], r.index): r for r in sql}
+        assert len(rows) == sum(len(b) for b in python.values())
+        for key, buckets in python.items():
+            for bucket in buckets:
+                row = rows[(key, round((bucket.at - since).total_seconds() / width))]
+                assert row.count == bucket.weight
+                assert {k: row.means[k] for k in keys} == pytest.approx(dict(bucket.means), nan_ok=True)
 
 
 def test_a_user_sees_their_own_deployments_and_idle_jobs_and_an_admin_everyones(

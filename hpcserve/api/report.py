@@ -51,17 +51,24 @@ def report_data(
     report = rd.ReportData(
         generated_at=until, since=since, until=until, bucket_s=width, viewer=caller.user, everyone=everyone,
         lending_mode=api.site.lending.mode, roles=api.site.partition_names(),
-        partitions=_partitions(api, since, width), split=_split(api, since),
+        partitions=_partitions(api, since, until, width), split=_split(api, since),
         busy=_busy(api, caller, everyone, since, until, width),
         evictions=len(lost), lost_gpu_h=round(sum(r.lost_gpu_h for r in lost), 3),
-        deployments=_deployments(api, caller, everyone, since, width),
+        deployments=_deployments(api, caller, everyone, since, until, width),
         idle_jobs=idle, idle_note=idle_note, usage=usage, usage_note=usage_note,
     )  # fmt: skip
     return rd.to_json(report)
 
 
-def _partitions(api: ApiContext, since: datetime, width: float) -> tuple[rd.PartitionSeries, ...]:
-    readings = [rd.queue_reading(s) for s in api.store.queue_samples(since=since)]
+def _partitions(
+    api: ApiContext, since: datetime, until: datetime, width: float
+) -> tuple[rd.PartitionSeries, ...]:
+    """Each partition's queue: the database's bucket means of the raw samples, and the hourly rollups of
+    samples older than the retention window."""
+    from hpcserve.store.buckets import queue_buckets
+
+    readings = [rd.bucket_reading(row.key[0], row.index, row.count, row.means, since, width)
+                for row in queue_buckets(api.store, since, until, width)]  # fmt: skip
     readings += [rd.rollup_reading(r, engine=False) for r in api.store.queue_rollups(since=since)]
     return rd.partition_series(readings, since, width, api.site.partition_names())
 
@@ -95,13 +102,15 @@ def _split(api: ApiContext, since: datetime) -> tuple[rd.SplitPoint, ...]:
 
 
 def _deployments(
-    api: ApiContext, caller: Caller, everyone: bool, since: datetime, width: float
+    api: ApiContext, caller: Caller, everyone: bool, since: datetime, until: datetime, width: float
 ) -> tuple[rd.DeploymentSeries, ...]:
     """The caller's deployments (everyone's for an admin) that have engine samples in the period."""
+    from hpcserve.store.buckets import engine_buckets
+
     owners = {d.name: d.owner for d in api.store.list_deployments() if everyone or d.owner == caller.user}
-    readings: list[rd.Reading] = []
+    readings = [rd.bucket_reading(row.key, row.index, row.count, row.means, since, width)
+                for row in engine_buckets(api.store, owners, since, until, width)]  # fmt: skip
     for name in owners:
-        readings += [rd.engine_reading(s) for s in api.store.engine_samples(name, since=since)]
         readings += [rd.rollup_reading(r, engine=True) for r in api.store.engine_rollups(name, since=since)]
     return rd.deployment_series(readings, since, width, owners)
 

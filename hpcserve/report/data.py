@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from hpcserve.errors import HpcserveError
 
 if TYPE_CHECKING:
-    from hpcserve.store.records import EngineSample, QueueSample, Rollup
+    from hpcserve.store.records import Rollup
 
 DEFAULT_POINTS = 240
 MAX_POINTS = 2000
@@ -219,14 +219,12 @@ def _means(fields: Mapping[str, list[float]]) -> dict[str, Value]:
     return {name: (total / n if n else None) for name, (total, n) in fields.items()}
 
 
-def queue_reading(sample: QueueSample) -> Reading:
-    return Reading(sample.partition, sample.at, {k: float(getattr(sample, k)) for k in QUEUE_KEYS})
-
-
-def engine_reading(sample: EngineSample) -> Reading:
-    """Keyed by (deployment, replica, gateway): each replica's and each gateway's own series."""
-    key = (sample.deployment, sample.replica, sample.source)
-    return Reading(key, sample.at, {k: getattr(sample, k) for k in ENGINE_KEYS})
+def bucket_reading(
+    key: Hashable, index: int, count: int, means: Mapping[str, Value], since: datetime, width_s: float
+) -> Reading:
+    """The database's mean over bucket ``index`` (``hpcserve.store.buckets``) as one reading at the
+    bucket's middle, weighing its ``count`` samples: it falls in the same bucket here."""
+    return Reading(key, since + timedelta(seconds=(index + 0.5) * width_s), means, count)
 
 
 def rollup_reading(rollup: Rollup, engine: bool) -> Reading:
