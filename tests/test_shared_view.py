@@ -173,7 +173,7 @@ def test_while_calm_the_sampler_and_the_planner_share_the_controllers_read_dated
     clock = Clock()
     slurm = CountingSlurm(clock)
     shared = SharedView(slurm, 2.0, calm_s=10.0, clock=clock)
-    planner = shared.calm_reader()
+    planner = shared.calm_reader(20.0)
     shared.calm_jobs()
     shared.settle(True)
     clock.now += 4.0

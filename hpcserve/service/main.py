@@ -241,7 +241,7 @@ def _sampler_tick(view: SlurmReader, store: HistoryStore, metrics: ServiceMetric
     from hpcserve.rebalance.sampler import Sampler
     from hpcserve.slurm.shared_view import SharedView
 
-    # through the shared view: a read up to min(calm, period) old while calm, dated when it was read
+    # through the shared view: a read up to min(calm, its period) old while calm, dated when it was read
     timed = metrics.reading(partial(view.timed_read, interval_s)) if isinstance(view, SharedView) else None
     sampler = Sampler(view, store, timed=timed)
 
@@ -262,7 +262,7 @@ def _rebalance_tick(runner: SubprocessRunner, site: SiteConfig, policy: Policy, 
 
     client = CliSlurmClient(runner, timeout=site.slurm.command_timeout_s)
     ttl_s = max(3 * interval, 120.0)
-    planner_view = view.calm_reader() if view is not None else None  # may be calm_s old while calm
+    planner_view = view.calm_reader(interval / 3) if view is not None else None  # older while calm
     rebalancer = Rebalancer(client, store, site, policy, default_plan_fn(), ttl_s=ttl_s, view=planner_view)
 
     def tick() -> None:

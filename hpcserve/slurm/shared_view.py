@@ -10,14 +10,14 @@ wraps the service's one Slurm client:
 - the age adapts to the queue: a read that took ``d`` seconds is reused for at least ``ADAPT * d``, so on a
   slow slurmctld (a huge queue) hpcserve spends at most about 1/``ADAPT`` of its time in these RPCs;
 - and to what is moving: while the controller reports its deployments calm (``settle(True)``: every
-  replica ready and answering, nothing done last tick), reads are reused for ``calm_s``: the controller's
-  own (``calm_jobs``, ``calm_nodes``), the sampler's (``timed_read``: its samples carry the time of the
-  read, so none is dated inside an outage) and the rebalancer's (through ``calm_reader()``: the planner
-  plans on minutes of history, the executor looks for orphaned drains there, and re-checks a node's jobs
-  live before it acts). A replica that stops
-  answering, a pending one, any action or any write ends the calm at once (``settle(False)``). The
-  replicas' health is checked over HTTP every tick either way. The replica submitter always gets a read
-  at most one tick old (``jobs()``, ``nodes()``, ``snapshot()``);
+  replica ready and answering, nothing done last tick), reads are reused for up to ``calm_s``: by the
+  controller (``calm_jobs``, ``calm_nodes``), by the sampler for up to its period as well (``timed_read``:
+  samples carry the time of the read, so none is dated inside an outage) and by the rebalancer for up to
+  a third of its period (``calm_reader``: the planner plans on minutes of history, the executor looks for
+  orphaned drains there and re-checks a node's jobs live before it signals them). A replica that stops answering, a
+  pending one, any action or any write ends the calm at once (``settle(False)``). The replicas' health is
+  checked over HTTP every tick either way. The replica submitter always gets a read at most one tick old
+  (``jobs()``, ``nodes()``, ``snapshot()``);
 - ``partitions()`` (scontrol show partition) is cached for ``partitions_ttl_s``, the topology (scontrol show
   topology, which changes only with slurm.conf) for ``topology_ttl_s``;
 - a failed read is remembered: until the backoff ends (doubling from ``max_age_s`` up to ``MAX_BACKOFF_S``),
@@ -109,23 +109,27 @@ class SharedView:
 
     def calm_jobs(self) -> list[Job]:
         """The controller's read: up to ``calm_s`` old while it reports calm."""
-        return list(self._fresh("jobs", self.calm_s).value)
+        return list(self.read("jobs", self.calm_s))
 
     def calm_nodes(self) -> list[Node]:
-        return list(self._fresh("nodes", self.calm_s).value)
+        return list(self.read("nodes", self.calm_s))
+
+    def read(self, what: str, calm_age_s: float) -> tuple[Any, ...]:
+        """``jobs`` (squeue) or ``nodes`` (sinfo), up to ``calm_age_s`` old while calm, else a tick."""
+        return self._fresh(what, calm_age_s).value
 
     def timed_read(self, max_age_s: float) -> tuple[datetime, tuple[Job, ...], tuple[Node, ...]]:
-        """The sampler's squeue and sinfo: while calm, up to ``min(calm_s, max_age_s)`` old (its own
-        period bounds it), with the wall time of the older of the two."""
+        """The sampler's squeue and sinfo: while calm, up to ``min(calm_s, max_age_s)`` old, with the wall
+        time of the older of the two."""
         calm_age = min(self.calm_s, max_age_s)
         jobs, nodes = self._fresh("jobs", calm_age), self._fresh("nodes", calm_age)
         with self._lock:
             age_s = self._clock() - min(jobs.at, nodes.at)
         return datetime.now(UTC) - timedelta(seconds=age_s), jobs.value, nodes.value
 
-    def calm_reader(self) -> CalmReader:
-        """This view as the planner reads it: reads up to ``calm_s`` old while calm."""
-        return CalmReader(self)
+    def calm_reader(self, max_age_s: float) -> CalmReader:
+        """This view as the rebalancer reads it: while calm, reads up to ``min(calm_s, max_age_s)`` old."""
+        return CalmReader(self, min(self.calm_s, max_age_s))
 
     def partitions(self) -> list[Partition]:
         with self._lock:
@@ -203,21 +207,21 @@ class SharedView:
 
 
 class CalmReader:
-    """A ``SlurmReader`` over a shared view whose unfiltered reads may be ``calm_s`` old while the
-    controller reports calm (the planner's); writes seen elsewhere still drop the cache
+    """A ``SlurmReader`` over a shared view whose unfiltered reads may be ``calm_age_s`` old while the
+    controller reports calm (the rebalancer's); writes seen elsewhere still drop the cache
     (``invalidate``)."""
 
-    def __init__(self, view: SharedView) -> None:
-        self._view = view
+    def __init__(self, view: SharedView, calm_age_s: float) -> None:
+        self._view, self._age = view, calm_age_s
 
     def ping(self) -> Ping:
         return self._view.ping()
 
     def jobs(self, filt: JobFilter | None = None) -> list[Job]:
-        return self._view.jobs(filt) if filt is not None else self._view.calm_jobs()
+        return self._view.jobs(filt) if filt is not None else list(self._view.read("jobs", self._age))
 
     def nodes(self) -> list[Node]:
-        return self._view.calm_nodes()
+        return list(self._view.read("nodes", self._age))
 
     def partitions(self) -> list[Partition]:
         return self._view.partitions()
@@ -226,7 +230,7 @@ class CalmReader:
         return self._view.topology()
 
     def snapshot(self) -> ClusterSnapshot:
-        return self._view.snapshot(self._view.calm_s)
+        return self._view.snapshot(self._age)
 
     def invalidate(self) -> None:
         self._view.invalidate()
