@@ -39,6 +39,7 @@ from hpcserve.store.buckets import engine_buckets, queue_buckets
 from hpcserve.telemetry.idle import flag_to_json
 from tests.api_fixtures import ApiService
 from tests.conftest import POLICY, SITE
+from tests.store_helpers import BACKENDS, scratch_database
 
 NOW = datetime(2026, 12, 7, 18, 0, tzinfo=UTC)
 WEEK_S = 7 * 86400.0
@@ -134,6 +135,19 @@ def full_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HistoryStor
     clock = [NOW]
     path = tmp_path_factory.mktemp("report") / "full.db"
     with HistoryStore(f"sqlite:///{path}", clock=lambda: clock[0]) as store:
+        store.upgrade()
+        populate(store, clock)
+        yield store
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def either_store(request: pytest.FixtureRequest) -> Iterator[HistoryStore]:
+    """The week of data on SQLite (the module's store) and on a scratch PostgreSQL database."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("full_store")
+        return
+    clock = [NOW]
+    with scratch_database() as url, HistoryStore(url, clock=lambda: clock[0]) as store:
         store.upgrade()
         populate(store, clock)
         yield store
@@ -255,10 +269,12 @@ def test_usage_shows_as_a_chart_and_a_table_by_cost(full_store: HistoryStore) ->
 
 @pytest.mark.parametrize("width", [2520.0, 600.0, 37.0])
 def test_the_databases_buckets_are_pythons_over_the_raw_samples(
-    full_store: HistoryStore, width: float
+    either_store: HistoryStore, width: float
 ) -> None:
-    """The SQL grouping (julianday on SQLite) puts every sample where Python's exact arithmetic does,
-    samples on a bucket's very edge included (every 10 minutes; 600 s buckets have one at each edge)."""
+    """The SQL grouping (julianday on SQLite, epochs on PostgreSQL) puts every sample where Python's exact
+    arithmetic does, samples on a bucket's very edge included (every 10 minutes: 600 s buckets have one at
+    each edge)."""
+    full_store = either_store
     since = NOW - timedelta(days=7)
     py_queue = rd.bucketed([queue_reading(s) for s in full_store.queue_samples(since=since)], since, width)
     engine = [s for d in ("alice-chat", "bob-coder") for s in full_store.engine_samples(d, since=since)]
