@@ -14,10 +14,10 @@ wraps the service's one Slurm client:
   controller (``calm_jobs``, ``calm_nodes``), by the sampler for up to its period as well (``timed_read``:
   samples carry the time of the read, so none is dated inside an outage) and by the rebalancer for up to
   a third of its period (``calm_reader``: the planner plans on minutes of history, the executor looks for
-  orphaned drains there and re-checks a node's jobs live before it signals them). A replica that stops answering, a
-  pending one, any action or any write ends the calm at once (``settle(False)``). The replicas' health is
-  checked over HTTP every tick either way. The replica submitter always gets a read at most one tick old
-  (``jobs()``, ``nodes()``, ``snapshot()``);
+  orphaned drains there and re-checks a node's jobs live before it signals them). A replica that stops
+  answering, a pending one, any action or any write ends the calm at once (``settle(False)``). The
+  replicas' health is checked over HTTP every tick either way. The replica submitter always gets a read
+  at most one tick old (``jobs()``, ``nodes()``, ``snapshot()``);
 - ``partitions()`` (scontrol show partition) is cached for ``partitions_ttl_s``, the topology (scontrol show
   topology, which changes only with slurm.conf) for ``topology_ttl_s``;
 - a failed read is remembered: until the backoff ends (doubling from ``max_age_s`` up to ``MAX_BACKOFF_S``),
