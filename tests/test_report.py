@@ -327,7 +327,7 @@ def test_the_data_is_bucketed_from_a_week_of_real_shaped_samples(full_store: His
     assert inference.mean_pct == pytest.approx(40, abs=1.5)
     assert max(p.util_pct for p in training.points[-60:]) < 15  # the idle job's stretch
     assert report.usage is None
-    assert "could not be read" in report.usage_note or "not installed" in report.usage_note
+    assert report.usage_note.startswith("usage could not be read: this service's Slurm backend cannot read")
 
 
 def test_bad_periods_are_refused_naming_the_field(full_store: HistoryStore) -> None:

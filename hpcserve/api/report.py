@@ -4,7 +4,7 @@ What each caller sees follows the other reads: partitions' queue samples, the le
 evictions are cluster facts every user may read (``hpcserve history``); deployments' engine samples
 (TTFT, waiting requests), idle jobs and usage are the caller's own, every user's for an admin (``admins``
 in the service's site config). Idle jobs come from ``hpcserve.api.telemetry.idle_jobs`` and usage from
-``hpcserve.api.usage`` when those are installed; without them the answer says so in words.
+``hpcserve.api.usage`` (sacct): when sacct cannot be read, the answer says so in words.
 
 The service buckets the samples (``hpcserve.report.data``) so a week of 30-second samples arrives as a few
 hundred means per series; the CLI draws the page itself.
@@ -12,7 +12,6 @@ hundred means per series; the CLI draws the page itself.
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -25,8 +24,10 @@ if TYPE_CHECKING:
     from hpcserve.api.caller import Caller
     from hpcserve.api.context import ApiContext
 
-USAGE_API = "hpcserve.api.usage"
-USAGE_NOTE = "Sacct's allocated GPUs x time; busy/idle from each job's GPU telemetry where it has some."
+USAGE_NOTE = (
+    "GPU-hours: sacct's allocated GPUs x time in the period. Busy/idle: from each job's GPU "
+    "telemetry; jobs without any count in neither."
+)
 MAX_SINCE_S = 400 * 86400.0  # rollups are kept 180 days by default; a little over a year is the most asked
 
 
@@ -115,10 +116,6 @@ def _deployments(
     return rd.deployment_series(readings, since, width, owners)
 
 
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def _idle_jobs(api: ApiContext, caller: Caller) -> tuple[tuple[rd.IdleJob, ...], str]:
     """The jobs flagged idle now that the caller may see (``hpcserve.api.telemetry.idle_jobs``: every
     user's for an admin, the caller's own otherwise), and what an empty list means."""
@@ -137,12 +134,10 @@ def _idle_jobs(api: ApiContext, caller: Caller) -> tuple[tuple[rd.IdleJob, ...],
 def _usage(api: ApiContext, caller: Caller, since_s: float) -> tuple[rd.UsageTable | None, str]:
     """GPU-hours and cost per account over the period (``hpcserve.api.usage``, sacct's figures): the
     caller's jobs, every user's for an admin, as ``hpcserve usage --by account`` shows them."""
-    if not _installed(USAGE_API):
-        return None, ("this service has no usage accounting yet (hpcserve.api.usage is not installed), so "
-                      "there are no GPU-hours or costs per account to show.")  # fmt: skip
-    module = importlib.import_module(USAGE_API)
+    from hpcserve.api.usage import UsageQuery, usage
+
     try:
-        view = module.usage(api, caller, module.UsageQuery(since_s=since_s, by="account"))
+        view = usage(api, caller, UsageQuery(since_s=since_s, by="account"))
     except HpcserveError as exc:
         return None, f"usage could not be read: {exc}"
     rows = tuple(
