@@ -31,7 +31,7 @@ h2 { font-size:20px; margin:0 0 4px; }
 .lead { margin:0 0 12px; }
 section { background:var(--card); border:1px solid var(--line); border-radius:10px; padding:18px 22px;
           margin:0 0 20px; }
-.cards { display:grid; grid-template-columns:repeat(auto-fit, minmax(200px, 1fr)); gap:14px;
+.cards { display:grid; grid-template-columns:repeat(auto-fill, minmax(200px, 1fr)); gap:14px;
          background:none; border:0; padding:0; }
 .card { background:var(--card); border:1px solid var(--line); border-left:5px solid var(--accent);
         border-radius:8px; padding:12px 14px; }
