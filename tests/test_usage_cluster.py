@@ -257,4 +257,5 @@ def test_tokens_match_the_gateways_counters(rig: Rig) -> None:  # noqa: F811
             metrics, "hpcserve_gateway_completion_tokens_total", key["id"]
         )
     deployments = usage_as(rig.service, "bob", "--since", "1d", "--by", "deployment")
-    assert {g["group"] for g in deployments["groups"]} == {"bob-llm"}  # alice's traffic is not on his
+    served = {g["group"]: g["tokens"] for g in deployments["groups"] if g["group"]}  # "": his plain jobs
+    assert served == {"bob-llm": sum(a["prompt_tokens"] + a["completion_tokens"] for a in answers[bob["id"]])}
