@@ -13,6 +13,7 @@ the replica's GPU readings posted through the API as its owner):
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import socket
 import subprocess
@@ -132,6 +133,7 @@ def rig(slurm: CliSlurmClient) -> Iterator[Rig]:
             prometheus.wait(timeout=20)
         except subprocess.TimeoutExpired:
             prometheus.kill()
+        shutil.rmtree(root / "tsdb", ignore_errors=True)  # the logs stay, as the serving tests' do
         s.stop()
         tags = tuple(f"hpcserve:replica:{name}:" for name in s.names)
         leftovers = [j.id for j in slurm.jobs() if j.tag and j.tag.startswith(tags)]
