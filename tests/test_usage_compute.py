@@ -194,3 +194,33 @@ def test_a_record_that_does_not_parse_is_dropped_and_a_cut_output_is_an_error() 
     with pytest.raises(SlurmParseError, match="ends inside a record"):
         parse_sacct_usage(SACCT + "107" + M + "bob", NONCE)
     assert parse_sacct_usage("", NONCE) == []
+
+
+def test_recorded_sacct_output_of_the_local_cluster() -> None:
+    """tests/data/sacct_usage.txt (see tests/data/README.md): the parser and the sums on Slurm's own bytes."""
+    from pathlib import Path
+
+    from hpcserve.config import load_site_config
+
+    text = (Path(__file__).parent / "data" / "sacct_usage.txt").read_text()
+    runs = parse_sacct_usage(text, NONCE)
+    assert [(r.job_id, r.user, r.gpus, r.elapsed_s) for r in runs] == [
+        ("44401712", "alice", 2, 2), ("44401713", "alice", 1, 3), ("44401714", "bob", 1, 2),
+        ("44401715", "bob", 1, 3), ("44401716", "bob", 0, 0), ("44401715", "bob", 1, 19),
+    ]  # fmt: skip
+    assert runs[2].name == "a\x1fb\tc\nd" and runs[2].comment == ""  # slurmdbd keeps no comment here
+    assert runs[1].gpu_types == () and runs[3].state == "REQUEUED" and runs[5].state == "CANCELLED"
+    assert runs[4].start is None and runs[4].nodes == ()
+    site = load_site_config(Path(__file__).parent.parent / "site_configs" / "minicluster.yaml")
+    since = datetime(2026, 12, 7, 18, 55, tzinfo=UTC)
+    nodes = {node: site.gpu_type_of(node) for node in ("node1", "node5")}
+    report = usage_report(
+        UsageInputs(since, since + timedelta(hours=1), runs, PRICES.price, node_types=nodes), "user"
+    )
+    by = {g.group: g for g in report.groups}
+    assert (
+        by["alice"].gpu_seconds == 2 * 2 + 3 and by["bob"].gpu_seconds == 2 + 3 + 19
+    )  # both runs of 44401715
+    assert by["alice"].cost == pytest.approx(7 / 3600 * 3.6) and by["bob"].cost == pytest.approx(
+        24 / 3600 * 1.2
+    )
