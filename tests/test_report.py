@@ -525,7 +525,7 @@ def test_an_empty_store_gives_a_page_that_says_so_in_words(empty_store: HistoryS
 
 @pytest.mark.cluster
 def test_each_user_reads_their_own_report_through_the_service(
-    api_service: ApiService, short_root: Path
+    api_service: ApiService, short_root: Path, tmp_path: Path
 ) -> None:
     """The whole path as real users: the service (as root, its own database) answers ``hpcserve report``
     run by alice, bob and carol (an admin through @hpcadmin) with runuser; usage comes from sacct."""
@@ -554,9 +554,17 @@ def test_each_user_reads_their_own_report_through_the_service(
     kinds = {user: [b["kind"] for b in data[user]["busy"]] for user in data}
     assert kinds == {"alice": ["training"], "bob": ["inference"], "carol": ["training", "inference"]}
     assert [data[u]["everyone"] for u in ("alice", "bob", "carol")] == [False, False, True]
-    for user in data:  # the service read sacct for each: a table (maybe empty), never "could not be read"
-        assert data[user]["usage"] is not None, data[user]["usage_note"]
-        assert data[user]["partitions"] == data["carol"]["partitions"]  # cluster facts: everyone's
+    admins = rd.from_json(data["carol"]).partitions
+    for answer in data.values():  # sacct was read for each: a table (maybe empty), never "could not be read"
+        assert answer["usage"] is not None, answer["usage_note"]
+        # cluster facts, everyone's alike (each report began a moment after the last)
+        partitions = rd.from_json(answer).partitions
+        assert [p.name for p in partitions] == [p.name for p in admins] == ["train", "infer", "all"]
+        assert [p.allocated_pct() for p in partitions] == pytest.approx(
+            [p.allocated_pct() for p in admins], abs=0.5
+        )
+        assert (answer["evictions"], answer["lost_gpu_h"]) == (1, 1.5)
     shot, dom = screenshot_and_dom(pages["carol"], short_root)
     assert len(dom.svgs) >= 3 and all(children > 20 for children in dom.svgs) and dom.external == []
     assert colours(pixels(shot)) > 500
+    shutil.copy(shot, tmp_path / "report-cluster.png")  # kept by pytest, to look at

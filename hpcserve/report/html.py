@@ -96,6 +96,11 @@ def _num(value: float | None, digits: int = 1, unit: str = "") -> str:
     return f"{value:,.{digits}f}{unit}"
 
 
+def _round(value: float) -> str:
+    """Whole numbers from 100 on, two decimals under it: 1,250 and 2.37."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
+
+
 def _seconds(value: float | None) -> str:
     if value is None:
         return NONE
@@ -184,7 +189,8 @@ def _cards(report: ReportData) -> str:
     if report.usage is not None and report.usage.rows:
         total = sum(r.cost for r in report.usage.rows)
         hours = sum(r.gpu_hours for r in report.usage.rows)
-        cards.append(_card("Cost", f"{total:,.0f} {report.usage.currency}", f"{hours:,.0f} GPU-hours"))
+        cost = f"{_round(total)} {report.usage.currency}"
+        cards.append(_card("Cost", cost, f"{_round(hours)} GPU-hours"))
     if not cards:
         return ""
     return '<section class="cards">\n' + "\n".join(cards) + "\n</section>"
