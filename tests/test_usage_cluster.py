@@ -94,6 +94,18 @@ def ran(slurm_env: dict[str, str]) -> Iterator[tuple[float, dict[str, tuple[str,
         subprocess.run(["scancel", *ids], capture_output=True, check=False)
 
 
+def record_telemetry(
+    service: ApiService, job_id: str, row: dict[str, str], util_pct: tuple[float, ...]
+) -> None:
+    """Readings of the job's GPUs in the service's store, as the telemetry API would have stored them."""
+    from hpcserve.model.telemetry import GpuSample
+
+    at = datetime.fromisoformat(row["Start"]).astimezone(UTC)
+    samples = [GpuSample(at, job_id, f"GPU-{i}", i, pct, 1, 2, None, None) for i, pct in enumerate(util_pct)]
+    with service.store() as store:
+        store.add_gpu_samples(samples, user=row["User"], kind="training")
+
+
 def usage_as(service: ApiService, user: str, *args: str) -> dict[str, Any]:
     done = service.run_as(user, "usage", "--json", "--jobs", *args)
     assert done.returncode == 0, done.stderr
@@ -160,7 +172,15 @@ def test_usage_matches_sacct_and_each_user_sees_their_own(
             and sleep_s <= int(direct[job_id]["ElapsedRaw"]) <= sleep_s + 3
         )
 
+    sampled = next(i for i, (user, gpus, _) in ids.items() if (user, gpus) == ("alice", 2))
+    record_telemetry(priced, sampled, direct[sampled], util_pct=(30.0, 50.0))  # a 40% mean
     reports = {user: usage_as(priced, user, "--since", since) for user in ("alice", "bob", "carol")}
+    (telemetered,) = [j for j in reports["alice"]["jobs"] if j["job_id"] == sampled]
+    assert telemetered["busy_gpu_seconds"] == pytest.approx(0.4 * telemetered["gpu_seconds"])
+    assert all(j["busy_gpu_seconds"] is None for j in reports["alice"]["jobs"] if j["job_id"] != sampled)
+    alice_total = reports["alice"]["total"]
+    assert alice_total["busy_gpu_hours"] == pytest.approx(0.4 * telemetered["gpu_seconds"] / 3600, abs=2e-6)
+    assert alice_total["idle_gpu_hours"] == pytest.approx(0.6 * telemetered["gpu_seconds"] / 3600, abs=2e-6)
     for user in ("alice", "bob"):
         report = reports[user]
         assert report["scope"] == user and report["currency"] == "EUR"
