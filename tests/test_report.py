@@ -1,15 +1,12 @@
 """``hpcserve report``: the pure bucketing and page, the API's data from a real store (what each caller
-sees), the page rendered by Debian's headless Chromium (charts painted, nothing broken, an empty store
-said in words), and, on the cluster, the CLI through the real service as alice, bob and carol."""
+sees, the database's buckets against Python's) and the CLI through the API's route. Rendering in headless
+Chromium and the real service on the cluster: tests/test_report_chromium.py."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -17,126 +14,26 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
-from html.parser import HTMLParser
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from hpcserve.api.caller import Caller
-from hpcserve.api.context import ApiContext
 from hpcserve.api.report import report_data
-from hpcserve.api.telemetry import FLAGS_STATE
-from hpcserve.config import load_policy, load_site_config
 from hpcserve.errors import HpcserveError, ValidationError
-from hpcserve.model.telemetry import GpuSample, IdleFlag
 from hpcserve.report import data as rd
 from hpcserve.report.html import page
 from hpcserve.report.render import render
-from hpcserve.store import EngineSample, HistoryStore, LostWork, NewStep, QueueSample
+from hpcserve.store import EngineSample, HistoryStore, QueueSample
 from hpcserve.store.buckets import engine_buckets, queue_buckets
-from hpcserve.telemetry.idle import flag_to_json
-from tests.api_fixtures import ApiService
-from tests.conftest import POLICY, SITE
+from tests.conftest import SITE
+from tests.report_week import ALICE, BOB, CAROL, NOW, WEEK_S, api_for, week_store
 from tests.store_helpers import BACKENDS, scratch_database
-
-NOW = datetime(2026, 12, 7, 18, 0, tzinfo=UTC)
-WEEK_S = 7 * 86400.0
-CHROMIUM = Path("/usr/bin/chromium")
-ALICE = Caller(1001, "alice", frozenset({"alice"}))
-BOB = Caller(1002, "bob", frozenset({"bob"}))
-CAROL = Caller(1003, "carol", frozenset({"carol", "hpcadmin"}))  # an admin through @hpcadmin
-
-
-class NoSlurm:
-    """A Slurm client with no methods: the report's store-backed tests never reach Slurm (usage, which
-    reads sacct, then says in words that it could not be read)."""
-
-    def __getattr__(self, name: str) -> Any:
-        raise AttributeError(f"the report's unit tests do not call Slurm ({name})")
-
-
-# ------------------------------------------------------------------------------------ a week of data
-
-
-def populate(store: HistoryStore, clock: list[datetime], deployments: bool = True) -> None:
-    """A week up to ``clock[0]`` (the store's clock; the moves set it back for each): 10-minute samples
-    with a daily cycle and a 5-hour outage, two deployments (alice's and bob's) with two replicas and a
-    gateway each, GPU telemetry, three node moves, one eviction and two idle flags. ``deployments``
-    False: their rows are left to the caller (the cluster test serves them through the API)."""
-    now = clock[0]
-    rng = random.Random(13)  # noqa: S311 - repeatable noise, not a secret
-    queue, engine = [], []
-    for i in range(7 * 144):
-        at = now - timedelta(days=7) + timedelta(minutes=10 * i)
-        if timedelta(days=2) < now - at < timedelta(days=2, hours=5):
-            continue
-        day = 0.5 + 0.5 * math.sin(2 * math.pi * (at.hour - 8) / 24)
-        for name, total, base in (("train", 16, 0.55), ("infer", 16, 0.2), ("all", 32, 0.4)):
-            run = min(total, round(total * (base + 0.45 * day * rng.random())))
-            pending = round(8 * day * rng.random()) if name != "infer" else 0
-            queue.append(QueueSample(at, name, rng.randint(0, 4), pending, run, total - run, total))
-        for dep, scale in (("alice-chat", 1.0), ("bob-coder", 0.5)):
-            for rep in (0, 1):
-                engine.append(EngineSample(
-                    at, dep, rep, waiting=round(6 * day * scale * rng.random()), running=4, kv_usage=0.4,
-                    ttft_p50=0.08 + 0.25 * day * scale * rng.random(),
-                    ttft_p95=0.3 + 1.2 * day * scale * rng.random(), tokens_per_s=300.0))  # fmt: skip
-            engine.append(EngineSample(at, dep, None, gateway_waiting=round(3 * day * rng.random()),
-                                       source="login1:8080"))  # fmt: skip
-    store.add_queue_samples(queue)
-    store.add_engine_samples(engine)
-    add_gpu_telemetry(store, rng, now)
-    if deployments:
-        store.create_deployment("alice-chat", "alice", {"model": "m"}, 2, served_model_name="a")
-        store.create_deployment("bob-coder", "bob", {"model": "m"}, 2, served_model_name="b")
-    for days, node, src, dst in ((5, "node5", "inference", "training"), (3, "node5", "training", "inference"),
-                                 (1.2, "node3", "training", "inference")):  # fmt: skip
-        clock[0] = now - timedelta(days=days)
-        plan = store.create_plan("test", [{"node": node, "dst": dst}], [NewStep(node, src, dst, "move")])
-        store.start_step(plan, 0)
-        store.mark_step(plan, 0, "done")
-    clock[0] = now
-    store.add_lost_work(
-        [LostWork(now - timedelta(days=2), "4211", "bob", "node5", 4, 5400.0, "alice-chat", "43")]
-    )
-    flags = [IdleFlag("5001", "alice", "training", "GPUs averaged 4% for 30 min (< 20%)",
-                      now - timedelta(hours=3), 4, 12.0, 4.0),
-             IdleFlag("5002", "bob", "inference", "served no request for 30 min", now - timedelta(hours=1),
-                      1, 1.0, None)]  # fmt: skip
-    store.put_state(FLAGS_STATE, {"evaluated_at": now.isoformat(), "flags": [flag_to_json(f) for f in flags]})
-
-
-def add_gpu_telemetry(store: HistoryStore, rng: random.Random, now: datetime) -> None:
-    """NVML readings every 10 minutes: alice's training job 5000 (4 GPUs, busy, days 7 to 3 ago), her
-    job 5001 (4 GPUs at ~4%, the last 3 days: flagged idle) and bob's replica job 5002 (1 GPU, ~40%)."""
-    jobs = (("5000", "alice", "training", 4, 7.0, 3.0, 85.0), ("5001", "alice", "training", 4, 3.0, 0.0, 4.0),
-            ("5002", "bob", "inference", 1, 7.0, 0.0, 40.0))  # fmt: skip
-    for job, user, kind, gpus, start_d, end_d, mean in jobs:
-        samples = []
-        at = now - timedelta(days=start_d)
-        while at < now - timedelta(days=end_d):
-            samples += [GpuSample(at, job, f"GPU-{job}-{i}", i, max(0.0, min(100.0, rng.gauss(mean, 6))),
-                                  30 << 30, 80 << 30, 250.0, 1410) for i in range(gpus)]  # fmt: skip
-            at += timedelta(minutes=10)
-        store.add_gpu_samples(
-            samples, user=user, kind=kind, deployment="bob-coder" if user == "bob" else None
-        )
-
-
-def api_for(store: HistoryStore) -> ApiContext:
-    site = load_site_config(SITE).model_copy(update={"admins": ["root", "@hpcadmin"]})
-    return ApiContext(site, load_policy(POLICY), store, NoSlurm(), clock=lambda: NOW)
 
 
 @pytest.fixture(scope="module")
 def full_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HistoryStore]:
-    clock = [NOW]
-    path = tmp_path_factory.mktemp("report") / "full.db"
-    with HistoryStore(f"sqlite:///{path}", clock=lambda: clock[0]) as store:
-        store.upgrade()
-        populate(store, clock)
+    with week_store(f"sqlite:///{tmp_path_factory.mktemp('report') / 'week.db'}") as store:
         yield store
 
 
@@ -146,17 +43,7 @@ def either_store(request: pytest.FixtureRequest) -> Iterator[HistoryStore]:
     if request.param == "sqlite":
         yield request.getfixturevalue("full_store")
         return
-    clock = [NOW]
-    with scratch_database() as url, HistoryStore(url, clock=lambda: clock[0]) as store:
-        store.upgrade()
-        populate(store, clock)
-        yield store
-
-
-@pytest.fixture
-def empty_store(tmp_path: Path) -> Iterator[HistoryStore]:
-    with HistoryStore(f"sqlite:///{tmp_path / 'empty.db'}") as store:
-        store.upgrade()
+    with scratch_database() as url, week_store(url) as store:
         yield store
 
 
@@ -402,169 +289,3 @@ def test_the_cli_refuses_bad_input_in_one_line(api_socket: Path, tmp_path: Path)
     assert "cannot write" in unwritable.stderr and "fix: pick a writable path with -o" in unwritable.stderr
     nobody = cli(tmp_path / "none.sock", "-o", str(tmp_path / "r.html"))
     assert nobody.returncode == 69 and "cannot reach the hpcserve service" in nobody.stderr
-
-
-# --------------------------------------------------------------------------- in headless Chromium
-
-
-class _Dom(HTMLParser):
-    """What the rendered DOM holds: each <svg>'s count of drawn children, each <img>'s src, every
-    reference to another resource, and the text."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.svgs: list[int] = []
-        self.images: list[str] = []
-        self.external: list[str] = []
-        self.text: list[str] = []
-        self._depth = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        values = dict(attrs)
-        if tag == "svg":
-            self._depth += 1
-            if self._depth == 1:
-                self.svgs.append(0)
-        elif self._depth and tag in ("path", "line", "rect", "polyline", "use"):
-            self.svgs[-1] += 1
-        if tag == "img":
-            self.images.append(values.get("src") or "")
-        for name in ("src", "href", "xlink:href"):
-            value = values.get(name) or ""
-            if value and not value.startswith(("data:", "#")):
-                self.external.append(f"<{tag} {name}={value}>")
-        if tag == "link":
-            self.external.append("<link>")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "svg":
-            self._depth -= 1
-
-    def handle_data(self, data: str) -> None:
-        self.text.append(data)
-
-
-def chromium(page_file: Path, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    if not CHROMIUM.exists():
-        pytest.fail(
-            "Debian's chromium is not installed (fix: apt-get install chromium; scripts/bootstrap.sh)"
-        )
-    argv = [str(CHROMIUM), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            f"--user-data-dir={profile}", *args, page_file.as_uri()]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done
-
-
-def screenshot_and_dom(html: str, folder: Path, height: int = 2400) -> tuple[Path, _Dom]:
-    page_file = folder / "report.html"
-    page_file.write_text(html, encoding="utf-8")
-    shot = folder / "report.png"
-    chromium(page_file, folder / "profile", f"--screenshot={shot}", f"--window-size=1280,{height}")
-    dom = _Dom()
-    dom.feed(chromium(page_file, folder / "profile", "--dump-dom").stdout)
-    return shot, dom
-
-
-def pixels(shot: Path) -> Any:
-    """The screenshot's pixels, one RGB row each (numpy and Pillow: matplotlib's own dependencies)."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(shot) as image:
-        assert image.size == (1280, 2400)
-        return np.asarray(image.convert("RGB"), dtype=np.int16).reshape(-1, 3)
-
-
-def colours(rgb: Any) -> int:
-    import numpy as np
-
-    return len(np.unique(rgb, axis=0))
-
-
-def near(rgb: Any, hex_colour: str, tolerance: int = 40) -> int:
-    """How many pixels are within ``tolerance`` (summed over R, G, B) of ``hex_colour``."""
-    want = [int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)]
-    return int((abs(rgb - want).sum(axis=1) <= tolerance).sum())
-
-
-def test_the_report_renders_its_charts_in_headless_chromium(full_store: HistoryStore, tmp_path: Path) -> None:
-    shot, dom = screenshot_and_dom(
-        render(rd.from_json(report_data(api_for(full_store), CAROL, WEEK_S))), tmp_path
-    )
-    assert len(dom.svgs) == 3 and all(children > 20 for children in dom.svgs)  # utilisation, queue, TTFT
-    for src in dom.images:  # none today; any one added must be an inline image that decodes
-        assert src.startswith("data:image/") and base64.b64decode(src.split(",", 1)[1], validate=True)
-    assert dom.external == []
-    text = " ".join(dom.text)
-    assert "Where the GPUs went" in text and "30 Nov 2026 18:00 UTC to 07 Dec 2026 18:00 UTC" in text
-    assert "GPUs averaged 4% for 30 min" in text and "No data." in text  # idle flags; usage without sacct
-    rgb = pixels(shot)
-    assert colours(rgb) > 500  # anti-aliased lines, text and fills: not a blank page
-    training_blue, inference_orange = near(rgb, "#0072B2"), near(rgb, "#E69F00")
-    assert training_blue > 5000 and inference_orange > 5000  # the lines and the split's areas were painted
-    shutil.copy(shot, tmp_path.parent / "report-sample.png")
-
-
-def test_an_empty_store_gives_a_page_that_says_so_in_words(empty_store: HistoryStore, tmp_path: Path) -> None:
-    shot, dom = screenshot_and_dom(
-        render(rd.from_json(report_data(api_for(empty_store), ALICE, WEEK_S))), tmp_path
-    )
-    assert dom.svgs == [] and dom.images == [] and dom.external == []
-    text = " ".join(" ".join(dom.text).split())
-    assert "No data. The service recorded no queue samples from 30 Nov 2026 18:00 UTC" in text
-    assert "No data. Alice's deployments had no engine samples in this period" in text
-    assert "No data. None of alice's jobs is flagged idle now." in text
-    rgb = pixels(shot)
-    assert colours(rgb) > 20  # the page itself rendered (text, boxes)
-    assert near(rgb, "#0072B2") < 5000  # no chart lines: only the header's rule and a card's edge
-
-
-# ------------------------------------------------------------------- the cluster: the real service
-
-
-@pytest.mark.cluster
-def test_each_user_reads_their_own_report_through_the_service(
-    api_service: ApiService, short_root: Path, tmp_path: Path
-) -> None:
-    """The whole path as real users: the service (as root, its own database) answers ``hpcserve report``
-    run by alice, bob and carol (an admin through @hpcadmin) with runuser; usage comes from sacct."""
-    for user, name in (("alice", "alice-chat"), ("bob", "bob-coder")):
-        served = api_service.run_as(user, "serve", "sim-model", "--name", name, "--engine", "simulator",
-                                    "--min-replicas", "0", "--json")  # fmt: skip
-        assert served.returncode == 0, served.stderr
-    clock = [datetime.now(UTC)]
-    with HistoryStore(api_service.db_url, clock=lambda: clock[0]) as store:
-        populate(store, clock, deployments=False)
-    pages, data = {}, {}
-    for user in ("alice", "bob", "carol"):
-        folder = short_root / user
-        folder.mkdir()
-        shutil.chown(folder, user)
-        done = api_service.run_as(user, "report", "--since", "7d", "-o", str(folder / "week.html"))
-        assert done.returncode == 0, done.stderr
-        pages[user] = (folder / "week.html").read_text(encoding="utf-8")
-        answer = api_service.run_as(user, "report", "--since", "7d", "--json")
-        assert answer.returncode == 0, answer.stderr
-        data[user] = json.loads(answer.stdout)
-    names = {user: [d["name"] for d in data[user]["deployments"]] for user in data}
-    assert names == {"alice": ["alice-chat"], "bob": ["bob-coder"], "carol": ["alice-chat", "bob-coder"]}
-    assert "bob-coder" not in pages["alice"] and "bob-coder" not in json.dumps(data["alice"])
-    assert "alice-chat" not in pages["bob"]
-    kinds = {user: [b["kind"] for b in data[user]["busy"]] for user in data}
-    assert kinds == {"alice": ["training"], "bob": ["inference"], "carol": ["training", "inference"]}
-    assert [data[u]["everyone"] for u in ("alice", "bob", "carol")] == [False, False, True]
-    admins = rd.from_json(data["carol"]).partitions
-    for answer in data.values():  # sacct was read for each: a table (maybe empty), never "could not be read"
-        assert answer["usage"] is not None, answer["usage_note"]
-        # cluster facts, everyone's alike (each report began a moment after the last)
-        partitions = rd.from_json(answer).partitions
-        assert [p.name for p in partitions] == [p.name for p in admins] == ["train", "infer", "all"]
-        assert [p.allocated_pct() for p in partitions] == pytest.approx(
-            [p.allocated_pct() for p in admins], abs=0.5
-        )
-        assert (answer["evictions"], answer["lost_gpu_h"]) == (1, 1.5)
-    shot, dom = screenshot_and_dom(pages["carol"], short_root)
-    assert len(dom.svgs) >= 3 and all(children > 20 for children in dom.svgs) and dom.external == []
-    assert colours(pixels(shot)) > 500
-    shutil.copy(shot, tmp_path / "report-cluster.png")  # kept by pytest, to look at
