@@ -108,8 +108,8 @@ def scale_down(store: HistoryStore, name: str, flag: IdleFlag) -> int | None:
     active = sum(r.state in ("starting", "ready") for r in store.replicas(name))
     wanted = min(active, spec.max_replicas) - 1
     if wanted < max(1, spec.min_replicas):
-        log.info("idle: deployment %s keeps its %d replicas (min_replicas %d); job %s", name, active,
-                 spec.min_replicas, flag.job_id)  # fmt: skip
+        log.info("idle: deployment %s not scaled down: max_replicas %d, min_replicas %d (job %s)", name,
+                 spec.max_replicas, spec.min_replicas, flag.job_id)  # fmt: skip
         return None
     lowered = build_deployment({"max_replicas": wanted}, spec)
     store.update_spec(name, lowered.model_dump(mode="json"), user=deployment.owner)
