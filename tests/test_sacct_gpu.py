@@ -93,3 +93,16 @@ def test_the_service_stores_each_jobs_reading_once_as_source_sacct(tmp_path: Pat
         }
         assert store.job_utilisation(now - timedelta(hours=2)) == {"1201": 45.0, "1202": 15.0}
         assert runner.argvs[0][0] == "sacct" and any(a.startswith("--starttime=") for a in runner.argvs[0])
+
+
+def test_the_local_clusters_fake_gpus_give_nothing() -> None:
+    """Recorded from the local cluster (AccountingStorageTRES=gres/gpu, AutoDetect=off): Slurm's own fields
+    are there, GPU usage is not, so the second source reads nothing here."""
+    recorded = (
+        "44391643|alice|2026-12-07T18:25:25|1|billing=1,cpu=1,gres/gpu=1,mem=1024M,node=1|\n"
+        "44391643.batch||2026-12-07T18:25:25|1|cpu=1,gres/gpu=1,mem=1024M,node=1|cpu=00:00:00,energy=0,"
+        "fs/disk=49865,mem=12734464,pages=2,vmem=226578432\n"
+        "44391643.0||2026-12-07T18:25:25|1|cpu=1,gres/gpu=1,mem=1024M,node=1|cpu=00:00:05,energy=0,"
+        "fs/disk=19798041,mem=111939584,pages=0,vmem=308125696\n"
+    )
+    assert parse_sacct_gpu(recorded) == []
