@@ -96,8 +96,8 @@ def test_the_service_stores_each_jobs_reading_once_as_source_sacct(tmp_path: Pat
 
 
 def test_the_local_clusters_fake_gpus_give_nothing() -> None:
-    """Recorded from the local cluster (AccountingStorageTRES=gres/gpu, AutoDetect=off): Slurm's own fields
-    are there, GPU usage is not, so the second source reads nothing here."""
+    """Two steps as the local cluster's sacct printed them (AccountingStorageTRES=gres/gpu, AutoDetect=off),
+    under a job line: Slurm's own fields are there, GPU usage is not, so the second source reads nothing."""
     recorded = (
         "44391643|alice|2026-12-07T18:25:25|1|billing=1,cpu=1,gres/gpu=1,mem=1024M,node=1|\n"
         "44391643.batch||2026-12-07T18:25:25|1|cpu=1,gres/gpu=1,mem=1024M,node=1|cpu=00:00:00,energy=0,"
