@@ -35,7 +35,7 @@ def test_the_console_script_prints_the_shells_completion_script(shell: str, mark
     [
         ("hpcserve d", "1", ["db", "deployments", "doctor", "drain-node"]),
         ("hpcserve de", "1", ["deployments"]),
-        ("hpcserve --site x.yaml re", "3", ["rebalance", "render"]),
+        ("hpcserve --site x.yaml re", "3", ["rebalance", "render", "report"]),
         ("hpcserve rebalance --a", "2", ["--apply"]),
         ("hpcserve db ", "2", ["status", "upgrade"]),
     ],
