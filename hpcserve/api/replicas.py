@@ -72,7 +72,7 @@ def check_announce(
     who = f"replica {note.deployment}:{note.index}"
     if caller is not None and owner is not None and caller.user != owner:
         raise Forbidden(f"{who}: only its owner's job may announce it, not {caller.user}")
-    if owner is None or replica is None or not _secret_matches(secret, replica.secret_hash):
+    if owner is None or replica is None or not secret_matches(secret, replica.secret_hash):
         raise Unauthenticated(f"{who}: unknown replica or wrong secret")
     if replica.job_id != note.job_id:
         raise Forbidden(f"{who}: job {note.job_id} is not the replica's job")
@@ -80,7 +80,7 @@ def check_announce(
         raise Forbidden(f"{who}: is {replica.state}, not starting")
 
 
-def _secret_matches(secret: str, stored: str | None) -> bool:
+def secret_matches(secret: str, stored: str | None) -> bool:
     """Whether ``secret`` hashes to ``stored``, compared in constant time; never for a replica without one."""
     return bool(stored) and hmac.compare_digest(secret_hash(secret), str(stored))
 

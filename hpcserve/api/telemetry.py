@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpcserve.api.caller import is_admin
 from hpcserve.api.errors import Forbidden
-from hpcserve.api.replicas import _secret_matches
+from hpcserve.api.replicas import secret_matches
 from hpcserve.errors import ValidationError
 from hpcserve.model.telemetry import GpuSample, IdleFlag
 
@@ -144,7 +144,7 @@ def _check_replica(api: ApiContext, report: Report, secret: str, caller: Caller 
     replica = None
     if deployment is not None:
         replica = next((r for r in api.store.replicas(deployment.name) if r.index == report.index), None)
-    if deployment is None or replica is None or not _secret_matches(secret, replica.secret_hash):
+    if deployment is None or replica is None or not secret_matches(secret, replica.secret_hash):
         raise Forbidden(f"{who}: unknown replica {report.deployment}:{report.index} or wrong secret")
     if replica.job_id != report.job_id:
         raise Forbidden(f"{who}: it is not the job of replica {report.deployment}:{report.index}")

@@ -25,7 +25,7 @@ DEFAULT_SINCE_S = 86400.0
 DEFAULT_LIMIT = 200
 
 
-def _number(request: web.Request, key: str, default: float) -> float:
+def query_number(request: web.Request, key: str, default: float) -> float:
     text = request.query.get(key)
     if text is None or text == "":
         return default
@@ -52,8 +52,8 @@ def _flag(body: Mapping[str, Any], key: str) -> bool:
 @routes.get("/v1/history")
 async def history(request: web.Request) -> web.Response:
     caller = caller_of(request)
-    since_s = _number(request, "since_s", DEFAULT_SINCE_S)
-    limit = int(_number(request, "limit", DEFAULT_LIMIT))
+    since_s = query_number(request, "since_s", DEFAULT_SINCE_S)
+    limit = int(query_number(request, "limit", DEFAULT_LIMIT))
     answer = await blocking(admin.history, api_of(request), caller, request.query.get("partition") or None,
                             since_s, limit)  # fmt: skip
     return web.json_response(answer)
@@ -62,14 +62,14 @@ async def history(request: web.Request) -> web.Response:
 @routes.get("/v1/lost-work")
 async def lost_work(request: web.Request) -> web.Response:
     caller = caller_of(request)
-    since_s = _number(request, "since_s", DEFAULT_SINCE_S)
+    since_s = query_number(request, "since_s", DEFAULT_SINCE_S)
     return web.json_response(await blocking(admin.lost_work, api_of(request), caller, since_s))
 
 
 @routes.get("/v1/plans")
 async def plans(request: web.Request) -> web.Response:
     caller = caller_of(request)
-    last = int(_number(request, "last", admin.RECENT_PLANS))
+    last = int(query_number(request, "last", admin.RECENT_PLANS))
     return web.json_response(await blocking(admin.plans, api_of(request), caller, last))
 
 

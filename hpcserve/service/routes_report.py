@@ -9,7 +9,7 @@ from hpcserve.api import report
 from hpcserve.errors import ValidationError
 from hpcserve.report.data import DEFAULT_POINTS
 from hpcserve.service.http import api_of, blocking, caller_of
-from hpcserve.service.routes_admin import _number  # the query's numbers, read as history reads them
+from hpcserve.service.routes_admin import query_number  # the query's numbers, read as history reads them
 
 routes = web.RouteTableDef()
 DEFAULT_SINCE_S = 7 * 86400.0
@@ -18,8 +18,8 @@ DEFAULT_SINCE_S = 7 * 86400.0
 @routes.get("/v1/report-data")
 async def report_data(request: web.Request) -> web.Response:
     caller = caller_of(request)
-    since_s = _number(request, "since_s", DEFAULT_SINCE_S)
-    points = _number(request, "points", DEFAULT_POINTS)
+    since_s = query_number(request, "since_s", DEFAULT_SINCE_S)
+    points = query_number(request, "points", DEFAULT_POINTS)
     if not points.is_integer():
         raise ValidationError(f"points: expected a whole number, got {points:g}")
     answer = await blocking(report.report_data, api_of(request), caller, since_s, int(points))
