@@ -4,6 +4,9 @@ test_telemetry_cluster.py."""
 
 from __future__ import annotations
 
+import json
+import socketserver
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -174,3 +177,24 @@ def test_readers_see_their_own_and_admins_everything(api: ApiContext) -> None:
     assert admin_idle_jobs(api, CAROL)["gpu_hours_wasted"] == 0.5
     with pytest.raises(Forbidden, match="idle jobs are for admins; bob is not one"):
         admin_idle_jobs(api, BOB)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_ps_fetches_the_figures_over_the_socket_with_llhttp(tmp_path: Path, chunked: bool) -> None:
+    body = json.dumps({"jobs": [{"job_id": "7", "util_pct": 41.5, "idle": True}]}).encode()
+    framing = (b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+               if chunked else b"Content-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+    asked: list[bytes] = []
+
+    class Answer(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            asked.append(self.request.recv(4096))
+            whole = b"HTTP/1.1 200 OK\r\n" + framing
+            for i in range(0, len(whole), 7):  # in small pieces: the parser is fed as they come
+                self.request.sendall(whole[i : i + 7])
+
+    path = str(tmp_path / "api.sock")
+    with socketserver.UnixStreamServer(path, Answer) as server:
+        threading.Thread(target=server.handle_request, daemon=True).start()
+        assert ps_telemetry.fetch(path) == {"7": (41.5, True)}
+    assert asked[0].startswith(b"GET /v1/telemetry/jobs HTTP/1.1\r\n")
