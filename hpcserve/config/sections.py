@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import string
 from pathlib import Path
 from typing import Literal
@@ -295,6 +296,16 @@ class ServingSettings(Frozen):
     # while every replica is ready and answering and the last tick did nothing, Slurm's job and node lists
     # are re-read this often instead of every tick (0: every tick); anything moving reads at once
     calm_read_s: float = Field(default=20.0, ge=0)
+    # exported in every replica job's script (the admin's, never a user's), e.g. HPCSERVE_TELEMETRY: "0"
+    replica_env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("replica_env", mode="before")
+    @classmethod
+    def _replica_env(cls, env: object) -> object:
+        if isinstance(env, dict):
+            for name, value in env.items():
+                check_replica_env(name, value)
+        return env
 
     @field_validator("gateway_url")
     @classmethod
@@ -305,6 +316,27 @@ class ServingSettings(Frozen):
 
     def replica_path(self) -> Path:
         return Path(self.replica_dir).expanduser()
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# what a replica's start rests on: its programs, its owner, its interpreter and loader, its GPUs, its engine
+# key and the service's address (hpcserve's), and Slurm's and submitit's own variables
+_RESERVED_ENV = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LD_PRELOAD", "LD_AUDIT",
+                           "CUDA_VISIBLE_DEVICES", "VLLM_API_KEY", "HPCSERVE_SOCKET",
+                           "HPCSERVE_SITE"})  # fmt: skip
+_RESERVED_PREFIXES = ("SLURM", "SBATCH_", "SRUN_", "SALLOC_", "SUBMITIT_", "PYTHON")
+
+
+def check_replica_env(name: object, value: object) -> None:
+    """One ``serving.replica_env`` entry: a variable name that is not the job's own, and a string value."""
+    if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+        raise Invalid(str(name), "not an environment variable name", "use letters, digits and _")
+    if name in _RESERVED_ENV or name.startswith(_RESERVED_PREFIXES):
+        raise Invalid(name, "reserved: Slurm, hpcserve or the login sets it", f"remove `{name}` here")
+    if not isinstance(value, str):
+        raise Invalid(name, f"{value!r} is not a string", f'quote it: {name}: "{value}"')
+    if "\0" in value:
+        raise Invalid(name, "holds a NUL character", "remove it")
 
 
 SubmitMethod = Literal["runuser", "sudo", "sbatch-uid"]

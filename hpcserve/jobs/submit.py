@@ -231,12 +231,14 @@ class Submitter:
         kind: str = "train",
         tag: str | None = None,
         requeue: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> tuple[str, PlannedJob]:
         """Submit ``fn(*args)`` as ``request.user``: the policy first (the user's own limits), then
         ``write(files)`` puts the pickle into ``folder`` (as the user), then ``sbatch`` (as the user) submits
-        the script. Returns the job id."""
+        the script, which exports ``env`` (the site's ``serving.replica_env``). Returns the job id."""
         job, reason = self.plan(request, kind=kind)
-        job = dataclasses.replace(job, tag=tag or job.tag, requeue=requeue or job.requeue)
+        job = dataclasses.replace(job, tag=tag or job.tag, requeue=requeue or job.requeue,
+                                  env={**job.env, **(env or {})})  # fmt: skip
         staged = stage_callable(job, fn, args, folder)
         write(staged.files)
         job_id = sbatch.submit(staged.script)

@@ -149,7 +149,9 @@ class Launched:
 class ReplicaLauncher:
     """Submits replicas as their owners (``method``: the site's ``service.submit_as``). ``runner`` runs the
     owner's commands (give it the environment of ``runas.owner_environ``); the replica reaches the
-    service's API at ``service_socket`` (or ``service_url``) to announce itself."""
+    service's API at ``service_socket`` (or ``service_url``) to announce itself. ``env`` (the site's
+    ``serving.replica_env``) is exported by the job's script: it reaches the job, never a command the
+    service runs as root (``runuser``, ``sbatch --uid``), nor the owner's commands on the login node."""
 
     replica_dir: Path
     method: str
@@ -164,6 +166,7 @@ class ReplicaLauncher:
     python: str = sys.executable
     owner_of: Callable[[str], Owner] = lookup_owner
     prepare: Callable[[Path, Owner], None] = field(default=prepare_replica_root)
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def launch(
         self, submitter: Submitter, deployment: Deployment, spec: DeploymentSpec, index: int
@@ -190,6 +193,6 @@ class ReplicaLauncher:
         job_id, _ = submitter.submit_owned(
             replica_request(spec, index, owner.user, deployment.account, self.hold), main, (), folder,
             write=write, sbatch=CliSlurmClient(runner, timeout=self.timeout_s), kind=REPLICA_KIND,
-            tag=replica_tag(spec.name, index), requeue=True,
+            tag=replica_tag(spec.name, index), requeue=True, env=self.env,
         )  # fmt: skip
         return Launched(job_id, secret_hash(credentials.secret), credentials.engine_key)

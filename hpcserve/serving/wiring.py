@@ -74,6 +74,7 @@ def make_launcher(site: SiteConfig) -> ReplicaLauncher:
         ready_timeout_s=site.serving.ready_timeout_s,
         timeout_s=site.slurm.command_timeout_s,
         hold=site.lending.mode == "overlap",
+        env=site.serving.replica_env,
     )
 
 
