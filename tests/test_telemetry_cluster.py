@@ -9,8 +9,8 @@ posting for alice's job (on the socket, over munge, even with her replica's secr
 telemetry, bob asking for the idle list (exit 77), a caller with no identity.
 
 (The reporter runs on the login node as alice, with the secret from her replica's 0600 file, not inside the
-replica job: the service submits replicas with only PATH, LANG and SLURM_CONF from its environment, so the
-recorded device's LD_LIBRARY_PATH cannot reach the job itself.)
+replica job: the site's serving.replica_env is one for all replicas, and these two read different recordings.
+tests/test_telemetry_replica_cluster.py has a replica job report itself.)
 """
 
 from __future__ import annotations
