@@ -231,6 +231,9 @@ AccountingStorageHost=$CTLD_ADDR
 AccountingStoragePort=$DBD_PORT
 AccountingStorageTRES=gres/gpu
 AccountingStorageEnforce=associations
+# sacct keeps each job's --comment, where hpcserve's tag lives (hpcserve usage --hpcserve-only, training vs
+# inference); a site running hpcserve sets the same
+AccountingStoreFlags=job_comment
 JobCompType=jobcomp/none
 EOF
   local i
