@@ -23,6 +23,7 @@ from hpcserve.report import data as rd
 if TYPE_CHECKING:
     from hpcserve.api.caller import Caller
     from hpcserve.api.context import ApiContext
+    from hpcserve.model.telemetry import IdleFlag
 
 USAGE_NOTE = (
     "GPU-hours: sacct's allocated GPUs x time in the period. Busy/idle: from each job's GPU "
@@ -116,14 +117,13 @@ def _deployments(
     return rd.deployment_series(readings, since, width, owners)
 
 
-def _idle_jobs(api: ApiContext, caller: Caller) -> tuple[tuple[rd.IdleJob, ...], str]:
+def _idle_jobs(api: ApiContext, caller: Caller) -> tuple[tuple[IdleFlag, ...], str]:
     """The jobs flagged idle now that the caller may see (``hpcserve.api.telemetry.idle_jobs``: every
     user's for an admin, the caller's own otherwise), and what an empty list means."""
     from hpcserve.api.telemetry import FLAGS_STALE_S, idle_jobs
 
     flags = idle_jobs(api, caller)
-    jobs = tuple(rd.IdleJob(f.job_id, f.user, f.kind, f.reason, f.since, f.gpus, f.gpu_hours_wasted,
-                            f.mean_util_pct) for f in flags)  # fmt: skip
+    jobs = tuple(flags)
     policy = api.policy.idle
     note = (f"A job is flagged when its GPUs average under {policy.gpu_util_below_pct:g}% for "
             f"{policy.window_s / 60:g} min (or a replica serves nothing that long); flags older than "

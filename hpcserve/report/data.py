@@ -16,6 +16,8 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from hpcserve.errors import HpcserveError
+from hpcserve.model.telemetry import IdleFlag
+from hpcserve.telemetry.idle import flag_from_json, flag_to_json
 
 if TYPE_CHECKING:
     from hpcserve.store.records import Rollup
@@ -106,20 +108,6 @@ class DeploymentSeries:
 
 
 @dataclass(frozen=True, slots=True)
-class IdleJob:
-    """A job flagged idle (``hpcserve.model.telemetry.IdleFlag``'s fields)."""
-
-    job_id: str
-    user: str
-    kind: str
-    reason: str
-    since: datetime
-    gpus: int
-    gpu_hours_wasted: float
-    mean_util_pct: float | None
-
-
-@dataclass(frozen=True, slots=True)
 class UsageRow:
     """GPU-hours and cost of one account (or user, deployment...: ``UsageTable.by``)."""
 
@@ -158,7 +146,7 @@ class ReportData:
     evictions: int
     lost_gpu_h: float
     deployments: tuple[DeploymentSeries, ...]
-    idle_jobs: tuple[IdleJob, ...] | None
+    idle_jobs: tuple[IdleFlag, ...] | None
     idle_note: str
     usage: UsageTable | None
     usage_note: str
@@ -326,17 +314,11 @@ def to_json(report: ReportData) -> dict[str, Any]:
         "deployments": [{"name": d.name, "owner": d.owner,
                          "points": [[_iso(x.at), x.ttft_p50_s, x.ttft_p95_s, x.waiting] for x in d.points]}
                         for d in report.deployments],
-        "idle_jobs": None if report.idle_jobs is None else [idle_json(j) for j in report.idle_jobs],
+        "idle_jobs": None if report.idle_jobs is None else [flag_to_json(j) for j in report.idle_jobs],
         "idle_note": report.idle_note,
         "usage": None if report.usage is None else usage_json(report.usage),
         "usage_note": report.usage_note,
     }  # fmt: skip
-
-
-def idle_json(job: IdleJob) -> dict[str, Any]:
-    return {"job_id": job.job_id, "user": job.user, "kind": job.kind, "reason": job.reason,
-            "since": _iso(job.since), "gpus": job.gpus, "gpu_hours_wasted": job.gpu_hours_wasted,
-            "mean_util_pct": job.mean_util_pct}  # fmt: skip
 
 
 def usage_json(table: UsageTable) -> dict[str, Any]:
@@ -370,17 +352,10 @@ def _from_json(d: Mapping[str, Any]) -> ReportData:
         deployments=tuple(DeploymentSeries(x["name"], x["owner"], tuple(
             DeploymentPoint(_time(p[0]), *(None if v is None else float(v) for v in p[1:4]))
             for p in x["points"])) for x in d["deployments"]),
-        idle_jobs=None if d["idle_jobs"] is None else tuple(_idle(j) for j in d["idle_jobs"]),
+        idle_jobs=None if d["idle_jobs"] is None else tuple(flag_from_json(j) for j in d["idle_jobs"]),
         idle_note=str(d["idle_note"]),
         usage=None if d["usage"] is None else _usage(d["usage"]), usage_note=str(d["usage_note"]),
     )  # fmt: skip
-
-
-def _idle(j: Mapping[str, Any]) -> IdleJob:
-    util = j["mean_util_pct"]
-    return IdleJob(str(j["job_id"]), str(j["user"]), str(j["kind"]), str(j["reason"]), _time(j["since"]),
-                   int(j["gpus"]), float(j["gpu_hours_wasted"]),
-                   None if util is None else float(util))  # fmt: skip
 
 
 def _usage(u: Mapping[str, Any]) -> UsageTable:

@@ -13,7 +13,8 @@ from html import escape
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hpcserve.report.data import DeploymentSeries, IdleJob, PartitionSeries, ReportData, UsageTable
+    from hpcserve.model.telemetry import IdleFlag
+    from hpcserve.report.data import DeploymentSeries, PartitionSeries, ReportData, UsageTable
 
 TOP_IDLE = 15
 NONE = "\u2013"  # an en dash: no value
@@ -270,7 +271,7 @@ def _idle(report: ReportData) -> str:
     return _section("idle", "Top idle jobs", lead, table, note)
 
 
-def _idle_row(job: IdleJob, top: float) -> list[str]:
+def _idle_row(job: IdleFlag, top: float) -> list[str]:
     return [job.job_id, job.user, job.kind, str(job.gpus), _when(job.since), _num(job.mean_util_pct, 0, "%"),
             _bar(job.gpu_hours_wasted, top, f"{job.gpu_hours_wasted:,.1f}"), job.reason]  # fmt: skip
 
