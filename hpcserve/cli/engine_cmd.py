@@ -86,6 +86,24 @@ vLLM's /metrics names, with a continuous-batching latency model. Every response 
     help="Simulator: seconds SIGTERM waits for requests in flight.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Simulator: completion text offset.")
+@click.option(
+    "--enable-sleep-mode",
+    is_flag=True,
+    help="As vLLM's: with VLLM_SERVER_DEV_MODE=1, serve /sleep, /wake_up and /is_sleeping.",
+)
+@click.option(
+    "--weights-gib",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Simulator: weight size for sleep/wake times [default: from the model name, e.g. 8B: 14.9].",
+)
+@click.option(
+    "--sleep-time-scale",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    envvar="HPCSERVE_ENGINE_SIM_SLEEP_TIME_SCALE",
+    help="Simulator: multiply every modelled sleep/wake duration (e.g. 0.1 in tests).",
+)
 def engine_sim(
     model_arg: str | None,
     model: str | None,
@@ -101,6 +119,9 @@ def engine_sim(
     kv_tokens: int,
     drain_timeout: float,
     seed: int,
+    enable_sleep_mode: bool,
+    weights_gib: float | None,
+    sleep_time_scale: float,
 ) -> None:
     import logging
 
@@ -123,6 +144,9 @@ def engine_sim(
             kv_tokens=kv_tokens,
             seed=seed,
             drain_timeout_s=drain_timeout,
+            enable_sleep_mode=enable_sleep_mode,
+            weights_gib=weights_gib,
+            sleep_time_scale=sleep_time_scale,
         )
     )
 

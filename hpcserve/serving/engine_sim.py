@@ -5,7 +5,9 @@ and the log lines name it.
 
 Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed as SSE, or not),
 ``GET /v1/models``, ``GET /health`` (503 until ``startup_delay_s`` has passed and while draining, then 200),
-``GET /metrics`` (Prometheus text, see ``engine_sim_metrics``).
+``GET /metrics`` (Prometheus text, see ``engine_sim_metrics``). With ``enable_sleep_mode`` and
+``dev_mode`` (``run`` takes the latter from ``VLLM_SERVER_DEV_MODE``, as vLLM does), also vLLM's sleep-mode
+endpoints ``/sleep``, ``/wake_up`` and ``/is_sleeping`` (see ``engine_sim_sleep``).
 
 With an API key (``SimConfig.api_key``; ``run`` takes it from ``VLLM_API_KEY``, as ``vllm serve`` does, so
 it is never in the command line) every /v1 request without ``Authorization: Bearer <key>`` gets 401;
@@ -25,13 +27,14 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from hpcserve.serving import engine_sim_openai as api
+from hpcserve.serving import engine_sim_sleep as sleep_mode
 from hpcserve.serving.engine_sim_core import EngineFullError, Scheduler, Seq, SimConfig
 from hpcserve.serving.engine_sim_metrics import SimMetrics
 
@@ -42,6 +45,7 @@ ENGINE_HEADER = ("x-hpcserve-engine", "simulator")
 OWNED_BY = "hpcserve-engine-simulator"
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 KEY_ENV = "VLLM_API_KEY"  # where vllm serve (and this simulator's CLI) read the key /v1 requires
+DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"  # "1": vLLM mounts its dev endpoints (the sleep-mode ones among them)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -100,6 +104,9 @@ def make_app(config: SimConfig, clock: Callable[[], float] = time.monotonic) -> 
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    if config.enable_sleep_mode and config.dev_mode:
+        engine = app[ENGINE]
+        sleep_mode.add_routes(app, sleep_mode.SleepControl(config, engine.scheduler, engine.metrics))
     return app
 
 
@@ -178,9 +185,14 @@ def _submit(engine: SimEngine, job: api.Job) -> Seq:
     return seq
 
 
+def _ended(job: api.Job, seq: Seq) -> api.Job:
+    """The job with the reason its request ended ("abort" when a sleep aborted it)."""
+    return job if seq.finish_reason == job.finish_reason else replace(job, finish_reason=seq.finish_reason)
+
+
 async def _whole(job: api.Job, seq: Seq) -> web.Response:
     await seq.event.wait()
-    return _json(api.response(job, seq.generated))
+    return _json(api.response(_ended(job, seq), seq.generated))
 
 
 async def _stream(request: web.Request, job: api.Job, seq: Seq) -> web.StreamResponse:
@@ -195,7 +207,7 @@ async def _stream(request: web.Request, job: api.Job, seq: Seq) -> web.StreamRes
         parts += [api.chunk(job, job.token(i)) for i in range(sent, seq.generated)]
         sent = seq.generated
         if finished:
-            parts += _closing(job, sent)
+            parts += _closing(_ended(job, seq), sent)
         try:
             await response.write(b"".join(parts))
         except ConnectionResetError:  # the client went away; the caller drops the request
@@ -279,6 +291,8 @@ def run(config: SimConfig) -> None:
     the key is ``$VLLM_API_KEY`` when set."""
     if config.api_key is None and os.environ.get(KEY_ENV):
         config = dataclasses.replace(config, api_key=os.environ[KEY_ENV])
+    if os.environ.get(DEV_MODE_ENV) == "1":
+        config = dataclasses.replace(config, dev_mode=True)
     asyncio.run(_serve_until_signal(config))
 
 

@@ -54,6 +54,10 @@ class SimConfig:
     max_waiting: int = 10000
     drain_timeout_s: float = 20.0
     api_key: str | None = field(default=None, repr=False)  # vLLM's --api-key: required on /v1; None: open
+    enable_sleep_mode: bool = False  # vLLM's --enable-sleep-mode (see engine_sim_sleep)
+    dev_mode: bool = False  # VLLM_SERVER_DEV_MODE=1: vLLM mounts /sleep, /wake_up, /is_sleeping only then
+    weights_gib: float | None = None  # weight size for the sleep timings; None: from the model's name
+    sleep_time_scale: float = 1.0  # multiplies every sleep/wake duration (tests use e.g. 0.1)
 
     @property
     def name(self) -> str:
@@ -105,6 +109,32 @@ class Scheduler:
         self._reserved = 0
         self._wake = asyncio.Event()
         self._deadline = 0.0
+        self._paused = False
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is running (a paused engine still finishes these; waiting ones are held)."""
+        return bool(self._running)
+
+    def pause(self) -> None:
+        """Admit nothing more: new and waiting requests are held until ``resume``."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wake.set()
+
+    def abort_all(self) -> int:
+        """Finish every running and waiting request with finish_reason "abort"; how many there were."""
+        seqs = [*self._running, *self._waiting]
+        for seq in seqs:
+            seq.abandoned = seq.finished = True
+            seq.finish_reason = "abort"
+            seq.event.set()
+            self._metrics.success["abort"].inc()
+        self._running, self._reserved = [], 0
+        self._waiting.clear()
+        return len(seqs)
 
     def load(self) -> Load:
         used = sum(s.prompt_tokens + s.generated for s in self._running)
@@ -130,11 +160,12 @@ class Scheduler:
 
     async def run(self) -> None:
         while True:
-            if not self._running and not self._waiting:
+            if not self._running and (self._paused or not self._waiting):
                 self._wake.clear()
                 await self._wake.wait()
                 self._deadline = self._clock()
-            admitted = self._admit()
+                continue
+            admitted = [] if self._paused else self._admit()
             prefill = sum(s.prompt_tokens for s in admitted)
             await self._sleep(step_seconds(self._config, len(self._running), prefill))
             self._advance(admitted)

@@ -9,7 +9,10 @@ Exposed:
   current name) and ``vllm:gpu_cache_usage_perc`` (its pre-0.9 name, same value, for older dashboards);
 - counters ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``,
   ``vllm:request_success_total{finished_reason}``;
-- histograms ``vllm:time_to_first_token_seconds``, ``vllm:e2e_request_latency_seconds``.
+- histograms ``vllm:time_to_first_token_seconds``, ``vllm:e2e_request_latency_seconds``;
+- gauge ``vllm:engine_sleep_state{sleep_state}``, one series per state ("awake", "weights_offloaded",
+  "discard_all"), 1 for the current one and 0 for the others (so awake=0 means asleep); like vLLM's
+  ``PrometheusStatLogger``, exported whether or not sleep mode is enabled, awake by default.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                    240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 FINISH_REASONS = ("stop", "length", "abort")
+SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")  # awake, sleep level 1, sleep level 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,20 @@ class SimMetrics:
             registry=r,
         )
         self.success = {reason: success.labels(*v, reason) for reason in FINISH_REASONS}
+        sleep = Gauge(
+            "vllm:engine_sleep_state",
+            "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine is awake; "
+            "weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.",
+            (*LABELS, "sleep_state"),
+            registry=r,
+        )
+        self._sleep = {state: sleep.labels(*v, state) for state in SLEEP_STATES}
+        self.set_sleep_level(0)
+
+    def set_sleep_level(self, level: int) -> None:
+        """Show sleep level 0 (awake), 1 (weights_offloaded) or 2 (discard_all)."""
+        for i, gauge in enumerate(self._sleep.values()):
+            gauge.set(1 if i == level else 0)
 
     def render(self, load: Load) -> bytes:
         self._running.set(load.running)

@@ -1,0 +1,154 @@
+"""Sleep mode in hpcserve's engine SIMULATOR (not vLLM): vLLM's dev-server endpoints, with durations from
+the pure model in ``engine_sim_timing``.
+
+As in vLLM, the endpoints exist only when the engine runs with ``--enable-sleep-mode`` and the server in
+dev mode (``VLLM_SERVER_DEV_MODE=1``); otherwise they are not mounted and answer 404. They sit outside /v1,
+so an API key does not guard them (as in vLLM, whose key middleware guards /v1 only).
+
+- ``POST /sleep?level=1|2&mode=abort|wait`` (defaults 1 and abort, as vLLM's): the scheduler stops
+  admitting; with ``abort``, every running and waiting request ends at once with finish_reason "abort"
+  (vLLM's default ``pause_generation`` mode); with ``wait``, the running ones finish first. Then the weights
+  move to host RAM (level 1) or are discarded (level 2), which takes ``sleep_seconds``; the answer (200,
+  empty) comes when that is done. vLLM's third mode, ``keep``, is refused with 400. Asleep already: 200,
+  nothing changes.
+- ``POST /wake_up`` (optionally ``?tags=weights`` and/or ``?tags=kv_cache``): wakes those parts, taking
+  ``wake_seconds``, and answers 200 when done; the engine serves again once both are awake.
+- ``GET /is_sleeping``: ``{"is_sleeping": bool}``; true from the start of a sleep until every tag is awake.
+
+While asleep, /v1/completions and /v1/chat/completions are accepted and held in the waiting queue: they
+are served after the wake (vLLM's scheduler is paused and parks them until ``wake_up``; see vLLM PR
+#45326's description of that behaviour). /health stays 200 (vLLM's health check asks whether the engine
+core is alive, not whether it sleeps), /v1/models answers, and /metrics shows ``vllm:engine_sleep_state``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from hpcserve.serving.engine_sim_core import Scheduler, SimConfig
+from hpcserve.serving.engine_sim_metrics import SimMetrics
+from hpcserve.serving.engine_sim_timing import TAGS, sleep_seconds, wake_seconds, weights_gib
+
+__all__ = ["SleepControl", "add_routes"]
+
+log = logging.getLogger("hpcserve.engine_sim")
+MODES = ("abort", "wait")
+DRAIN_POLL_S = 0.01
+
+
+class SleepError(Exception):
+    """A bad /sleep or /wake_up parameter: 400 with this one-line message."""
+
+
+@dataclass
+class SleepControl:
+    """The engine's sleep state: ``level`` 0 (awake), 1 or 2, and the tags still asleep."""
+
+    config: SimConfig
+    scheduler: Scheduler
+    metrics: SimMetrics
+    level: int = 0
+    asleep: set[str] = field(default_factory=set)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def gib(self) -> float:
+        return weights_gib(self.config.model, self.config.weights_gib)
+
+    @property
+    def is_sleeping(self) -> bool:
+        return bool(self.asleep)
+
+    async def sleep(self, level: int, mode: str) -> float:
+        """Put the engine to sleep; returns the modelled seconds the offload took (0 if asleep already)."""
+        async with self.lock:
+            if self.is_sleeping:
+                return 0.0
+            self.scheduler.pause()
+            self.level, self.asleep = level, set(TAGS)
+            if mode == "abort":
+                aborted = self.scheduler.abort_all()
+                log.info("engine simulator sleep: aborted %d requests", aborted)
+            while self.scheduler.busy:
+                await asyncio.sleep(DRAIN_POLL_S)
+            self.metrics.set_sleep_level(level)
+            seconds = sleep_seconds(level, self.gib, self.config.sleep_time_scale)
+            await asyncio.sleep(seconds)
+            log.info("engine simulator asleep at level %d (%.2f GiB, %.2f s)", level, self.gib, seconds)
+            return seconds
+
+    async def wake(self, tags: frozenset[str]) -> float:
+        """Wake ``tags``; returns the modelled seconds it took. Serves again once no tag is asleep."""
+        async with self.lock:
+            todo = tags & self.asleep
+            if not todo:
+                return 0.0
+            seconds = wake_seconds(self.level, self.gib, frozenset(todo), self.config.sleep_time_scale)
+            await asyncio.sleep(seconds)
+            self.asleep -= todo
+            if not self.asleep:
+                self.level = 0
+                self.metrics.set_sleep_level(0)
+                self.scheduler.resume()
+            log.info("engine simulator woke %s in %.2f s", ",".join(sorted(todo)), seconds)
+            return seconds
+
+
+SLEEP = web.AppKey("hpcserve_engine_sim_sleep", SleepControl)
+
+
+def add_routes(app: web.Application, control: SleepControl) -> None:
+    """Mount /sleep, /wake_up and /is_sleeping on the simulator's app."""
+    app[SLEEP] = control
+    app.router.add_post("/sleep", _sleep)
+    app.router.add_post("/wake_up", _wake_up)
+    app.router.add_get("/is_sleeping", _is_sleeping)
+
+
+def parse_sleep(query: dict[str, str]) -> tuple[int, str]:
+    """``level`` and ``mode`` of a /sleep query, or ``SleepError``."""
+    raw_level, mode = query.get("level", "1"), query.get("mode", "abort")
+    if raw_level not in ("1", "2"):
+        raise SleepError(f"level: must be 1 or 2, got {raw_level!r} (fix: POST /sleep?level=1)")
+    if mode not in MODES:
+        raise SleepError(f"mode: the engine simulator takes abort or wait, got {mode!r} (fix: ?mode=wait)")
+    return int(raw_level), mode
+
+
+def parse_tags(tags: list[str]) -> frozenset[str]:
+    """The tags of a /wake_up query (none: all), or ``SleepError``."""
+    unknown = sorted(set(tags) - set(TAGS))
+    if unknown:
+        raise SleepError(f"tags: unknown {', '.join(unknown)} (fix: tags=weights or tags=kv_cache)")
+    return frozenset(tags) if tags else frozenset(TAGS)
+
+
+def _bad(exc: SleepError) -> web.Response:
+    body = {"error": {"message": str(exc), "type": "BadRequestError", "param": None, "code": 400}}
+    return web.json_response(body, status=400)
+
+
+async def _sleep(request: web.Request) -> web.Response:
+    try:
+        level, mode = parse_sleep(dict(request.query))
+    except SleepError as exc:
+        return _bad(exc)
+    await request.app[SLEEP].sleep(level, mode)
+    return web.Response(status=200)
+
+
+async def _wake_up(request: web.Request) -> web.Response:
+    try:
+        tags = parse_tags(request.query.getall("tags", []))
+    except SleepError as exc:
+        return _bad(exc)
+    await request.app[SLEEP].wake(tags)
+    return web.Response(status=200)
+
+
+async def _is_sleeping(request: web.Request) -> web.Response:
+    return web.json_response({"is_sleeping": request.app[SLEEP].is_sleeping})
