@@ -1,7 +1,7 @@
 """Sleep mode in the engine simulator (not vLLM): the pure timing model, then the simulator on 127.0.0.1
 (in its own process for the main flow): sleep -> is_sleeping -> a request is held -> wake -> it is served
 after the modelled wake time; vllm:engine_sleep_state in each state; the endpoints absent (404) without
---enable-sleep-mode or without VLLM_SERVER_DEV_MODE=1."""
+VLLM_SERVER_DEV_MODE=1, and refused (500) in dev mode without --enable-sleep-mode, as vLLM does."""
 
 from __future__ import annotations
 
@@ -234,9 +234,8 @@ def test_mode_wait_lets_running_requests_finish_in_process() -> None:
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize(("flags", "dev_mode"), [((), True), (("--enable-sleep-mode",), False)])
-def test_endpoints_absent_without_sleep_mode_and_dev_mode(flags: tuple[str, ...], dev_mode: bool) -> None:
-    proc, url = _spawn(*flags, dev_mode=dev_mode)
+def test_endpoints_absent_without_dev_mode() -> None:
+    proc, url = _spawn("--enable-sleep-mode", dev_mode=False)
 
     async def scenario() -> None:
         await _wait_healthy(url, proc)
@@ -252,3 +251,22 @@ def test_endpoints_absent_without_sleep_mode_and_dev_mode(flags: tuple[str, ...]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_dev_mode_without_sleep_mode_refuses_as_vllm_does() -> None:
+    config = SimConfig(model=MODEL, port=0, dev_mode=True)
+
+    async def scenario() -> None:
+        server = await start(config)
+        try:
+            async with aiohttp.ClientSession(server.url) as s:
+                for path in ("/sleep", "/wake_up"):
+                    async with s.post(path) as r:
+                        assert r.status == 500
+                        assert "--enable-sleep-mode" in (await r.json())["error"]["message"]
+                assert not await _is_sleeping(s) and await _sleep_state(s) == AWAKE
+                assert (await _complete(s))["choices"][0]["finish_reason"] == "length"
+        finally:
+            await server.close()
+
+    asyncio.run(scenario())

@@ -89,7 +89,7 @@ vLLM's /metrics names, with a continuous-batching latency model. Every response 
 @click.option(
     "--enable-sleep-mode",
     is_flag=True,
-    help="As vLLM's: with VLLM_SERVER_DEV_MODE=1, serve /sleep, /wake_up and /is_sleeping.",
+    help="As vLLM's: /sleep, /wake_up and /is_sleeping work (mounted with VLLM_SERVER_DEV_MODE=1).",
 )
 @click.option(
     "--weights-gib",

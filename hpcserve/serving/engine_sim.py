@@ -5,9 +5,9 @@ and the log lines name it.
 
 Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed as SSE, or not),
 ``GET /v1/models``, ``GET /health`` (503 until ``startup_delay_s`` has passed and while draining, then 200),
-``GET /metrics`` (Prometheus text, see ``engine_sim_metrics``). With ``enable_sleep_mode`` and
-``dev_mode`` (``run`` takes the latter from ``VLLM_SERVER_DEV_MODE``, as vLLM does), also vLLM's sleep-mode
-endpoints ``/sleep``, ``/wake_up`` and ``/is_sleeping`` (see ``engine_sim_sleep``).
+``GET /metrics`` (Prometheus text, see ``engine_sim_metrics``). In ``dev_mode`` (``run`` takes it from
+``VLLM_SERVER_DEV_MODE``, as vLLM does), also vLLM's sleep-mode endpoints ``/sleep``, ``/wake_up`` and
+``/is_sleeping``, which work with ``enable_sleep_mode`` (see ``engine_sim_sleep``).
 
 With an API key (``SimConfig.api_key``; ``run`` takes it from ``VLLM_API_KEY``, as ``vllm serve`` does, so
 it is never in the command line) every /v1 request without ``Authorization: Bearer <key>`` gets 401;
@@ -104,7 +104,7 @@ def make_app(config: SimConfig, clock: Callable[[], float] = time.monotonic) -> 
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
-    if config.enable_sleep_mode and config.dev_mode:
+    if config.dev_mode:
         engine = app[ENGINE]
         sleep_mode.add_routes(app, sleep_mode.SleepControl(config, engine.scheduler, engine.metrics))
     return app

@@ -1,9 +1,12 @@
 """Sleep mode in hpcserve's engine SIMULATOR (not vLLM): vLLM's dev-server endpoints, with durations from
 the pure model in ``engine_sim_timing``.
 
-As in vLLM, the endpoints exist only when the engine runs with ``--enable-sleep-mode`` and the server in
-dev mode (``VLLM_SERVER_DEV_MODE=1``); otherwise they are not mounted and answer 404. They sit outside /v1,
-so an API key does not guard them (as in vLLM, whose key middleware guards /v1 only).
+As in vLLM (``vllm/entrypoints/serve/sleep/api_router.py``: ``attach_router`` returns unless
+``VLLM_SERVER_DEV_MODE``), the endpoints are mounted only in dev mode (``VLLM_SERVER_DEV_MODE=1``); without
+it they answer 404. In dev mode without ``--enable-sleep-mode``, /sleep and /wake_up answer 500 "Sleep mode
+is not enabled in the model config" (vLLM's engine asserts that; the 500 is what FastAPI makes of it) and
+/is_sleeping says false. They sit outside /v1, so an API key does not guard them (vLLM's key middleware
+guards /v1 only). A bad ``level`` gets a one-line 400 here, where vLLM's ``int(level)`` fails with a 500.
 
 - ``POST /sleep?level=1|2&mode=abort|wait`` (defaults 1 and abort, as vLLM's): the scheduler stops
   admitting; with ``abort``, every running and waiting request ends at once with finish_reason "abort"
@@ -127,12 +130,18 @@ def parse_tags(tags: list[str]) -> frozenset[str]:
     return frozenset(tags) if tags else frozenset(TAGS)
 
 
-def _bad(exc: SleepError) -> web.Response:
-    body = {"error": {"message": str(exc), "type": "BadRequestError", "param": None, "code": 400}}
-    return web.json_response(body, status=400)
+NOT_ENABLED = "Sleep mode is not enabled in the model config (fix: start the engine with --enable-sleep-mode)"
+
+
+def _bad(exc: SleepError | str, status: int = 400) -> web.Response:
+    kind = "BadRequestError" if status == 400 else "InternalServerError"
+    body = {"error": {"message": str(exc), "type": kind, "param": None, "code": status}}
+    return web.json_response(body, status=status)
 
 
 async def _sleep(request: web.Request) -> web.Response:
+    if not request.app[SLEEP].config.enable_sleep_mode:
+        return _bad(NOT_ENABLED, 500)
     try:
         level, mode = parse_sleep(dict(request.query))
     except SleepError as exc:
@@ -142,6 +151,8 @@ async def _sleep(request: web.Request) -> web.Response:
 
 
 async def _wake_up(request: web.Request) -> web.Response:
+    if not request.app[SLEEP].config.enable_sleep_mode:
+        return _bad(NOT_ENABLED, 500)
     try:
         tags = parse_tags(request.query.getall("tags", []))
     except SleepError as exc:

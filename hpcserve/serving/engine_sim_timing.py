@@ -12,14 +12,15 @@ This models vLLM's sleep mode; it is not vLLM. The model is affine in the weight
   ``w / reload_gib_per_s`` (vLLM wakes with empty weights and needs a ``reload_weights`` call; the simulator
   folds that reload into the wake so that it can serve afterwards), plus ``wake_fixed_s`` for ``kv_cache``.
 
-Figures the defaults are fitted to (the published ones quoted in hpcserve issue 14, from vLLM's sleep-mode
-documentation and blog, https://docs.vllm.ai/en/latest/features/sleep_mode/ and the vLLM blog post
-"Zero-Reload Model Switching with vLLM Sleep Mode", 2025): a level-1 wake of about 3 s for 64 GiB of
-weights and 2.2 s for an 8B model (bf16, 14.9 GiB), and a level-1 sleep of about 10 s for 64 GiB. Two
-wake points fix the wake line: 1/restore rate = (3.0 - 2.2) / (64 - 14.9) s/GiB (~61 GiB/s) and
-``wake_fixed_s`` = 3.0 - 64 / 61.4 (~1.96 s). One sleep point and a small fixed part fix the sleep line
-(0.4 s + 64 GiB / 6.67 GiB/s = 10 s). The level-2 reload rate (2 GiB/s) is an assumption for a local NVMe
-copy, not a published figure.
+Figures the defaults are fitted to: the "reported" ones that hpcserve issue 14 quotes (a level-1 wake of
+about 3 s for 64 GiB of weights and 2.2 s for an 8B model, bf16 = 14.9 GiB, and a level-1 sleep of about
+10 s); their primary source was not re-checked here. They sit inside the ranges of vLLM's own benchmark
+post, https://blog.vllm.ai/2025/10/26/sleep-mode.html (0.6B to 235B models, A4000 to A100: level-1 wakes
+of 0.1-6 s). Two wake points fix the wake line: 1 / restore rate = (3.0 - 2.2) / (64 - 14.9) s/GiB
+(~61 GiB/s) and ``wake_fixed_s`` = 3.0 - 64 / 61.4 (~1.96 s). One sleep point and a small fixed part fix
+the sleep line (0.4 s + 64 GiB / 6.67 GiB/s = 10 s). The level-2 reload rate (2 GiB/s, a node-local NVMe
+read with a cold page cache) is an assumption, not a published figure; the blog's level-2 wakes (0.8-2.6 s)
+are faster, with the weights still in the page cache.
 
 ``scale`` multiplies every duration (the simulator's ``--sleep-time-scale``, e.g. 0.1 in tests).
 """
