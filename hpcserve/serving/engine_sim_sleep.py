@@ -20,8 +20,9 @@ guards /v1 only). A bad ``level`` gets a one-line 400 here, where vLLM's ``int(l
 
 While asleep, /v1/completions and /v1/chat/completions are accepted and held in the waiting queue: they
 are served after the wake (vLLM's scheduler is paused and parks them until ``wake_up``; see vLLM PR
-#45326's description of that behaviour). /health stays 200 (vLLM's health check asks whether the engine
-core is alive, not whether it sleeps), /v1/models answers, and /metrics shows ``vllm:engine_sleep_state``.
+#45326's description of that behaviour). /health stays 200 (vLLM's check_health asks whether the engine
+is alive, not whether it sleeps: read in v0's AsyncLLMEngine, not checked in V1's), /v1/models answers, and
+/metrics shows ``vllm:engine_sleep_state``.
 """
 
 from __future__ import annotations
