@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpcserve.api.caller import is_admin
 from hpcserve.errors import HpcserveError, ValidationError
+from hpcserve.report import DEFAULT_POINTS, MAX_POINTS
 from hpcserve.report import data as rd
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ MAX_SINCE_S = 400 * 86400.0  # rollups are kept 180 days by default; a little ov
 
 
 def report_data(
-    api: ApiContext, caller: Caller, since_s: float, points: int = rd.DEFAULT_POINTS
+    api: ApiContext, caller: Caller, since_s: float, points: int = DEFAULT_POINTS
 ) -> dict[str, Any]:
     """The report's data for the last ``since_s`` seconds, in about ``points`` buckets, as JSON."""
     if not 0 < since_s <= MAX_SINCE_S:
@@ -41,8 +42,8 @@ def report_data(
             f"since_s: {since_s:.0f} seconds is out of range "
             f"(fix: more than 0, at most {MAX_SINCE_S / 86400:.0f} days, e.g. --since 7d)"
         )
-    if not 1 <= points <= rd.MAX_POINTS:
-        raise ValidationError(f"points: {points} is out of range (fix: 1 to {rd.MAX_POINTS})")
+    if not 1 <= points <= MAX_POINTS:
+        raise ValidationError(f"points: {points} is out of range (fix: 1 to {MAX_POINTS})")
     until = api.clock()
     since = until - timedelta(seconds=since_s)
     width = rd.bucket_width(since, until, points)

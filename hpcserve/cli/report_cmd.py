@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 
 import click
 
-from hpcserve.report.data import DEFAULT_POINTS, MAX_POINTS
+from hpcserve.report import DEFAULT_POINTS, MAX_POINTS  # the package's constants: --help stays light
 
 if TYPE_CHECKING:
     from hpcserve.cli.main import Context

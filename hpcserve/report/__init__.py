@@ -4,3 +4,6 @@
 bucketing of store samples into time series; ``charts`` draws them with matplotlib as inline SVG; ``html``
 turns the records and the charts into the page; ``render`` joins the last two.
 """
+
+DEFAULT_POINTS = 240  # points per line on a chart (the service averages samples into as many buckets)
+MAX_POINTS = 2000

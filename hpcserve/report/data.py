@@ -17,13 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from hpcserve.errors import HpcserveError
 from hpcserve.model.telemetry import IdleFlag
+from hpcserve.report import MAX_POINTS
 from hpcserve.telemetry.idle import flag_from_json, flag_to_json
 
 if TYPE_CHECKING:
     from hpcserve.store.records import Rollup
 
-DEFAULT_POINTS = 240
-MAX_POINTS = 2000
 MIN_BUCKET_S = 30.0  # the sampler's default interval: finer buckets would hold no more than one sample
 QUEUE_KEYS = ("running_gpus", "idle_gpus", "total_gpus", "pending_jobs", "pending_gpus")
 ENGINE_KEYS = ("ttft_p50", "ttft_p95", "waiting", "gateway_waiting")

@@ -7,7 +7,7 @@ from aiohttp import web
 
 from hpcserve.api import report
 from hpcserve.errors import ValidationError
-from hpcserve.report.data import DEFAULT_POINTS
+from hpcserve.report import DEFAULT_POINTS
 from hpcserve.service.http import api_of, blocking, caller_of
 from hpcserve.service.routes_admin import query_number  # the query's numbers, read as history reads them
 

@@ -20,12 +20,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from itertools import pairwise
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hpcserve.config.policy import IdleRules
 from hpcserve.model.cluster import TAG_PREFIX, Job, JobState
 from hpcserve.model.telemetry import GpuSample, IdleFlag
 from hpcserve.serving.tags import parse_replica_tag
+
+if TYPE_CHECKING:  # a type only: the rules' pydantic model stays out of the report's import at --help
+    from hpcserve.config.policy import IdleRules
 
 INFERENCE_TAG_KINDS = ("replica", "inference")
 
