@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from hpcserve import hostlists
 from hpcserve.errors import HpcserveError
+from hpcserve.jobs.wrapping import JobWrapper
 
 PORT_BASE = 15000
 PORT_SPAN = 15000
@@ -110,7 +111,7 @@ def init_process_group(backend: str | None = None, *, timeout_s: float = 300.0) 
     return env
 
 
-class WithTorchEnv:
+class WithTorchEnv(JobWrapper):
     """``fn`` called with the torch.distributed variables already in ``os.environ``, so plain
     ``torch.distributed.init_process_group("gloo")`` (env://) works in every rank of a multi-task job.
 
@@ -118,20 +119,6 @@ class WithTorchEnv:
     handler, and the call it returns for the requeued job is wrapped again.
     """
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         os.environ.update(torch_env())
         return self.fn(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        if name != "checkpoint" or not hasattr(self.__dict__.get("fn"), "checkpoint"):
-            raise AttributeError(name)
-        return self._checkpoint
-
-    def _checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        delayed = self.fn.checkpoint(*args, **kwargs)  # type: ignore[attr-defined]
-        if delayed is not None:
-            delayed.function = WithTorchEnv(delayed.function)
-        return delayed

@@ -5,8 +5,10 @@ visible, and the call it returns for the requeued job is wrapped again (as ``Wit
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
+
+from hpcserve.jobs.wrapping import JobWrapper
 
 
 def wanted(job_env: Mapping[str, str]) -> bool:
@@ -21,11 +23,8 @@ def job_id_here() -> str:
     return os.environ.get("SLURM_JOB_ID", "")
 
 
-class WithTelemetry:
+class WithTelemetry(JobWrapper):
     """``fn`` called with the job's GPUs sampled and reported in the background (see the module doc)."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         reporter = None
@@ -38,14 +37,3 @@ class WithTelemetry:
         finally:
             if reporter is not None:
                 reporter.stop()
-
-    def __getattr__(self, name: str) -> Any:
-        if name != "checkpoint" or not hasattr(self.__dict__.get("fn"), "checkpoint"):
-            raise AttributeError(name)
-        return self._checkpoint
-
-    def _checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        delayed = self.fn.checkpoint(*args, **kwargs)  # type: ignore[attr-defined]
-        if delayed is not None:
-            delayed.function = WithTelemetry(delayed.function)
-        return delayed
