@@ -28,6 +28,7 @@ from hpcserve.serving.engine_sim_timing import (
     wake_seconds,
     weights_gib,
 )
+from tests.test_engine_sim import _wait_healthy as wait_healthy
 
 MODEL = "sim/Llama-3.1-8B-Instruct"
 GIB_8B = 8e9 * 2 / GIB
@@ -113,16 +114,7 @@ def sleepy_sim() -> Iterator[str]:
 
 async def _wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
     async with aiohttp.ClientSession(url) as s:
-        for _ in range(300):
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            try:
-                async with s.get("/health") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    pytest.fail("engine-sim did not become healthy in 15 s")
+        await wait_healthy(s, proc)  # test_engine_sim's wait, on a session of its own
 
 
 async def _metric(s: aiohttp.ClientSession, name: str) -> dict[str, float]:
