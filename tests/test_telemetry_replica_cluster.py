@@ -123,9 +123,14 @@ def test_the_replica_job_itself_reports_the_recorded_gpu(served: Served) -> None
 
     mine = {j["id"]: j for j in json.loads(served.service.run_as("alice", "ps", "--json").stdout)}
     assert low <= mine[served.job]["gpu_util_pct"] <= high
-    text = httpx.get(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=30).text
     gauge, job = "hpcserve_job_gpu_utilization_ratio{", f'job_id="{served.job}"'
-    (line,) = [x for x in text.splitlines() if x.startswith(gauge) and job in x]
+
+    def gauge_lines() -> list[str]:  # the collector lists running jobs from the service's (calm) Slurm read
+        text = httpx.get(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=30).text
+        return [x for x in text.splitlines() if x.startswith(gauge) and job in x]
+
+    wait_until(lambda: len(gauge_lines()) == 1, timeout=60, interval=1)
+    (line,) = gauge_lines()
     assert 'user="alice"' in line and low / 100 <= float(line.rsplit(" ", 1)[1]) <= high / 100
 
     assert call(served.service, "bob", "GET", "/v1/telemetry/jobs") == {"jobs": []}
