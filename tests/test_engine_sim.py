@@ -20,9 +20,9 @@ import pytest
 from click.testing import CliRunner
 
 from hpcserve.cli.engine_cmd import engine_sim
-from hpcserve.serving.engine_sim import OWNED_BY, SimServer, start
-from hpcserve.serving.engine_sim_core import SimConfig, step_seconds
-from hpcserve.serving.engine_sim_openai import ApiError, count_tokens, parse_job
+from hpcserve.enginesim.core import SimConfig, step_seconds
+from hpcserve.enginesim.openai import ApiError, count_tokens, parse_job
+from hpcserve.enginesim.server import OWNED_BY, SimServer, start
 from hpcserve.serving.engine_stats import EngineStats, parse_engine_metrics
 
 T = TypeVar("T")

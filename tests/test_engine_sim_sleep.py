@@ -18,10 +18,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hpcserve.serving.engine_sim import start
-from hpcserve.serving.engine_sim_core import SimConfig
-from hpcserve.serving.engine_sim_sleep import SleepError, parse_sleep, parse_tags
-from hpcserve.serving.engine_sim_timing import (
+from hpcserve.enginesim.core import SimConfig
+from hpcserve.enginesim.server import start
+from hpcserve.enginesim.sleep import SleepError, parse_sleep, parse_tags
+from hpcserve.enginesim.timing import (
     GIB,
     SLEEP_TIMINGS,
     sleep_seconds,

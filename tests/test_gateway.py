@@ -451,7 +451,7 @@ def test_memory_bounded_under_random_bad_keys_and_models() -> None:
 
 
 def test_end_to_end_against_the_engine_simulator() -> None:
-    sim = pytest.importorskip("hpcserve.serving.engine_sim")
+    sim = pytest.importorskip("hpcserve.enginesim.server")
 
     async def scenario() -> None:
         config = sim.SimConfig(model="sim", decode_s_per_token=0.0005)
@@ -502,7 +502,7 @@ def test_an_engine_that_refuses_the_replicas_key_is_skipped_and_never_401s_the_c
 ) -> None:
     """A replica that announced another engine (bob's, with bob's key) gets its 401s: the gateway takes the
     request to a replica whose engine knows its key, or answers 502; the client never sees the 401."""
-    sim = pytest.importorskip("hpcserve.serving.engine_sim")
+    sim = pytest.importorskip("hpcserve.enginesim.server")
 
     async def scenario() -> None:
         config = sim.SimConfig(model="m", decode_s_per_token=0.0005, api_key="bobs-engine-key")
@@ -530,7 +530,7 @@ def test_a_draining_engines_503_goes_to_another_replica_and_only_then_to_the_cli
     """A replica cancelled from outside hpcserve (an admin's scancel, preemption) drains: its engine answers
     503 until its job ends and the service forgets it. The gateway takes those requests to another ready
     replica; only when every replica tried is draining does the client get a 503, with Retry-After."""
-    sim = pytest.importorskip("hpcserve.serving.engine_sim")
+    sim = pytest.importorskip("hpcserve.enginesim.server")
 
     async def scenario() -> None:
         fast = sim.SimConfig(model="m", decode_s_per_token=0.0005)

@@ -28,9 +28,9 @@ import msgspec
 import pytest
 from aiohttp import ClientSession, web
 
+from hpcserve.enginesim import server as engine_sim
+from hpcserve.enginesim.core import SimConfig
 from hpcserve.model.gateway import ApiKey, DeploymentRoute, Endpoint, Overload
-from hpcserve.serving import engine_sim
-from hpcserve.serving.engine_sim_core import SimConfig
 from hpcserve.serving.gateway import GatewayConfig, StaticRoutes, hash_key, make_admin_app, make_app
 from hpcserve.serving.gateway.app import STATE
 from hpcserve.serving.gateway.state import GatewayState

@@ -27,8 +27,8 @@ import pytest
 import yaml
 from aiohttp import web
 
-from hpcserve.serving import engine_sim
-from hpcserve.serving.engine_sim_core import SimConfig
+from hpcserve.enginesim import server as engine_sim
+from hpcserve.enginesim.core import SimConfig
 from hpcserve.serving.spec import DeploymentSpec
 from hpcserve.store import HistoryStore
 from tests.api_fixtures import ApiService, cancel_replicas, free_port, short_root  # noqa: F401 (fixtures)

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
+from hpcserve.enginesim.metrics import Load, SimMetrics
 from hpcserve.service.metrics import ServiceMetrics
 from hpcserve.service.metrics_figures import deployment_figures
-from hpcserve.serving.engine_sim_metrics import Load, SimMetrics
 from hpcserve.serving.gateway.metrics import GatewayMetrics
 from hpcserve.serving.gateway.stats import Stats
 from tests.monitoring_helpers import (

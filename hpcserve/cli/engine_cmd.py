@@ -125,7 +125,7 @@ def engine_sim(
 ) -> None:
     import logging
 
-    from hpcserve.serving.engine_sim import SimConfig, run
+    from hpcserve.enginesim.server import SimConfig, run
 
     name = _model_name(model_arg, model)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s hpcserve-engine-simulator %(message)s")

@@ -1,7 +1,7 @@
 """``hpcserve simulate``: replay a training-job trace and an inference-arrival trace on the site, and
 compare node-split policies (static, reactive, predictive, oracle) and lending through Slurm's preemption
 (slurm-preempt, overlap-prewarm, prewarm-foresight) with the service's own placement,
-autoscaler, forecast and planner. How the traces are scaled and what is approximated: hpcserve/sim/."""
+autoscaler, forecast and planner. How the traces are scaled and what is approximated: hpcserve/replay/."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import click
 
 if TYPE_CHECKING:
     from hpcserve.cli.main import Context
-    from hpcserve.sim.metrics import PolicyResult
+    from hpcserve.replay.metrics import PolicyResult
 
 TRAINING_TRACE = "alibaba_gpu2023_openb_pods.csv"
 INFERENCE_TRACE = "servegen_total_rate_10min.csv"
@@ -88,8 +88,8 @@ def simulate(
     The job classes and rebalance rules come from hpcserve --policy FILE when given; otherwise a
     replay policy is assumed (training preemptible with 120 s grace, default rebalance rules).
     """
-    from hpcserve.sim.compare import POLICIES, Inputs, run_policies
-    from hpcserve.sim.scenario import SimSettings, default_policy, describe
+    from hpcserve.replay.compare import POLICIES, Inputs, run_policies
+    from hpcserve.replay.scenario import SimSettings, default_policy, describe
 
     site = ctx.require_site()
     policy = ctx.load_policy(site) if ctx.policy_path else default_policy(site)
@@ -107,7 +107,7 @@ def simulate(
 
 def _emit(scenario: dict[str, object], results: list[PolicyResult], as_json: bool) -> None:
     from hpcserve.cli.output import emit_json, emit_table
-    from hpcserve.sim.report import COLUMNS, rows
+    from hpcserve.replay.report import COLUMNS, rows
 
     if as_json:
         emit_json({"scenario": scenario, "results": [result.as_dict() for result in results]})

@@ -123,7 +123,7 @@ def floor_load(
       sample stands over the recent mean (full at twice it). Bursts that land anywhere in a profile slot
       need it; smooth traffic does not, and would only hold idle replicas.
     The rule the simulator measured against Slurm's own preemption (``scripts/bench/rebalance``: ``RiseRate``
-    in ``hpcserve.sim.floor``)."""
+    in ``hpcserve.replay.floor``)."""
     model = fit(history, slot_s=how.slot_s, halflife_s=how.halflife_s)
     peak = predict(model, now, horizon_s, "peak")
     recent = [value for at, value in history if 0 <= (now - at).total_seconds() <= RECENT_S]

@@ -467,7 +467,7 @@ def verdict(ok: bool) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not (REPO / "hpcserve" / "serving" / "engine_sim.py").exists():
-        raise SystemExit("the engine simulator (hpcserve/serving/engine_sim.py) is not there yet")
+        raise SystemExit("the engine simulator (hpcserve/enginesim/server.py) is not there yet")
     started = time.monotonic()
     bench(args)
     print(f"\n(bench took {time.monotonic() - started:.0f} s)")

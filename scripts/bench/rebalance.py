@@ -1,6 +1,6 @@
-"""Compare lending policies on the shared traces with hpcserve's simulator (hpcserve/sim/, the same code as
+"""Compare lending policies on the shared traces with hpcserve's simulator (hpcserve/replay/, the same code as
 ``hpcserve simulate``): the baseline every hpcserve policy is measured against is ``slurm-preempt``, Slurm's
-own preemption over overlapping partitions on every node (hpcserve/sim/overlap.py says what is modelled).
+own preemption over overlapping partitions on every node (hpcserve/replay/overlap.py says what is modelled).
 
 Run from the repo root: scripts/bench/rebalance [--days 14] [--warmup-days 1] [--seeds 0 1 2] [--jobs 2]
 [--inference-traces servegen azure-code] [--policies ...] (the wrapper runs this file with .venv/bin/python).
@@ -10,7 +10,7 @@ Policies (default): static (a fixed split for the inference peak, context only),
 baseline), moves-predictive (hpcserve's node moves with the forecast planner, ``lending: moves``),
 overlap-prewarm (hpcserve's default, ``lending: overlap``: Slurm's preemption plus a pre-warm floor from
 what runs now plus the forecast's rise, the recent ramp and, for bursty traffic, a standing share of the
-forecast (hpcserve/sim/floor.py, RiseRate), and gentle victims that checkpoint on the signal),
+forecast (hpcserve/replay/floor.py, RiseRate), and gentle victims that checkpoint on the signal),
 prewarm-foresight (the floor set from the true busiest 10 s ahead), overlap-gentle
 (gentle victims that save on the signal, no pre-warm: what the victim choice alone does) and
 lending-bound (a near-lower bound on lending's cost to training: no replica start, grace or lost work,
@@ -24,7 +24,7 @@ GPUs on one node, the trace spans too few days to reach the load: 36 GPUs offere
 ServeGen m-large (14 days of 10-minute rates) and the Azure 2023 code trace (one hour of requests at
 their real timestamps, repeated). The site is site_configs/example-onprem.yaml (64
 nodes x 8 GPUs; the node-moving policies lend the managed pool gpu[033-048], the lending policies
-share every node). Job classes: ``hpcserve.sim.scenario.default_policy`` (training preemptible, 120 s
+share every node). Job classes: ``hpcserve.replay.scenario.default_policy`` (training preemptible, 120 s
 grace).
 
 Printed per trace, mean over the seeds: training queueing mean and p95, JCT, SLO met (share of requests
@@ -44,10 +44,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hpcserve.config import load_site_config
-from hpcserve.sim.compare import EXTRA, POLICIES, Inputs, run_policies
-from hpcserve.sim.metrics import PolicyResult
-from hpcserve.sim.report import duration, label
-from hpcserve.sim.scenario import SimSettings, default_policy, describe
+from hpcserve.replay.compare import EXTRA, POLICIES, Inputs, run_policies
+from hpcserve.replay.metrics import PolicyResult
+from hpcserve.replay.report import duration, label
+from hpcserve.replay.scenario import SimSettings, default_policy, describe
 
 REPO = Path(__file__).resolve().parents[2]
 TRACES = REPO.parent / "shared" / "traces"

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from hpcserve.serving.engine_sim_core import SimConfig
+from hpcserve.enginesim.core import SimConfig
 
 CHAT_TOKENS_PER_MESSAGE = 4
 MAX_WORDS = 64  # the completion cycles through at most this many prompt words

@@ -4,7 +4,7 @@ autoscaler (``hpcserve.serving.autoscaler.decide``), serving a fluid stream of r
 The fluid model (an approximation, per ``step_s`` step rather than per request):
 - the requests arriving in a step come from the rate curve (``RateCurve.per_step``);
 - a ready replica admits up to ``mu`` requests per second, its saturated throughput under the engine
-  simulator's latency model (``replica_throughput``, from ``engine_sim_core.step_seconds``): with a full
+  simulator's latency model (``replica_throughput``, from ``enginesim.core.step_seconds``): with a full
   batch of M = ``max_num_seqs`` sequences each request costs the replica its prefill
   (prompt / prefill_tokens_per_s) plus output x step_seconds(M) / M of decode time;
 - requests queue FIFO (engine queue, or the gateway's buffer while no replica is ready) in cohorts, one per
@@ -33,9 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from hpcserve.enginesim.core import SimConfig, step_seconds
 from hpcserve.placement import natural_key
 from hpcserve.serving.autoscaler import DOWN_UTILIZATION, Observation, ReplicaLoad, ScalerState, decide
-from hpcserve.serving.engine_sim_core import SimConfig, step_seconds
 from hpcserve.serving.reconciler import ReplicaState
 from hpcserve.serving.spec import DeploymentSpec
 

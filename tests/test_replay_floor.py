@@ -1,4 +1,4 @@
-"""The simulator's pre-warm floor (hpcserve/sim/floor.py) and the lending bound: the ramp a window of
+"""The simulator's pre-warm floor (hpcserve/replay/floor.py) and the lending bound: the ramp a window of
 arrivals shows, the true busiest blocks ahead, the product's forecast settings and history rule, the
 floor's load factor, the cost-free replay the bound runs on, and a replica's start in phases."""
 
@@ -10,10 +10,9 @@ import pytest
 
 from hpcserve.config.policy import PrewarmRules
 from hpcserve.rebalance.forecast import SeasonalModel
-from hpcserve.serving.autoscaler import UP_UTILIZATION
-from hpcserve.sim.compare import cost_free, make_policy, replay
-from hpcserve.sim.engine import Replay
-from hpcserve.sim.floor import (
+from hpcserve.replay.compare import cost_free, make_policy, replay
+from hpcserve.replay.engine import Replay
+from hpcserve.replay.floor import (
     FloorView,
     ForecastRate,
     Ramp,
@@ -23,10 +22,11 @@ from hpcserve.sim.floor import (
     burstiness,
     ramp,
 )
-from hpcserve.sim.inference import InferenceSide
-from hpcserve.sim.overlap import OverlapPolicy
-from hpcserve.sim.scenario import AT0, default_policy
-from tests.test_sim import burst_inference, flat_inference, job, scenario_with, tiny_site
+from hpcserve.replay.inference import InferenceSide
+from hpcserve.replay.overlap import OverlapPolicy
+from hpcserve.replay.scenario import AT0, default_policy
+from hpcserve.serving.autoscaler import UP_UTILIZATION
+from tests.test_replay import burst_inference, flat_inference, job, scenario_with, tiny_site
 
 
 def view(now: float = 0.0, recent: tuple[float, ...] = (), rates: list[float] | None = None) -> FloorView:

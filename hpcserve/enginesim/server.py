@@ -1,13 +1,13 @@
 """hpcserve's engine SIMULATOR: an aiohttp server that speaks vLLM's OpenAI-compatible HTTP API and metric
-names, with a latency model instead of a GPU (see ``engine_sim_core``). It is not vLLM and says so: every
+names, with a latency model instead of a GPU (``enginesim.core``). It is not vLLM and says so: every
 response carries ``x-hpcserve-engine: simulator``, /v1/models says ``owned_by: hpcserve-engine-simulator``,
 and the log lines name it.
 
 Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed as SSE, or not),
 ``GET /v1/models``, ``GET /health`` (503 until ``startup_delay_s`` has passed and while draining, then 200),
-``GET /metrics`` (Prometheus text, see ``engine_sim_metrics``). In ``dev_mode`` (``run`` takes it from
+``GET /metrics`` (Prometheus text, see ``hpcserve.enginesim.metrics``). In ``dev_mode`` (``run`` takes it from
 ``VLLM_SERVER_DEV_MODE``, as vLLM does), also vLLM's sleep-mode endpoints ``/sleep``, ``/wake_up`` and
-``/is_sleeping``, which work with ``enable_sleep_mode`` (see ``engine_sim_sleep``).
+``/is_sleeping``, which work with ``enable_sleep_mode`` (see ``hpcserve.enginesim.sleep``).
 
 With an API key (``SimConfig.api_key``; ``run`` takes it from ``VLLM_API_KEY``, as ``vllm serve`` does, so
 it is never in the command line) every /v1 request without ``Authorization: Bearer <key>`` gets 401;
@@ -33,10 +33,10 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from hpcserve.serving import engine_sim_openai as api
-from hpcserve.serving import engine_sim_sleep as sleep_mode
-from hpcserve.serving.engine_sim_core import EngineFullError, Scheduler, Seq, SimConfig
-from hpcserve.serving.engine_sim_metrics import SimMetrics
+from hpcserve.enginesim import openai as api
+from hpcserve.enginesim import sleep as sleep_mode
+from hpcserve.enginesim.core import EngineFullError, Scheduler, Seq, SimConfig
+from hpcserve.enginesim.metrics import SimMetrics
 
 __all__ = ["SimConfig", "SimEngine", "SimServer", "make_app", "run", "start"]
 

@@ -1,6 +1,6 @@
 """Run several split policies on one scenario: the entry point the CLI and the benchmark share.
 
-The policies (``POLICIES``; ``hpcserve.sim.policies`` says how each decides):
+The policies (``POLICIES``; ``hpcserve.replay.policies`` says how each decides):
 - static: a fixed split sized for the replay's inference peak;
 - reactive, predictive: the service's rebalance planner told the demand now, or the forecast;
 - oracle: the perfect-foresight reference, ``IdealSplit``: inference gets exactly the nodes the true
@@ -8,7 +8,7 @@ The policies (``POLICIES``; ``hpcserve.sim.policies`` says how each decides):
   under the same replay mechanics as every policy (node moves take ``move_delay_s``, replicas on a node
   drain first, training jobs on a node get their grace and lose their work since the last checkpoint,
   every replica starts for ``replica_startup_s``);
-- lending through Slurm's preemption, no node moves (``LENDING``; ``hpcserve.sim.overlap``): slurm-preempt
+- lending through Slurm's preemption, no node moves (``LENDING``; ``hpcserve.replay.overlap``): slurm-preempt
   (the baseline: overlapping partitions over every node, Slurm's own victims, lowest priority = youngest
   submission first), slurm-preempt-youngest (``PreemptParameters=youngest_first``: latest start first),
   overlap-prewarm (hpcserve's ``lending: overlap``: a pre-warm floor from what runs now plus the rise
@@ -39,14 +39,14 @@ from pathlib import Path
 
 from hpcserve.config import Policy, SiteConfig
 from hpcserve.errors import ValidationError
+from hpcserve.replay.engine import Replay
+from hpcserve.replay.floor import ForecastRate, RiseRate, TrueBursts, block_rates
+from hpcserve.replay.metrics import PolicyResult
+from hpcserve.replay.overlap import OverlapPolicy
+from hpcserve.replay.planned import Forecaster, Foresight, PlannerPolicy, demand_now
+from hpcserve.replay.policies import IdealSplit, SplitPolicy, StaticPolicy
+from hpcserve.replay.scenario import Scenario, SimSettings, load_scenario
 from hpcserve.serving.autoscaler import UP_UTILIZATION
-from hpcserve.sim.engine import Replay
-from hpcserve.sim.floor import ForecastRate, RiseRate, TrueBursts, block_rates
-from hpcserve.sim.metrics import PolicyResult
-from hpcserve.sim.overlap import OverlapPolicy
-from hpcserve.sim.planned import Forecaster, Foresight, PlannerPolicy, demand_now
-from hpcserve.sim.policies import IdealSplit, SplitPolicy, StaticPolicy
-from hpcserve.sim.scenario import Scenario, SimSettings, load_scenario
 
 POLICIES = ("static", "reactive", "predictive", "oracle")
 LENDING = (
@@ -122,7 +122,7 @@ def prewarm_horizon_s(scenario: Scenario) -> float:
 
 
 def lending(name: str, scenario: Scenario, policy: Policy) -> OverlapPolicy:
-    """One of ``LENDING`` (``hpcserve.sim.overlap``)."""
+    """One of ``LENDING`` (``hpcserve.replay.overlap``)."""
     if name == "slurm-preempt":
         return OverlapPolicy(name, victims="priority")
     if name == "slurm-preempt-youngest":

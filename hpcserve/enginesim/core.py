@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hpcserve.serving.engine_sim_metrics import Load, SimMetrics
+from hpcserve.enginesim.metrics import Load, SimMetrics
 
 MAX_LAG_S = 0.1
 
@@ -54,7 +54,7 @@ class SimConfig:
     max_waiting: int = 10000
     drain_timeout_s: float = 20.0
     api_key: str | None = field(default=None, repr=False)  # vLLM's --api-key: required on /v1; None: open
-    enable_sleep_mode: bool = False  # vLLM's --enable-sleep-mode (see engine_sim_sleep)
+    enable_sleep_mode: bool = False  # vLLM's --enable-sleep-mode (see hpcserve.enginesim.sleep)
     dev_mode: bool = False  # VLLM_SERVER_DEV_MODE=1: vLLM mounts /sleep, /wake_up, /is_sleeping only then
     weights_gib: float | None = None  # weight size for the sleep timings; None: from the model's name
     sleep_time_scale: float = 1.0  # multiplies every sleep/wake duration (tests use e.g. 0.1)

@@ -27,9 +27,8 @@ from hpcserve.config import Policy, SiteConfig
 from hpcserve.config.policy import JobClassName
 from hpcserve.placement import FabricTopology, build_fabric_topology, natural_key
 from hpcserve.rebalance.types import Side
-from hpcserve.serving.spec import DeploymentSpec, Engine, SimulatorSettings
-from hpcserve.sim.inference import ServingModel, replica_throughput
-from hpcserve.sim.traces import (
+from hpcserve.replay.inference import ServingModel, replica_throughput
+from hpcserve.replay.traces import (
     DAY_S,
     InferenceWorkload,
     Pod,
@@ -38,6 +37,7 @@ from hpcserve.sim.traces import (
     read_pods,
     scale_training,
 )
+from hpcserve.serving.spec import DeploymentSpec, Engine, SimulatorSettings
 from hpcserve.slurm.models import Topology
 
 AT0 = datetime(2023, 1, 2, tzinfo=UTC)  # a Monday: the replay's time 0, for the decision code's clocks

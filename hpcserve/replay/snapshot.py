@@ -15,14 +15,14 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from hpcserve.rebalance.types import Side
+from hpcserve.replay.scenario import AT0
 from hpcserve.serving.tags import replica_tag
-from hpcserve.sim.scenario import AT0
 from hpcserve.slurm.models import ClusterSnapshot, Job, JobState, Node, Partition
 
 if TYPE_CHECKING:
-    from hpcserve.sim.engine import Replay
-    from hpcserve.sim.scenario import Scenario
-    from hpcserve.sim.training import Run
+    from hpcserve.replay.engine import Replay
+    from hpcserve.replay.scenario import Scenario
+    from hpcserve.replay.training import Run
 
 
 def build_snapshot(replay: Replay, now: float) -> ClusterSnapshot:

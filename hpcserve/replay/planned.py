@@ -29,7 +29,7 @@ from hpcserve.config import Policy, SiteConfig
 from hpcserve.rebalance.forecast import SeasonalModel, fit_rules, predict
 from hpcserve.rebalance.planner import PlannerState, plan_rebalance
 from hpcserve.rebalance.types import Demand
-from hpcserve.sim.policies import SplitDecision, SplitView
+from hpcserve.replay.policies import SplitDecision, SplitView
 
 HISTORY = timedelta(days=7)
 REFIT_S = 1800.0  # the forecast's profile slot: within it, a refit changes little but the level

@@ -1,4 +1,4 @@
-"""The trace-driven simulator (hpcserve/sim/): FIFO + EASY backfill on a tiny site, an inference burst under
+"""The trace-driven simulator (hpcserve/replay): FIFO + EASY backfill on a tiny site, an inference burst under
 fixed and foresighted splits, the oracle, what the autoscaler sees, node drains, determinism, the traces'
 readers and scaling, the CLI, and the four policies end to end on a short slice of the shared traces."""
 
@@ -18,15 +18,15 @@ from hpcserve.cli.simulate_cmd import SIM_POLICIES, simulate
 from hpcserve.config import SiteConfig
 from hpcserve.rebalance.planner import demand_now
 from hpcserve.rebalance.types import NodeMove, Side
-from hpcserve.sim.compare import EXTRA, LENDING, POLICIES, Inputs, make_policy, replay, run_policies
-from hpcserve.sim.engine import Replay
-from hpcserve.sim.inference import InferenceSide, Waits
-from hpcserve.sim.metrics import percentile
-from hpcserve.sim.overlap import OverlapPolicy, gentle_victims, slurm_victims
-from hpcserve.sim.planned import Foresight, PlannerPolicy
-from hpcserve.sim.policies import IdealSplit, SplitDecision, SplitView, StaticPolicy
-from hpcserve.sim.scenario import AT0, Scenario, SimSettings, build_scenario, default_policy
-from hpcserve.sim.traces import (
+from hpcserve.replay.compare import EXTRA, LENDING, POLICIES, Inputs, make_policy, replay, run_policies
+from hpcserve.replay.engine import Replay
+from hpcserve.replay.inference import InferenceSide, Waits
+from hpcserve.replay.metrics import percentile
+from hpcserve.replay.overlap import OverlapPolicy, gentle_victims, slurm_victims
+from hpcserve.replay.planned import Foresight, PlannerPolicy
+from hpcserve.replay.policies import IdealSplit, SplitDecision, SplitView, StaticPolicy
+from hpcserve.replay.scenario import AT0, Scenario, SimSettings, build_scenario, default_policy
+from hpcserve.replay.traces import (
     InferenceWorkload,
     Pod,
     RateCurve,
@@ -37,7 +37,7 @@ from hpcserve.sim.traces import (
     read_pods,
     scale_training,
 )
-from hpcserve.sim.training import TrainingSide
+from hpcserve.replay.training import TrainingSide
 from tests.conftest import TRACES
 
 HOUR = 3600.0
@@ -353,7 +353,7 @@ def test_four_policies_on_a_slice_of_the_shared_traces() -> None:
     assert results[0].moves == 0 and results[0].mean_inference_nodes == 32
 
 
-# --- lending through Slurm's preemption (hpcserve.sim.overlap) ----------------------------------------
+# --- lending through Slurm's preemption (hpcserve.replay.overlap) ----------------------------------------
 
 
 def burst_inference(at: float, low: float = 1.0, high: float = 3.0) -> InferenceWorkload:

@@ -1,5 +1,5 @@
 """Sleep mode in hpcserve's engine SIMULATOR (not vLLM): vLLM's dev-server endpoints, with durations from
-the pure model in ``engine_sim_timing``.
+the pure model in ``hpcserve.enginesim.timing``.
 
 As in vLLM (``vllm/entrypoints/serve/sleep/api_router.py``: ``attach_router`` returns unless
 ``VLLM_SERVER_DEV_MODE``), the endpoints are mounted only in dev mode (``VLLM_SERVER_DEV_MODE=1``); without
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from hpcserve.serving.engine_sim_core import Scheduler, SimConfig
-from hpcserve.serving.engine_sim_metrics import SimMetrics
-from hpcserve.serving.engine_sim_timing import TAGS, sleep_seconds, wake_seconds, weights_gib
+from hpcserve.enginesim.core import Scheduler, SimConfig
+from hpcserve.enginesim.metrics import SimMetrics
+from hpcserve.enginesim.timing import TAGS, sleep_seconds, wake_seconds, weights_gib
 
 __all__ = ["SleepControl", "add_routes"]
 

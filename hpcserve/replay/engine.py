@@ -16,7 +16,7 @@ invalid ones (a node outside the pool, or not on the move's source side) are ski
 names a target count lets the replay pick the pool nodes: to inference, free nodes first, then those
 whose jobs lose the least work; to training, nodes without replicas first.
 
-An ``OverlapPolicy`` (``hpcserve.sim.overlap``) moves no node: every node starts on the training side
+An ``OverlapPolicy`` (``hpcserve.replay.overlap``) moves no node: every node starts on the training side
 (both partitions span every node), and every ``lend_interval_s`` the replay lends: nodes whose replicas
 are gone go back to training, the pre-warm floor is set, and each replica waiting for a slot gets an
 idle node or one freed by preemption (the policy's victims, signalled, killed after the grace or after
@@ -32,15 +32,15 @@ from datetime import datetime, timedelta
 
 from hpcserve.placement import natural_key
 from hpcserve.rebalance.types import Demand, Side
-from hpcserve.sim.floor import RECENT_S, FloorSource, FloorView
-from hpcserve.sim.inference import InferenceSide, Waits
-from hpcserve.sim.metrics import PolicyResult, training_figures
-from hpcserve.sim.overlap import OverlapPolicy, gentle_victims, slurm_victims
-from hpcserve.sim.policies import SplitDecision, SplitPolicy, SplitView
-from hpcserve.sim.scenario import AT0, Scenario
-from hpcserve.sim.snapshot import build_snapshot
-from hpcserve.sim.traces import DAY_S
-from hpcserve.sim.training import TrainingSide
+from hpcserve.replay.floor import RECENT_S, FloorSource, FloorView
+from hpcserve.replay.inference import InferenceSide, Waits
+from hpcserve.replay.metrics import PolicyResult, training_figures
+from hpcserve.replay.overlap import OverlapPolicy, gentle_victims, slurm_victims
+from hpcserve.replay.policies import SplitDecision, SplitPolicy, SplitView
+from hpcserve.replay.scenario import AT0, Scenario
+from hpcserve.replay.snapshot import build_snapshot
+from hpcserve.replay.traces import DAY_S
+from hpcserve.replay.training import TrainingSide
 
 WARMUP, END, KILL, ARRIVE, SUBMIT, SAMPLE, REBALANCE, LEND = range(8)
 Event = tuple[float, int, int, str, int, int]  # (time, kind, sequence, node, job, run token)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hpcserve.sim.metrics import PolicyResult
+from hpcserve.replay.metrics import PolicyResult
 
 LABELS = {
     "oracle": "oracle (best node-moving split)",

@@ -1,11 +1,11 @@
 """Split policies: how many nodes the inference side should have, decided every rebalance tick.
 
 A ``SplitPolicy`` gets a ``SplitView`` of the replay (no clock, no I/O) and returns a ``SplitDecision``:
-either a target count of inference nodes (the replay picks the nodes: ``hpcserve.sim.engine``), or the
+either a target count of inference nodes (the replay picks the nodes: ``hpcserve.replay.engine``), or the
 moves to make (the rebalance planner's own ``NodeMove``s). Three kinds:
 - ``StaticPolicy``: a fixed split, sized for the inference peak of the whole replay;
 - reactive, predictive (and the extra planner-foresight): the rebalance planner, told the demand now,
-  the forecast, or the true future demand (``hpcserve.sim.planned``);
+  the forecast, or the true future demand (``hpcserve.replay.planned``);
 - ``IdealSplit`` (the "oracle"): no planner: perfect foresight of the inference load, exactly the nodes
   it needs, moved without headroom, hysteresis or cooldown, and given back whether or not training
   queues. It moves nodes like any policy does (a target count the replay carries out, with the same

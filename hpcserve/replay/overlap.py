@@ -2,7 +2,7 @@
 ``PriorityTier``, ``PreemptMode=REQUEUE`` with a ``GraceTime`` (the training class's ``grace_s``). No node
 moves: a replica that has no GPUs preempts training, and training backfills every idle GPU.
 
-Policies (``OverlapPolicy``; the replay carries them out: ``hpcserve.sim.engine``):
+Policies (``OverlapPolicy``; the replay carries them out: ``hpcserve.replay.engine``):
 - ``slurm-preempt``, the baseline: what a Slurm admin configures without hpcserve. A pending replica takes
   a node of the inference-only nodes (none when both partitions span every node), else an idle node,
   else Slurm's own victims (``slurm_victims``): running training jobs in ascending priority, the
@@ -11,7 +11,7 @@ Policies (``OverlapPolicy``; the replay carries them out: ``hpcserve.sim.engine`
   free, and the taken jobs on that node are signalled (SIGTERM), killed ``grace_s`` later and requeued,
   losing their work since the last periodic checkpoint.
 - ``overlap-prewarm``, hpcserve's ``lending: overlap``: the same preemption, plus a replica floor from a
-  pre-warm source (``hpcserve.sim.floor.RiseRate``: what runs now plus the rise the product's forecast
+  pre-warm source (``hpcserve.replay.floor.RiseRate``: what runs now plus the rise the product's forecast
   expects, the ramp the last 5 minutes of arrivals show, a standing share of the forecast for bursty
   traffic), one
   ``horizon_s`` ahead (>= grace + engine start + two autoscaler ticks), so the eviction and the start
@@ -24,7 +24,7 @@ Policies (``OverlapPolicy``; the replay carries them out: ``hpcserve.sim.engine`
   (forecast time minus the grace): the victim saves at once, exits after ``checkpoint_save_s`` and
   loses only that.
 - ``prewarm-foresight``: the floor set from the true busiest 10 s over the horizon (the reference).
-- ``lending-bound``: ``hpcserve.sim.compare.lending_bound`` (no start, grace or lost work).
+- ``lending-bound``: ``hpcserve.replay.compare.lending_bound`` (no start, grace or lost work).
 
 Simplifications (all of them): replicas take whole nodes (the site's GPUs per node is one replica of
 ``gpus_per_replica`` = 8; no per-GPU packing of replicas beside training); Slurm's scheduling of a
@@ -43,10 +43,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from hpcserve.placement import natural_key
+from hpcserve.replay.floor import FloorSource
+from hpcserve.replay.policies import SplitDecision, SplitView
+from hpcserve.replay.training import Run, TrainingSide
 from hpcserve.serving.autoscaler import UP_UTILIZATION
-from hpcserve.sim.floor import FloorSource
-from hpcserve.sim.policies import SplitDecision, SplitView
-from hpcserve.sim.training import Run, TrainingSide
 
 VictimOrder = Literal["priority", "youngest", "gentle"]
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from hpcserve.sim.training import Run
+from hpcserve.replay.training import Run
 
 
 @dataclass(frozen=True, slots=True)

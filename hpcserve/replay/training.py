@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from hpcserve.placement import FabricTopology, PlacementRequest, natural_key, select_nodes
-from hpcserve.sim.traces import TrainingJob
+from hpcserve.replay.traces import TrainingJob
 from hpcserve.slurm.models import ClusterSnapshot, Node
 
 
