@@ -133,6 +133,17 @@ class DeploymentSpec(Frozen):
     fallback: str | None = None
     fallback_wait_s: float | None = Field(default=None, ge=0)
     overload_max_tokens: int | None = Field(default=None, ge=1)
+    # residency tiers (hpcserve.serving.tiers): idle this long -> warm (asleep, job kept); idle_to_zero_s
+    # -> cold (no job, weights staged); off_after_s -> off (nothing staged). None: no such tier.
+    warm_after_s: float | None = Field(default=None, ge=0)
+    off_after_s: float | None = Field(default=None, ge=0)
+    # a model pool (hpcserve.serving.pools): the pool's replica jobs run one engine per member model, at
+    # most ``pool_max_awake`` of them awake at once; the pool's members share its replica shape
+    pool: str | None = None
+    pool_max_awake: int = Field(default=1, ge=1)
+    # part of one GPU: a fraction placed on gres/shard, or a MIG profile placed on typed MIG GRES
+    gpu_fraction: float | None = Field(default=None, gt=0, lt=1)
+    mig_profile: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -141,7 +152,7 @@ class DeploymentSpec(Frozen):
             return {**data, "served_model_name": data["name"]}
         return data
 
-    @field_validator("name", "fallback")
+    @field_validator("name", "fallback", "pool")
     @classmethod
     def _dns_safe(cls, name: str | None) -> str | None:
         if name is not None and not _DNS_LABEL.match(name):

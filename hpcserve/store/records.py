@@ -107,6 +107,8 @@ class Deployment:
     served_model_name: str | None = None  # unique across deployments; None only for pre-0003 clashes
     account: str | None = None  # the Slurm account its replicas are charged to (None: the owner's default)
     shares: list[str] | None = None  # users, "@group" or "all" whose keys may reach it
+    tier: str | None = None  # hot, warm, cold or off (None: hot, never moved); see hpcserve.serving.tiers
+    tier_since: datetime | None = None
 
     @property
     def deleted(self) -> bool:
@@ -134,6 +136,8 @@ class ReplicaFields(TypedDict, total=False):
     ready_at: datetime | None
     secret_hash: str | None
     engine_key: str | None
+    models: dict[str, int] | None
+    phases: dict[str, Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +155,8 @@ class Replica:
     updated_at: datetime
     secret_hash: str | None = None  # sha256 of the replica's secret (issued at submit)
     engine_key: str | None = field(default=None, repr=False)  # its engine's /v1 key (the gateway's only)
+    models: dict[str, int] | None = None  # a pool replica's engines: {served model name: port} on ``host``
+    phases: dict[str, Any] | None = None  # its start's phases (hpcserve.serving.phases.StartPhases)
 
 
 @dataclass(frozen=True, slots=True)

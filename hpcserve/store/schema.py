@@ -206,6 +206,9 @@ class DeploymentRow(Base):
     served_model_name: Mapped[str | None] = mapped_column(String(128))
     account: Mapped[str | None] = mapped_column(String(64))  # the Slurm account its replicas are charged to
     shares: Mapped[list[str] | None] = mapped_column(JSON)  # users, "@group" or "all" whose keys reach it
+    # the residency tier the service chose (hot, warm, cold, off; NULL: hot, never moved) and since when
+    tier: Mapped[str | None] = mapped_column(String(8))
+    tier_since: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class ReplicaRow(Base):
@@ -230,6 +233,10 @@ class ReplicaRow(Base):
     secret_hash: Mapped[str | None] = mapped_column(String(64))
     # the key the replica's engine requires on /v1 (VLLM_API_KEY): the gateway sends it upstream
     engine_key: Mapped[str | None] = mapped_column(String(64))
+    # a pool replica's engines: {served model name: port} on ``host`` (NULL: one engine, at ``port``)
+    models: Mapped[dict[str, int] | None] = mapped_column(JSON)
+    # how its start went: the phases it recorded (hpcserve.serving.phases.StartPhases.as_json)
+    phases: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class RebalancePlanRow(Base):
