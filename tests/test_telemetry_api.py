@@ -4,6 +4,7 @@ test_telemetry_cluster.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socketserver
 import threading
@@ -17,6 +18,7 @@ import pytest
 from hpcserve.api.caller import Caller
 from hpcserve.api.context import ApiContext
 from hpcserve.api.errors import Forbidden
+from hpcserve.api.job_owners import JobOwners
 from hpcserve.api.telemetry import (
     FLAGS_STATE,
     MAX_SAMPLES,
@@ -33,6 +35,7 @@ from hpcserve.errors import ValidationError
 from hpcserve.model.cluster import Job, JobState
 from hpcserve.model.telemetry import IdleFlag
 from hpcserve.serving.tags import secret_hash
+from hpcserve.slurm.shared_view import SharedView
 from hpcserve.store import HistoryStore
 from hpcserve.telemetry.idle import flag_to_json
 
@@ -198,3 +201,37 @@ def test_ps_fetches_the_figures_over_the_socket_with_llhttp(tmp_path: Path, chun
         threading.Thread(target=server.handle_request, daemon=True).start()
         assert ps_telemetry.fetch(path) == {"7": (41.5, True)}
     assert asked[0].startswith(b"GET /v1/telemetry/jobs HTTP/1.1\r\n")
+
+
+def test_reports_of_a_job_cost_one_squeue_then_none_until_the_check_is_old(api: ApiContext) -> None:
+    clock = [0.0]
+    owners = JobOwners(ttl_s=300, miss_s=10, clock=lambda: clock[0])
+    api = dataclasses.replace(api, job_owners=owners)
+    report = parse_report(body(job_id="77"), NOW)
+    for _ in range(50):  # a training job reporting every 15 s for 12 minutes
+        store_report(api, report, None, ALICE)
+    assert owners.filtered_reads == 1 and len(api.slurm.asked) == 1  # type: ignore[attr-defined]
+    with pytest.raises(Forbidden, match="not a running job of bob"):  # the cache never changes the owner
+        store_report(api, report, None, BOB)
+    clock[0] = 301.0  # older than the TTL: checked again, so a job that ended stops being believed
+    api.slurm.running = []  # type: ignore[attr-defined]
+    with pytest.raises(Forbidden, match="not a running job of alice"):
+        store_report(api, report, None, ALICE)
+    for _ in range(20):  # made-up or ended job ids: at most one read per job id per miss_s
+        with pytest.raises(Forbidden):
+            store_report(api, report, None, ALICE)
+    assert owners.filtered_reads == 2
+
+
+def test_with_the_services_shared_view_a_known_running_job_costs_no_read_of_its_own(api: ApiContext) -> None:
+    recorded = api.slurm
+    view = SharedView(recorded, max_age_s=2.0)
+    view.jobs()  # the controller's tick: one unfiltered squeue
+    api = dataclasses.replace(api, slurm=view, job_owners=JobOwners())
+    for _ in range(10):
+        store_report(api, parse_report(body(job_id="77"), NOW), None, ALICE)
+        store_report(api, parse_report(body(job_id="88"), NOW), None, BOB)
+    assert api.job_owners.filtered_reads == 0 and recorded.asked == [None]  # type: ignore[attr-defined]
+    view.invalidate()  # a write: no recent read to look at, so a new job is asked about alone, once
+    store_report(api, parse_report(body(job_id="88", sample={"util_pct": 1.0}), NOW), None, BOB)
+    assert recorded.asked == [None]  # type: ignore[attr-defined]  # 88 was verified already

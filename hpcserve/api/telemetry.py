@@ -6,7 +6,8 @@ list idle jobs.
   (constant-time, as its announcement), and ``job_id`` the replica's recorded job. Stored as the
   deployment owner's, kind "inference";
 - the job's own user: the caller the kernel (Unix socket) or munge (TCP) vouches for must be the Slurm owner
-  of ``job_id``, and the job must be running (one filtered squeue read).
+  of ``job_id``, and the job must be running (``hpcserve.api.job_owners``: from what was verified in the
+  last minutes or the service's last squeue; one filtered squeue only for a job seen for the first time).
 Anything else is refused (403) in one line; a bad body is a 400 naming the field. At most
 ``MAX_SAMPLES`` readings per call.
 
@@ -154,9 +155,7 @@ def _check_replica(api: ApiContext, report: Report, secret: str, caller: Caller 
 
 
 def _check_owner(api: ApiContext, report: Report, caller: Caller | None) -> tuple[str, str]:
-    """The job's user and kind, once ``caller`` is the Slurm owner of the running job ``job_id`` (one
-    filtered squeue read)."""
-    from hpcserve.slurm.protocol import JobFilter
+    """The job's user and kind, once ``caller`` is the Slurm owner of the running job ``job_id``."""
     from hpcserve.telemetry.idle import job_kind
 
     who = f"telemetry for job {report.job_id}"
@@ -165,8 +164,7 @@ def _check_owner(api: ApiContext, report: Report, caller: Caller | None) -> tupl
     if caller is None:
         raise Forbidden(f"{who}: no identity (fix: report from the job's user, on the service's socket or "
                         "with munge)")  # fmt: skip
-    found = api.slurm.jobs(JobFilter(job_ids=(report.job_id,), states=("RUNNING",)))
-    job = next((j for j in found if j.id == report.job_id or str(j.job_id) == report.job_id), None)
+    job = api.job_owners.running(api.slurm, report.job_id)
     if job is None or job.user != caller.user:
         raise Forbidden(f"{who}: not a running job of {caller.user}")
     return job.user, job_kind(job)

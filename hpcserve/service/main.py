@@ -56,31 +56,35 @@ def run_service(site: SiteConfig, policy: Policy, store: HistoryStore, runner: S
     from hpcserve.service.metrics import ServiceMetrics
 
     metrics = ServiceMetrics(site.cost.price)
-    jobs = _jobs(site, policy, store, runner, metrics, options)
+    shared = _shared_view(site, options)
+    jobs = _jobs(site, policy, store, runner, metrics, options, shared)
     if options.once:
         for name, (func, _) in jobs.items():
             _guarded(name, func, metrics)()
         return
     if options.metrics_port:
         _serve_metrics(metrics, options.metrics_port, site)
-    api = start_api(site, policy, store)
+    api = start_api(site, policy, store, shared)
     try:
         _schedule(jobs, metrics)
     finally:
         api.stop()
 
 
-def _jobs(site: SiteConfig, policy: Policy, store: HistoryStore, runner: SubprocessRunner,
-          metrics: ServiceMetrics, options: ServiceOptions) -> Jobs:  # fmt: skip
+def _shared_view(site: SiteConfig, options: ServiceOptions) -> SharedView | None:
+    """The service's one read of Slurm per tick, shared by its jobs and its API (None: the baseline)."""
     from hpcserve.slurm.factory import make_client
     from hpcserve.slurm.shared_view import SharedView
 
-    serving = site.serving
-    shared = (
-        SharedView(make_client(site), serving.controller_interval_s, calm_s=serving.calm_read_s)
-        if options.shared_view
-        else None
-    )
+    if not options.shared_view:
+        return None
+    return SharedView(make_client(site), site.serving.controller_interval_s, calm_s=site.serving.calm_read_s)
+
+
+def _jobs(site: SiteConfig, policy: Policy, store: HistoryStore, runner: SubprocessRunner,
+          metrics: ServiceMetrics, options: ServiceOptions, shared: SharedView | None) -> Jobs:  # fmt: skip
+    from hpcserve.slurm.factory import make_client
+
     jobs = _serving_jobs(site, policy, store, shared or make_client(site))
     if options.sample_interval_s > 0:
         sampler = _sampler_tick(shared or make_client(site), store, metrics, options.sample_interval_s)
@@ -162,8 +166,11 @@ def _count(metrics: ServiceMetrics | None, name: str) -> None:
         metrics.failed(name)
 
 
-def start_api(site: SiteConfig, policy: Policy, store: HistoryStore) -> ApiServer:
-    """The HTTP API on the service's socket (and TCP with munge, when ``service.listen`` is set)."""
+def start_api(
+    site: SiteConfig, policy: Policy, store: HistoryStore, shared: SharedView | None = None
+) -> ApiServer:
+    """The HTTP API on the service's socket (and TCP with munge, when ``service.listen`` is set). With the
+    service's ``shared`` view of Slurm, the API's checks of a job's owner use its last read."""
     from hpcserve.api.context import ApiContext
     from hpcserve.service.client import SOCKET_ENV
     from hpcserve.service.http import Transport, make_api_app
@@ -171,7 +178,7 @@ def start_api(site: SiteConfig, policy: Policy, store: HistoryStore) -> ApiServe
     from hpcserve.service.server import ApiServer
     from hpcserve.slurm.factory import make_client
 
-    api = ApiContext(site, policy, store, make_client(site))
+    api = ApiContext(site, policy, store, shared if shared is not None else make_client(site))
     tables = route_tables()
 
     def make_app(transport: Transport) -> web.Application:

@@ -27,7 +27,8 @@ wraps the service's one Slurm client:
   reads: the next reader sees what it changed;
 - ``live`` is the client itself, for readers that must see Slurm as it is now (the rebalancer's executor
   re-checks a node's jobs before it signals them: defence in depth, at most once a minute).
-Filtered reads (``jobs(filt)``: one user's jobs for the API) go to Slurm directly. Thread-safe: the
+Filtered reads (``jobs(filt)``: one user's jobs for the API) go to Slurm directly; ``peek_jobs`` hands the
+API the last read without making one. Thread-safe: the
 scheduler runs the service's jobs in threads.
 """
 
@@ -110,6 +111,14 @@ class SharedView:
     def calm_jobs(self) -> list[Job]:
         """The controller's read: up to ``calm_s`` old while it reports calm."""
         return list(self.read("jobs", self.calm_s))
+
+    def peek_jobs(self, max_age_s: float) -> tuple[Job, ...] | None:
+        """The last squeue if it is at most ``max_age_s`` old, else None: never a read of its own (the API
+        checks a job's owner here before it asks Slurm for that one job)."""
+        with self._lock:
+            read = self._reads.get("jobs")
+            fresh = read is not None and self._clock() - read.at <= max_age_s
+            return read.value if read is not None and fresh else None
 
     def calm_nodes(self) -> list[Node]:
         return list(self.read("nodes", self.calm_s))
