@@ -42,12 +42,15 @@ class Overload:
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """One READY replica: ``url`` is its base URL (``http://host:port``, no ``/v1``); ``key`` the engine key
-    the gateway sends it as ``Authorization: Bearer`` (None: the engine wants none)."""
+    the gateway sends it as ``Authorization: Bearer`` (None: the engine wants none). ``agent``: the base
+    URL of the replica's agent when its engine has sleep mode (a warm-tier or pool replica): the gateway
+    makes sure the engine is awake through it before sending (gateway/wake.py); None: always awake."""
 
     deployment: str
     replica: int
     url: str
     key: str | None = field(default=None, repr=False)
+    agent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,7 @@ class DeploymentRoute:
     ``draining`` replicas finish what they have and get nothing new. ``max_prompt_tokens`` and
     ``max_tokens`` override the gateway's defaults for this deployment. ``owner`` and ``shares`` decide
     which keys reach it (tenancy.py); no owner: every key. ``overload``: queueing, shedding and fallback.
+    ``tier``: hot, warm, cold or off, as the store keeps it (None: hot, never moved); for the record only.
     """
 
     name: str
@@ -67,6 +71,7 @@ class DeploymentRoute:
     owner: str | None = None
     shares: frozenset[str] = frozenset()
     overload: Overload = Overload()
+    tier: str | None = None
 
     def ready(self) -> tuple[Endpoint, ...]:
         """Endpoints that may take new requests."""

@@ -39,23 +39,52 @@ def routes_from_store(store: HistoryStore) -> Refresh:
 def served_routes(deployments: Iterable[Deployment], replicas: dict[str, list[Replica]]) -> Routes:
     """The routes index: one entry per served model name. The database keeps ``served_model_name`` unique;
     a deployment without one (NULL, from before that rule) falls back to its spec, and never takes a name
-    another deployment serves: names held in the column come first, then the oldest wins."""
+    another deployment serves: names held in the column come first, then the oldest wins.
+
+    A pool (a row whose spec has ``"kind": "pool"``) is no route: its members are, each served by the
+    pool's replicas (a member's spec names its pool)."""
     table: dict[str, DeploymentRoute] = {}
-    for dep in sorted(deployments, key=lambda d: (d.served_model_name is None, d.created_at, d.name)):
+    listed = list(deployments)
+    pools = {d.name for d in listed if _is_pool(d)}
+    for dep in sorted(listed, key=lambda d: (d.served_model_name is None, d.created_at, d.name)):
+        if dep.name in pools:
+            continue
         served = dep.served_model_name or str(dep.spec.get("served_model_name") or dep.name)
-        table.setdefault(served, _route(dep, replicas.get(dep.name, [])))
+        pool = dep.spec.get("pool")
+        jobs = replicas.get(str(pool), []) if pool in pools else replicas.get(dep.name, [])
+        table.setdefault(served, _route(dep, served, jobs))
     return table
 
 
-def _route(deployment: Deployment, replicas: list[Replica]) -> DeploymentRoute:
+def _is_pool(deployment: Deployment) -> bool:
+    return deployment.spec.get("kind") == "pool"
+
+
+def _route(deployment: Deployment, served: str, replicas: list[Replica]) -> DeploymentRoute:
     serving = [r for r in replicas if r.url and r.state in ("ready", "draining")]
+    endpoints = [e for e in (_endpoint(deployment.name, served, r) for r in serving) if e is not None]
     return DeploymentRoute(
         name=deployment.name,
-        endpoints=tuple(Endpoint(deployment.name, r.index, str(r.url), r.engine_key) for r in serving),
+        endpoints=tuple(endpoints),
         draining=frozenset(r.index for r in serving if r.state == "draining"),
         owner=deployment.owner,
         shares=frozenset(deployment.shares or ()),
         overload=spec_overload(deployment.spec),
+        tier=deployment.tier,
+    )
+
+
+def _endpoint(name: str, served: str, replica: Replica) -> Endpoint | None:
+    """The replica's engine for ``served``: the replica itself, or, for a replica with an agent (it
+    announced ``models``), that model's engine on the replica's host, woken through the agent (None: the
+    replica runs no engine for it)."""
+    if replica.models is None:
+        return Endpoint(name, replica.index, str(replica.url), replica.engine_key)
+    port = replica.models.get(served)
+    if port is None or not replica.host:
+        return None
+    return Endpoint(
+        name, replica.index, f"http://{replica.host}:{port}", replica.engine_key, str(replica.url)
     )
 
 

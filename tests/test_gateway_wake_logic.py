@@ -1,0 +1,60 @@
+"""Warm tiers and model pools in the gateway, as pure functions: the routes the store gives a sleep-capable
+replica and a pool's members, and the choice of the replica that serves (or wakes) a model."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from hpcserve.serving.gateway.routes import Endpoint
+from hpcserve.serving.gateway_store import served_routes
+from hpcserve.store import Deployment, Replica
+
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _dep(name: str, spec: dict[str, Any], tier: str | None = None, owner: str = "alice") -> Deployment:
+    return Deployment(name, owner, spec, 1, 0, AT, AT, None, spec.get("served_model_name", name), None,
+                      ["bob"], tier)  # fmt: skip
+
+
+def _replica(
+    deployment: str, index: int, port: int, models: dict[str, int] | None = None, state: str = "ready"
+) -> Replica:
+    host = f"node{index}"
+    return Replica(deployment, index, 1, f"{index}", state, f"http://{host}:{port}", host, port, AT, AT, AT,
+                   engine_key=f"key{index}", models=models)  # fmt: skip
+
+
+def test_a_pool_members_route_to_the_engines_of_the_pool_replicas_woken_through_their_agents() -> None:
+    pool = _dep("p", {"kind": "pool", "name": "p", "max_awake": 1})
+    small = _dep("small", {"pool": "p", "served_model_name": "small-m"}, tier="warm")
+    tiny = _dep("tiny", {"pool": "p"}, owner="alice")
+    replicas = {
+        "p": [
+            _replica("p", 0, 9000, {"small-m": 9001, "tiny": 9002}),
+            _replica("p", 1, 9000, {"small-m": 9011, "tiny": 9012}, state="draining"),
+            _replica("p", 2, 9000, {"other": 9021}),  # runs no engine for these members
+            _replica("p", 3, 9000, {"small-m": 9031}, state="starting"),
+        ]
+    }
+    table = served_routes([pool, small, tiny], replicas)
+    assert sorted(table) == ["small-m", "tiny"]  # the pool itself is no route
+    route = table["small-m"]
+    assert route.name == "small" and route.tier == "warm" and route.owner == "alice"
+    assert route.endpoints == (
+        Endpoint("small", 0, "http://node0:9001", "key0", "http://node0:9000"),
+        Endpoint("small", 1, "http://node1:9011", "key1", "http://node1:9000"),
+    )
+    assert route.draining == frozenset({1}) and [e.url for e in route.ready()] == ["http://node0:9001"]
+    assert [e.url for e in table["tiny"].endpoints] == ["http://node0:9002", "http://node1:9012"]
+
+
+def test_a_sleep_mode_deployment_routes_to_its_engine_and_a_plain_one_to_its_replica() -> None:
+    warm = _dep("warm", {"served_model_name": "w", "warm_after_s": 60}, tier="warm")
+    plain = _dep("plain", {})
+    replicas = {"warm": [_replica("warm", 0, 7000, {"w": 7001})], "plain": [_replica("plain", 4, 8000)]}
+    table = served_routes([warm, plain], replicas)
+    assert table["w"].endpoints == (Endpoint("warm", 0, "http://node0:7001", "key0", "http://node0:7000"),)
+    assert table["plain"].endpoints == (Endpoint("plain", 4, "http://node4:8000", "key4"),)
+    assert table["plain"].endpoints[0].agent is None and table["plain"].tier is None
