@@ -199,7 +199,29 @@ class DeploymentSpec(Frozen):
                 "simulator", "simulator settings with engine vllm", "set engine: simulator, or drop simulator"
             )
         self._fallback_consistent()
+        self._tiers_consistent()
+        self._pool_consistent()
         return self
+
+    def _tiers_consistent(self) -> None:
+        """warm before cold before off: each idle window longer than the one before."""
+        cold = self.idle_to_zero_s if self.scales_to_zero else None
+        if self.warm_after_s is not None and cold is not None and self.warm_after_s >= cold:
+            raise Invalid("warm_after_s", f"{self.warm_after_s:g}s is not below idle_to_zero_s ({cold:g}s)",
+                          f"set warm_after_s below {cold:g}, or raise idle_to_zero_s")  # fmt: skip
+        if self.off_after_s is None:
+            return
+        if cold is None:
+            raise Invalid("off_after_s", "never reached: the deployment never goes cold (min_replicas > 0 "
+                          "or idle_to_zero_s 0)", "drop off_after_s, or set min_replicas: 0 and "
+                          "idle_to_zero_s > 0")  # fmt: skip
+        if self.off_after_s <= cold:
+            raise Invalid("off_after_s", f"{self.off_after_s:g}s is not above idle_to_zero_s ({cold:g}s)",
+                          f"set off_after_s above {cold:g}, or lower idle_to_zero_s")  # fmt: skip
+
+    def _pool_consistent(self) -> None:
+        if self.pool is None and self.pool_max_awake != 1:
+            raise Invalid("pool_max_awake", "set without a pool", "add --pool NAME, or drop --pool-max-awake")
 
     def _fallback_consistent(self) -> None:
         if self.fallback == self.name:

@@ -7,7 +7,7 @@ run keeps its row (``deleted_at`` set, desired 0) until the reconciler removes i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -29,6 +29,7 @@ from hpcserve.store.sql import dialect_insert, select_record, to_records
 
 D, R = DeploymentRow, ReplicaRow
 REPLICA_FIELDS = frozenset(ReplicaFields.__optional_keys__)
+TIERS = ("hot", "warm", "cold", "off")
 
 
 def create(
@@ -90,6 +91,63 @@ def delete_deployment(conn: Connection, name: str, user: str, admin: bool, now: 
     changes = {"desired_replicas": 0, "deleted_at": func.coalesce(D.deleted_at, now), "updated_at": now}
     _change(conn, name, user, admin, changes, live_only=False)
     return purge_if_done(conn, name)
+
+
+def set_tier(conn: Connection, name: str, tier: str, now: datetime) -> None:
+    """The residency tier the service chose (hot, warm, cold, off), since ``now``; the service's own write."""
+    check_state("tier", tier, TIERS)
+    conn.execute(update(D).where(D.name == name).values(tier=tier, tier_since=now))
+
+
+PoolSpecOf = Callable[[str, list[dict[str, Any]]], dict[str, Any]]  # pool name, members' specs -> its spec
+
+
+def join_pool(
+    conn: Connection, name: str, owner: str, spec: Mapping[str, Any], pool: str, pool_spec: PoolSpecOf,
+    now: datetime, extra: DeploymentExtra,
+) -> Deployment:  # fmt: skip
+    """Insert member ``name`` (no replicas of its own) and create or update its pool's row, in one
+    transaction. ``NotOwner`` when the pool is another user's; ``ValidationError`` when ``pool`` names a
+    deployment."""
+    found = get(conn, pool)
+    if found is not None and found.spec.get("kind") != "pool":
+        raise ValidationError(f"pool: {pool!r} is a deployment, not a pool (fix: pick another --pool name)")
+    if found is not None and found.owner != owner:
+        raise NotOwner(pool, found.owner, owner)
+    if found is not None and found.deleted:
+        raise DeploymentExists(pool, stopping=True)
+    created = create(conn, name, owner, spec, 0, now, extra)
+    _refresh_pool(conn, pool, owner, pool_spec, now, found)
+    return created
+
+
+def leave_pool(conn: Connection, pool: str, pool_spec: PoolSpecOf, now: datetime) -> None:
+    """After a member left: the pool's spec from the members left, or the pool deleted with the last one
+    (its replicas stop as a deleted deployment's)."""
+    found = get(conn, pool)
+    if found is not None and not found.deleted:
+        _refresh_pool(conn, pool, found.owner, pool_spec, now, found)
+
+
+def pool_members(conn: Connection, pool: str) -> list[Deployment]:
+    """The live deployments whose spec joins ``pool``."""
+    return [d for d in list_all(conn) if d.spec.get("pool") == pool and d.spec.get("kind") != "pool"
+            and not d.deleted]  # fmt: skip
+
+
+def _refresh_pool(
+    conn: Connection, pool: str, owner: str, pool_spec: PoolSpecOf, now: datetime, found: Deployment | None
+) -> None:
+    members = [m.spec for m in pool_members(conn, pool)]
+    if not members:
+        if found is not None:
+            delete_deployment(conn, pool, owner, True, now)
+        return
+    spec = pool_spec(pool, members)
+    if found is None:
+        create(conn, pool, owner, spec, 0, now, {"served_model_name": pool})
+    elif found.spec != spec:
+        update_spec(conn, pool, spec, owner, True, now)
 
 
 def purge_if_done(conn: Connection, name: str) -> bool:

@@ -241,6 +241,28 @@ class HistoryStore:
         with self._write() as conn:
             return deployments.delete_deployment(conn, name, user, user in self.admins, self._clock())
 
+    def set_tier(self, name: str, tier: str, now: datetime) -> None:
+        """The deployment's residency tier (hot, warm, cold or off) since ``now`` (the controller's)."""
+        with self._write() as conn:
+            deployments.set_tier(conn, name, tier, now)
+
+    def join_pool(
+        self, name: str, owner: str, spec: Mapping[str, Any], pool: str, pool_spec: deployments.PoolSpecOf,
+        **extra: Unpack[DeploymentExtra],
+    ) -> Deployment:  # fmt: skip
+        """Store member ``name`` and create or update the row of its pool ``pool`` (spec from
+        ``pool_spec(pool, members' specs)``) in one transaction; ``NotOwner`` for another user's pool."""
+        with self._write() as conn:
+            return deployments.join_pool(conn, name, owner, spec, pool, pool_spec, self._clock(), extra)
+
+    def leave_pool(self, name: str, pool: str, pool_spec: deployments.PoolSpecOf, *, user: str) -> bool:
+        """Delete member ``name`` and, in the same transaction, update its pool's spec from the members left
+        or delete the pool with its last member. True when the member's row is gone."""
+        with self._write() as conn:
+            gone = deployments.delete_deployment(conn, name, user, user in self.admins, self._clock())
+            deployments.leave_pool(conn, pool, pool_spec, self._clock())
+            return gone
+
     def upsert_replica(self, deployment: str, index: int, **fields: Unpack[ReplicaFields]) -> Replica:
         """Create replica ``index`` (state "pending" unless given) or update the fields given."""
         with self._write() as conn:
