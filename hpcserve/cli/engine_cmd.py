@@ -1,6 +1,7 @@
 """``hpcserve engine-sim``: hpcserve's vLLM-protocol engine simulator, for tests, demos and trace replay.
 
-Flags that vLLM's ``vllm serve`` also has mean the same here; the rest tune the latency model.
+Flags that vLLM's ``vllm serve`` also has mean the same here; the rest tune the latency model. Their
+defaults come from ``hpcserve.model.engine_defaults.ENGINE_SIM`` (as ``SimConfig``'s do).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import click
 
 from hpcserve.errors import ValidationError
+from hpcserve.model.engine_defaults import ENGINE_SIM as D
 
 SIM_HELP = """Run hpcserve's engine SIMULATOR (not vLLM, no GPU, no weights) for MODEL.
 
@@ -21,71 +23,73 @@ vLLM's /metrics names, with a continuous-batching latency model. Every response 
 @click.argument("model_arg", metavar="[MODEL]", required=False)
 @click.option("--model", help="Model name (as vllm serve's --model; the positional MODEL also works).")
 @click.option("--served-model-name", help="Name clients send and metrics carry [default: MODEL].")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--host", default=D.host, show_default=True, help="Address to bind.")
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
-    default=8000,
+    default=D.port,
     show_default=True,
     help="Port to bind (0: any free port, printed in the log).",
 )
 @click.option(
     "--max-model-len",
     type=click.IntRange(2),
-    default=4096,
+    default=D.max_model_len,
     show_default=True,
     help="Longest prompt + completion, in tokens; longer requests get 400.",
 )
 @click.option(
     "--max-num-seqs",
     type=click.IntRange(1),
-    default=32,
+    default=D.max_num_seqs,
     show_default=True,
     help="Sequences in the running batch; more wait in a FIFO queue.",
 )
 @click.option(
     "--prefill-tokens-per-s",
     type=click.FloatRange(min=1, min_open=False),
-    default=8000.0,
+    default=D.prefill_tokens_per_s,
     show_default=True,
     help="Simulator: prompt tokens prefilled per second.",
 )
 @click.option(
     "--decode-ms-per-token",
     type=click.FloatRange(min=0),
-    default=10.0,
+    default=D.decode_ms_per_token,
     show_default=True,
     help="Simulator: one decode step for a lone sequence, in ms.",
 )
 @click.option(
     "--decode-growth",
     type=click.FloatRange(min=0),
-    default=0.5,
+    default=D.decode_growth,
     show_default=True,
     help="Simulator: a full batch's decode step is (1 + this) times a lone sequence's.",
 )
 @click.option(
     "--startup-delay",
     type=click.FloatRange(min=0),
-    default=0.0,
+    default=D.startup_delay_s,
     show_default=True,
     help="Simulator: seconds /health answers 503 (a model load) after binding.",
 )
 @click.option(
     "--kv-tokens",
     type=click.IntRange(1),
-    default=65536,
+    default=D.kv_tokens,
     show_default=True,
     help="Simulator: KV-cache capacity in tokens (for vllm:kv_cache_usage_perc and admission).",
 )
 @click.option(
     "--drain-timeout",
     type=click.FloatRange(min=0),
-    default=20.0,
+    default=D.drain_timeout_s,
     show_default=True,
     help="Simulator: seconds SIGTERM waits for requests in flight.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Simulator: completion text offset.")
+@click.option(
+    "--seed", type=int, default=D.seed, show_default=True, help="Simulator: completion text offset."
+)
 @click.option(
     "--enable-sleep-mode",
     is_flag=True,
@@ -99,7 +103,7 @@ vLLM's /metrics names, with a continuous-batching latency model. Every response 
 @click.option(
     "--sleep-time-scale",
     type=click.FloatRange(min=0, min_open=True),
-    default=1.0,
+    default=D.sleep_time_scale,
     show_default=True,
     envvar="HPCSERVE_ENGINE_SIM_SLEEP_TIME_SCALE",
     help="Simulator: multiply every modelled sleep/wake duration (e.g. 0.1 in tests).",

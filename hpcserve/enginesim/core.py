@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hpcserve.enginesim.metrics import Load, SimMetrics
+from hpcserve.model.engine_defaults import ENGINE_SIM
 
 MAX_LAG_S = 0.1
 
@@ -36,28 +37,30 @@ class SimConfig:
     """The simulated engine. ``max_batch`` is vLLM's ``--max-num-seqs``; ``max_waiting`` bounds the queue
     (requests past it get 503, so memory stays bounded); ``drain_timeout_s`` is how long SIGTERM waits for
     in-flight requests (keep it under Slurm's KillWait, 30 s by default); with ``api_key``, every /v1 request
-    must carry ``Authorization: Bearer <api_key>`` (/health and /metrics stay open), as in vLLM."""
+    must carry ``Authorization: Bearer <api_key>`` (/health and /metrics stay open), as in vLLM. Defaults:
+    ``hpcserve.model.engine_defaults.ENGINE_SIM``, the one source the CLI's flags and a deployment's
+    ``simulator:`` settings also read."""
 
     model: str
     served_model_name: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 32
-    prefill_tokens_per_s: float = 8000.0
-    decode_s_per_token: float = 0.01
-    decode_growth: float = 0.5
-    startup_delay_s: float = 0.0
-    max_model_len: int = 4096
-    kv_tokens: int = 65536
-    seed: int = 0
-    default_max_tokens: int = 16
-    max_waiting: int = 10000
-    drain_timeout_s: float = 20.0
+    host: str = ENGINE_SIM.host
+    port: int = ENGINE_SIM.port
+    max_batch: int = ENGINE_SIM.max_num_seqs
+    prefill_tokens_per_s: float = ENGINE_SIM.prefill_tokens_per_s
+    decode_s_per_token: float = ENGINE_SIM.decode_ms_per_token / 1000
+    decode_growth: float = ENGINE_SIM.decode_growth
+    startup_delay_s: float = ENGINE_SIM.startup_delay_s
+    max_model_len: int = ENGINE_SIM.max_model_len
+    kv_tokens: int = ENGINE_SIM.kv_tokens
+    seed: int = ENGINE_SIM.seed
+    default_max_tokens: int = ENGINE_SIM.default_max_tokens
+    max_waiting: int = ENGINE_SIM.max_waiting
+    drain_timeout_s: float = ENGINE_SIM.drain_timeout_s
     api_key: str | None = field(default=None, repr=False)  # vLLM's --api-key: required on /v1; None: open
     enable_sleep_mode: bool = False  # vLLM's --enable-sleep-mode (see hpcserve.enginesim.sleep)
     dev_mode: bool = False  # VLLM_SERVER_DEV_MODE=1: vLLM mounts /sleep, /wake_up, /is_sleeping only then
     weights_gib: float | None = None  # weight size for the sleep timings; None: from the model's name
-    sleep_time_scale: float = 1.0  # multiplies every sleep/wake duration (tests use e.g. 0.1)
+    sleep_time_scale: float = ENGINE_SIM.sleep_time_scale  # multiplies every sleep/wake time (tests: ~0.1)
 
     @property
     def name(self) -> str:

@@ -65,6 +65,7 @@ from hpcserve.config.loader import describe, read_mapping, to_config_error
 from hpcserve.config.policy import Duration
 from hpcserve.config.sections import check_node_path
 from hpcserve.errors import ConfigError, ValidationError
+from hpcserve.model.engine_defaults import ENGINE_SIM as SIM
 from hpcserve.model.gateway import Overload
 from hpcserve.serving.vllm_cmd import engine_arg_problem, normalize_engine_arg
 
@@ -99,12 +100,13 @@ Word = Annotated[str, pydantic.AfterValidator(_one_word)]
 
 
 class SimulatorSettings(Frozen):
-    """How the engine simulator behaves (only with ``engine: simulator``)."""
+    """How the engine simulator behaves (only with ``engine: simulator``); defaults: ``ENGINE_SIM``, the
+    simulator's one source (hpcserve.model.engine_defaults)."""
 
-    startup_delay_s: float = Field(default=0.0, ge=0)  # "loading weights" before /health answers
-    prefill_tokens_per_s: float = Field(default=8000.0, ge=1)
-    decode_ms_per_token: float = Field(default=10.0, ge=0)  # one decode step of a lone sequence
-    max_num_seqs: int = Field(default=32, ge=1)  # requests running at once; the rest wait
+    startup_delay_s: float = Field(default=SIM.startup_delay_s, ge=0)  # "loading weights" before /health
+    prefill_tokens_per_s: float = Field(default=SIM.prefill_tokens_per_s, ge=1)
+    decode_ms_per_token: float = Field(default=SIM.decode_ms_per_token, ge=0)  # a lone sequence's step
+    max_num_seqs: int = Field(default=SIM.max_num_seqs, ge=1)  # requests running at once; the rest wait
 
 
 class DeploymentSpec(Frozen):
