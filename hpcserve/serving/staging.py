@@ -1,27 +1,66 @@
-"""Copy model weights from the shared cold tier to node-local disk (the warm tier), checked by sha256.
+"""Copy model weights from the shared cold tier to node-local disk (the warm tier), checked by sha256, and
+check a warm copy again without reading the cold one.
 
-A file already there with the same size and checksum is skipped, so a replica that starts again on the
-same node loads at local-disk speed at once. Each file is copied to a temporary name and renamed, so a
-replica killed mid-copy never leaves a truncated weight file behind.
+The warm copy keeps a manifest (``.hpcserve-manifest.json`` in it): per file, the cold file's size,
+mtime_ns and sha256 as they were when it was copied or checked, and the warm file's mtime_ns. A later
+start on the same node compares sizes and mtimes on both sides (``stat`` only): when they all match, the
+copy is good and nothing is read ("warm-valid"). Only a file whose stat differs is hashed again: the cold
+side only when it changed (else its cached sha256 stands), the warm side when it changed. A file is
+copied when its warm copy is missing or does not match; the copy hashes the cold bytes as it reads them,
+then the copy itself. Copies go to a temporary name and are renamed, so a replica killed mid-copy never
+leaves a truncated weight file behind; the manifest is written last, the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from hpcserve.errors import HpcserveError
 
 CHUNK = 1 << 20
+MANIFEST = ".hpcserve-manifest.json"
+MANIFEST_VERSION = 1
+
+HashFile = Callable[[Path], str]
 
 
 @dataclass(frozen=True, slots=True)
 class StageReport:
+    """What staging did: ``kind`` "warm-valid" | "hashed" | "copied" (``hpcserve.serving.phases``)."""
+
     copied: int
     skipped: int
     bytes_copied: int
+    bytes_hashed: int = 0
+
+    @property
+    def kind(self) -> str:
+        if self.copied:
+            return "copied"
+        return "hashed" if self.bytes_hashed else "warm-valid"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One file of the manifest: the cold file's stat and sha256, and its warm copy's mtime."""
+
+    size: int
+    mtime_ns: int
+    sha256: str
+    warm_mtime_ns: int
+
+    def cold_matches(self, cold: os.stat_result) -> bool:
+        return self.size == cold.st_size and self.mtime_ns == cold.st_mtime_ns
+
+    def warm_matches(self, warm: os.stat_result | None) -> bool:
+        return warm is not None and self.size == warm.st_size and self.warm_mtime_ns == warm.st_mtime_ns
 
 
 def sha256_of(path: Path) -> str:
@@ -32,27 +71,119 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def stage_weights(src: Path, dst: Path) -> StageReport:
-    """Mirror the files under ``src`` into ``dst``; raises if a copy does not match its source."""
+def stage_weights(src: Path, dst: Path, hash_file: HashFile = sha256_of) -> StageReport:
+    """Mirror the files under ``src`` into ``dst``, checked against ``dst``'s manifest first; raises if a
+    copy does not match its source. ``hash_file`` hashes every whole file read for a check."""
     if not src.is_dir():
         raise HpcserveError(f"cannot stage {src}: not a folder (fix: point the model at the cold-tier copy)")
-    copied = skipped = size = 0
-    for source in sorted(p for p in src.rglob("*") if p.is_file()):
-        target = dst / source.relative_to(src)
-        want = sha256_of(source)
-        if target.is_file() and target.stat().st_size == source.stat().st_size and sha256_of(target) == want:
-            skipped += 1
-            continue
-        _copy_checked(source, target, want)
-        copied, size = copied + 1, size + source.stat().st_size
-    return StageReport(copied, skipped, size)
+    old = read_manifest(dst)
+    stager = _Stager(hash_file)
+    entries = {rel: stager.stage(src / rel, dst / rel, old.get(rel)) for rel in _cold_files(src)}
+    for rel in set(old) - set(entries):  # files the cold copy no longer has: the engine must not load them
+        (dst / rel).unlink(missing_ok=True)
+    if entries != old:
+        write_manifest(dst, entries)
+    return StageReport(stager.copied, len(entries) - stager.copied, stager.bytes_copied, stager.bytes_hashed)
 
 
-def _copy_checked(source: Path, target: Path, want: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial")
-    shutil.copyfile(source, tmp)
-    if sha256_of(tmp) != want:
-        tmp.unlink()
-        raise HpcserveError(f"checksum mismatch copying {source} to {target} (fix: check the cold tier)")
-    tmp.replace(target)
+class _Stager:
+    """One staging run's per-file work and its counts."""
+
+    def __init__(self, hash_file: HashFile) -> None:
+        self.hash_file = hash_file
+        self.copied = self.bytes_copied = self.bytes_hashed = 0
+
+    def stage(self, source: Path, target: Path, entry: Entry | None) -> Entry:
+        """The file's manifest entry once ``target`` is a good copy of ``source``."""
+        cold, warm = source.stat(), _stat(target)
+        cached = entry.sha256 if entry is not None and entry.cold_matches(cold) else None
+        if entry is not None and cached is not None and entry.warm_matches(warm):
+            return entry
+        if warm is not None and warm.st_size == cold.st_size:
+            want = cached or self._hash(source, cold)
+            if self._hash(target, warm) == want:
+                return Entry(cold.st_size, cold.st_mtime_ns, want, warm.st_mtime_ns)
+            cached = want
+        digest, copied = self._copy(source, target, cached)
+        return Entry(cold.st_size, cold.st_mtime_ns, digest, copied.st_mtime_ns)
+
+    def _hash(self, path: Path, stat: os.stat_result) -> str:
+        self.bytes_hashed += stat.st_size
+        return self.hash_file(path)
+
+    def _copy(self, source: Path, target: Path, want: str | None) -> tuple[str, os.stat_result]:
+        """Copy through a temporary file, checked: the bytes read hash to ``want`` (when known) and the
+        copy hashes to what was read."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            read = _copy_hashing(source, tmp)
+            if read != (want or read) or self._hash(tmp, tmp.stat()) != read:
+                raise HpcserveError(
+                    f"checksum mismatch copying {source} to {target} (fix: check the cold tier)"
+                )
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.copied, self.bytes_copied = self.copied + 1, self.bytes_copied + source.stat().st_size
+        return read, target.stat()
+
+
+def _copy_hashing(source: Path, target: Path) -> str:
+    """Copy ``source`` to ``target``; the sha256 of the bytes read (the cold side is read once)."""
+    digest = hashlib.sha256()
+    with source.open("rb") as f, target.open("wb") as out:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    shutil.copymode(source, target)
+    return digest.hexdigest()
+
+
+def _cold_files(src: Path) -> list[str]:
+    """The cold copy's files, relative, sorted; a manifest or partial file of a staging there is skipped."""
+    files = (p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+    return sorted(f for f in files if not _ours(Path(f).name))
+
+
+def _ours(name: str) -> bool:
+    return name.startswith(MANIFEST) or (name.startswith(".") and name.endswith(".partial"))
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
+def read_manifest(dst: Path) -> dict[str, Entry]:
+    """The warm copy's manifest; empty when it is missing, unreadable or of another version (then every
+    file is checked by hash)."""
+    try:
+        raw = json.loads((dst / MANIFEST).read_text())
+        if raw.get("version") != MANIFEST_VERSION:
+            return {}
+        return {str(rel): _entry(value) for rel, value in raw["files"].items() if _safe(str(rel))}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _entry(value: Mapping[str, Any]) -> Entry:
+    return Entry(
+        int(value["size"]), int(value["mtime_ns"]), str(value["sha256"]), int(value["warm_mtime_ns"])
+    )
+
+
+def _safe(rel: str) -> bool:
+    """A manifest's path stays inside the warm copy."""
+    return bool(rel) and not rel.startswith("/") and ".." not in rel.split("/")
+
+
+def write_manifest(dst: Path, entries: Mapping[str, Entry]) -> None:
+    """The manifest, written to a temporary name and renamed over the old one."""
+    dst.mkdir(parents=True, exist_ok=True)
+    files = {rel: asdict(entry) for rel, entry in sorted(entries.items())}
+    tmp = dst / f"{MANIFEST}.{os.getpid()}.partial"
+    tmp.write_text(json.dumps({"version": MANIFEST_VERSION, "files": files}, indent=1))
+    tmp.replace(dst / MANIFEST)
