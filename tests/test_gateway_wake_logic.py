@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from hpcserve.serving.gateway.routes import Endpoint
+from hpcserve.serving.gateway.wake_choice import AgentView, EngineView, Serve, Wake, choose, endpoint_port
 from hpcserve.serving.gateway_store import served_routes
 from hpcserve.store import Deployment, Replica
 
@@ -58,3 +59,56 @@ def test_a_sleep_mode_deployment_routes_to_its_engine_and_a_plain_one_to_its_rep
     assert table["w"].endpoints == (Endpoint("warm", 0, "http://node0:7001", "key0", "http://node0:7000"),)
     assert table["plain"].endpoints == (Endpoint("plain", 4, "http://node4:8000", "key4"),)
     assert table["plain"].endpoints[0].agent is None and table["plain"].tier is None
+
+
+# -- the choice of the replica that serves or wakes a model ----------------------------------------------
+def _view(max_awake: int, **engines: tuple[int, str, float]) -> AgentView:
+    return AgentView(max_awake, {n: EngineView(p, s, u) for n, (p, s, u) in engines.items()})  # type: ignore[arg-type]
+
+
+def _end(replica: int, port: int) -> Endpoint:
+    return Endpoint("small", replica, f"http://node{replica}:{port}", "k", f"http://node{replica}:9000")
+
+
+A0, A1, A2 = _end(0, 9001), _end(1, 9001), _end(2, 9001)  # model "m" on port 9001 of each replica
+
+
+def test_where_the_model_is_awake_wins_over_any_wake() -> None:
+    views = {
+        "http://node0:9000": _view(2, m=(9001, "asleep", 0), o=(9002, "asleep", 0)),  # free slots
+        "http://node1:9000": _view(1, m=(9001, "awake", 50), o=(9002, "asleep", 0)),
+        "http://node2:9000": _view(1, m=(9001, "awake", 10)),
+    }
+    assert choose([A0, A1, A2], views) == Serve((A1, A2))
+
+
+def test_a_wake_in_flight_then_a_free_slot_the_most_free_first() -> None:
+    views = {
+        "http://node0:9000": _view(2, m=(9001, "asleep", 0), o=(9002, "awake", 5)),  # one free slot
+        "http://node1:9000": _view(
+            2, m=(9001, "asleep", 0), o=(9002, "sleeping", 5)
+        ),  # two: a sleeping engine is no slot
+        "http://node2:9000": _view(1, m=(9001, "asleep", 0), o=(9002, "awake", 1)),
+    }
+    assert choose([A0, A1, A2], views) == Wake(A1, "m")
+    waking = {**views, "http://node2:9000": _view(1, m=(9001, "waking", 0), o=(9002, "sleeping", 1))}
+    assert choose([A0, A1, A2], waking) == Wake(A2, "m")  # join that wake
+
+
+def test_no_free_slot_the_least_recently_used_awake_engine_sleeps() -> None:
+    views = {
+        "http://node0:9000": _view(2, m=(9001, "asleep", 0), o=(9002, "awake", 30), p=(9003, "awake", 40)),
+        "http://node1:9000": _view(2, m=(9001, "asleep", 0), o=(9002, "awake", 20), p=(9003, "awake", 90)),
+        "http://node2:9000": _view(1, m=(9001, "asleep", 0), o=(9002, "waking", 0)),  # nothing awake to sleep
+    }
+    assert choose([A0, A1, A2], views) == Wake(A1, "m", victim="o")
+    assert choose([A2], views) is None
+
+
+def test_unknown_agents_and_engines_are_never_chosen() -> None:
+    other_port = _end(0, 9999)
+    views = {"http://node0:9000": _view(1, m=(9001, "awake", 0))}
+    assert choose([A1, other_port], views) is None  # A1: no view (its agent did not answer); 9999: no engine
+    plain = Endpoint("small", 5, "http://node5:8000")
+    assert choose([plain], views) is None
+    assert endpoint_port("http://node0:9001") == 9001 and endpoint_port("http://node0") is None

@@ -4,7 +4,8 @@
 ``source`` is a ``refresh() -> Mapping[str, DeploymentRoute]`` (``StaticRoutes``, ``routes_from_file``, or
 the database). Modules: routes (snapshot types, sources), routing (pure replica choice), admission (pure
 request checks), tenancy (pure: which models a key reaches), keys (API keys, token buckets), buffer
-(scale-from-zero wait), stats and metrics (counters, callbacks, Prometheus), client and response
+(scale-from-zero wait), wake and wake_choice (hold a request while a sleeping engine wakes; pure choice of
+the replica), stats and metrics (counters, callbacks, Prometheus), client and response
 (the HTTP/1.1 hop to replicas, parsed by httptools), upstream and proxy (relaying), logs (one line per
 bad request), state, app (``make_app``, ``make_admin_app``), serve (``run_gateway``: uvloop, file limits,
 the admin address).

@@ -79,6 +79,7 @@ class Gateway:
         await asyncio.gather(*tasks, return_exceptions=True)
         await _guarded(self.flush, "usage flush")
         self._pool.close()
+        await self.state.waker.close()
 
     async def refresh(self) -> None:
         started = time.monotonic()
@@ -114,8 +115,9 @@ class Gateway:
 
     async def tick(self) -> None:
         state = self.state
+        held = state.waker.held  # requests waiting for an engine to wake are demand too
         samples = state.stats.tick(state.clock(), datetime.now(UTC), state.deployments, state.buffer.depth,
-                                   state.gate.waiting)  # fmt: skip
+                                   lambda d: state.gate.waiting(d) + held.get(d, 0))  # fmt: skip
         state.gate.tick()
         await _in_thread(self.report, samples)
 

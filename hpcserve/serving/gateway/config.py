@@ -30,3 +30,5 @@ class GatewayConfig:
     max_upstream_body_bytes: int = 16 * 1024 * 1024  # a non-streamed answer above this gets 502
     queue_max: int = 4096  # requests waiting for a slot per deployment (max_concurrency); more are shed
     queue_timeout_s: float = 120.0  # how long one waits for a slot before 503
+    agent_max_age_s: float = 1.0  # a replica agent's engine states are read again when older than this
+    wake_timeout_s: float = 120.0  # longest wait for a replica agent to wake an engine (then 503)

@@ -12,6 +12,7 @@ is retried once on another replica), the replica broke mid-answer, or its non-st
 ``max_upstream_body_bytes``; 504 the replica was silent past ``read_timeout_s``; 499 (counted, not sent)
 the client went away, and the replica's connection is closed so it stops. A clamped or set max_tokens is
 announced in ``X-Hpcserve-Max-Tokens`` (``; overload`` when the deployment's cap under overload did it);
+503 ``no_replica_ready`` also when no replica's agent could wake a sleeping engine (wake.py);
 ``X-Hpcserve-Replica`` names the replica; ``X-Hpcserve-Fallback: <primary> -> <fallback>`` says that an
 overloaded deployment's fallback served the request (its ``model`` field names the fallback's model).
 Malformed requests and oversized answers are logged in one line each (throttled).
@@ -263,6 +264,11 @@ class Proxy:
         problem = "no ready replica"
         for _ in range(2):
             endpoint = self.state.pick(adm, tried)
+            if endpoint is not None and endpoint.agent is not None:  # sleep mode: awake first (wake.py)
+                woken = await self._awake(adm, tried)
+                if isinstance(woken, Rejection):
+                    return woken
+                endpoint = woken
             if endpoint is None:
                 break
             self.state.acquire(endpoint)
@@ -291,6 +297,13 @@ class Proxy:
             return Rejection(503, message, "no_replica_ready", "service_unavailable", retry, name)
         message = f"no replica of {name} could be reached: {problem}"
         return Rejection(502, message, "upstream_unreachable", "upstream_error", deployment=name)
+
+    async def _awake(self, adm: Admitted, tried: list[str]) -> Endpoint | Rejection | None:
+        """A replica of the deployment whose engine is awake, woken through its agent if need be: the
+        request waits here meanwhile (wake.py); 503 when no replica could wake it."""
+        state = self.state
+        route = state.deployments.get(adm.route.name, adm.route)
+        return await state.waker.awake(route, tried, lambda skip: state.pick(adm, skip))
 
     def _unavailable(self, endpoint: Endpoint, upstream: Response) -> str:
         """An engine that answered 503 before any byte was relayed: it is draining (its job was cancelled

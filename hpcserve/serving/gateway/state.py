@@ -7,6 +7,7 @@ connection in the last ``eject_s`` seconds.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 
 from hpcserve.serving.gateway.admission import Admitted
@@ -18,6 +19,7 @@ from hpcserve.serving.gateway.queue import Gate
 from hpcserve.serving.gateway.routes import DeploymentRoute, Endpoint, Routes
 from hpcserve.serving.gateway.routing import pick_endpoint, prefix_digest
 from hpcserve.serving.gateway.stats import Stats
+from hpcserve.serving.gateway.wake import Waker
 
 
 class GatewayState:
@@ -36,6 +38,8 @@ class GatewayState:
         self.gate = Gate(lambda: self.deployments, clock, config.queue_max, config.queue_timeout_s)
         self.stats = Stats()
         self.metrics = GatewayMetrics(self.stats, lambda: self.deployments, self.buffer.depth, self.gate)
+        self.waker = Waker(config, clock, time.time)  # engines behind replica agents (sleep mode)
+        self.metrics.registry.register(self.waker.collector())
         self._turn = 0
 
     def apply(self, routes: Routes) -> None:
@@ -65,15 +69,16 @@ class GatewayState:
             self.prune()
 
     def prune(self) -> None:
-        """Forget counters of deployments that are gone."""
+        """Forget counters of deployments that are gone (and replica agents no route names)."""
         self.stats.prune(self.deployments, self.key_ids)
         self.metrics.prune(self.deployments)
+        self.waker.prune(self.deployments.values())
 
     def ready(self, deployment: str) -> bool:
         route = self.deployments.get(deployment)
         return route is not None and bool(route.ready())
 
-    def pick(self, request: Admitted, exclude: Sequence[str]) -> Endpoint | None:
+    def pick(self, request: Admitted, exclude: Collection[str]) -> Endpoint | None:
         """The replica for ``request`` (routing.pick_endpoint over the current snapshot)."""
         route = self.deployments.get(request.route.name)
         if route is None:
