@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from hpcserve.serving.pools import pool_of
 from hpcserve.serving.reconciler import (
     Action,
     Announcement,
@@ -34,6 +35,16 @@ from hpcserve.serving.reconciler import (
     SetState,
     reconcile,
     trusted_jobs,
+)
+from hpcserve.serving.residency import (
+    AgentCall,
+    PoolLoad,
+    Residency,
+    as_replica_deployment,
+    call_agent,
+    engine_urls,
+    members_of,
+    merge_stats,
 )
 from hpcserve.serving.scaling import STATE_PREFIX, GpuLimit, ScalerRecord, cap_scale_up, state_name
 from hpcserve.serving.tags import parse_replica_tag
@@ -70,6 +81,9 @@ class _Tick:
     now: datetime
     draining: frozenset[str] = frozenset()  # nodes being drained (maintenance): replicas move off them
     launched_gpus: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    pools: PoolLoad = field(default_factory=PoolLoad)  # each pool's members
+    floors: dict[str, int] = field(default_factory=dict)  # the forecast floor of each deployment this tick
+    waiting: dict[str, int] = field(default_factory=dict)  # what the gateways buffer for each, this tick
 
 
 @dataclass
@@ -90,6 +104,11 @@ class ServingController:
     evict: Evict | None = None  # lending overlap: signal gentle victims for a pending replica (None: Slurm's)
     ignored: set[str] = field(default_factory=set)  # foreign tagged jobs already logged
     calm: bool = False  # this tick, so far: every replica ready and answering, nothing done
+    agent: AgentCall = call_agent  # a replica agent's HTTP (hpcserve.serving.residency)
+    residency: Residency = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.residency = Residency(self.store, self.agent)
 
     def tick(self) -> None:
         all_jobs = [j for j in _read(self.client, "jobs") if not j.state.is_terminal]
@@ -100,7 +119,11 @@ class ServingController:
         draining = _draining_nodes(self.client) if tagged else frozenset()
         tick = _Tick(all_jobs, records, self.submitter(), self.clock(), draining)
         self.ignored &= {job.id for jobs in tagged.values() for job in jobs}  # logged while they last
-        for deployment in self.store.list_deployments():
+        listed = self.store.list_deployments()
+        tick.pools = PoolLoad(members_of(listed))
+        for deployment in listed:
+            if pool_of(deployment.spec) is not None:
+                continue  # a pool's member: no replicas of its own, the pool's row runs them
             try:
                 self._tick_one(deployment, tagged.get(deployment.name, []), tick)
             except Exception:  # one bad deployment must not stop the others, nor the scheduler
@@ -115,6 +138,8 @@ class ServingController:
         jobs = {i: job for i, job in jobs.items() if i not in dead}  # cancelled: left to finish
         stats = self._scrape(deployment.name, replicas, tick.now)
         desired = self._autoscale(deployment, replicas, stats, tick)
+        if not deployment.deleted:
+            self._tier(deployment, replicas, stats, tick)
         stalled = self.stalls.update(deployment.name, stats, tick.now)
         leaving = frozenset(i for i, job in jobs.items() if tick.draining.intersection(job.nodes))
         seen = Observed(jobs, _announcements(replicas), _inflight(stats), frozenset(dead), stalled, leaving)
@@ -159,11 +184,13 @@ class ServingController:
         from hpcserve.serving.scaling import autoscale
 
         record = tick.records.get(deployment.name, ScalerRecord())
-        floor = {"floor": self.prewarm(deployment, tick.now)} if self.prewarm else {}
+        shaped = as_replica_deployment(deployment)  # a pool: its replicas' spec
+        floor = {"floor": self.prewarm(shaped, tick.now)} if self.prewarm else {}
+        tick.floors[deployment.name] = floor.get("floor", 0)
+        waiting = tick.waiting[deployment.name] = self._waiting(deployment, tick)
         desired, state = (self.autoscaler or autoscale)(
-            deployment, replicas, stats, self._gateway_waiting(deployment.name, tick.now), record.state,
-            tick.now, **floor,
-        )  # fmt: skip
+            shaped, replicas, stats, waiting, record.state, tick.now, **floor
+        )
         current = sum(r.state in ("starting", "ready") for r in replicas)
         desired, capped = cap_scale_up(
             desired, current, _gpus(_spec(deployment)), self._limit(deployment, tick)
@@ -171,6 +198,7 @@ class ServingController:
         if capped and capped != record.capped:
             log.warning("deployment %s: scale-up capped: %s", deployment.name, capped)
         updated = ScalerRecord(state, capped)
+        tick.records[deployment.name] = updated
         if updated != record:
             self.store.put_state(state_name(deployment.name), updated.to_json())
         if desired != deployment.desired_replicas:
@@ -185,6 +213,19 @@ class ServingController:
         used = gpus_in_use(tick.jobs, deployment.owner) + tick.launched_gpus[deployment.owner]
         return GpuLimit(rules.max_gpus_per_user, rules.max_gpus_per_job, used, deployment.owner)
 
+    def _tier(self, deployment: Deployment, replicas: list[Replica], stats: Mapping[int, EngineStats],
+              tick: _Tick) -> None:  # fmt: skip
+        """The residency tier: decided from the autoscaler's idle time, demand and the floor; applied."""
+        record = tick.records.get(deployment.name, ScalerRecord())
+        demand = tick.waiting.get(deployment.name, 0) > 0 or any(_inflight(stats).values())
+        self.residency.apply(deployment, replicas, record.state.last_traffic, demand,
+                             tick.floors.get(deployment.name, 0), tick.now)  # fmt: skip
+
+    def _waiting(self, deployment: Deployment, tick: _Tick) -> int:
+        """The gateways' buffer for ``deployment``; for a pool, summed over its members (the gateway
+        samples each member)."""
+        return sum(self._gateway_waiting(name, tick.now) for name in tick.pools.names(deployment))
+
     def _gateway_waiting(self, name: str, now: datetime) -> int:
         """Requests buffered at every live gateway: the newest sample of each within the last
         ``GATEWAY_SAMPLE_AGE_S`` (a gateway that stopped reporting drops out), summed."""
@@ -195,9 +236,11 @@ class ServingController:
     def _scrape(self, name: str, replicas: list[Replica], now: datetime) -> dict[int, EngineStats]:
         from hpcserve.store import EngineSample
 
-        targets = {r.index: r.url for r in replicas if r.url and r.state in ("ready", "draining")}
-        stats = {i: s for i, s in zip(targets, self._scrape_all(list(targets.values())), strict=True)
-                 if s is not None}  # fmt: skip
+        targets = {r.index: engine_urls(r) for r in replicas if r.url and r.state in ("ready", "draining")}
+        scraped = iter(self._scrape_all([url for urls in targets.values() for url in urls]))
+        merged = {i: merge_stats([s for s in (next(scraped) for _ in urls) if s is not None])
+                  for i, urls in targets.items()}  # fmt: skip
+        stats = {i: s for i, s in merged.items() if s is not None}
         self.store.add_engine_samples([
             EngineSample(now, name, index, s.waiting, s.running, s.kv_usage, s.ttft_p50, s.ttft_p95)
             for index, s in stats.items()
@@ -217,7 +260,9 @@ class ServingController:
         match action:
             case Launch(index):
                 spec = _spec(deployment)
-                launched = self.launcher.launch(tick.submitter, deployment, spec, index)
+                members = tick.pools.specs(deployment)
+                pool = {"members": members} if members is not None else {}  # a pool's replica
+                launched = self.launcher.launch(tick.submitter, deployment, spec, index, **pool)
                 saw_change(self.client)  # submitted as the owner: the next tick sees the new job
                 tick.launched_gpus[deployment.owner] += _gpus(spec)
                 self._record_launch(name, index, launched, tick.now)
@@ -247,9 +292,10 @@ class ServingController:
 
 
 def _spec(deployment: Deployment) -> DeploymentSpec:
+    """The deployment's spec; a pool's: its replicas' shape."""
     from hpcserve.serving.spec import DeploymentSpec
 
-    return DeploymentSpec.model_validate(deployment.spec)
+    return DeploymentSpec.model_validate(as_replica_deployment(deployment).spec)
 
 
 def _gpus(spec: DeploymentSpec) -> int:

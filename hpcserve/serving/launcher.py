@@ -24,10 +24,10 @@ import pwd
 import secrets
 import stat
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hpcserve.config.policy import JobClassName
 from hpcserve.errors import ConfigError, ValidationError
@@ -169,10 +169,12 @@ class ReplicaLauncher:
     env: Mapping[str, str] = field(default_factory=dict)
 
     def launch(
-        self, submitter: Submitter, deployment: Deployment, spec: DeploymentSpec, index: int
-    ) -> Launched:
+        self, submitter: Submitter, deployment: Deployment, spec: DeploymentSpec, index: int,
+        members: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Launched:  # fmt: skip
         """Submit replica ``index`` of ``deployment`` as its owner; its secret and engine key go only into a
-        0600 file of the owner; the secret's hash and the engine key come back."""
+        0600 file of the owner; the secret's hash and the engine key come back. ``members``: a pool
+        replica's member specs (one engine each; None: not a pool)."""
         from hpcserve.slurm.cli_backend import CliSlurmClient
 
         owner = self.owner_of(deployment.owner)
@@ -188,8 +190,9 @@ class ReplicaLauncher:
                 argv, timeout=self.timeout_s, stdin=encode_files({**files, secret_name: credentials.encode()})
             )
 
+        pool = {"members": [dict(m) for m in members]} if members is not None else {}
         main = ReplicaMain(spec.model_dump(mode="json"), index, str(folder), self.ready_timeout_s,
-                           secret_name, self.service_socket, self.service_url)  # fmt: skip
+                           secret_name, self.service_socket, self.service_url, **pool)  # fmt: skip
         job_id, _ = submitter.submit_owned(
             replica_request(spec, index, owner.user, deployment.account, self.hold), main, (), folder,
             write=write, sbatch=CliSlurmClient(runner, timeout=self.timeout_s), kind=REPLICA_KIND,
