@@ -5,6 +5,9 @@
 #   head (root namespace): munged, MariaDB (own datadir), slurmdbd, slurmctld
 #   node1..node8: each its own network namespace (veth on bridge mcbr0) and UTS namespace, one slurmd each
 #   GPUs: 4 fake char devices per node as GRES (File=), so Slurm sets CUDA_VISIBLE_DEVICES for real
+#   shards: the infer half's GPUs are also cut into gres/shard (4 per GPU: node Gres=gpu:l40s:4,shard:16), so
+#     several jobs share one GPU (--gres=shard:N; hpcserve's gpu_fraction); a GPU in use as shards is not
+#     given out whole, and the other way round
 #   topology/tree: leaf1=node[1-4] (ib), leaf2=node[5-8] (roce), spine above both
 #   partitions: train=node[1-4] (default), infer=node[5-8], all=node[1-8] (low tier, preemptible)
 #
@@ -12,6 +15,7 @@
 # (pid files in $PREFIX/run/owned, checked against /proc/PID/comm). Knobs (environment):
 #   PREFIX (/tmp/hpcserve-mc)  NNODES (8)  GPUS_PER_NODE (4)  CPUS_PER_NODE (8)  MEM_PER_NODE (16000)
 #   RESET=1 (wipe controller state, accounting DB and job folders first)  WAIT_TIMEOUT (120)  PURGE=1 (stop: rm PREFIX)
+#   SHARD_NODES (the infer half, "5-8" of 8: first-last node numbers, or "" for none)  SHARDS_PER_GPU (4)
 #   TEST_USERS ("alice bob carol"): real Unix users made if missing, each registered in slurmdbd with a Slurm
 #   account of its own (acct-USER) as default, so sacct shows who ran what and who paid. Group hpcadmin (carol is
 #   in it) and the service account hpcserve (a system user) are made too.
@@ -42,6 +46,7 @@ ADMIN_GROUP=${ADMIN_GROUP:-hpcadmin}
 SERVICE_USER=${SERVICE_USER:-hpcserve}
 LENDING=${LENDING:-moves}
 GRACE_TIME=${GRACE_TIME:-120}
+SHARDS_PER_GPU=${SHARDS_PER_GPU:-4}
 DB_PASS=hpcserve-slurmdb
 ETC=$PREFIX/etc RUN=$PREFIX/run LOG=$PREFIX/log OWN=$PREFIX/run/owned DBDIR=$PREFIX/mysql
 DBSOCK=$DBDIR/run/mysqld.sock
@@ -66,6 +71,11 @@ wait_for() { # wait_for SECONDS CMD...
 }
 hl() { [ "$1" = "$2" ] && echo "node$1" || echo "node[$1-$2]"; }   # hostlist of node$1..node$2
 half=$(( (NNODES + 1) / 2 ))
+SHARD_NODES=${SHARD_NODES-$((half + 1))-$NNODES}
+has_shards() { # has_shards I: node I's GPUs are also cut into shards (SHARD_NODES="FIRST-LAST")
+  [ -n "$SHARD_NODES" ] && [ "$SHARDS_PER_GPU" -gt 0 ] && [ "$1" -ge "${SHARD_NODES%-*}" ] &&
+    [ "$1" -le "${SHARD_NODES#*-}" ]
+}
 
 # ------------------------------------------------------------------------------------------------ install
 install_packages() {
@@ -174,10 +184,12 @@ setup_network() {
 
 # ------------------------------------------------------------------------------------------------ configs
 node_line() { # node_line I
-  local i=$1 gt=l40s feat=roce,nvme,l40s
+  local i=$1 gt=l40s feat=roce,nvme,l40s gres
   [ "$i" -le $half ] && gt=h100 feat=ib,nvme,h100
+  gres=gpu:$gt:$GPUS_PER_NODE
+  has_shards "$i" && gres+=",shard:$((GPUS_PER_NODE * SHARDS_PER_GPU))"
   echo "NodeName=node$i NodeHostname=node$i NodeAddr=$SUBNET.$i Sockets=2 CoresPerSocket=$((CPUS_PER_NODE / 2))" \
-    "ThreadsPerCore=1 RealMemory=$MEM_PER_NODE Gres=gpu:$gt:$GPUS_PER_NODE Features=$feat State=UNKNOWN"
+    "ThreadsPerCore=1 RealMemory=$MEM_PER_NODE Gres=$gres Features=$feat State=UNKNOWN"
 }
 
 write_slurm_conf() {
@@ -209,7 +221,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SlurmdParameters=config_overrides
 DefMemPerCPU=1024
-GresTypes=gpu
+GresTypes=gpu,shard
 TopologyPlugin=topology/tree
 ReturnToService=2
 SchedulerType=sched/backfill
@@ -223,13 +235,13 @@ KillWait=5
 InactiveLimit=0
 SlurmdTimeout=60
 JobRequeue=1
-FirstJobId=$(cat "$PREFIX/state/first_job_id")
+FirstJobId=$(cat "$PREFIX/state/first_job_id" 2>/dev/null || echo 1000)
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=$CTLD_ADDR
 AccountingStoragePort=$DBD_PORT
-AccountingStorageTRES=gres/gpu
+AccountingStorageTRES=gres/gpu,gres/shard
 AccountingStorageEnforce=associations
 # sacct keeps each job's --comment, where hpcserve's tag lives (hpcserve usage --hpcserve-only, training vs
 # inference); a site running hpcserve sets the same
@@ -261,18 +273,35 @@ partition_lines() {
     "PreemptMode=REQUEUE State=UP"
 }
 
+# gres.conf: each node's GPUs as fake devices (22.05 drops a file-less gpu GRES); on SHARD_NODES each GPU
+# also carries SHARDS_PER_GPU shards, one line per device (Count= is that GPU's shards)
+gres_lines() {
+  local i g gt
+  echo "AutoDetect=off"
+  for i in $(seq 1 "$NNODES"); do
+    gt=l40s; [ "$i" -le $half ] && gt=h100
+    echo "NodeName=node$i Name=gpu Type=$gt File=$PREFIX/dev/nvidia[0-$((GPUS_PER_NODE - 1))]"
+    has_shards "$i" || continue
+    for g in $(seq 0 $((GPUS_PER_NODE - 1))); do
+      echo "NodeName=node$i Name=shard Count=$SHARDS_PER_GPU File=$PREFIX/dev/nvidia$g"
+    done
+  done
+}
+
+# do_render DIR: write slurm.conf and gres.conf as start would, into DIR (nothing else is touched)
+do_render() {
+  mkdir -p "$1"; ETC=$1 write_slurm_conf; gres_lines >"$1/gres.conf"
+  log "rendered $1/slurm.conf and $1/gres.conf"
+}
+
 write_configs() {
-  local g i gt
+  local g
   for g in $(seq 0 $((GPUS_PER_NODE - 1))); do
     [ -e "$PREFIX/dev/nvidia$g" ] || mknod "$PREFIX/dev/nvidia$g" c 195 "$g"
   done
   : >"$ETC/plugstack.conf"
   write_slurm_conf
-  { echo "AutoDetect=off"
-    for i in $(seq 1 "$NNODES"); do
-      gt=l40s; [ "$i" -le $half ] && gt=h100
-      echo "NodeName=node$i Name=gpu Type=$gt File=$PREFIX/dev/nvidia[0-$((GPUS_PER_NODE - 1))]"
-    done; } >"$ETC/gres.conf"
+  gres_lines >"$ETC/gres.conf"
   cat >"$ETC/topology.conf" <<EOF
 SwitchName=leaf1 Nodes=$(hl 1 $half)
 SwitchName=leaf2 Nodes=$(hl $((half + 1)) "$NNODES")
@@ -479,8 +508,9 @@ case ${1:-} in
   stop) do_stop ;;
   status) do_status ;;
   partitions) partition_lines ;;  # print the PartitionName= lines start would write (no side effects)
+  render) do_render "${2:?usage: $0 render DIR}" ;;  # slurm.conf and gres.conf into DIR (no side effects)
   lending) LENDING=${2:?usage: $0 lending moves|overlap} do_lending ;;
-  *) echo "usage: $0 start|stop|status|partitions|lending moves|overlap" \
+  *) echo "usage: $0 start|stop|status|partitions|render DIR|lending moves|overlap" \
        "  (environment: PREFIX NNODES LENDING GRACE_TIME RESET=1 PURGE=1 ...)" >&2
      exit 2 ;;
 esac
