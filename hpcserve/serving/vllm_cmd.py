@@ -32,6 +32,18 @@ RESERVED = {
     "--api-key": "leave it out: the service gives each replica's engine its own key (VLLM_API_KEY)",
     "--help": "leave it out",
 }
+SLEEP_MODE_FLAG = "--enable-sleep-mode"  # vLLM's (and the simulator's): /sleep, /wake_up, /is_sleeping work
+DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"  # "1" in the engine's environment: vLLM mounts those endpoints
+
+
+def has_sleep_mode(spec: DeploymentSpec) -> bool:
+    """Whether the deployment's engines run in sleep mode: it has a warm tier (``warm_after_s``) or is in a
+    pool. Its replicas then run the replica agent beside their engines (hpcserve.serving.agent)."""
+    return spec.warm_after_s is not None or spec.pool is not None
+
+
+def _sleep_mode_argv(spec: DeploymentSpec) -> list[str]:
+    return [SLEEP_MODE_FLAG] if has_sleep_mode(spec) else []
 
 
 def normalize_engine_arg(key: str) -> str:
@@ -84,6 +96,25 @@ def _text(value: EngineArg) -> str:
     return str(value)
 
 
+MEMORY_FLAG = "--gpu-memory-utilization"
+
+
+def memory_utilization(spec: DeploymentSpec) -> str | None:
+    """The engine's share of its GPU's memory: the spec's own ``gpu-memory-utilization`` engine arg, else its
+    ``gpu_fraction`` (a replica on shards of a GPU shares that GPU), else None (the engine's default)."""
+    value = spec.engine_args.get(MEMORY_FLAG.removeprefix("--"))
+    if value is not None:
+        return _text(value)
+    return None if spec.gpu_fraction is None else _text(spec.gpu_fraction)
+
+
+def _fraction_argv(spec: DeploymentSpec) -> list[str]:
+    """``--gpu-memory-utilization <gpu_fraction>`` unless the engine args set it (they are passed already)."""
+    if spec.gpu_fraction is None or MEMORY_FLAG.removeprefix("--") in spec.engine_args:
+        return []
+    return [MEMORY_FLAG, _text(spec.gpu_fraction)]
+
+
 def vllm_serve_argv(spec: DeploymentSpec, host: str, port: int, *, vllm: str = "vllm") -> list[str]:
     """The ``vllm serve`` command for one replica of ``spec``, listening on ``host:port``.
 
@@ -106,6 +137,8 @@ def vllm_serve_argv(spec: DeploymentSpec, host: str, port: int, *, vllm: str = "
         "--pipeline-parallel-size",
         str(spec.nodes_per_replica),
         *engine_args_argv(spec.engine_args),
+        *_fraction_argv(spec),
+        *_sleep_mode_argv(spec),
     ]
 
 
@@ -138,5 +171,9 @@ def simulator_argv(spec: DeploymentSpec, host: str, port: int, *, python: str = 
         "--decode-ms-per-token",
         str(sim.decode_ms_per_token),
     ]
+    memory = memory_utilization(spec)
+    argv += [MEMORY_FLAG, memory] if memory is not None else []
     max_len = spec.engine_args.get("max-model-len")
-    return argv + (["--max-model-len", _text(max_len)] if max_len is not None else [])
+    return (
+        argv + (["--max-model-len", _text(max_len)] if max_len is not None else []) + _sleep_mode_argv(spec)
+    )

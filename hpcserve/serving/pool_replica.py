@@ -1,0 +1,177 @@
+"""A replica job with sleep mode: its engines, one at a time, then the replica agent in front of them.
+
+A deployment with sleep mode (``warm_after_s`` set, or in a pool) runs its replicas this way, from
+``ReplicaMain`` (hpcserve.serving.replica):
+- a plain sleep-mode deployment: one engine, the deployment's own, and the agent;
+- a pool replica (``members`` given; the spec is the pool's shape): one engine per member, each on
+  ``--gpu-memory-utilization`` = the job's GPU share (``gpu_fraction``, else 0.9) / ``pool_max_awake``
+  unless the member sets it, and at most ``pool_max_awake`` of them awake at once.
+
+Every engine starts with ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1`` in its environment (vLLM's
+dev-server mode mounts /sleep, /wake_up, /is_sleeping only then; the engine simulator does the same). They
+start ONE AT A TIME, as they must on real GPUs (each profiles the free memory alone), and once
+``max_awake`` are awake, one is put to sleep before the next starts. When all are healthy the agent starts
+on a free port and the replica announces the agent's port and ``models`` = {served model name: engine
+port}. SIGTERM goes on to every engine (each drains); the job exits when they have exited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from types import FrameType
+from typing import Any
+
+from hpcserve.errors import HpcserveError
+from hpcserve.serving import replica as job
+from hpcserve.serving.agent import ReplicaAgent, serve
+from hpcserve.serving.agent_rules import member_gpu_utilization
+from hpcserve.serving.replica import ReplicaMain, engine_argv, engine_environ, free_port, wait_healthy
+from hpcserve.serving.spec import DeploymentSpec, Engine
+from hpcserve.serving.vllm_cmd import DEV_MODE_ENV
+
+GPU_UTILIZATION = "gpu-memory-utilization"
+EXIT_POLL_S = 0.2
+STOP_WAIT_S = 30.0  # Slurm's KillWait: the engines drain within it
+
+
+def engine_specs(shape: DeploymentSpec, members: Sequence[DeploymentSpec] | None) -> list[DeploymentSpec]:
+    """The spec of each engine the replica runs: the deployment's own, or one per pool member."""
+    if members is None:
+        return [shape]
+    if not members:
+        raise HpcserveError(f"pool {shape.name}: no members to serve (fix: add a deployment with --pool)")
+    names = [m.served_model_name for m in members]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise HpcserveError(f"pool {shape.name}: served model names {', '.join(twice)} appear twice")
+    return [member_engine_spec(shape, m) for m in members]
+
+
+def member_engine_spec(shape: DeploymentSpec, member: DeploymentSpec) -> DeploymentSpec:
+    """A member's engine in the pool's replica: the pool's engine and GPUs, the member's model and
+    engine args, its memory share of the GPUs (vllm) unless it sets one, and sleep mode."""
+    args = dict(member.engine_args)
+    if shape.engine is Engine.VLLM and GPU_UTILIZATION not in args:
+        args[GPU_UTILIZATION] = member_gpu_utilization(shape.gpu_fraction, shape.pool_max_awake)
+    simulator = member.simulator if shape.engine is Engine.SIMULATOR else None
+    update = {"engine": shape.engine, "gpus_per_replica": shape.gpus_per_replica, "engine_args": args,
+              "nodes_per_replica": shape.nodes_per_replica, "pool": member.pool or shape.name,
+              "simulator": simulator, "gpu_fraction": None, "mig_profile": None}  # fmt: skip
+    return member.model_copy(update=update)
+
+
+def max_awake(shape: DeploymentSpec, members: Sequence[DeploymentSpec] | None) -> int:
+    """Engines awake at once: the pool's ``pool_max_awake``; a plain deployment's one engine."""
+    return shape.pool_max_awake if members is not None else 1
+
+
+def sleep_mode_environ(base: Mapping[str, str]) -> dict[str, str]:
+    """The engine's environment with vLLM's dev-server mode on (its sleep endpoints mounted)."""
+    return {**base, DEV_MODE_ENV: "1"}
+
+
+def serve_with_agent(main: ReplicaMain, shape: DeploymentSpec, members: list[DeploymentSpec] | None) -> int:
+    """Run the replica's engines and its agent until the engines exit; their exit status (the first
+    nonzero one, else 0)."""
+    if shape.engine is Engine.VLLM and shape.nodes_per_replica > 1:
+        raise HpcserveError(
+            f"{shape.name}: sleep mode runs on one node per replica (fix: nodes_per_replica: 1)"
+        )
+    procs: list[subprocess.Popen[bytes]] = []
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # ignored by the engines too, while they start
+    _forward_sigterm(procs)
+    return asyncio.run(_serve(main, shape, members, procs))
+
+
+async def _serve(
+    main: ReplicaMain, shape: DeploymentSpec, members: list[DeploymentSpec] | None,
+    procs: list[subprocess.Popen[bytes]],
+) -> int:  # fmt: skip
+    key = main.credentials().engine_key
+    deadline = time.monotonic() + main.ready_timeout_s
+    agent = ReplicaAgent(max_awake(shape, members), key=key)
+    await agent.open()
+    runner = None
+    try:
+        for spec in engine_specs(shape, members):
+            await agent.make_room()
+            port = await asyncio.to_thread(_start_engine, main, _staged(spec, members), key, deadline, procs)
+            await agent.add_engine(spec.served_model_name, port)
+        job._ignore_time_limit_warning()  # only now: a handler (unlike SIG_IGN) is not inherited across exec
+        runner, port = await serve(agent, "0.0.0.0")  # noqa: S104 (the gateway connects)
+        host = socket.gethostname()
+        await asyncio.to_thread(main.announce, shape.name, host, port, deadline, models=agent.models)
+        main.report_telemetry(shape.name)
+        return await _wait_engines(procs)
+    except BaseException:
+        await asyncio.to_thread(_stop_all, procs)
+        raise
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await agent.close()
+
+
+def _staged(spec: DeploymentSpec, members: list[DeploymentSpec] | None) -> DeploymentSpec:
+    """A pool member's weights staged like a plain replica's (ReplicaMain stages a plain deployment's)."""
+    if members is None:
+        return spec
+    staged: DeploymentSpec = job._staged(spec)
+    return staged
+
+
+def _start_engine(
+    main: ReplicaMain, spec: DeploymentSpec, key: str | None, deadline: float,
+    procs: list[subprocess.Popen[bytes]],
+) -> int:  # fmt: skip
+    """Start one engine on a free port and wait until it serves; its port."""
+    port = free_port()
+    argv = engine_argv(spec, "0.0.0.0", port)  # noqa: S104 (the gateway connects)
+    env = sleep_mode_environ(engine_environ(os.environ, key))
+    procs.append(subprocess.Popen(argv, env=env))
+    left = deadline - time.monotonic()
+    wait_healthy(f"http://127.0.0.1:{port}", procs[-1], left, spec.served_model_name, key)
+    return port
+
+
+async def _wait_engines(procs: list[subprocess.Popen[bytes]]) -> int:
+    """Wait until an engine exits, stop the others (SIGTERM: they drain), and return the exit status."""
+    while all(p.poll() is None for p in procs):
+        await asyncio.sleep(EXIT_POLL_S)
+    await asyncio.to_thread(_stop_all, procs)
+    codes = [p.returncode for p in procs]
+    return next((code for code in codes if code), 0)
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _forward_sigterm(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Slurm's SIGTERM (scancel, time limit) goes on to every engine started so far, which drain."""
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+
+
+def members_from(raw: list[dict[str, Any]] | None) -> list[DeploymentSpec] | None:
+    """The member specs ``ReplicaMain`` was given (plain dicts, as pickled), validated."""
+    return None if raw is None else [DeploymentSpec.model_validate(m) for m in raw]
