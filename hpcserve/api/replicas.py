@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpcserve.api.errors import Forbidden, Unauthenticated
 from hpcserve.errors import ValidationError
+from hpcserve.serving.phases import StartPhases
 from hpcserve.serving.tags import secret_hash
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class Announce:
     job_id: str
     host: str
     port: int
+    phases: StartPhases | None = None  # how its start went (hpcserve.serving.phases)
 
     @property
     def url(self) -> str:
@@ -62,7 +64,9 @@ def parse_announce(body: dict[str, Any]) -> Announce:
         raise ValidationError(f"host: expected a host name, got {host!r}")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ValidationError(f"port: expected 1 to 65535, got {port!r}")
-    return Announce(deployment, index, job_id, host, port)
+    phases = body.get("phases")
+    return Announce(deployment, index, job_id, host, port,
+                    phases=None if phases is None else StartPhases.from_json(phases))  # fmt: skip
 
 
 def check_announce(
@@ -93,4 +97,14 @@ def announce(api: ApiContext, note: Announce, secret: str, caller: Caller | None
         replica = next((r for r in api.store.replicas(note.deployment) if r.index == note.index), None)
     check_announce(note, secret, caller, deployment.owner if deployment else None, replica)
     return api.store.upsert_replica(note.deployment, note.index, url=note.url, host=note.host,
-                                    port=note.port, ready_at=api.clock())  # fmt: skip
+                                    port=note.port, ready_at=api.clock(),
+                                    phases=_phases(note, replica))  # fmt: skip
+
+
+def _phases(note: Announce, replica: Replica | None) -> dict[str, Any] | None:
+    """The announced phases with the queue wait from the submit the service recorded (``started_at``)."""
+    if note.phases is None:
+        return None
+    submitted = replica.started_at if replica is not None else None
+    phases = note.phases if submitted is None else note.phases.with_queue_wait(submitted.timestamp())
+    return phases.as_json()

@@ -32,6 +32,8 @@ from types import FrameType
 from typing import Any
 
 from hpcserve.errors import HpcserveError
+from hpcserve.serving.phases import Staging, StartPhases
+from hpcserve.serving.start_probe import measure_start, process_start_unix, timed_staging
 
 HEALTH_POLL_S = 0.05  # the engine is up a moment after it binds: poll often, it costs nothing
 ANNOUNCE_PATH = "/v1/replicas/announce"
@@ -157,12 +159,15 @@ class ReplicaMain:
     ) -> None:  # fmt: skip
         self.spec, self.index, self.folder, self.ready_timeout_s = spec, index, folder, ready_timeout_s
         self.secret_name, self.service_socket, self.service_url = secret_name, service_socket, service_url
+        self.start_phases: StartPhases | None = None  # set as the job runs: what the announcement reports
 
     def __call__(self) -> int:
         from hpcserve.serving.spec import DeploymentSpec
 
+        job_start = process_start_unix()
         spec = DeploymentSpec.model_validate(self.spec)
-        spec = _staged(spec)
+        spec, staging = _stage(spec)
+        self.start_phases = StartPhases(staging, job_start=job_start)
         rank, head = job_rank()
         if rank and spec.engine != "vllm":  # the simulator is one process: other nodes only hold theirs
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -179,7 +184,8 @@ class ReplicaMain:
             return proc.wait()
         try:
             key = self.credentials().engine_key
-            wait_healthy(f"http://{host}:{port}", proc, self.ready_timeout_s, spec.served_model_name, key)
+            self.start_phases = measure_start(f"http://{host}:{port}", proc, self.ready_timeout_s,
+                                              spec.served_model_name, key, self.start_phases)  # fmt: skip
             self.announce(spec.name, host, port, time.monotonic() + self.ready_timeout_s)
         except BaseException:
             _stop(proc)
@@ -204,6 +210,8 @@ class ReplicaMain:
         secret = self.credentials().secret
         body = {"deployment": deployment, "index": self.index, "job_id": os.environ.get("SLURM_JOB_ID", ""),
                 "host": host, "port": port}  # fmt: skip
+        if self.start_phases is not None:  # how this start went (hpcserve.serving.phases)
+            body["phases"] = self.start_phases.as_json()
         headers = {"Authorization": f"{SECRET_SCHEME} {secret}"}
         while True:
             try:
@@ -241,14 +249,20 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _staged(spec: Any) -> Any:
-    """With a warm tier, copy the weights there first and serve them from node-local disk."""
+    """``spec`` to serve once its weights are staged (``_stage``)."""
+    return _stage(spec)[0]
+
+
+def _stage(spec: Any) -> tuple[Any, Staging]:
+    """With a warm tier, copy the weights there first (checked by its manifest) and serve them from
+    node-local disk; the spec to serve and what staging did (kind "none" without a warm tier)."""
     if not spec.warm_tier or not Path(spec.model).is_dir():
-        return spec
+        return spec, Staging()
     from hpcserve.serving.staging import stage_weights
 
     warm = Path(str(spec.warm_tier).format(node=socket.gethostname())) / Path(spec.model).name
-    stage_weights(Path(spec.model), warm)
-    return spec.model_copy(update={"model": str(warm)})
+    staging = timed_staging(lambda: stage_weights(Path(spec.model), warm))
+    return spec.model_copy(update={"model": str(warm)}), staging
 
 
 def _ignore_time_limit_warning() -> None:
