@@ -108,6 +108,14 @@ vLLM's /metrics names, with a continuous-batching latency model. Every response 
     envvar="HPCSERVE_ENGINE_SIM_SLEEP_TIME_SCALE",
     help="Simulator: multiply every modelled sleep/wake duration (e.g. 0.1 in tests).",
 )
+@click.option(
+    "--gpu-memory-utilization",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=0.9,
+    show_default=True,
+    help="As vLLM's: the share of the GPU's memory the engine takes (a replica on GPU shards gets its "
+    "fraction). The simulator holds no GPU memory: it logs the value at start.",
+)
 def engine_sim(
     model_arg: str | None,
     model: str | None,
@@ -126,6 +134,7 @@ def engine_sim(
     enable_sleep_mode: bool,
     weights_gib: float | None,
     sleep_time_scale: float,
+    gpu_memory_utilization: float,
 ) -> None:
     import logging
 
@@ -133,6 +142,7 @@ def engine_sim(
 
     name = _model_name(model_arg, model)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s hpcserve-engine-simulator %(message)s")
+    logging.info("gpu memory utilization %g (simulated: no GPU memory is held)", gpu_memory_utilization)
     run(
         SimConfig(
             model=name,

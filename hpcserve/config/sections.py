@@ -298,6 +298,9 @@ class ServingSettings(Frozen):
     calm_read_s: float = Field(default=20.0, ge=0)
     # exported in every replica job's script (the admin's, never a user's), e.g. HPCSERVE_TELEMETRY: "0"
     replica_env: dict[str, str] = Field(default_factory=dict)
+    # gres/shard: the shards each GPU is cut into (gres.conf's Count= on each GPU's shard line); a
+    # deployment's gpu_fraction f asks for ceil(f x this) shards of one GPU
+    shards_per_gpu: int = Field(default=4, ge=1)
 
     @field_validator("replica_env", mode="before")
     @classmethod

@@ -20,8 +20,9 @@ Here each submission builds the submission text and the pickle with submitit's o
 once through hpcserve's runner (script on stdin): 7.7 ms per job against 5.8 ms for a raw sbatch loop.
 Throttling submissions belongs to the caller's policy, not to a fixed sleep.
 
-Mapping (``executor_parameters``): partition, QoS, nodes, tasks per node, CPUs, GPUs as ``--gres=gpu:N``,
-the exact ``--time``, ``--comment`` = hpcserve's tag, nodelist/switches/constraint, the job's env exported
+Mapping (``executor_parameters``): partition, QoS, nodes, tasks per node, CPUs, GPUs as ``--gres=gpu:N``
+(or the request's ``gres``: ``shard:N``, a MIG type), the exact ``--time``, ``--comment`` = hpcserve's tag,
+nodelist/switches/constraint, the job's env exported
 in the script (shlex-quoted). Preemptible jobs add ``--requeue`` and ``--signal=USR2@grace_s``: without
 ``B:``, so the signal reaches the Python tasks (srun steps), where submitit's handler is, and not the batch
 shell. USR2 rather than USR1 because NCCL installs its own USR1 handler in every rank and would swallow it.
@@ -147,7 +148,7 @@ def executor_parameters(
     if job.grace_s > 0:
         params["signal_delay_s"] = job.grace_s
     optional = {
-        "gres": f"gpu:{req.gpus_per_node}" if req.gpus_per_node else None,
+        "gres": req.gres or (f"gpu:{req.gpus_per_node}" if req.gpus_per_node else None),
         "cpus_per_task": req.cpus_per_task,
         "account": req.account,
         "array_parallelism": array_parallelism(req.array),

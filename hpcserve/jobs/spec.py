@@ -42,11 +42,19 @@ class JobRequest:
     account: str | None = None
     output: str | None = None  # sbatch --output pattern, e.g. "logs/%x-%j.out"
     hold: bool = False  # submit held (scontrol release starts it)
+    # part of a GPU instead of whole ones (gpus_per_node 0): ``shard:N`` (gres/shard) or ``gpu:1g.10gb:1``
+    # (a MIG profile's typed GRES)
+    gres: str | None = None
 
     @property
     def gpus(self) -> int:
         """GPUs the whole job holds (per array task)."""
         return self.nodes * self.gpus_per_node
+
+    @property
+    def gres_option(self) -> str:
+        """sbatch's ``--gres`` value: the GPU part asked for, whole GPUs, or ``none``."""
+        return self.gres or (f"gpu:{self.gpus_per_node}" if self.gpus_per_node else "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +89,7 @@ class ResolvedJob:
             f"--comment={self.tag}",
         ]
         # "none" overrides a script's own #SBATCH --gres, so a job never holds GPUs the policy did not count
-        args.append(f"--gres=gpu:{req.gpus_per_node}" if req.gpus_per_node else "--gres=none")
+        args.append(f"--gres={req.gres_option}")
         if req.cpus_per_task:
             args.append(f"--cpus-per-task={req.cpus_per_task}")
         if req.account:

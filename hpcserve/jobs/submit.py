@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from hpcserve.jobs.policy import array_size, gpus_in_use, resolve
 from hpcserve.jobs.spec import JobRequest, ResolvedJob
 from hpcserve.placement import FabricTopology, PlacementRequest, build_fabric_topology, select_nodes
+from hpcserve.placement.shards import choose_shard_node, shard_count
 
 if TYPE_CHECKING:
     import submitit
@@ -99,11 +100,16 @@ def place(
     snapshot: ClusterSnapshot,
     topology: FabricTopology,
     degraded: frozenset[str] = frozenset(),
+    submitted_shards: Mapping[str, int] | None = None,
 ) -> tuple[ResolvedJob, str]:
     """Choose nodes for a multi-node job (same leaf, one fabric island, best fit, no degraded node) and
-    its NCCL env. A one-node job needs no network between nodes, so Slurm's own best fit chooses its node.
+    its NCCL env. A one-node job needs no network between nodes, so Slurm's own best fit chooses its node;
+    but a job on GPU shards goes where shards pack onto the fewest GPUs (``placement.shards``).
     """
     req = job.request
+    shards = shard_count(req.gres)
+    if req.nodes < 2 and shards:
+        return _place_shards(job, shards, snapshot, degraded, submitted_shards)
     if req.nodes < 2:
         return job, "one node: Slurm chooses it"
     partition = snapshot.partition(job.partition)
@@ -125,6 +131,21 @@ def place(
     return placed, placement.reason
 
 
+def _place_shards(
+    job: ResolvedJob,
+    shards: int,
+    snapshot: ClusterSnapshot,
+    degraded: frozenset[str],
+    submitted_shards: Mapping[str, int] | None,
+) -> tuple[ResolvedJob, str]:
+    partition = snapshot.partition(job.partition)
+    candidates = frozenset(partition.nodes) - degraded if partition is not None else None
+    choice = choose_shard_node(shards, snapshot.nodes, candidates, submitted_shards)
+    if choice is None:
+        return job, f"shard:{shards}: no node has that many free shards now: Slurm chooses, the job waits"
+    return dataclasses.replace(job, nodelist=(choice.node,)), choice.reason
+
+
 def plan(
     request: JobRequest,
     policy: Policy,
@@ -134,10 +155,11 @@ def plan(
     kind: str,
     gpus_used: int | None = None,
     degraded: frozenset[str] = frozenset(),
+    submitted_shards: Mapping[str, int] | None = None,
 ) -> tuple[ResolvedJob, str]:
     """Policy, then placement. ``gpus_used`` defaults to the user's live jobs in the snapshot."""
     used = gpus_in_use(snapshot.jobs, request.user) if gpus_used is None else gpus_used
-    return place(resolve(request, policy, used, kind=kind), snapshot, topology, degraded)
+    return place(resolve(request, policy, used, kind=kind), snapshot, topology, degraded, submitted_shards)
 
 
 def with_marker_dir(job: ResolvedJob, folder: Path | None) -> ResolvedJob:
@@ -161,6 +183,7 @@ class Submitter:
         self._client, self._site, self._policy, self._degraded = client, site, policy, degraded
         self._view: tuple[ClusterSnapshot, FabricTopology] | None = None
         self._submitted_gpus: dict[str, int] = defaultdict(int)
+        self._submitted_shards: dict[str, int] = defaultdict(int)  # per node, not in the view yet
 
     def view(self) -> tuple[ClusterSnapshot, FabricTopology]:
         if self._view is None:
@@ -171,9 +194,8 @@ class Submitter:
     def plan(self, request: JobRequest, *, kind: str) -> tuple[ResolvedJob, str]:
         snapshot, topology = self.view()
         used = gpus_in_use(snapshot.jobs, request.user) + self._submitted_gpus[request.user]
-        job, reason = plan(
-            request, self._policy, snapshot, topology, kind=kind, gpus_used=used, degraded=self._degraded
-        )
+        job, reason = plan(request, self._policy, snapshot, topology, kind=kind, gpus_used=used,
+                           degraded=self._degraded, submitted_shards=self._submitted_shards)  # fmt: skip
         return with_marker_dir(job, self._site.lending.checkpoint_dir), reason
 
     def plan_template(self, template: Template, values: Mapping[str, str], request: JobRequest) -> PlannedJob:
@@ -242,8 +264,11 @@ class Submitter:
         staged = stage_callable(job, fn, args, folder)
         write(staged.files)
         job_id = sbatch.submit(staged.script)
-        self._count(request)
+        self._count(request, job.nodelist)
         return job_id, PlannedJob(job, reason, staged.script)
 
-    def _count(self, request: JobRequest) -> None:
+    def _count(self, request: JobRequest, nodelist: Sequence[str] = ()) -> None:
         self._submitted_gpus[request.user] += request.gpus * array_size(request.array)
+        shards = shard_count(request.gres)
+        if shards and len(nodelist) == 1:
+            self._submitted_shards[nodelist[0]] += shards

@@ -104,10 +104,21 @@ class Node:
     address: str = ""
     reason: str = ""
     switch: str | None = None  # leaf switch, filled from the topology
+    # gres/shard (several jobs on one GPU): shards configured and in use, the GPUs (indices) that hold
+    # shards in use, and the GPUs handed out whole (a GPU serves either shards or one whole-GPU job)
+    shards_total: int = 0
+    shards_alloc: int = 0
+    shard_gpus: tuple[int, ...] = ()
+    whole_gpus: tuple[int, ...] = ()
 
     @property
     def gpus_free(self) -> int:
         return max(self.gpus_total - self.gpus_alloc, 0) if self.available else 0
+
+    @property
+    def shards_per_gpu(self) -> int:
+        """Shards each GPU is cut into (0: the node has no shards)."""
+        return self.shards_total // self.gpus_total if self.gpus_total else 0
 
     @property
     def available(self) -> bool:

@@ -56,20 +56,26 @@ def replica_folder(site_or_dir: SiteConfig | Path, owner: str, deployment: str) 
 
 
 def replica_request(
-    spec: DeploymentSpec, index: int, user: str, account: str | None = None, hold: bool = False
-) -> JobRequest:
+    spec: DeploymentSpec, index: int, user: str, account: str | None = None, hold: bool = False,
+    shards_per_gpu: int = 4,
+) -> JobRequest:  # fmt: skip
+    """The replica job's request. A ``gpu_fraction`` holds ceil(fraction x ``shards_per_gpu``) shards of one
+    GPU (gres/shard), a ``mig_profile`` that MIG slice (``gpu:PROFILE:1``), instead of whole GPUs."""
     from hpcserve.jobs.policy import time_option
+    from hpcserve.placement.shards import part_gres
 
+    gres = part_gres(spec.gpu_fraction, spec.mig_profile, shards_per_gpu)
     return JobRequest(
         job_class=JobClassName.INFERENCE,
         name=f"{spec.name}-r{index}",
         user=user,
         partition=spec.partition,
         nodes=spec.nodes_per_replica,
-        gpus_per_node=spec.gpus_per_replica,
+        gpus_per_node=0 if gres else spec.gpus_per_replica,
         time_s=time_option(spec.time_limit) if spec.time_limit else None,
         account=account,
         hold=hold,
+        gres=gres,
     )
 
 
@@ -167,6 +173,7 @@ class ReplicaLauncher:
     owner_of: Callable[[str], Owner] = lookup_owner
     prepare: Callable[[Path, Owner], None] = field(default=prepare_replica_root)
     env: Mapping[str, str] = field(default_factory=dict)
+    shards_per_gpu: int = 4  # the site's serving.shards_per_gpu: what a gpu_fraction is counted in
 
     def launch(
         self, submitter: Submitter, deployment: Deployment, spec: DeploymentSpec, index: int,
@@ -194,7 +201,8 @@ class ReplicaLauncher:
         main = ReplicaMain(spec.model_dump(mode="json"), index, str(folder), self.ready_timeout_s,
                            secret_name, self.service_socket, self.service_url, **pool)  # fmt: skip
         job_id, _ = submitter.submit_owned(
-            replica_request(spec, index, owner.user, deployment.account, self.hold), main, (), folder,
+            replica_request(spec, index, owner.user, deployment.account, self.hold, self.shards_per_gpu),
+            main, (), folder,
             write=write, sbatch=CliSlurmClient(runner, timeout=self.timeout_s), kind=REPLICA_KIND,
             tag=replica_tag(spec.name, index), requeue=True, env=self.env,
         )  # fmt: skip

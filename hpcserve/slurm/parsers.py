@@ -209,6 +209,45 @@ def parse_gpu_gres(gres: str | None) -> tuple[int, str | None]:
     return total, gpu_type
 
 
+def parse_shard_gres(gres: str | None) -> int:
+    """Shards a node's ``gres`` holds: ``gpu:l40s:4,shard:l40s:16`` -> 16; ``shard:8`` -> 8; none -> 0."""
+    total = 0
+    for item in split_outside_parens(gres or ""):
+        parts = item.split("(", 1)[0].split(":")
+        if parts[0] == "shard" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def gres_used_indices(gres_used: str | None, name: str) -> tuple[int, ...]:
+    """The device indices of ``name`` in use, from a node's ``gres_used`` (``GresUsed``):
+    ``gpu:l40s:1(IDX:2),shard:l40s:2(IDX:0-1)`` -> (2,) for gpu, (0, 1) for shard; ``(IDX:N/A)`` -> ().
+    Slurm 22.05 counts GPUs there, not shards: the shards in use come from tres_used (``gres/shard=N``)."""
+    found: set[int] = set()
+    for item in split_outside_parens(gres_used or ""):
+        head, _, rest = item.partition("(")
+        if head.split(":", 1)[0] == name and rest.startswith("IDX:"):
+            found.update(_indices(rest.removeprefix("IDX:").rstrip(")")))
+    return tuple(sorted(found))
+
+
+def _indices(text: str) -> Iterator[int]:
+    """``0-1,3`` -> 0, 1, 3 (``N/A`` and anything else that is no index list -> nothing)."""
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        if low.isdigit() and (high or low).isdigit():
+            yield from range(int(low), int(high or low) + 1)
+
+
+def tres_count(tres: str, key: str) -> int:
+    """``cpu=7,mem=7G,gres/gpu=1,gres/shard=7`` with key ``gres/shard`` -> 7 (absent -> 0)."""
+    for item in tres.split(","):
+        name, _, value = item.partition("=")
+        if name == key and value.isdigit():
+            return int(value)
+    return 0
+
+
 def parse_sinfo_json(text: str) -> list[Node]:
     """Parse ``sinfo --json`` (OpenAPI v0.0.38 in Slurm 22.05)."""
     try:
@@ -238,6 +277,10 @@ def _node_from_json(r: dict[str, object]) -> Node:
         memory_alloc_mb=_int(r.get("alloc_memory")),
         address=str(r.get("address") or ""),
         reason=str(r.get("reason") or ""),
+        shards_total=parse_shard_gres(str(r.get("gres") or "")),
+        shards_alloc=tres_count(str(r.get("tres_used") or ""), "gres/shard"),
+        shard_gpus=gres_used_indices(str(r.get("gres_used") or ""), "shard"),
+        whole_gpus=gres_used_indices(str(r.get("gres_used") or ""), "gpu"),
     )
 
 
