@@ -115,25 +115,6 @@ def _fraction_argv(spec: DeploymentSpec) -> list[str]:
     return [MEMORY_FLAG, _text(spec.gpu_fraction)]
 
 
-MEMORY_FLAG = "--gpu-memory-utilization"
-
-
-def memory_utilization(spec: DeploymentSpec) -> str | None:
-    """The engine's share of its GPU's memory: the spec's own ``gpu-memory-utilization`` engine arg, else its
-    ``gpu_fraction`` (a replica on shards of a GPU shares that GPU), else None (the engine's default)."""
-    value = spec.engine_args.get(MEMORY_FLAG.removeprefix("--"))
-    if value is not None:
-        return _text(value)
-    return None if spec.gpu_fraction is None else _text(spec.gpu_fraction)
-
-
-def _fraction_argv(spec: DeploymentSpec) -> list[str]:
-    """``--gpu-memory-utilization <gpu_fraction>`` unless the engine args set it (they are passed already)."""
-    if spec.gpu_fraction is None or MEMORY_FLAG.removeprefix("--") in spec.engine_args:
-        return []
-    return [MEMORY_FLAG, _text(spec.gpu_fraction)]
-
-
 def vllm_serve_argv(spec: DeploymentSpec, host: str, port: int, *, vllm: str = "vllm") -> list[str]:
     """The ``vllm serve`` command for one replica of ``spec``, listening on ``host:port``.
 
@@ -156,7 +137,6 @@ def vllm_serve_argv(spec: DeploymentSpec, host: str, port: int, *, vllm: str = "
         "--pipeline-parallel-size",
         str(spec.nodes_per_replica),
         *engine_args_argv(spec.engine_args),
-        *_fraction_argv(spec),
         *_fraction_argv(spec),
         *_sleep_mode_argv(spec),
     ]
@@ -191,8 +171,6 @@ def simulator_argv(spec: DeploymentSpec, host: str, port: int, *, python: str = 
         "--decode-ms-per-token",
         str(sim.decode_ms_per_token),
     ]
-    memory = memory_utilization(spec)
-    argv += [MEMORY_FLAG, memory] if memory is not None else []
     memory = memory_utilization(spec)
     argv += [MEMORY_FLAG, memory] if memory is not None else []
     max_len = spec.engine_args.get("max-model-len")
