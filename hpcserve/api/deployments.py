@@ -55,11 +55,38 @@ def create(
     check_warm_tier(api.site, spec.warm_tier)
     resolve(replica_request(spec, 0, user=caller.user), api.policy)  # partition, per-job GPUs, time
     if spec.min_replicas:
-        check_owner_limits(api, caller.user, spec.name, spec_gpus(spec), spec.min_replicas)
+        check_owner_limits(api, caller.user, spec.pool or spec.name, spec_gpus(spec), spec.min_replicas)
+    if spec.pool is not None:
+        join_pool(api, caller, spec, account, shares)
+        return show(api, caller, spec.name)
     api.store.create_deployment(spec.name, caller.user, spec.model_dump(mode="json"), spec.min_replicas,
                                 served_model_name=spec.served_model_name, account=account,
                                 shares=shares)  # fmt: skip
     return show(api, caller, spec.name)
+
+
+def join_pool(
+    api: ApiContext, caller: Caller, spec: DeploymentSpec, account: str | None, shares: list[str]
+) -> None:
+    """Store the member and create or update its pool's row (one transaction). A pool is one owner's:
+    another user's pool is refused (``Forbidden``), as is a member whose replica shape differs."""
+    from hpcserve.serving.pools import is_pool, pool_spec, shape_problem
+
+    pool = str(spec.pool)
+    if pool == spec.name:
+        raise ValidationError(f"pool: {pool!r} is the deployment's own name (fix: name the pool differently)")
+    found = api.store.get_deployment(pool)
+    if found is not None and found.owner != caller.user:
+        raise Forbidden(
+            f"pool {pool!r} belongs to {found.owner}, not {caller.user}: a pool's members are its owner's "
+            "(fix: pick another --pool name)"
+        )
+    member = spec.model_dump(mode="json")
+    problem = shape_problem(found.spec, member) if found is not None and is_pool(found.spec) else None
+    if problem is not None:
+        raise ValidationError(problem)
+    api.store.join_pool(spec.name, caller.user, member, pool, pool_spec,
+                        served_model_name=spec.served_model_name, account=account, shares=shares)  # fmt: skip
 
 
 def build_spec(values: Mapping[str, Any], base: Mapping[str, Any] | None) -> DeploymentSpec:
@@ -191,13 +218,23 @@ def scale(
     api: ApiContext, caller: Caller, name: str, replicas: int | None = None,
     min_replicas: int | None = None, max_replicas: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Set the replicas now and/or the bounds; a rise is checked against the owner's limits."""
+    """Set the replicas now and/or the bounds; a rise is checked against the owner's limits. A pool's
+    replicas are scaled on the pool, its bounds on its members (the pool takes the most they ask)."""
+    from hpcserve.serving.pools import as_replica_spec, is_pool, pool_of, pool_spec
     from hpcserve.serving.spec import DeploymentSpec, build_deployment
 
     if replicas is None and min_replicas is None and max_replicas is None:
         raise ValidationError("scale: nothing to change (fix: give REPLICAS, --min or --max)")
     deployment = owned(api, caller, name, "scale")
-    spec = DeploymentSpec.model_validate(deployment.spec)
+    pool = pool_of(deployment.spec)
+    if pool is not None and replicas is not None:
+        raise ValidationError(f"scale: {name!r} runs on pool {pool!r}, which has the replicas "
+                              f"(fix: hpcserve scale {pool} {replicas})")  # fmt: skip
+    if is_pool(deployment.spec) and (min_replicas is not None or max_replicas is not None):
+        raise ValidationError(f"scale: pool {name!r} takes its bounds from its members "
+                              "(fix: hpcserve scale MEMBER --min/--max)")  # fmt: skip
+    spec = DeploymentSpec.model_validate(as_replica_spec(deployment.spec) if is_pool(deployment.spec)
+                                         else deployment.spec)  # fmt: skip
     bounds = {"min_replicas": min_replicas, "max_replicas": max_replicas}
     new_spec = (
         build_deployment(bounds, spec) if min_replicas is not None or max_replicas is not None else spec
@@ -209,6 +246,8 @@ def scale(
     user = acting_user(caller, deployment)
     if new_spec is not spec:
         api.store.update_spec(name, new_spec.model_dump(mode="json"), user=user)
+        if pool is not None:
+            api.store.refresh_pool(pool, pool_spec)
     if replicas is not None:
         api.store.set_desired(name, replicas, user=user)
     return show(api, caller, name)
@@ -223,10 +262,32 @@ def share(api: ApiContext, caller: Caller, name: str, shares: object) -> dict[st
 
 
 def remove(api: ApiContext, caller: Caller, name: str) -> dict[str, Any]:
-    """Delete: desired 0, the row goes with the last replica."""
+    """Delete: desired 0, the row goes with the last replica. A pool's member leaves its pool (the pool is
+    deleted with its last member); a pool with members is not removed by name."""
+    from hpcserve.serving.pools import is_pool, pool_of, pool_spec
+
     deployment = owned(api, caller, name, "remove", live=False)
-    gone = api.store.delete_deployment(name, user=acting_user(caller, deployment))
+    user = acting_user(caller, deployment)
+    if is_pool(deployment.spec) and not deployment.deleted:
+        members = pool_members(api, name)
+        if members:
+            raise ValidationError(
+                f"pool {name!r} has members {', '.join(members)} (fix: hpcserve rm each member; the pool "
+                "goes with the last)"
+            )
+    pool = pool_of(deployment.spec)
+    if pool is not None:
+        gone = api.store.leave_pool(name, pool, pool_spec, user=user)
+    else:
+        gone = api.store.delete_deployment(name, user=user)
     return {"name": name, "removed": gone, "draining": not gone}
+
+
+def pool_members(api: ApiContext, pool: str) -> list[str]:
+    """The names of the live members of ``pool``."""
+    from hpcserve.serving.pools import pool_of
+
+    return [d.name for d in api.store.list_deployments() if pool_of(d.spec) == pool and not d.deleted]
 
 
 # -------------------------------------------------------------------------------------------- reads
@@ -240,8 +301,9 @@ def list_rows(api: ApiContext, caller: Caller) -> list[dict[str, Any]]:
     for replica in api.store.replicas():
         by_name.setdefault(replica.deployment, []).append(replica)
     scalers = api.store.states(STATE_PREFIX)  # one query for every deployment's autoscaler
-    return [row(api, caller, d, by_name.get(d.name, []), scalers.get(STATE_PREFIX + d.name))
-            for d in api.store.list_deployments()]  # fmt: skip
+    listed = api.store.list_deployments()
+    return [row(api, caller, d, by_name.get(d.name, []), scalers.get(STATE_PREFIX + d.name), listed)
+            for d in listed]  # fmt: skip
 
 
 def show(api: ApiContext, caller: Caller, name: str) -> dict[str, Any]:
@@ -250,21 +312,24 @@ def show(api: ApiContext, caller: Caller, name: str) -> dict[str, Any]:
         raise NotFound(f"no deployment {name!r} (see: hpcserve deployments)")
     from hpcserve.serving.scaling import state_name
 
-    return row(api, caller, deployment, api.store.replicas(name), api.store.get_state(state_name(name)))
+    listed = api.store.list_deployments() if deployment.spec.get("pool") else [deployment]
+    return row(api, caller, deployment, api.store.replicas(name), api.store.get_state(state_name(name)),
+               listed)  # fmt: skip
 
 
 def row(
     api: ApiContext, caller: Caller, deployment: Deployment, replicas: Sequence[Replica],
-    scaler: Mapping[str, Any] | None = None,
+    scaler: Mapping[str, Any] | None = None, listed: Sequence[Deployment] = (),
 ) -> dict[str, Any]:  # fmt: skip
     """What ``hpcserve deployments`` shows. Replica URLs (an engine's host:port, which no key guards) only
     to the owner and admins; ``capped``: why the autoscaler's last scale-up was lowered (the owner's
-    limits), None when it was not."""
+    limits), None when it was not; ``tier``: its residency tier (a pool member's: its pool's);
+    ``kind``: deployment or pool, with a pool's ``members`` and a member's ``pool``."""
     from hpcserve.serving.scaling import ScalerRecord
 
     spec = deployment.spec
     insider = deployment.owner == caller.user or is_admin(caller, api.site.admins)
-    return {
+    return pool_facts(deployment, listed) | {
         "name": deployment.name, "owner": deployment.owner, "model": spec.get("model"),
         "served_model_name": deployment.served_model_name or spec.get("served_model_name"),
         "engine": spec.get("engine"), "desired": deployment.desired_replicas,
@@ -280,6 +345,23 @@ def row(
         "replicas": [{"index": r.index, "state": r.state, "job_id": r.job_id,
                       "url": r.url if insider else None} for r in replicas],
     }  # fmt: skip
+
+
+def pool_facts(deployment: Deployment, listed: Sequence[Deployment]) -> dict[str, Any]:
+    """A row's tier, kind, pool and members (``listed``: the deployments, for a pool's members and a
+    member's pool)."""
+    from hpcserve.serving.pools import is_pool, pool_of
+
+    pool = pool_of(deployment.spec)
+    tier = deployment.tier
+    if pool is not None:
+        tier = next((d.tier for d in listed if d.name == pool), tier)
+    kind = "pool" if is_pool(deployment.spec) else "deployment"
+    facts: dict[str, Any] = {"tier": tier or "hot", "kind": kind, "pool": pool, "members": None}
+    if is_pool(deployment.spec):
+        facts["members"] = [d.name for d in listed if pool_of(d.spec) == deployment.name and not d.deleted]
+        facts["max_awake"] = deployment.spec.get("max_awake")
+    return facts
 
 
 def queue_depth(api: ApiContext, name: str) -> int:

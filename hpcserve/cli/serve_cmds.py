@@ -40,6 +40,16 @@ _SPEC_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     ),
     (("--idle-to-zero", "idle_to_zero_s"), {"type": float, "help": "Idle seconds before zero replicas."}),
     (
+        ("--warm-after", "--warm-after-s", "warm_after_s"),
+        {"type": float, "help": "Idle s before engines sleep."},
+    ),
+    (
+        ("--off-after", "--off-after-s", "off_after_s"),
+        {"type": float, "help": "Idle s before nothing is staged."},
+    ),
+    (("--pool",), {"help": "Join model pool NAME: its replica jobs run one engine per member."}),
+    (("--pool-max-awake",), {"type": click.IntRange(1), "help": "Pool engines awake at once per replica."}),
+    (
         ("--engine-arg", "engine_args"),
         {"multiple": True, "metavar": "FLAG=VALUE", "help": "An engine flag, e.g. max-model-len=8192."},
     ),
@@ -143,19 +153,29 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
-    table = [(r["name"], r["owner"], r["served_model_name"], r["engine"],
+    table = [(r["name"], r["owner"], _model_cell(r), r["engine"], r.get("tier") or "hot",
               f"{r['ready']}/{r['desired']}" + (f" (capped: {r['capped']})" if r.get("capped") else ""),
               r["starting"], r["queue_depth"], r["endpoint"] + (" (deleting)" if r["deleting"] else ""))
              for r in rows]  # fmt: skip
-    cols = ("DEPLOYMENT", "OWNER", "MODEL", "ENGINE", "READY/DESIRED", "STARTING", "QUEUE", "ENDPOINT")
+    cols = ("DEPLOYMENT", "OWNER", "MODEL", "ENGINE", "TIER", "READY/DESIRED", "STARTING", "QUEUE",
+            "ENDPOINT")  # fmt: skip
     emit_table(f"{len(rows)} deployments", cols, table)
+
+
+def _model_cell(row: dict[str, Any]) -> str:
+    """The served model; a pool's members (``pool: a, b``); a member's pool beside its model."""
+    if row.get("kind") == "pool":
+        return f"pool: {', '.join(row.get('members') or [])}"
+    pool = row.get("pool")
+    return str(row["served_model_name"]) + (f" (pool {pool})" if pool else "")
 
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.pass_obj
 def deployments(ctx: Context, /, as_json: bool) -> None:
-    """Deployments: owner, model, replicas ready/desired and starting, queue depth, endpoint URL."""
+    """Deployments: owner, model (a pool's members), tier, replicas ready/desired and starting, queue depth,
+    endpoint URL."""
     _print_rows(service_client(ctx).call("GET", "/v1/deployments"), as_json)
 
 

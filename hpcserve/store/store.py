@@ -255,6 +255,11 @@ class HistoryStore:
         with self._write() as conn:
             return deployments.join_pool(conn, name, owner, spec, pool, pool_spec, self._clock(), extra)
 
+    def refresh_pool(self, pool: str, pool_spec: deployments.PoolSpecOf) -> None:
+        """The pool's spec again from its members' (after a member's spec changed)."""
+        with self._write() as conn:
+            deployments.leave_pool(conn, pool, pool_spec, self._clock())
+
     def leave_pool(self, name: str, pool: str, pool_spec: deployments.PoolSpecOf, *, user: str) -> bool:
         """Delete member ``name`` and, in the same transaction, update its pool's spec from the members left
         or delete the pool with its last member. True when the member's row is gone."""
