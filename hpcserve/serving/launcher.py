@@ -35,10 +35,12 @@ from hpcserve.jobs.runas import Owner, OwnerRunner, owner_files_argv
 from hpcserve.jobs.spec import JobRequest
 from hpcserve.serving.owner_files import encode_files
 from hpcserve.serving.replica import ReplicaCredentials, ReplicaMain, secret_file_name
+from hpcserve.serving.site_storage import is_folder, with_site_storage
 from hpcserve.serving.tags import REPLICA_KIND, replica_tag, secret_hash
 
 if TYPE_CHECKING:
     from hpcserve.config import SiteConfig
+    from hpcserve.config.sections import Storage
     from hpcserve.jobs.submit import Submitter
     from hpcserve.serving.spec import DeploymentSpec
     from hpcserve.slurm.protocol import CommandRunner
@@ -173,6 +175,8 @@ class ReplicaLauncher:
     owner_of: Callable[[str], Owner] = lookup_owner
     prepare: Callable[[Path, Owner], None] = field(default=prepare_replica_root)
     env: Mapping[str, str] = field(default_factory=dict)
+    storage: Storage | None = None  # the site's: warm tier, cold tier and load format (serving.site_storage)
+    is_dir: Callable[[str], bool] = is_folder
     shards_per_gpu: int = 4  # the site's serving.shards_per_gpu: what a gpu_fraction is counted in
 
     def launch(
@@ -198,7 +202,8 @@ class ReplicaLauncher:
             )
 
         pool = {"members": [dict(m) for m in members]} if members is not None else {}
-        main = ReplicaMain(spec.model_dump(mode="json"), index, str(folder), self.ready_timeout_s,
+        node_spec = with_site_storage(spec, self.storage, self.is_dir).model_dump(mode="json")
+        main = ReplicaMain(node_spec, index, str(folder), self.ready_timeout_s,
                            secret_name, self.service_socket, self.service_url, **pool)  # fmt: skip
         job_id, _ = submitter.submit_owned(
             replica_request(spec, index, owner.user, deployment.account, self.hold, self.shards_per_gpu),

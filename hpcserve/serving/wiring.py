@@ -75,6 +75,7 @@ def make_launcher(site: SiteConfig) -> ReplicaLauncher:
         timeout_s=site.slurm.command_timeout_s,
         hold=site.lending.mode == "overlap",
         env=site.serving.replica_env,
+        storage=site.storage,
         shards_per_gpu=site.serving.shards_per_gpu,
     )
 
