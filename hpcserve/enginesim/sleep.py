@@ -22,16 +22,20 @@ While asleep, /v1/completions and /v1/chat/completions are accepted and held in 
 are served after the wake (vLLM's scheduler is paused and parks them until ``wake_up``; see vLLM PR
 #45326's description of that behaviour). /health stays 200 (vLLM's check_health asks whether the engine
 is alive, not whether it sleeps: read in v0's AsyncLLMEngine, not checked in V1's), /v1/models answers, and
-/metrics shows ``vllm:engine_sleep_state``.
+/metrics shows ``vllm:engine_sleep_state``. The simulator alone (no vLLM metric) also counts the /v1
+requests that arrived while it slept, ``hpcserve_enginesim_requests_while_asleep_total``: what a test reads
+to check that a gateway never sent to a sleeping engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from hpcserve.enginesim.core import Scheduler, SimConfig
 from hpcserve.enginesim.metrics import SimMetrics
@@ -106,8 +110,21 @@ SLEEP = web.AppKey("hpcserve_engine_sim_sleep", SleepControl)
 
 
 def add_routes(app: web.Application, control: SleepControl) -> None:
-    """Mount /sleep, /wake_up and /is_sleeping on the simulator's app."""
+    """Mount /sleep, /wake_up and /is_sleeping on the simulator's app, and count the /v1 requests that
+    arrive while it sleeps."""
     app[SLEEP] = control
+    arrived = Counter("hpcserve_enginesim_requests_while_asleep", "Requests to /v1 that arrived while the "
+                      "engine simulator slept", registry=control.metrics.registry)  # fmt: skip
+
+    @web.middleware
+    async def count_asleep(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if control.is_sleeping and request.path.startswith("/v1/") and request.method == "POST":
+            arrived.inc()
+        return await handler(request)
+
+    app.middlewares.append(count_asleep)
     app.router.add_post("/sleep", _sleep)
     app.router.add_post("/wake_up", _wake_up)
     app.router.add_get("/is_sleeping", _is_sleeping)
