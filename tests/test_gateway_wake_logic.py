@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from hpcserve.serving.gateway.routes import Endpoint
+from hpcserve.serving.gateway.routes import Endpoint, parse_routes
 from hpcserve.serving.gateway.wake_choice import AgentView, EngineView, Serve, Wake, choose, endpoint_port
 from hpcserve.serving.gateway_store import served_routes
 from hpcserve.store import Deployment, Replica
@@ -112,3 +112,12 @@ def test_unknown_agents_and_engines_are_never_chosen() -> None:
     plain = Endpoint("small", 5, "http://node5:8000")
     assert choose([plain], views) is None
     assert endpoint_port("http://node0:9001") == 9001 and endpoint_port("http://node0") is None
+
+
+def test_a_routes_file_replica_may_name_its_agent() -> None:
+    doc = {
+        "deployments": [
+            {"name": "m", "replicas": [{"replica": 0, "url": "http://n:1/", "agent": "http://n:2/"}]}
+        ]
+    }
+    assert parse_routes(doc)["m"].endpoints == (Endpoint("m", 0, "http://n:1", None, "http://n:2"),)

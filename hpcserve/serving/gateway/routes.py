@@ -22,11 +22,14 @@ worker thread. ``StaticRoutes`` serves tests and benches; ``routes_from_file`` r
           - {replica: 0, url: "http://node1:8001"}
           - {replica: 1, url: "http://node2:8001", draining: true}   # finishes its requests, gets no new
           - {replica: 2, url: "http://node3:8001", engine_key: "..."}  # sent upstream as the Bearer token
+          - {replica: 3, url: "http://node4:8001", agent: "http://node4:8000"}  # sleep mode: woken first
 
 A replica's ``engine_key`` (optional) is what its engine requires on /v1 (vLLM's ``--api-key``): the
-gateway sends ``Authorization: Bearer <engine_key>`` to it, never the client's own key. JSON with the same
-shape works too. The file is re-read when its mtime or size changes; a file that stops parsing keeps the
-last good routes (and logs why).
+gateway sends ``Authorization: Bearer <engine_key>`` to it, never the client's own key. A replica's
+``agent`` (optional) is the base URL of its replica agent: its engine has sleep mode, and the gateway wakes
+it through the agent before sending to it (wake.py). JSON with the same shape works too. The file is
+re-read when its mtime or size changes; a file that stops parsing keeps the last good routes (and logs
+why).
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class _ReplicaEntry(msgspec.Struct, forbid_unknown_fields=True):
     url: str
     draining: bool = False
     engine_key: Annotated[str, msgspec.Meta(pattern=ENGINE_KEY_PATTERN)] | None = None
+    agent: str | None = None
 
 
 class _DeploymentEntry(msgspec.Struct, forbid_unknown_fields=True):
@@ -130,7 +134,8 @@ def parse_routes(data: object, where: str = "routes") -> Routes:
 
 def _route(entry: _DeploymentEntry) -> DeploymentRoute:
     endpoints = tuple(
-        Endpoint(entry.name, r.replica, r.url.rstrip("/"), r.engine_key) for r in entry.replicas
+        Endpoint(entry.name, r.replica, r.url.rstrip("/"), r.engine_key, r.agent and r.agent.rstrip("/"))
+        for r in entry.replicas
     )
     draining = frozenset(r.replica for r in entry.replicas if r.draining)
     return DeploymentRoute(entry.name, endpoints, draining, entry.max_prompt_tokens, entry.max_tokens,
