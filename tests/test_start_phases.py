@@ -11,16 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from hpcserve.api.context import ApiContext
 from hpcserve.api.replicas import announce, parse_announce
 from hpcserve.config import load_policy, load_site_config
 from hpcserve.errors import ValidationError
+from hpcserve.service.metrics import ServiceMetrics
 from hpcserve.serving.phases import STAGING_KINDS, Staging, StartPhases
 from hpcserve.serving.replica import free_port
 from hpcserve.serving.start_probe import first_token_s, measure_start
 from hpcserve.serving.tags import secret_hash
-from hpcserve.store import HistoryStore
+from hpcserve.store import HistoryStore, Replica
 from tests.conftest import POLICY, SITE
 
 FULL = StartPhases(staging=Staging("copied", 2.5, 3 << 30, 3 << 30), engine_load_s=20.25,
@@ -122,3 +125,27 @@ def test_the_engine_phases_are_measured_on_the_engine_simulator() -> None:
     assert (phases.staging, phases.job_start) == (Staging("none"), 123.0)
     assert list(phases.seconds()) == ["staging", "engine_load", "first_healthy", "first_token"]
     assert first_token_s(f"http://127.0.0.1:{port}", "llm", "k3y", timeout_s=1) is None  # gone: unmeasured
+
+
+def test_the_service_metrics_show_each_live_replicas_phases() -> None:
+    metrics = ServiceMetrics()
+    now = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+
+    def replica(index: int, state: str, phases: Any) -> Replica:
+        return Replica("tiny", index, 1, str(40 + index), state, None, "node5", 8000, now, now, now,
+                       phases=phases)  # fmt: skip
+
+    metrics.watched.engines = (replica(0, "ready", FULL.as_json()), replica(1, "starting", None),
+                               replica(2, "ready", {"staging": "bad"}),
+                               replica(3, "dead", FULL.as_json()))  # fmt: skip
+    text = generate_latest(metrics.registry).decode()
+    got = {(s.name, s.labels.get("phase") or s.labels["what"], s.labels["replica"],
+            s.labels["staging"]): s.value
+           for family in text_string_to_metric_families(text) for s in family.samples
+           if s.name.startswith("hpcserve_replica_st")}  # fmt: skip
+    phase = "hpcserve_replica_start_phase_seconds"
+    assert got == {(phase, "queue_wait", "0", "copied"): 4.0, (phase, "staging", "0", "copied"): 2.5,
+                   (phase, "engine_load", "0", "copied"): 20.25, (phase, "first_healthy", "0", "copied"): 0.5,
+                   (phase, "first_token", "0", "copied"): 0.125,
+                   ("hpcserve_replica_staged_bytes", "copied", "0", "copied"): 3 << 30,
+                   ("hpcserve_replica_staged_bytes", "hashed", "0", "copied"): 3 << 30}  # fmt: skip

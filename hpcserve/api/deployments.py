@@ -343,7 +343,7 @@ def row(
         "account": deployment.account, "shares": list(deployment.shares or []),
         "capped": ScalerRecord.from_json(scaler).capped,
         "replicas": [{"index": r.index, "state": r.state, "job_id": r.job_id,
-                      "url": r.url if insider else None} for r in replicas],
+                      "url": r.url if insider else None, "phases": r.phases} for r in replicas],
     }  # fmt: skip
 
 

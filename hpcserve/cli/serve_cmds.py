@@ -172,11 +172,31 @@ def _model_cell(row: dict[str, Any]) -> str:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@click.option("-v", "--verbose", is_flag=True, help="Also each replica's start, phase by phase.")
 @click.pass_obj
-def deployments(ctx: Context, /, as_json: bool) -> None:
+def deployments(ctx: Context, /, as_json: bool, verbose: bool) -> None:
     """Deployments: owner, model (a pool's members), tier, replicas ready/desired and starting, queue depth,
-    endpoint URL."""
-    _print_rows(service_client(ctx).call("GET", "/v1/deployments"), as_json)
+    endpoint URL; with --verbose, how each replica's start went (queue wait, staging, engine load, first
+    healthy answer, first token)."""
+    rows = service_client(ctx).call("GET", "/v1/deployments")
+    _print_rows(rows, as_json)
+    if verbose and not as_json:
+        _print_phases(rows)
+
+
+def _print_phases(rows: list[dict[str, Any]]) -> None:
+    """One line per replica: ``chat/0 job 42 ready: queue 1.2s, staging warm-valid 0.0s, ...``."""
+    from hpcserve.errors import ValidationError
+    from hpcserve.serving.phases import StartPhases
+
+    for row in rows:
+        for replica in row.get("replicas") or []:
+            try:
+                phases = StartPhases.from_json(replica["phases"]).summary() if replica.get("phases") else None
+            except ValidationError:
+                phases = None
+            where = f"{row['name']}/{replica['index']} job {replica.get('job_id') or '-'} {replica['state']}"
+            click.echo(f"{where}: {phases or 'no phases recorded yet'}")
 
 
 @click.command()

@@ -19,7 +19,11 @@ Families (all ``hpcserve_*``):
   ``replica_failures_total{deployment}``, ``lending_events_total{kind}`` (node moves ``to_inference`` and
   ``to_training`` of finished plans, ``eviction`` of training jobs for replicas), ``lost_gpu_hours_total``,
   ``lease_held{lease}`` (1 while this process holds it) and ``lease_lost_total{lease}``. Counters count
-  from the service's start.
+  from the service's start;
+- from each live replica's recorded start (``replicas.phases``, hpcserve.serving.phases):
+  ``replica_start_phase_seconds{deployment,replica,phase,staging}`` (phase: queue_wait, staging,
+  engine_load, first_healthy, first_token; staging: warm-valid, hashed, copied or none) and
+  ``replica_staged_bytes{deployment,replica,staging,what}`` (what: copied, hashed).
 """
 
 from __future__ import annotations
@@ -191,7 +195,8 @@ class _FiguresCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         with self.watched.lock:
-            families = [*self._cluster(), *self._deployments(), *self._lending(), *self._leases()]
+            families = [*self._cluster(), *self._deployments(), *self._lending(), *self._leases(),
+                        *_start_phases(self.watched.engines)]  # fmt: skip
         return iter(families)
 
     def _cluster(self) -> list[Metric]:
@@ -256,3 +261,32 @@ class _FiguresCollector(Collector):
             _counter("hpcserve_lease_lost", "Times this process lost a lease it held", ["lease"],
                      (((n,), leases.lost[n]) for n in names)),
         ]  # fmt: skip
+
+
+def _start_phases(replicas: Iterable[Replica]) -> list[Metric]:
+    """Each live replica's start, phase by phase, and what its staging moved (a record that does not
+    parse is left out)."""
+    from hpcserve.errors import ValidationError
+    from hpcserve.serving.phases import StartPhases
+
+    seconds: list[tuple[Sequence[str], float]] = []
+    moved: list[tuple[Sequence[str], float]] = []
+    for replica in replicas:
+        if not replica.phases or replica.state not in ENGINE_STATES:
+            continue
+        try:
+            phases = StartPhases.from_json(replica.phases)
+        except ValidationError:
+            continue
+        labels = (replica.deployment, str(replica.index))
+        kind = phases.staging.kind
+        seconds += [((*labels, phase, kind), value) for phase, value in phases.seconds().items()]
+        moved += [((*labels, kind, "copied"), phases.staging.bytes), ((*labels, kind, "hashed"),
+                  phases.staging.hashed_bytes)]  # fmt: skip
+    return [
+        _gauge("hpcserve_replica_start_phase_seconds", "Seconds each phase of the replica's start took "
+               "(queue_wait, staging, engine_load, first_healthy, first_token); staging: warm-valid, hashed, "
+               "copied or none", ["deployment", "replica", "phase", "staging"], seconds),
+        _gauge("hpcserve_replica_staged_bytes", "Bytes the replica's staging copied from the cold tier or "
+               "hashed", ["deployment", "replica", "staging", "what"], moved),
+    ]  # fmt: skip
