@@ -27,6 +27,10 @@ class NodeView:
     fabric: str | None
     features: tuple[str, ...]
     reason: str
+    # gres/shard: shards configured and in use, and the GPUs (indices) serving shards now
+    shards_total: int = 0
+    shards_used: int = 0
+    shard_gpus: tuple[int, ...] = ()
 
 
 def node_views(nodes: Iterable[Node], site: SiteConfig | None) -> list[NodeView]:
@@ -39,7 +43,16 @@ def _node_view(node: Node, site: SiteConfig | None) -> NodeView:
         name=node.name, partitions=node.partitions, state=node.display_state, available=node.available,
         gpus_free=node.gpus_free, gpus_total=node.gpus_total, gpu_type=node.gpu_type, switch=node.switch,
         fabric=fabric[0] if fabric else None, features=node.features, reason=node.reason,
+        shards_total=node.shards_total, shards_used=node.shards_alloc, shard_gpus=node.shard_gpus,
     )  # fmt: skip
+
+
+def shards_cell(view: NodeView) -> str:
+    """``3/16 on GPU 0`` (shards in use / configured, and the GPUs serving them); empty without shards."""
+    if not view.shards_total:
+        return ""
+    gpus = ",".join(map(str, view.shard_gpus))
+    return f"{view.shards_used}/{view.shards_total}" + (f" on GPU {gpus}" if gpus else "")
 
 
 def _natural(name: str) -> tuple[str, int]:

@@ -218,9 +218,9 @@ def doctor(ctx: Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @pass_ctx
 def nodes(ctx: Context, partitions: tuple[str, ...], as_json: bool) -> None:
-    """Nodes with partitions, state, GPUs free/total, leaf switch and fabric."""
+    """Nodes with partitions, state, GPUs free/total, GPU shards in use/total, leaf switch and fabric."""
     from hpcserve.cli.output import emit_json, emit_table
-    from hpcserve.inventory import node_views
+    from hpcserve.inventory import node_views, shards_cell
     from hpcserve.slurm.factory import make_client
 
     site = ctx.load_site()
@@ -231,9 +231,10 @@ def nodes(ctx: Context, partitions: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         emit_json(views)
         return
-    rows = [(v.name, ",".join(v.partitions), v.state, f"{v.gpus_free}/{v.gpus_total}", v.gpu_type, v.switch,
-             v.fabric, ",".join(v.features), v.reason) for v in views]  # fmt: skip
-    cols = ("NODE", "PARTITIONS", "STATE", "GPUS FREE/TOTAL", "GPU", "SWITCH", "FABRIC", "FEATURES", "REASON")
+    rows = [(v.name, ",".join(v.partitions), v.state, f"{v.gpus_free}/{v.gpus_total}", v.gpu_type,
+             shards_cell(v), v.switch, v.fabric, ",".join(v.features), v.reason) for v in views]  # fmt: skip
+    cols = ("NODE", "PARTITIONS", "STATE", "GPUS FREE/TOTAL", "GPU", "SHARDS USED/TOTAL", "SWITCH", "FABRIC",
+            "FEATURES", "REASON")  # fmt: skip
     emit_table(f"{len(views)} nodes", cols, rows)
 
 

@@ -49,6 +49,8 @@ _SPEC_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     ),
     (("--pool",), {"help": "Join model pool NAME: its replica jobs run one engine per member."}),
     (("--pool-max-awake",), {"type": click.IntRange(1), "help": "Pool engines awake at once per replica."}),
+    (("--gpu-fraction",), {"type": float, "help": "Part of one GPU (0-1): GPU shards, its memory share."}),
+    (("--mig-profile",), {"help": "A MIG slice of one GPU instead, e.g. 1g.10gb."}),
     (
         ("--engine-arg", "engine_args"),
         {"multiple": True, "metavar": "FLAG=VALUE", "help": "An engine flag, e.g. max-model-len=8192."},

@@ -113,7 +113,9 @@ class Node:
 
     @property
     def gpus_free(self) -> int:
-        return max(self.gpus_total - self.gpus_alloc, 0) if self.available else 0
+        """GPUs a whole-GPU job could take now: neither allocated nor serving shards."""
+        busy = self.gpus_alloc + len(self.shard_gpus)
+        return max(self.gpus_total - busy, 0) if self.available else 0
 
     @property
     def shards_per_gpu(self) -> int:

@@ -36,6 +36,12 @@ Fields (``s`` = seconds):
   default. UNLIMITED is refused: it blocks maintenance reservations.
 - ``simulator``: settings of the engine simulator, allowed only with ``engine: simulator``:
   ``startup_delay_s``, ``prefill_tokens_per_s``, ``decode_ms_per_token``, ``max_num_seqs``.
+- ``gpu_fraction`` (0 < f < 1): part of one GPU, placed on Slurm's gres/shard: ceil(f x the site's
+  ``serving.shards_per_gpu``) shards of one GPU, on the node where they pack onto the fewest GPUs; the engine
+  gets ``--gpu-memory-utilization f`` unless ``engine_args`` set it. Needs ``gpus_per_replica: 1`` and
+  ``nodes_per_replica: 1``. Shards share the GPU without isolation (Slurm's gres/shard).
+- ``mig_profile``: a MIG slice instead (``1g.10gb``, ``3g.40gb``: the site's typed MIG GRES, asked as
+  ``--gres=gpu:PROFILE:1``); not with ``gpu_fraction``; the same one-GPU, one-node shape.
 - Overload at the gateway (hpcserve/serving/gateway/overload.py):
   - ``max_concurrency``: requests each gateway sends one replica at once; more wait in the gateway,
     interactive keys' first, then batch keys'. Default: the replica's ``max_num_seqs``; 0: no bound.
@@ -70,6 +76,8 @@ from hpcserve.model.gateway import Overload
 from hpcserve.serving.vllm_cmd import engine_arg_problem, normalize_engine_arg
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# NVIDIA's MIG profiles (1g.10gb, 3g.40gb, 7g.80gb), also as NVML-detected GRES types name them (a100_1g.5gb)
+_MIG_PROFILE = re.compile(r"^([a-z0-9]+_)?[1-7]g\.[0-9]{1,3}gb$")
 EXAMPLES = "tests/data/deployments/"
 VLLM_DEFAULT_MAX_NUM_SEQS = 256  # `vllm serve` on GPUs below 70 GiB (vLLM 0.32); larger GPUs get 1024
 
@@ -179,6 +187,14 @@ class DeploymentSpec(Frozen):
             flags[flag] = value
         return flags
 
+    @field_validator("mig_profile")
+    @classmethod
+    def _mig_name(cls, profile: str | None) -> str | None:
+        if profile is not None and not _MIG_PROFILE.match(profile):
+            raise Invalid("", f"{profile!r} is not a MIG profile name",
+                          "use the name the site's GRES type has, like 1g.10gb or 3g.40gb")  # fmt: skip
+        return profile
+
     @field_validator("warm_tier")
     @classmethod
     def _absolute(cls, path: str | None) -> str | None:
@@ -203,7 +219,22 @@ class DeploymentSpec(Frozen):
         self._fallback_consistent()
         self._tiers_consistent()
         self._pool_consistent()
+        self._part_gpu_consistent()
         return self
+
+    def _part_gpu_consistent(self) -> None:
+        """gpu_fraction (GPU shards) or mig_profile (a MIG slice): part of ONE GPU of one node, not both."""
+        if self.gpu_fraction is not None and self.mig_profile is not None:
+            raise Invalid("mig_profile", "set together with gpu_fraction",
+                          "keep one: gpu_fraction (GPU shards) or mig_profile (a MIG slice)")  # fmt: skip
+        part = "gpu_fraction" if self.gpu_fraction is not None else "mig_profile"
+        if self.gpu_fraction is None and self.mig_profile is None:
+            return
+        shape = {"gpus_per_replica": self.gpus_per_replica, "nodes_per_replica": self.nodes_per_replica}
+        for field, value in shape.items():
+            if value != 1:
+                raise Invalid(part, f"is part of one GPU, but {field} is {value}",
+                              f"set {field}: 1, or drop {part} to use whole GPUs")  # fmt: skip
 
     def _tiers_consistent(self) -> None:
         """warm before cold before off: each idle window longer than the one before."""
