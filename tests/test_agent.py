@@ -118,8 +118,9 @@ class Replica:
             async with self.http.get(sim.url + "/is_sleeping") as response:
                 return bool((await response.json())["is_sleeping"])
 
-        answers = await asyncio.gather(*(one(sim) for sim in self.sims.values()))
-        return dict(zip(self.sims, answers, strict=True))
+        sims = list(self.sims.items())  # engines may start meanwhile
+        answers = await asyncio.gather(*(one(sim) for _, sim in sims))
+        return {name: asleep for (name, _), asleep in zip(sims, answers, strict=True)}
 
     async def watch(self) -> None:
         """Poll every engine's /is_sleeping and record the most engines seen awake at once."""

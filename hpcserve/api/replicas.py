@@ -9,7 +9,9 @@ believes it only when:
   proof: no munge credential is needed from inside a job.
 
 The announcement is recorded on the replica (``url``, ``host``, ``port``, and ``ready_at`` = when it was
-announced); the serving controller checks it against the replica's live job and marks it ready.
+announced); the serving controller checks it against the replica's live job and marks it ready. A replica
+with sleep mode announces its agent's port (hpcserve.serving.agent) and ``models``: ``{served model name:
+engine port}``, one entry per engine of the job (a pool's members); others send none (stored as null).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 ANNOUNCEABLE = ("starting", "ready")  # a requeued ready replica announces again
 _HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")  # a host name or an IPv4 address, nothing else
 _JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
+MAX_MODELS = 64  # engines one replica job may announce (a pool's members)
+MAX_MODEL_NAME = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,7 @@ class Announce:
     job_id: str
     host: str
     port: int
+    models: dict[str, int] | None = None  # a sleep-mode replica: {served model name: engine port}
     phases: StartPhases | None = None  # how its start went (hpcserve.serving.phases)
 
     @property
@@ -65,8 +70,28 @@ def parse_announce(body: dict[str, Any]) -> Announce:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ValidationError(f"port: expected 1 to 65535, got {port!r}")
     phases = body.get("phases")
-    return Announce(deployment, index, job_id, host, port,
-                    phases=None if phases is None else StartPhases.from_json(phases))  # fmt: skip
+    return Announce(deployment, index, job_id, host, port, parse_models(body.get("models")),
+                    None if phases is None else StartPhases.from_json(phases))  # fmt: skip
+
+
+def parse_models(models: object) -> dict[str, int] | None:
+    """The optional ``models`` of a sleep-mode replica (its port is then the replica agent's):
+    ``{served model name: engine port}``, 1 to ``MAX_MODELS`` entries, names one word."""
+    if models is None:
+        return None
+    if not isinstance(models, dict) or not 0 < len(models) <= MAX_MODELS:
+        raise ValidationError(f"models: expected {{served model name: engine port}} with 1 to {MAX_MODELS} "
+                              f"entries, got {str(models)[:80]!r}")  # fmt: skip
+    for name, port in models.items():
+        if not isinstance(name, str) or not _one_word(name):
+            raise ValidationError(f"models: {str(name)[:80]!r} is no served model name (fix: one word)")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValidationError(f"models.{name}: expected a port from 1 to 65535, got {port!r}")
+    return dict(models)
+
+
+def _one_word(name: str) -> bool:
+    return 0 < len(name) <= MAX_MODEL_NAME and not any(c.isspace() or ord(c) < 32 for c in name)
 
 
 def check_announce(
@@ -97,7 +122,7 @@ def announce(api: ApiContext, note: Announce, secret: str, caller: Caller | None
         replica = next((r for r in api.store.replicas(note.deployment) if r.index == note.index), None)
     check_announce(note, secret, caller, deployment.owner if deployment else None, replica)
     return api.store.upsert_replica(note.deployment, note.index, url=note.url, host=note.host,
-                                    port=note.port, ready_at=api.clock(),
+                                    port=note.port, ready_at=api.clock(), models=note.models,
                                     phases=_phases(note, replica))  # fmt: skip
 
 

@@ -156,13 +156,16 @@ class ReplicaMain:
     def __init__(
         self, spec: dict[str, Any], index: int, folder: str, ready_timeout_s: float, secret_name: str,
         service_socket: str | None, service_url: str | None = None,
+        members: list[dict[str, Any]] | None = None,
     ) -> None:  # fmt: skip
         self.spec, self.index, self.folder, self.ready_timeout_s = spec, index, folder, ready_timeout_s
         self.secret_name, self.service_socket, self.service_url = secret_name, service_socket, service_url
+        self.members = members  # a pool replica: one engine per member spec; ``spec`` is the pool's shape
         self.start_phases: StartPhases | None = None  # set as the job runs: what the announcement reports
 
     def __call__(self) -> int:
         from hpcserve.serving.spec import DeploymentSpec
+        from hpcserve.serving.vllm_cmd import has_sleep_mode
 
         job_start = process_start_unix()
         spec = DeploymentSpec.model_validate(self.spec)
@@ -173,6 +176,10 @@ class ReplicaMain:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             signal.sigwait({signal.SIGTERM})
             return 0
+        if self.members is not None or has_sleep_mode(spec):  # engines in sleep mode, the agent in front
+            from hpcserve.serving.pool_replica import members_from, serve_with_agent
+
+            return serve_with_agent(self, spec, members_from(self.members))
         host, port = socket.gethostname(), free_port()
         argv = engine_argv(spec, "0.0.0.0", port, rank, head)  # noqa: S104 (the gateway connects)
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # inherited: the engine ignores it too (see below)
@@ -202,14 +209,19 @@ class ReplicaMain:
         identity = ReplicaIdentity(deployment, self.index, self.credentials().secret)
         start_reporter(os.environ.get("SLURM_JOB_ID", ""), self.client, identity)
 
-    def announce(self, deployment: str, host: str, port: int, deadline: float) -> None:
-        """``host:port`` to the service, with this job's id and the secret; retried while the service
+    def announce(
+        self, deployment: str, host: str, port: int, deadline: float, models: dict[str, int] | None = None
+    ) -> None:
+        """``host:port`` to the service, with this job's id and the secret (and, from a replica with sleep
+        mode, ``models``: its engines' ports, ``host:port`` being its agent's); retried while the service
         cannot be reached (it may be restarting), until ``deadline``. A refusal is final."""
         from hpcserve.service.client import ServiceUnavailable
 
         secret = self.credentials().secret
         body = {"deployment": deployment, "index": self.index, "job_id": os.environ.get("SLURM_JOB_ID", ""),
                 "host": host, "port": port}  # fmt: skip
+        if models is not None:
+            body["models"] = models
         if self.start_phases is not None:  # how this start went (hpcserve.serving.phases)
             body["phases"] = self.start_phases.as_json()
         headers = {"Authorization": f"{SECRET_SCHEME} {secret}"}
