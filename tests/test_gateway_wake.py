@@ -8,7 +8,7 @@ replica runs them.
 - concurrent requests to a sleeping model make one wake call, and count as waiting demand meanwhile;
 - in a pool, the replica where the model is awake serves it, with no wake; with no slot free the agent
   sleeps the least recently used model, and never more than max_awake are awake;
-- a failed wake tries another replica; none left: 503 with Retry-After.
+- a failed wake tries another replica; none left (or no agent answers): 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -254,6 +254,10 @@ def test_a_failed_wake_tries_another_replica_and_with_none_left_answers_503() ->
         assert status == 503 and headers["Retry-After"] == str(FAST.retry_after_s)
         assert answer["error"]["code"] == "no_replica_ready" and "could wake" in answer["error"]["message"]
         assert metric(await lone.metrics(), "wakes_total", model="m", result="failed") == 1
+        unreachable = Endpoint("m", 2, good.engines["m"], ENGINE_KEY, "http://127.0.0.1:1")  # no agent there
+        mute = await stack.enter_async_context(gateway(stack, DeploymentRoute("m", (unreachable,))))
+        status, _, answer = await mute.post("m")
+        assert status == 503 and "agent answered" in answer["error"]["message"]
 
     run(scenario)
 

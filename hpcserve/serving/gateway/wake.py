@@ -74,9 +74,7 @@ class AgentClient:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(sock_connect=self.connect_timeout_s)
-            )
+            self._session = aiohttp.ClientSession()
         return self._session
 
     async def engines(self, agent: str, key: str | None) -> AgentView:
@@ -92,9 +90,10 @@ class AgentClient:
         self, method: str, url: str, key: str | None, timeout: float, params: dict[str, str] | None = None
     ) -> bytes:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        limit = aiohttp.ClientTimeout(total=timeout, sock_connect=self.connect_timeout_s)
         try:
             async with self._client().request(
-                method, url, params=params, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+                method, url, params=params, headers=headers, timeout=limit
             ) as response:
                 body = await response.read()
         except (aiohttp.ClientError, TimeoutError) as err:
