@@ -55,9 +55,9 @@ def test_queue_wait_from_the_submit_time() -> None:
 
 
 def test_summary_for_people() -> None:
-    assert FULL.summary() == ("queue 4.0s, staging copied 2.5s (3.0 GiB), engine load 20.2s, healthy 0.5s, "
-                              "first token 0.1s")  # fmt: skip
-    assert StartPhases(Staging("warm-valid", 0.01)).summary() == "staging warm-valid 0.0s"
+    assert FULL.summary() == ("queue 4.0s, staging copied 2.5s (3.0 GiB), engine load 20.2s, healthy 0.500s, "
+                              "first token 0.125s")  # fmt: skip
+    assert StartPhases(Staging("warm-valid", 0.0021)).summary() == "staging warm-valid 0.002s"
 
 
 @pytest.mark.parametrize(

@@ -108,17 +108,20 @@ class StartPhases:
         return {name: value for name, value in values.items() if value is not None}
 
     def summary(self) -> str:
-        """One line for people: ``queue 1.2s, staging copied 3.4s (1.0 GiB), engine 20.1s, ...``."""
+        """One line for people: ``queue 1.2s, staging copied 3.4s (1.0 GiB), engine load 20.1s, ...``."""
         parts = []
         for name, value in self.seconds().items():
-            label = _LABELS[name]
             if name == "staging":
-                label = f"staging {self.staging.kind}"
                 size = f" ({_size(self.staging.bytes)})" if self.staging.bytes else ""
-                parts.append(f"{label} {value:.1f}s{size}")
+                parts.append(f"staging {self.staging.kind} {_seconds(value)}{size}")
             else:
-                parts.append(f"{label} {value:.1f}s")
+                parts.append(f"{_LABELS[name]} {_seconds(value)}")
         return ", ".join(parts)
+
+
+def _seconds(value: float) -> str:
+    """Milliseconds shown below a second (a warm copy checked in 2 ms is not "0.0s")."""
+    return f"{value:.3f}s" if value < 1 else f"{value:.1f}s"
 
 
 _LABELS = {"queue_wait": "queue", "staging": "staging", "engine_load": "engine load",
