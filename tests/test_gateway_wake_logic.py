@@ -4,12 +4,15 @@ replica and a pool's members, and the choice of the replica that serves (or wake
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from hpcserve.serving.gateway.routes import Endpoint, parse_routes
 from hpcserve.serving.gateway.wake_choice import AgentView, EngineView, Serve, Wake, choose, endpoint_port
-from hpcserve.serving.gateway_store import served_routes
-from hpcserve.store import Deployment, Replica
+from hpcserve.serving.gateway_store import routes_from_store, served_routes
+from hpcserve.serving.pools import pool_spec
+from hpcserve.serving.spec import build_deployment
+from hpcserve.store import Deployment, HistoryStore, Replica
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -121,3 +124,20 @@ def test_a_routes_file_replica_may_name_its_agent() -> None:
         ]
     }
     assert parse_routes(doc)["m"].endpoints == (Endpoint("m", 0, "http://n:1", None, "http://n:2"),)
+
+
+def test_the_store_gives_a_pool_members_routes_through_the_pool_replicas(tmp_path: Path) -> None:
+    store = HistoryStore(f"sqlite:///{tmp_path}/h.db")
+    store.upgrade()
+    member = {"model": "org/a", "engine": "simulator", "pool": "p", "warm_after_s": 60}
+    for name in ("a", "b"):
+        spec = build_deployment({**member, "name": name, "served_model_name": f"{name}-served"})
+        store.join_pool(name, "alice", spec.model_dump(mode="json"), "p", pool_spec)
+    store.upsert_replica("p", 0, state="ready", url="http://n1:9000", host="n1", port=9000, engine_key="ek",
+                         models={"a-served": 9001, "b-served": 9002})  # fmt: skip
+    store.set_tier("a", "warm", AT)
+    table = routes_from_store(store)()
+    assert sorted(table) == ["a-served", "b-served"]
+    assert table["a-served"].endpoints == (Endpoint("a", 0, "http://n1:9001", "ek", "http://n1:9000"),)
+    assert table["a-served"].tier == "warm" and table["b-served"].tier is None
+    assert table["b-served"].endpoints[0].url == "http://n1:9002"
