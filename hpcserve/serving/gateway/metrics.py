@@ -13,7 +13,9 @@ Families (all ``hpcserve_gateway_*``; ``model`` is the deployment's name, as the
 - overload (queue.py): ``waiting_requests{model,priority}`` (waiting for a slot),
   ``drain_rate_requests_per_second{model}`` (requests/s a saturated deployment finishes; absent while
   unknown) gauges; ``shed_total{model,priority,reason}``, ``fallback_total{model,fallback}``,
-  ``overload_capped_total{model}`` (max_tokens lowered by the overload cap) counters.
+  ``overload_capped_total{model}`` (max_tokens lowered by the overload cap) counters;
+- hold-and-wake (wake.py, which registers its own collector here): ``wakes_total{model,result}``,
+  ``wake_wait_seconds{model}`` (histogram), ``wake_held_requests{model}``.
 """
 
 from __future__ import annotations
