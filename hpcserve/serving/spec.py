@@ -30,7 +30,8 @@ Fields (``s`` = seconds):
   flags hpcserve sets itself (model, host, port, served model name, parallel sizes) are refused.
   The simulator honours ``max-model-len`` and ignores the rest.
 - ``warm_tier``: a node-local folder to copy the weights to before the engine starts (``{node}`` stands
-  for the node's name), or none to load from ``model`` directly.
+  for the node's name); none: the site's ``storage.warm`` when it has one, else ``model`` is loaded
+  directly (hpcserve.serving.site_storage). A warm copy is checked by its manifest, not re-hashed.
 - ``partition``: none = the policy's inference class partition.
 - ``time_limit``: each replica job's Slurm time limit (``D-HH:MM:SS``); none = the policy's inference
   default. UNLIMITED is refused: it blocks maintenance reservations.
