@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("hpcserve.serving")
 AGENT_TIMEOUT_S = 5.0  # one agent call; a sleep that takes longer goes on, and is asked again next tick
 AGENT_WORKERS = 16
-AWAKE = ("awake", "waking")
+AWAKE = "awake"
+WAKING = "waking"  # a gateway is waking it for a request: demand
 
 # (method, replica's agent URL, path with query, engine key) -> the answer's JSON, None when it failed
 AgentCall = Callable[[str, str, str, "str | None"], "dict[str, Any] | None"]
@@ -119,6 +120,7 @@ class Residency:
 
         spec = DeploymentSpec.model_validate(as_replica_deployment(deployment).spec)
         engines = self.engines(replicas)
+        demand = demand or _in_state(engines, WAKING)
         used = _last_used(engines)
         last = max((t for t in (last_traffic, used) if t is not None), default=None)
         decision = decide_tier(TierWindows.of(spec), Tier.of(deployment.tier), last, now, demand, floor)
@@ -128,7 +130,7 @@ class Residency:
             self.store.set_tier(deployment.name, decision.tier.value, now)
         ready = {r.index: r for r in replicas if sleep_capable(r)}
         if decision.tier is Tier.WARM:
-            awake = [r for i, r in ready.items() if i not in engines or _any_awake(engines[i])]
+            awake = [r for i, r in ready.items() if i not in engines or _in_state({i: engines[i]}, AWAKE)]
             self._each(awake, "POST", "/hpcserve/sleep?model=all")
         elif decision.woken_by_floor and not is_pool(deployment.spec):
             path = f"/hpcserve/wake?model={spec.served_model_name}"
@@ -147,8 +149,10 @@ class Residency:
             return list(pool.map(call, replicas))
 
 
-def _any_awake(engines: Mapping[str, Any]) -> bool:
-    return any(isinstance(e, Mapping) and e.get("state") in AWAKE for e in engines.values())
+def _in_state(engines: Mapping[int, Mapping[str, Any]], state: str) -> bool:
+    """Whether any engine of these replicas is in ``state``."""
+    return any(isinstance(e, Mapping) and e.get("state") == state for found in engines.values()
+               for e in found.values())  # fmt: skip
 
 
 def _last_used(engines: Mapping[int, Mapping[str, Any]]) -> datetime | None:
