@@ -21,7 +21,9 @@ Modules (imports point down this list):
 - ``training``: FIFO + EASY backfill, placement, preemption with checkpoints;
 - ``inference``: the fluid request model, replicas, the autoscaler;
 - ``scenario``: settings, the site's sides, both workloads scaled to the site; ``metrics``, ``report``;
-- ``traces``: CSV readers and the scaling rules.
+- ``traces``: CSV readers and the scaling rules;
+- apart from those: ``residency`` (with ``residency_model``): where models live, one replica per model vs
+  residency tiers vs tiers + pools, over per-model request arrivals (``scripts/bench/residency``).
 
 Approximations (each module says more): inference is a fluid model per 1 s step (Poisson counts per step,
 FIFO cohorts, waits counted to the step), not per request; a replica's capacity is its saturated
