@@ -162,3 +162,23 @@ def test_a_pool_launches_one_replica_with_its_members_on_their_summed_queue(stor
     members = launcher.launched[0][2]
     assert members is not None and [m["name"] for m in members] == ["a", "b", "c"]
     assert [r.deployment for r in store.replicas()] == ["pool"]  # members have none of their own
+
+
+def test_a_pool_replica_without_a_new_member_is_handed_over(store: HistoryStore) -> None:
+    for name in ("a", "b"):
+        store.join_pool(name, "alice", member(name), "pool", pool_spec, served_model_name=name)
+    store.set_desired("pool", 1, user="root")
+    store.upsert_replica("pool", 0, job_id="600", state="ready", url="http://n1:7000", host="n1", port=7000,
+                         models={"a": 9001, "b": 9002}, engine_key="k")  # fmt: skip
+    ctl, slurm = controller(store, FakeAgent())
+    slurm.queue[:] = [job(600, "pool", 0)]
+    launcher: PoolLauncher = ctl.launcher  # type: ignore[assignment]
+    ctl.tick()
+    assert launcher.launched == []  # its engines are the members: kept
+    store.join_pool("c", "alice", member("c"), "pool", pool_spec, served_model_name="c")
+    ctl.tick()
+    assert [(name, index) for name, index, _ in launcher.launched] == [("pool", 1)]
+    members = launcher.launched[0][2]
+    assert members is not None and [m["name"] for m in members] == ["a", "b", "c"]
+    old = store.replicas("pool")[0]
+    assert (old.index, old.state) == (0, "ready")  # it serves until its successor is ready

@@ -142,6 +142,7 @@ class ServingController:
             self._tier(deployment, replicas, stats, tick)
         stalled = self.stalls.update(deployment.name, stats, tick.now)
         leaving = frozenset(i for i, job in jobs.items() if tick.draining.intersection(job.nodes))
+        leaving |= tick.pools.stale(deployment, replicas)  # a pool's members changed: new replicas
         seen = Observed(jobs, _announcements(replicas), _inflight(stats), frozenset(dead), stalled, leaving)
         views = [_view(r) for r in replicas if r.state in {s.value for s in ReplicaState}]
         actions = reconcile(desired, views, seen, tick.now, self.ready_timeout_s, self.renew_before_s)

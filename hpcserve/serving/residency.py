@@ -175,6 +175,16 @@ class PoolLoad:
             return [m.name for m in self.members.get(deployment.name, [])]
         return [deployment.name]
 
+    def stale(self, deployment: Deployment, replicas: Sequence[Replica]) -> frozenset[int]:
+        """A pool's ready replicas whose engines are not its members now (one joined or left since they
+        started): handed over to replicas started with the members of now, as from a draining node."""
+        if not is_pool(deployment.spec) or deployment.deleted:
+            return frozenset()
+        wanted = {str(m.served_model_name or m.spec.get("served_model_name") or m.name)
+                  for m in self.members.get(deployment.name, [])}  # fmt: skip
+        ready = [r for r in replicas if r.state == "ready" and r.models is not None]
+        return frozenset(r.index for r in ready if set(r.models or ()) != wanted)
+
     def specs(self, deployment: Deployment) -> list[dict[str, Any]] | None:
         """The member specs a pool replica runs (None: not a pool)."""
         if not is_pool(deployment.spec):
