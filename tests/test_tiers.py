@@ -55,9 +55,10 @@ def test_no_traffic_seen_keeps_the_tier() -> None:
 
 
 def test_windows_from_a_spec() -> None:
-    spec = DeploymentSpec(name="m", model="org/m", warm_after_s=30, idle_to_zero_s=300, off_after_s=900)
+    spec = DeploymentSpec(name="m", model="org/m", served_model_name="m", warm_after_s=30, idle_to_zero_s=300,
+                          off_after_s=900)  # fmt: skip
     assert TierWindows.of(spec) == TierWindows(30, 300, 900)
-    kept = DeploymentSpec(name="m", model="org/m", warm_after_s=30, min_replicas=1)
+    kept = DeploymentSpec(name="m", model="org/m", served_model_name="m", warm_after_s=30, min_replicas=1)
     assert TierWindows.of(kept) == TierWindows(30, None, None)  # never cold, never off
     assert Tier.of(None) is Tier.HOT and Tier.of("warm") is Tier.WARM
     assert Tier.WARM.has_jobs and not Tier.COLD.has_jobs
