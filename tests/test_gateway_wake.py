@@ -8,6 +8,7 @@ replica runs them.
 - concurrent requests to a sleeping model make one wake call, and count as waiting demand meanwhile;
 - in a pool, the replica where the model is awake serves it, with no wake; with no slot free the agent
   sleeps the least recently used model, and never more than max_awake are awake;
+- an engine put to sleep by someone else under a request in flight is woken again;
 - a failed wake tries another replica; none left (or no agent answers): 503 with Retry-After.
 """
 
@@ -17,7 +18,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
@@ -140,9 +141,11 @@ async def replica(
 
 
 @asynccontextmanager
-async def gateway(stack: AsyncExitStack, *routes: DeploymentRoute) -> AsyncIterator[Rig]:
+async def gateway(
+    stack: AsyncExitStack, *routes: DeploymentRoute, config: GatewayConfig = FAST
+) -> AsyncIterator[Rig]:
     samples: list[GatewaySample] = []
-    app = make_app(FAST, StaticRoutes.of(*routes), keys=KEYS, report=samples.extend)
+    app = make_app(config, StaticRoutes.of(*routes), keys=KEYS, report=samples.extend)
     url = await stack.enter_async_context(serving(app))
     admin = await stack.enter_async_context(serving(make_admin_app(app)))
     http = await stack.enter_async_context(ClientSession())
@@ -232,6 +235,25 @@ def test_a_pool_replica_sleeps_its_least_recently_used_model_to_wake_another() -
         assert rep.agent.wake_calls == ["c", "d", "a", "b"]
         for model in names:
             assert await rep.asleep_arrivals(rig.http, model) == 0
+
+    run(scenario)
+
+
+def test_an_engine_put_to_sleep_under_a_request_in_flight_is_woken_again() -> None:
+    """Another gateway, or the service moving the deployment to the warm tier, puts the engine to sleep
+    while this gateway's view (up to 1 s old) still says awake: the request sent then is parked in the
+    engine, and the gateway's rescue wakes it."""
+
+    async def scenario(stack: AsyncExitStack) -> None:
+        rep = await stack.enter_async_context(replica(stack, ["m"], 1, awake=("m",)))
+        route = DeploymentRoute("m", (rep.endpoint("m", "m", 0),))
+        slow_reads = replace(FAST, agent_max_age_s=2.0)  # the race's window, wide enough on a busy machine
+        rig = await stack.enter_async_context(gateway(stack, route, config=slow_reads))
+        assert (await rig.post("m"))[0] == 200  # the view: awake, fresh
+        await rep.agent.sleep("m")  # not through this gateway
+        status, _, _ = await rig.post("m")
+        assert status == 200 and await rep.asleep_arrivals(rig.http, "m") == 1  # the race, healed
+        assert rep.agent.wake_calls == ["m"] and rep.agent.awake() == {"m"}
 
     run(scenario)
 
