@@ -6,6 +6,7 @@ shows the pool with its members. Another user's pool is refused from their side 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import Any
 
@@ -104,6 +105,11 @@ def test_another_users_pool_is_refused_from_their_side(api_service: ApiService) 
     assert "bob-m1" not in {r["name"] for r in listed}
     pool_row = next(r for r in listed if r["name"] == "alices-pool")
     assert (pool_row["kind"], pool_row["owner"], pool_row["members"]) == ("pool", "alice", ["alice-m1"])
+    table = api_service.run_as("bob", "deployments").stdout
+    cells = [[c.strip() for c in re.split("[│┃]", row)] for row in table.splitlines()]
+    header = next(c for c in cells if "TIER" in c)
+    [pool_cells] = [dict(zip(header, c, strict=False)) for c in cells if len(c) > 1 and c[1] == "alices-pool"]
+    assert (pool_cells["MODEL"], pool_cells["TIER"]) == ("pool: alice-m1", "hot")
     removed = api_service.run_as("alice", "rm", "alice-m1")
     assert removed.returncode == 0, removed.stderr
     listed = json.loads(api_service.run_as("alice", "deployments", "--json").stdout)
