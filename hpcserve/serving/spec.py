@@ -43,6 +43,15 @@ Fields (``s`` = seconds):
   ``nodes_per_replica: 1``. Shards share the GPU without isolation (Slurm's gres/shard).
 - ``mig_profile``: a MIG slice instead (``1g.10gb``, ``3g.40gb``: the site's typed MIG GRES, asked as
   ``--gres=gpu:PROFILE:1``); not with ``gpu_fraction``; the same one-GPU, one-node shape.
+- Residency tiers (hpcserve/serving/tiers.py), counted from the last request: ``warm_after_s``: idle this
+  long, the engines sleep (level 1, weights in host RAM) and the jobs are kept; the gateway wakes them on
+  the next request. Must be below ``idle_to_zero_s`` (the cold tier: no job) when the deployment scales to
+  zero. ``off_after_s``: idle this long, nothing stays staged; only with scaling to zero, above
+  ``idle_to_zero_s``. None: that tier is skipped. A warm tier starts the engines in sleep mode.
+- ``pool``: join model pool NAME (hpcserve/serving/pools.py): the pool's replica jobs run one engine per
+  member, in sleep mode; the member has no replicas of its own. Every member of a pool has the same
+  replica shape (engine, GPUs, nodes, partition, time limit, GPU fraction, MIG profile) and owner.
+  ``pool_max_awake``: engines awake at once per replica (at least 1; only with ``pool``).
 - Overload at the gateway (hpcserve/serving/gateway/overload.py):
   - ``max_concurrency``: requests each gateway sends one replica at once; more wait in the gateway,
     interactive keys' first, then batch keys'. Default: the replica's ``max_num_seqs``; 0: no bound.
