@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hpcserve.config import load_policy, load_site_config
 from hpcserve.errors import ValidationError
@@ -211,3 +213,41 @@ def test_nodes_shows_shards_in_use() -> None:
 
 def _nodes() -> Iterable[Node]:
     return [Node("node1", "idle", gpus_total=4), shard_node("node5"), shard_node("node7", 3, (0,))]
+
+
+# ------------------------------------------------------------------------------------------------ property
+@st.composite
+def shard_cluster(draw: st.DrawFn) -> list[Node]:
+    """Up to 5 nodes of 4 GPUs x 4 shards, each with some GPUs whole-allocated and some shards in use
+    (packed in index order, as Slurm fills them)."""
+    nodes = []
+    for i in range(draw(st.integers(1, 5))):
+        whole = draw(st.integers(0, 4))
+        shards = draw(st.integers(0, (4 - whole) * 4))
+        on = tuple(range(-(-shards // 4)))
+        idx = tuple(range(len(on), len(on) + whole))
+        nodes.append(Node(f"node{i}", "mixed", gpus_total=4, gpus_alloc=whole, shards_total=16,
+                          shards_alloc=shards, shard_gpus=on, whole_gpus=idx))  # fmt: skip
+    return nodes
+
+
+def _open_gpus(nodes: list[Node], submitted: dict[str, int]) -> int:
+    return sum(-(-(n.shards_alloc + submitted.get(n.name, 0)) // 4) for n in nodes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(shard_cluster(), st.integers(1, 12))
+def test_one_shard_jobs_open_a_gpu_only_when_every_open_gpu_is_full(nodes: list[Node], jobs: int) -> None:
+    """Packing's promise, on clusters Slurm filled in index order: a new GPU only when no GPU serving shards
+    has one left, and no placement refused while a shard is free anywhere."""
+    submitted: dict[str, int] = {}
+    for _ in range(jobs):
+        used = {n.name: n.shards_alloc + submitted.get(n.name, 0) for n in nodes}
+        room_on_open = any(u % 4 for u in used.values())
+        before = _open_gpus(nodes, submitted)
+        choice = choose_shard_node(1, nodes, submitted=submitted)
+        if choice is None:
+            assert sum(4 - n.gpus_alloc for n in nodes) * 4 == sum(used.values())
+            return
+        submitted[choice.node] = submitted.get(choice.node, 0) + 1
+        assert _open_gpus(nodes, submitted) == before + (0 if room_on_open else 1)
