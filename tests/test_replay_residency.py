@@ -119,6 +119,14 @@ def test_a_pool_with_room_for_both_models_wakes_neither() -> None:
     assert (result.wakes, result.warm_requests, result.cold_requests) == (0, 0, 1)
 
 
+def test_the_awake_floor_keeps_enough_pool_jobs_for_the_models_in_use() -> None:
+    settings = dataclasses.replace(S, models=5)  # K = 4: five models in use need two jobs awake
+    requests = [request(float(t), model) for t, model in enumerate(range(5))]
+    assert replay(settings, POOLS, requests, 300.0).peak_jobs == 1  # summed load: one job does
+    floored = replay(settings, POOLS_FLOOR, requests, 300.0)
+    assert (floored.peak_jobs, floored.jobs_started) == (2, 2)
+
+
 def test_gpu_hours_run_from_the_allocation_to_the_scale_to_zero() -> None:
     result = replay(S, PER_MODEL, [request(0.0)], 3600.0)
     # the job is allocated after the queue wait; the last tick with traffic is 30 s (the request is held

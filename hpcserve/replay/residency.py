@@ -16,9 +16,10 @@ Policies (``POLICIES``):
   model wakes; one wake or sleep at a time per job (the agent's lock). The pool scales on the sum of its
   models' load; idle models sleep after ``warm_after_s``; the pool goes to zero after ``idle_to_zero_s``;
 - tiers+pools+floor (a proposal, not the contract's rule): the same, and the pool keeps at least
-  ceil(models asked in the last ``idle_to_zero_s`` / K) jobs (``decide``'s floor), so that its awake
-  slots cover the models in use, not only their summed load (summed load alone lets K x jobs fall below
-  the models in use, and each job's wakes, one at a time, then fall behind).
+  ceil(models asked in the last ``idle_to_zero_s`` / K) jobs (``decide``'s floor; the largest such value
+  over the last ``scale_down_window_s``, so that it does not flap), so that its awake slots cover the
+  models in use, not only their summed load (summed load alone lets K x jobs fall below the models in
+  use, and each job's wakes, one at a time, then fall behind).
 
 Requests go to ready jobs; to a starting one only while none is ready (the gateway holds them until it
 is). A job's engine serves its requests as ``max_num_seqs`` batch slots (a request holds one from admission to
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -141,6 +143,7 @@ class Group:
         self.arrived = 0
         self.last_request: dict[int, float] = {}
         self.tiers: dict[int, Tier] = {}
+        self.floors: deque[tuple[float, int]] = deque()  # the awake floor's values over the last window
 
     def live(self) -> list[Job]:
         return [job for job in self.jobs if job.stop is None]
@@ -207,7 +210,10 @@ class ResidencyReplay:
             return 0
         window = self.settings.idle_to_zero_s
         recent = sum(1 for t in group.last_request.values() if now - t < window)
-        return math.ceil(recent / group.max_awake)
+        group.floors.append((now, math.ceil(recent / group.max_awake)))
+        while now - group.floors[0][0] >= self.settings.scale_down_window_s:
+            group.floors.popleft()
+        return max(floor for _, floor in group.floors)
 
     def _apply(self, group: Group, decision: ScaleDecision, now: float) -> None:
         live = group.live()
