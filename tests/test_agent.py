@@ -196,7 +196,7 @@ def test_wake_sleeps_the_lru_engine_and_never_exceeds_max_awake() -> None:
                 assert status == 200 and body["model"] == name
                 assert not (await rep.sleeping())[name]
                 await rep.agrees()
-            assert rep.max_seen_awake == 2
+            assert rep.max_seen_awake <= 2
 
     run(scenario)
 
@@ -249,7 +249,7 @@ def test_concurrent_wakes_are_serialized() -> None:
             names = ["a", "b", "c", "a", "b", "d"]
             answers = await asyncio.gather(*(rep.call("POST", f"/hpcserve/wake?model={n}") for n in names))
             assert all(status == 200 for status, _ in answers)
-            assert rep.max_seen_awake == 1
+            assert rep.max_seen_awake <= 1
             awake = [n for n, asleep in (await rep.sleeping()).items() if not asleep]
             assert len(awake) == 1
             await rep.agrees()

@@ -23,7 +23,7 @@ from hpcserve.api.context import ApiContext
 from hpcserve.api.replicas import MAX_MODELS, announce, parse_announce
 from hpcserve.config import load_policy, load_site_config
 from hpcserve.errors import HpcserveError, ValidationError
-from hpcserve.serving.pool_replica import engine_specs, max_awake, member_engine_spec
+from hpcserve.serving.pool_replica import EngineProcesses, engine_specs, max_awake, member_engine_spec
 from hpcserve.serving.replica import ReplicaCredentials
 from hpcserve.serving.spec import DeploymentSpec
 from hpcserve.serving.tags import secret_hash
@@ -123,6 +123,19 @@ def test_engine_specs_of_a_plain_deployment_and_of_a_pool() -> None:
         engine_specs(shape, [])
 
 
+def test_engine_processes_stop_with_the_first_failure_as_the_jobs_status() -> None:
+    engines = EngineProcesses()
+    engines.start(["sleep", "30"], dict(os.environ))
+    engines.start([sys.executable, "-c", "import sys; sys.exit(3)"], dict(os.environ))
+    while engines.running():
+        time.sleep(0.05)
+    assert (
+        engines.stop() == 128 + signal.SIGTERM
+    )  # the first engine's: killed by SIGTERM (sleep has no handler)
+    assert [p.returncode for p in engines.procs] == [-signal.SIGTERM, 3]
+    engines.terminate()  # nothing left to signal: no error
+
+
 # a real pool replica, in a process of its own --------------------------------------------------------------
 
 RUNNER = textwrap.dedent(
@@ -133,7 +146,8 @@ RUNNER = textwrap.dedent(
 
     class Main(ReplicaMain):  # the service is not here: the announcement goes to a file
         def announce(self, deployment, host, port, deadline, models=None):
-            body = {"deployment": deployment, "host": host, "port": port, "models": models}
+            phases = self.start_phases.as_json() if self.start_phases else None
+            body = {"deployment": deployment, "host": host, "port": port, "models": models, "phases": phases}
             Path(self.folder, "announced.json").write_text(json.dumps(body))
 
         def report_telemetry(self, deployment):
@@ -181,6 +195,9 @@ def test_a_pool_replica_starts_its_engines_announces_its_agent_and_wakes_on_requ
         agent = f"http://127.0.0.1:{note['port']}"
         assert note["deployment"] == "pool" and set(note["models"]) == {"a", "b", "c"}
         assert note["port"] not in note["models"].values()
+        assert (
+            note["phases"]["engine_load_s"] > 0 and note["phases"]["first_token_s"] > 0
+        )  # the first engine's
         assert httpx.get(f"{agent}/hpcserve/engines", timeout=5).status_code == 401
         engines = httpx.get(f"{agent}/hpcserve/engines", headers=auth, timeout=5).json()
         assert engines["max_awake"] == 2

@@ -119,7 +119,10 @@ class ReplicaAgent:
         """Put ``which`` (a model name, or ``all``) to sleep; the names that were put to sleep."""
         async with self.lock:
             names = sleep_targets(self.engines, which)
-            await asyncio.gather(*(self._sleep_one(name) for name in names))
+            done = await asyncio.gather(*(self._sleep_one(name) for name in names), return_exceptions=True)
+            failed = [error for error in done if isinstance(error, BaseException)]
+            if failed:
+                raise failed[0]
             return names
 
     async def make_room(self) -> list[str]:
@@ -193,7 +196,10 @@ class ReplicaAgent:
         while True:
             await asyncio.sleep(self.poll_s)
             awake = [n for n, e in self.engines.items() if e.state is EngineState.AWAKE]
-            await asyncio.gather(*(self._scrape(name) for name in awake))
+            try:
+                await asyncio.gather(*(self._scrape(name) for name in awake))
+            except Exception:  # never let one bad scrape end the polling
+                log.exception("agent: reading the engines' /metrics failed")
 
     async def _scrape(self, name: str) -> None:
         """Mark ``name`` used when its /metrics shows requests running or waiting (errors are skipped)."""

@@ -24,7 +24,6 @@ import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from types import FrameType
 from typing import Any
 
 from hpcserve.errors import HpcserveError
@@ -33,6 +32,7 @@ from hpcserve.serving.agent import ReplicaAgent, serve
 from hpcserve.serving.agent_rules import member_gpu_utilization
 from hpcserve.serving.replica import ReplicaMain, engine_argv, engine_environ, free_port, wait_healthy
 from hpcserve.serving.spec import DeploymentSpec, Engine
+from hpcserve.serving.start_probe import measure_start
 from hpcserve.serving.vllm_cmd import DEV_MODE_ENV
 
 GPU_UTILIZATION = "gpu-memory-utilization"
@@ -76,6 +76,43 @@ def sleep_mode_environ(base: Mapping[str, str]) -> dict[str, str]:
     return {**base, DEV_MODE_ENV: "1"}
 
 
+class EngineProcesses:
+    """The replica's engine processes. Each gets SIGTERM at most once: an engine draining after the first
+    (Slurm's, forwarded) would die of a second one once its handler is gone, and exit -15 instead of 0."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._signalled: set[int] = set()
+
+    def start(self, argv: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        self.procs.append(subprocess.Popen(argv, env=env))
+        return self.procs[-1]
+
+    def terminate(self) -> None:
+        """SIGTERM to every engine still running that has not had one (they drain, then exit)."""
+        for proc in list(self.procs):
+            if proc.poll() is None and proc.pid not in self._signalled:
+                self._signalled.add(proc.pid)
+                proc.send_signal(signal.SIGTERM)
+
+    def running(self) -> bool:
+        """Whether every engine still runs (the job ends with the first that exits)."""
+        return all(proc.poll() is None for proc in self.procs)
+
+    def stop(self) -> int:
+        """Terminate, wait (killing what outlives ``STOP_WAIT_S``), and return the job's exit status: the
+        first engine's nonzero one (128 + N for a signal N), else 0."""
+        self.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        codes = [code if code >= 0 else 128 - code for code in (p.returncode for p in self.procs)]
+        return next((code for code in codes if code), 0)
+
+
 def serve_with_agent(main: ReplicaMain, shape: DeploymentSpec, members: list[DeploymentSpec] | None) -> int:
     """Run the replica's engines and its agent until the engines exit; their exit status (the first
     nonzero one, else 0)."""
@@ -83,16 +120,15 @@ def serve_with_agent(main: ReplicaMain, shape: DeploymentSpec, members: list[Dep
         raise HpcserveError(
             f"{shape.name}: sleep mode runs on one node per replica (fix: nodes_per_replica: 1)"
         )
-    procs: list[subprocess.Popen[bytes]] = []
+    engines = EngineProcesses()
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # ignored by the engines too, while they start
-    _forward_sigterm(procs)
-    return asyncio.run(_serve(main, shape, members, procs))
+    signal.signal(signal.SIGTERM, lambda signum, frame: engines.terminate())  # Slurm's: on to the engines
+    return asyncio.run(_serve(main, shape, members, engines))
 
 
 async def _serve(
-    main: ReplicaMain, shape: DeploymentSpec, members: list[DeploymentSpec] | None,
-    procs: list[subprocess.Popen[bytes]],
-) -> int:  # fmt: skip
+    main: ReplicaMain, shape: DeploymentSpec, members: list[DeploymentSpec] | None, engines: EngineProcesses
+) -> int:
     key = main.credentials().engine_key
     deadline = time.monotonic() + main.ready_timeout_s
     agent = ReplicaAgent(max_awake(shape, members), key=key)
@@ -101,16 +137,19 @@ async def _serve(
     try:
         for spec in engine_specs(shape, members):
             await agent.make_room()
-            port = await asyncio.to_thread(_start_engine, main, _staged(spec, members), key, deadline, procs)
+            staged = _staged(spec, members)
+            port = await asyncio.to_thread(_start_engine, main, staged, key, deadline, engines)
             await agent.add_engine(spec.served_model_name, port)
         job._ignore_time_limit_warning()  # only now: a handler (unlike SIG_IGN) is not inherited across exec
         runner, port = await serve(agent, "0.0.0.0")  # noqa: S104 (the gateway connects)
         host = socket.gethostname()
         await asyncio.to_thread(main.announce, shape.name, host, port, deadline, models=agent.models)
         main.report_telemetry(shape.name)
-        return await _wait_engines(procs)
+        while engines.running():
+            await asyncio.sleep(EXIT_POLL_S)
+        return await asyncio.to_thread(engines.stop)
     except BaseException:
-        await asyncio.to_thread(_stop_all, procs)
+        await asyncio.to_thread(engines.stop)
         raise
     finally:
         if runner is not None:
@@ -127,49 +166,19 @@ def _staged(spec: DeploymentSpec, members: list[DeploymentSpec] | None) -> Deplo
 
 
 def _start_engine(
-    main: ReplicaMain, spec: DeploymentSpec, key: str | None, deadline: float,
-    procs: list[subprocess.Popen[bytes]],
-) -> int:  # fmt: skip
-    """Start one engine on a free port and wait until it serves; its port."""
+    main: ReplicaMain, spec: DeploymentSpec, key: str | None, deadline: float, engines: EngineProcesses
+) -> int:
+    """Start one engine on a free port and wait until it serves; its port. The first engine's start is
+    measured for the replica's phases (hpcserve.serving.phases), as a plain replica's engine is."""
     port = free_port()
     argv = engine_argv(spec, "0.0.0.0", port)  # noqa: S104 (the gateway connects)
-    env = sleep_mode_environ(engine_environ(os.environ, key))
-    procs.append(subprocess.Popen(argv, env=env))
-    left = deadline - time.monotonic()
-    wait_healthy(f"http://127.0.0.1:{port}", procs[-1], left, spec.served_model_name, key)
+    proc = engines.start(argv, sleep_mode_environ(engine_environ(os.environ, key)))
+    url, left, name = f"http://127.0.0.1:{port}", deadline - time.monotonic(), spec.served_model_name
+    if len(engines.procs) == 1 and main.start_phases is not None:
+        main.start_phases = measure_start(url, proc, left, name, key, main.start_phases)
+    else:
+        wait_healthy(url, proc, left, name, key)
     return port
-
-
-async def _wait_engines(procs: list[subprocess.Popen[bytes]]) -> int:
-    """Wait until an engine exits, stop the others (SIGTERM: they drain), and return the exit status."""
-    while all(p.poll() is None for p in procs):
-        await asyncio.sleep(EXIT_POLL_S)
-    await asyncio.to_thread(_stop_all, procs)
-    codes = [p.returncode for p in procs]
-    return next((code for code in codes if code), 0)
-
-
-def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=STOP_WAIT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _forward_sigterm(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Slurm's SIGTERM (scancel, time limit) goes on to every engine started so far, which drain."""
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
 
 
 def members_from(raw: list[dict[str, Any]] | None) -> list[DeploymentSpec] | None:
