@@ -94,8 +94,8 @@ def choose_shard_node(
 
 
 def part_gres(gpu_fraction: float | None, mig_profile: str | None, shards_per_gpu: int) -> str | None:
-    """The ``--gres`` of a job on part of one GPU: ``shard:N`` for a fraction (``shards_for``), ``gpu:PROFILE:1``
-    for a MIG profile (the site's typed MIG GRES, e.g. ``gpu:1g.10gb:1``); None for whole GPUs."""
+    """The ``--gres`` of a job on part of one GPU: ``shard:N`` for a fraction (``shards_for``),
+    ``gpu:PROFILE:1`` for a MIG profile (the site's typed MIG GRES: ``gpu:1g.10gb:1``); None: whole GPUs."""
     if mig_profile:
         return f"gpu:{mig_profile}:1"
     if gpu_fraction:
