@@ -16,7 +16,7 @@ import pytest
 
 from hpcserve.enginesim.core import SimConfig
 from hpcserve.enginesim.server import SimServer, start
-from hpcserve.serving.agent import ReplicaAgent, serve
+from hpcserve.serving.agent import EngineCallError, ReplicaAgent, serve
 from hpcserve.serving.agent_rules import (
     EngineState,
     EngineView,
@@ -284,5 +284,22 @@ def test_an_agent_without_a_key_answers_everyone() -> None:
         ):
             assert (r.status, await r.json()) == (200, {"max_awake": 1, "engines": {}})
         await runner.cleanup()
+
+    run(scenario)
+
+
+def test_an_engine_without_dev_mode_is_refused_with_the_fix() -> None:
+    async def scenario() -> None:
+        sim = await start(SimConfig(model="sim/plain", port=0, enable_sleep_mode=True))  # no dev mode
+        agent = ReplicaAgent(1)
+        await agent.open()
+        try:
+            with pytest.raises(
+                EngineCallError, match=r"/is_sleeping answered 404 \(fix: start it with --enable"
+            ):
+                await agent.add_engine("plain", sim.port)
+        finally:
+            await agent.close()
+            await sim.close()
 
     run(scenario)

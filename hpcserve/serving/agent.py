@@ -50,6 +50,7 @@ POLL_S = 1.0  # how often awake engines' /metrics are read for last_used
 SCRAPE_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 5.0
 SLEEP_QUERY = {"level": "1", "mode": "wait"}
+SLEEP_FIX = "--enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 in its environment"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -187,7 +188,8 @@ class ReplicaAgent:
         try:
             async with self._client().get(url) as response:
                 if response.status != 200:
-                    raise EngineCallError(f"engine on port {port}: /is_sleeping answered {response.status}")
+                    raise EngineCallError(f"engine on port {port}: /is_sleeping answered {response.status} "
+                                          f"(fix: start it with {SLEEP_FIX})")  # fmt: skip
                 return bool((await response.json()).get("is_sleeping"))
         except (aiohttp.ClientError, ValueError) as exc:
             raise EngineCallError(f"engine on port {port}: /is_sleeping failed: {exc}") from exc
