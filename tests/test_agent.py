@@ -20,10 +20,12 @@ from hpcserve.serving.agent import EngineCallError, ReplicaAgent, serve
 from hpcserve.serving.agent_rules import (
     EngineState,
     EngineView,
+    Seen,
     UnknownModel,
     engines_body,
     make_room,
     member_gpu_utilization,
+    seen,
     sleep_targets,
     victims,
     wake_body,
@@ -71,6 +73,12 @@ def test_sleep_targets_skip_engines_asleep_already() -> None:
     assert sleep_targets(engines, "b") == []
     with pytest.raises(UnknownModel):
         sleep_targets(engines, "d")
+
+
+def test_a_scrape_shows_use_or_requests_parked_on_a_sleeping_engine() -> None:
+    assert seen(AWAKE, 0, 0) is Seen.IDLE and seen(ASLEEP, 0, 0) is Seen.IDLE
+    assert seen(AWAKE, 1, 0) is Seen.USED and seen(AWAKE, 0, 3) is Seen.USED
+    assert seen(ASLEEP, 0, 2) is Seen.PARKED
 
 
 def test_pool_member_gpu_share_and_answer_bodies() -> None:
@@ -238,6 +246,21 @@ def test_sleep_waits_for_running_requests_and_is_idempotent() -> None:
             assert await rep.call("POST", "/hpcserve/sleep?model=all") == (200, {"slept": ["b"]})
             assert await rep.call("POST", "/hpcserve/sleep?model=all") == (200, {"slept": []})
             assert await rep.sleeping() == {"a": True, "b": True}
+            await rep.agrees()
+
+    run(scenario)
+
+
+def test_a_request_parked_on_a_sleeping_engine_wakes_it() -> None:
+    async def scenario() -> None:
+        async with replica(["a", "b"], max_awake=1) as rep:  # b awake, a asleep
+            body = {"model": "a", "prompt": "hi", "max_tokens": 2}
+            headers = {"Authorization": f"Bearer {KEY}"}
+            url = rep.sims["a"].url + "/v1/completions"
+            async with rep.http.post(url, json=body, headers=headers) as response:  # held: a sleeps
+                assert response.status == 200 and (await response.json())["choices"][0]["finish_reason"]
+            assert await rep.sleeping() == {"a": False, "b": True}
+            assert rep.max_seen_awake <= 1
             await rep.agrees()
 
     run(scenario)

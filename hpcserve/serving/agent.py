@@ -14,8 +14,10 @@ API (every call needs ``Authorization: Bearer <engine key>`` when the replica ha
 Wakes and sleeps are serialized by one lock, so never more than K engines hold GPU memory, and an engine
 is reported ``awake`` only after its ``/wake_up`` answered and its ``/is_sleeping`` said false. Sleeps use
 vLLM's ``POST /sleep?level=1&mode=wait`` (requests in flight finish first; the weights go to host RAM).
-Every ``POLL_S`` the agent reads each awake engine's ``/metrics``: requests running or waiting there count
-as a use (``last_used``). The decisions are pure, in ``hpcserve.serving.agent_rules``.
+Every ``POLL_S`` the agent reads each engine's ``/metrics`` (not while it wakes or sleeps): requests
+running or waiting on an awake engine count as a use (``last_used``); an engine asleep with requests
+waiting (sent to it as it went to sleep) is woken like any other, so they do not wait for ever. The
+decisions are pure, in ``hpcserve.serving.agent_rules``.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from aiohttp import web
 from hpcserve.serving.agent_rules import (
     EngineState,
     EngineView,
+    Seen,
     UnknownModel,
     engines_body,
-    in_use,
     make_room,
+    seen,
     sleep_targets,
     victims,
     wake_body,
@@ -76,6 +79,7 @@ class ReplicaAgent:
         self.lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._parked: dict[str, asyncio.Task[None]] = {}  # wakes for requests parked on sleeping engines
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -87,6 +91,10 @@ class ReplicaAgent:
             self._poller = asyncio.create_task(self._poll(), name="agent-metrics-poll")
 
     async def close(self) -> None:
+        parked = list(self._parked.values())
+        for task in parked:
+            task.cancel()
+        await asyncio.gather(*parked, return_exceptions=True)
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -197,14 +205,17 @@ class ReplicaAgent:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
-            awake = [n for n, e in self.engines.items() if e.state is EngineState.AWAKE]
+            steady = [
+                n for n, e in self.engines.items() if e.state in (EngineState.AWAKE, EngineState.ASLEEP)
+            ]
             try:
-                await asyncio.gather(*(self._scrape(name) for name in awake))
+                await asyncio.gather(*(self._scrape(name) for name in steady))
             except Exception:  # never let one bad scrape end the polling
                 log.exception("agent: reading the engines' /metrics failed")
 
     async def _scrape(self, name: str) -> None:
-        """Mark ``name`` used when its /metrics shows requests running or waiting (errors are skipped)."""
+        """Mark ``name`` used when its /metrics shows requests running or waiting, and wake it when it is
+        asleep with requests parked (errors are skipped)."""
         url = f"http://{self.host}:{self.engines[name].port}/metrics"
         try:
             timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
@@ -212,8 +223,20 @@ class ReplicaAgent:
                 stats = parse_engine_metrics(await response.text())
         except (aiohttp.ClientError, TimeoutError, EngineMetricsError):
             return
-        if in_use(stats.running, stats.waiting):
+        found = seen(self.engines[name].state, stats.running, stats.waiting)
+        if found is Seen.USED:
             self._touch(name)
+        elif found is Seen.PARKED and name not in self._parked:
+            self._parked[name] = asyncio.create_task(self._wake_parked(name), name=f"agent-wake-{name}")
+
+    async def _wake_parked(self, name: str) -> None:
+        try:
+            log.info("agent: %s is asleep with requests parked: waking it", name)
+            await self.wake(name)
+        except EngineCallError as exc:
+            log.warning("agent: waking %s for its parked requests failed: %s", name, exc)
+        finally:
+            self._parked.pop(name, None)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:

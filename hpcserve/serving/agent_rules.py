@@ -5,7 +5,8 @@ A replica with sleep mode (a warm-tier deployment, or a model pool) runs one eng
 most ``max_awake`` of them holding GPU memory. An engine holds it while awake, and also while waking or
 going to sleep (its weights are on the GPU for part of that time), so those states count too. When a model
 must wake and the GPU is full, the awake engine used least recently sleeps first (LRU by ``last_used``:
-its last wake, or the last time the agent saw requests running or waiting on it).
+its last wake, or the last time the agent saw requests running or waiting on it). A sleeping engine that
+holds requests (sent to it just as it went to sleep) is woken, so none waits for ever.
 
 I/O lives in ``hpcserve.serving.agent`` (the HTTP server and the calls to the engines).
 """
@@ -89,6 +90,23 @@ def sleep_targets(engines: Mapping[str, EngineView], which: str) -> list[str]:
 def in_use(running: int, waiting: int) -> bool:
     """Whether an engine's scrape shows it used (requests running or waiting)."""
     return running + waiting > 0
+
+
+class Seen(StrEnum):
+    """What one /metrics scrape of an engine says: unused, used (``last_used`` moves on), or asleep with
+    requests parked in its queue (sent while it went to sleep, e.g. by a gateway whose view was a moment
+    old): those wait until it wakes, so the agent wakes it."""
+
+    IDLE = "idle"
+    USED = "used"
+    PARKED = "parked"
+
+
+def seen(state: EngineState, running: int, waiting: int) -> Seen:
+    """How to read one scrape of an engine in ``state``."""
+    if not in_use(running, waiting):
+        return Seen.IDLE
+    return Seen.PARKED if state is EngineState.ASLEEP else Seen.USED
 
 
 def member_gpu_utilization(gpu_fraction: float | None, max_awake: int) -> float:
