@@ -105,7 +105,7 @@ def test_no_free_slot_the_least_recently_used_awake_engine_sleeps() -> None:
         "http://node2:9000": _view(1, m=(9001, "asleep", 0), o=(9002, "waking", 0)),  # nothing awake to sleep
     }
     assert choose([A0, A1, A2], views) == Wake(A1, "m", victim="o")
-    assert choose([A2], views) is None
+    assert choose([A2], views) == Wake(A2, "m")  # queued behind the wake in progress at the agent
 
 
 def test_unknown_agents_and_engines_are_never_chosen() -> None:

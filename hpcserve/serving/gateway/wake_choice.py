@@ -9,7 +9,9 @@ model m, among the candidate endpoints (ready, not failed for this request), the
 3. a replica with a free awake slot (fewer than ``max_awake`` engines awake or waking), the most free
    slots first: wake m there, nothing sleeps;
 4. the replica whose least recently used awake engine was used longest ago: wake m there; the agent
-   first sleeps that engine (the ``victim``).
+   first sleeps that engine (the ``victim``);
+5. (every slot taken by engines waking) the first candidate: the agent's lock queues the wake behind
+   the ones in progress, and then makes room.
 
 A candidate whose agent gave no answer, or that lists no engine on the endpoint's port, is not chosen:
 the gateway never sends to an engine it does not know to be awake. Among equals the candidates' order
@@ -103,7 +105,8 @@ def choose(candidates: Sequence[Endpoint], views: Mapping[str, AgentView]) -> Se
     for endpoint, view, model in known:
         if view.engines[model].state == "waking":
             return Wake(endpoint, model)
-    return _free_slot(known) or _least_recent(known)
+    first = Wake(known[0][0], known[0][2]) if known else None
+    return _free_slot(known) or _least_recent(known) or first
 
 
 def _free_slot(known: Sequence[tuple[Endpoint, AgentView, str]]) -> Wake | None:
