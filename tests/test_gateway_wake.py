@@ -8,7 +8,7 @@ replica runs them.
 - concurrent requests to a sleeping model make one wake call, and count as waiting demand meanwhile;
 - in a pool, the replica where the model is awake serves it, with no wake; with no slot free the agent
   sleeps the least recently used model, and never more than max_awake are awake;
-- an engine put to sleep by someone else under a request in flight is woken again;
+- an engine put to sleep by someone else as a request is sent to it is woken again (by its agent);
 - a failed wake tries another replica; none left (or no agent answers): 503 with Retry-After.
 """
 
@@ -242,7 +242,7 @@ def test_a_pool_replica_sleeps_its_least_recently_used_model_to_wake_another() -
 def test_an_engine_put_to_sleep_under_a_request_in_flight_is_woken_again() -> None:
     """Another gateway, or the service moving the deployment to the warm tier, puts the engine to sleep
     while this gateway's view (up to 1 s old) still says awake: the request sent then is parked in the
-    engine, and the gateway's rescue wakes it."""
+    engine, and the replica's agent, seeing it parked, wakes the engine."""
 
     async def scenario(stack: AsyncExitStack) -> None:
         rep = await stack.enter_async_context(replica(stack, ["m"], 1, awake=("m",)))

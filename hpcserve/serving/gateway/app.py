@@ -7,8 +7,7 @@ own. Background tasks, started with the app: the routes source every ``refresh_i
 source (when given) every ``keys_refresh_interval_s``, ``report`` every ``report_interval_s``,
 ``usage_sink`` every ``usage_flush_interval_s`` (and once at shutdown). Each runs in a worker thread, so a
 source or sink may block (a database read); a failure is logged and the next tick tries again (the last
-good routes and keys stay in force). Every ``RESCUE_S``, engines behind a replica agent that fell asleep
-under requests in flight are woken (wake.py; nothing to do without agents).
+good routes and keys stay in force).
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ from hpcserve.serving.gateway.tenancy import reachable
 
 log = logging.getLogger(__name__)
 MISS_REFRESH_S = 0.25  # an unknown model re-reads the routes at most this often
-RESCUE_S = 1.0  # how often engines asleep under requests in flight are looked for (wake.py)
 STATE = web.AppKey("hpcserve.gateway.state", GatewayState)
 _encode = msgspec.json.Encoder().encode
 
@@ -69,7 +67,6 @@ class Gateway:
             asyncio.create_task(_every(cfg.refresh_interval_s, self.refresh, "refresh")),
             asyncio.create_task(_every(cfg.report_interval_s, self.tick, "report")),
             asyncio.create_task(_every(cfg.usage_flush_interval_s, self.flush, "usage flush")),
-            asyncio.create_task(_every(RESCUE_S, self.rescue, "wake rescue")),
         ]
         if self.key_source is not None:
             await _guarded(self.refresh_keys, "keys refresh")
@@ -115,11 +112,6 @@ class Gateway:
             log.info(
                 "API keys: %d live (%d new, %d gone)", len(after), len(after - before), len(before - after)
             )
-
-    async def rescue(self) -> None:
-        """Engines asleep under requests in flight are woken (wake.py, ``Waker.rescue``)."""
-        state = self.state
-        await state.waker.rescue(state.deployments.values(), state.outstanding)
 
     async def tick(self) -> None:
         state = self.state

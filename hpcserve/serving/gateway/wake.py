@@ -17,11 +17,11 @@ hpcserve.serving.agent). Before a request goes to such an endpoint, the gateway:
 
 It never sends to an engine it does not know to be awake, as of a view at most ``agent_max_age_s`` old:
 another gateway, or the service moving a deployment to the warm tier, may put an engine to sleep within
-that time; a request sent then waits parked in the engine, and ``rescue`` (every second) wakes an engine
-found asleep with requests parked in it. Waking counts toward the request's TTFT (the proxy's clock
-started when the request arrived). Requests held here count as waiting demand in the gateway's samples
-(``held``), as buffered ones do, so a warm deployment's requests reach the autoscaler. Endpoints without
-an agent never come here (the proxy checks ``endpoint.agent``).
+that time; a request sent then waits parked in the engine, and the replica's agent wakes an engine it
+finds asleep with requests parked in it (hpcserve.serving.agent). Waking counts toward the request's
+TTFT (the proxy's clock started when the request arrived). Requests held here count as waiting demand in
+the gateway's samples (``held``), as buffered ones do, so a warm deployment's requests reach the
+autoscaler. Endpoints without an agent never come here (the proxy checks ``endpoint.agent``).
 
 Metrics (``hpcserve_gateway_*``): ``wakes_total{model,result}`` (wake calls this gateway made: result
 ``woke``, ``awake`` when the model already was, ``failed``), ``wake_wait_seconds{model}`` (how long each
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Literal, TypeVar
 
 import aiohttp
@@ -41,7 +41,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from hpcserve.model.gateway import DeploymentRoute, Endpoint
-from hpcserve.serving.engine_stats import EngineMetricsError, parse_engine_metrics
 from hpcserve.serving.gateway.admission import Rejection
 from hpcserve.serving.gateway.config import GatewayConfig
 from hpcserve.serving.gateway.logs import OneLine
@@ -53,7 +52,6 @@ from hpcserve.serving.gateway.wake_choice import (
     Serve,
     Wake,
     choose,
-    engine_of,
 )
 
 log = logging.getLogger(__name__)
@@ -97,15 +95,6 @@ class AgentClient:
         url = f"{agent}/hpcserve/wake"
         raw = await self._call("POST", url, key, self.wake_timeout_s, {"model": model})
         return _decode(raw, WakeAnswer, agent)
-
-    async def parked(self, engine: str, key: str | None) -> int:
-        """Requests waiting or running in the engine at ``engine`` (its vLLM-style /metrics)."""
-        raw = await self._call("GET", f"{engine}/metrics", key, self.connect_timeout_s * 2)
-        try:
-            stats = parse_engine_metrics(raw.decode(errors="replace"))
-        except EngineMetricsError as err:
-            raise AgentError(f"engine {engine}: {err}") from None
-        return stats.waiting + stats.running
 
     async def _call(
         self, method: str, url: str, key: str | None, timeout: float, params: dict[str, str] | None = None
@@ -283,39 +272,6 @@ class Waker:
         self.wakes[(deployment, result)] = self.wakes.get((deployment, result), 0) + 1
 
     # -- upkeep ---------------------------------------------------------------------------------------
-    async def rescue(self, routes: Iterable[DeploymentRoute], outstanding: Mapping[str, int]) -> None:
-        """Wake the engines this gateway has requests in flight to that are asleep now. A view may be up
-        to ``agent_max_age_s`` old: a request sent in that moment after another gateway (or the service,
-        moving a deployment to the warm tier) put its engine to sleep waits parked in the engine until
-        something wakes it. The gateway calls this every second; it costs nothing without agents."""
-        if not self.views or not outstanding:
-            return
-        sent = [
-            (r.name, e) for r in routes for e in r.endpoints if e.agent is not None and e.url in outstanding
-        ]
-        if not sent:
-            return
-        await self._read([e for _, e in sent])
-        views, checks = self._views(), []
-        for name, endpoint in sent:
-            found = engine_of(endpoint, views)
-            if found is not None and found[0].engines[found[1]].state == "asleep":
-                checks.append(self._wake_if_parked(name, endpoint, found[1]))
-        await asyncio.gather(*checks)
-
-    async def _wake_if_parked(self, deployment: str, endpoint: Endpoint, model: str) -> None:
-        """Wake ``model`` if its engine holds requests parked (its /metrics: waiting or running while
-        asleep); requests that finished there and are still being relayed to their clients are not."""
-        try:
-            parked = await self.client.parked(endpoint.url, endpoint.key)
-        except AgentError as err:
-            self.log.warning("deployment %s: %s", deployment, err)
-            return
-        if parked:
-            self.log.warning("deployment %s: %d requests parked in %s, asleep: waking it", deployment, parked,
-                             endpoint.url)  # fmt: skip
-            await self._wake(Wake(endpoint, model), deployment)
-
     def prune(self, routes: Iterable[DeploymentRoute]) -> None:
         """Forget agents no route names any more, and the counters of deployments gone."""
         agents: set[str] = set()
