@@ -106,8 +106,9 @@ def test_a_members_engine_gets_its_share_of_the_gpu_unless_it_sets_one() -> None
     assert quarter.engine_args["gpu-memory-utilization"] == 0.25
     own = member.model_copy(update={"engine_args": {"gpu-memory-utilization": 0.3}})
     assert member_engine_spec(shape, own).engine_args == {"gpu-memory-utilization": 0.3}
-    sim_shape = shape.model_copy(update={"engine": "simulator"})
-    assert "gpu-memory-utilization" not in member_engine_spec(sim_shape, member).engine_args
+    sim = member_engine_spec(shape.model_copy(update={"engine": "simulator"}), member)
+    argv = simulator_argv(sim, ANY, 8000)
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.45" and SLEEP_MODE_FLAG in argv
 
 
 def test_engine_specs_of_a_plain_deployment_and_of_a_pool() -> None:

@@ -113,7 +113,9 @@ def test_each_engine_runs_as_alice_in_sleep_mode(pool: Pool) -> None:
     alice = str(lookup_owner("alice").uid)
     for port in pool.replica.models.values():
         proc = Path("/proc") / str(engine_pid(port))
-        assert b"--enable-sleep-mode" in (proc / "cmdline").read_bytes().split(b"\0")
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+        assert b"--enable-sleep-mode" in argv
+        assert argv[argv.index(b"--gpu-memory-utilization") + 1] == b"0.45"  # 0.9 / MAX_AWAKE
         assert b"VLLM_SERVER_DEV_MODE=1" in (proc / "environ").read_bytes().split(b"\0")
         uids = next(line.split()[1:] for line in (proc / "status").read_text().splitlines()
                     if line.startswith("Uid:"))  # fmt: skip

@@ -55,9 +55,9 @@ def engine_specs(shape: DeploymentSpec, members: Sequence[DeploymentSpec] | None
 
 def member_engine_spec(shape: DeploymentSpec, member: DeploymentSpec) -> DeploymentSpec:
     """A member's engine in the pool's replica: the pool's engine and GPUs, the member's model and
-    engine args, its memory share of the GPUs (vllm) unless it sets one, and sleep mode."""
+    engine args, its memory share of the GPUs unless it sets one, and sleep mode."""
     args = dict(member.engine_args)
-    if shape.engine is Engine.VLLM and GPU_UTILIZATION not in args:
+    if GPU_UTILIZATION not in args:  # the engine simulator takes it too, as vLLM does
         args[GPU_UTILIZATION] = member_gpu_utilization(shape.gpu_fraction, shape.pool_max_awake)
     simulator = member.simulator if shape.engine is Engine.SIMULATOR else None
     update = {"engine": shape.engine, "gpus_per_replica": shape.gpus_per_replica, "engine_args": args,
