@@ -62,9 +62,10 @@ class EngineCallError(Exception):
 
 
 class ReplicaAgent:
-    """The engines of one replica and their sleep states. ``engines`` maps each served model name to its
-    engine's port on ``host`` (this node); ``key`` is the engine key the agent's callers must present
-    (and that it sends the engines); ``clock`` gives unix seconds (``last_used``)."""
+    """The engines of one replica and their sleep states, by served model name (``add_engine`` as the
+    replica starts each, on ``host``: this node); ``key`` is the engine key the agent's callers must
+    present (and that it sends the engines); ``clock`` gives unix seconds (``last_used``). A client that
+    goes away mid-wake does not cut the wake short (aiohttp lets the handler finish)."""
 
     def __init__(
         self,
