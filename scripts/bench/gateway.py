@@ -466,7 +466,7 @@ def verdict(ok: bool) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if not (REPO / "hpcserve" / "serving" / "engine_sim.py").exists():
+    if not (REPO / "hpcserve" / "enginesim" / "server.py").exists():
         raise SystemExit("the engine simulator (hpcserve/enginesim/server.py) is not there yet")
     started = time.monotonic()
     bench(args)
