@@ -48,6 +48,7 @@ from hpcserve.serving.residency import (
 )
 from hpcserve.serving.scaling import STATE_PREFIX, GpuLimit, ScalerRecord, cap_scale_up, state_name
 from hpcserve.serving.tags import parse_replica_tag
+from hpcserve.serving.unstage import Unstager
 from hpcserve.slurm.shared_view import saw_change
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from hpcserve.serving.engine_stats import EngineStats
     from hpcserve.serving.launcher import Launched, ReplicaLauncher
     from hpcserve.serving.spec import DeploymentSpec
+    from hpcserve.serving.tiers import Tier
     from hpcserve.slurm.models import Job
     from hpcserve.slurm.protocol import SlurmClient
     from hpcserve.store import Deployment, HistoryStore, Replica
@@ -106,9 +108,11 @@ class ServingController:
     calm: bool = False  # this tick, so far: every replica ready and answering, nothing done
     agent: AgentCall = call_agent  # a replica agent's HTTP (hpcserve.serving.residency)
     residency: Residency = field(init=False)
+    unstage: Unstager = field(init=False)  # the warm copies of deployments gone off, removed as the owner
 
     def __post_init__(self) -> None:
         self.residency = Residency(self.store, self.agent)
+        self.unstage = Unstager(self.store, self.launcher)
 
     def tick(self) -> None:
         all_jobs = [j for j in _read(self.client, "jobs") if not j.state.is_terminal]
@@ -121,6 +125,7 @@ class ServingController:
         self.ignored &= {job.id for jobs in tagged.values() for job in jobs}  # logged while they last
         listed = self.store.list_deployments()
         tick.pools = PoolLoad(members_of(listed))
+        self.unstage.begin(listed)
         for deployment in listed:
             if pool_of(deployment.spec) is not None:
                 continue  # a pool's member: no replicas of its own, the pool's row runs them
@@ -138,8 +143,7 @@ class ServingController:
         jobs = {i: job for i, job in jobs.items() if i not in dead}  # cancelled: left to finish
         stats = self._scrape(deployment.name, replicas, tick.now)
         desired = self._autoscale(deployment, replicas, stats, tick)
-        if not deployment.deleted:
-            self._tier(deployment, replicas, stats, tick)
+        tier = None if deployment.deleted else self._tier(deployment, replicas, stats, tick)
         stalled = self.stalls.update(deployment.name, stats, tick.now)
         leaving = frozenset(i for i, job in jobs.items() if tick.draining.intersection(job.nodes))
         leaving |= tick.pools.stale(deployment, replicas)  # a pool's members changed: new replicas
@@ -155,6 +159,9 @@ class ServingController:
             for job in jobs.values():
                 if job.state.is_pending and job.reason in EVICT_FOR:
                     self.evict(job, tick.jobs, tick.now)
+        if tier is not None:  # off: nothing staged (hpcserve.serving.unstage)
+            self.unstage.note(deployment, replicas, jobs, tick.pools.specs(deployment))
+            self.unstage.tidy(deployment, tier, len(rows), tick.submitter)
 
     def _trusted(self, deployment: Deployment, rows: list[Replica], tagged: list[Job]) -> dict[int, Job]:
         """The replicas' own jobs by index; any other job tagged with the deployment is logged once."""
@@ -215,12 +222,12 @@ class ServingController:
         return GpuLimit(rules.max_gpus_per_user, rules.max_gpus_per_job, used, deployment.owner)
 
     def _tier(self, deployment: Deployment, replicas: list[Replica], stats: Mapping[int, EngineStats],
-              tick: _Tick) -> None:  # fmt: skip
+              tick: _Tick) -> Tier:  # fmt: skip
         """The residency tier: decided from the autoscaler's idle time, demand and the floor; applied."""
         record = tick.records.get(deployment.name, ScalerRecord())
         demand = tick.waiting.get(deployment.name, 0) > 0 or any(_inflight(stats).values())
-        self.residency.apply(deployment, replicas, record.state.last_traffic, demand,
-                             tick.floors.get(deployment.name, 0), tick.now)  # fmt: skip
+        return self.residency.apply(deployment, replicas, record.state.last_traffic, demand,
+                                    tick.floors.get(deployment.name, 0), tick.now).tier  # fmt: skip
 
     def _waiting(self, deployment: Deployment, tick: _Tick) -> int:
         """The gateways' buffer for ``deployment``; for a pool, summed over its members (the gateway

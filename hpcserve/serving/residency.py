@@ -10,7 +10,8 @@ around them:
   idempotent; the jobs are kept); a call that fails is logged and made again at the next tick;
 - hot again because of the forecast floor (not a request: the gateway wakes on demand): every ready
   replica's engine is woken (``POST /hpcserve/wake``), so the burst finds it awake;
-- cold and off are the autoscaler's scale to zero (the same idle window); nothing else to do here.
+- cold and off are the autoscaler's scale to zero (the same idle window); off also removes the warm copies
+  the replicas staged, by a job of the owner on each node (``hpcserve.serving.unstage``, from the controller).
 
 Agent calls carry the replica's engine key (``Authorization: Bearer``) and a short timeout; a tick waits
 for the slowest replica, not for their sum.

@@ -1,0 +1,180 @@
+"""The off tier made true: the controller's I/O around ``hpcserve.serving.warm_copies``.
+
+Each tick, for each deployment:
+- ``note``: the (node, warm copy) of each ready replica is remembered in the service state
+  ``staged:<deployment>`` (a pool's: each member's copy, as its replica stages it). The nodes are the
+  replica job's (squeue), else the host it announced; a replica whose phases say it staged nothing is
+  skipped;
+- ``tidy``: once the deployment is off with no replica left, one small job per node, submitted AS THE
+  OWNER (``sbatch`` through ``OwnerRunner``, as the owner's replicas are, with the policy's inference class
+  and no GPU), runs ``python -I -m hpcserve.serving.warm_cleanup FOLDER...`` on that node: it removes only
+  folders holding hpcserve's staging manifest. The service itself never deletes a path the owner controls.
+  A node whose job was submitted is forgotten; a failed submit is logged and tried again next tick.
+
+A later start stages again ("copied"). The job's log is ``unstage-<job id>.out`` in the owner's replica
+folder of the deployment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hpcserve.config.policy import JobClassName
+from hpcserve.serving.pools import is_pool
+from hpcserve.serving.tiers import Tier
+from hpcserve.serving.warm_copies import NONE, Staged, plan_removal, warm_copy
+
+if TYPE_CHECKING:
+    from hpcserve.jobs.submit import Submitter
+    from hpcserve.serving.launcher import ReplicaLauncher
+    from hpcserve.serving.spec import DeploymentSpec
+    from hpcserve.slurm.models import Job
+    from hpcserve.store import Deployment, HistoryStore, Replica
+
+log = logging.getLogger("hpcserve.serving")
+STATE_PREFIX = "staged:"
+CLEANUP_KIND = "unstage"  # the job's tag: hpcserve:unstage:<deployment>
+CLEANUP_TIME_S = 300
+CLEANUP_MODULE = "hpcserve.serving.warm_cleanup"
+
+
+def cleanup_script(python: str, folders: Sequence[str]) -> str:
+    """The cleanup job's batch script: the helper with each folder as one quoted argument."""
+    argv = [python, "-I", "-m", CLEANUP_MODULE, *folders]
+    return "#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in argv) + "\n"
+
+
+def staged_by(replica: Replica, nodes: Sequence[str], specs: Sequence[DeploymentSpec],
+              pool: bool) -> list[tuple[str, str]]:  # fmt: skip
+    """The (node, warm copy) pairs a ready replica staged, from the specs it was launched with."""
+    kind = ((replica.phases or {}).get("staging") or {}).get("kind")
+    if replica.state != "ready" or (kind == NONE and not pool):
+        return []
+    pairs = ((node, warm_copy(s.warm_tier, s.model, node)) for node in nodes for s in specs)
+    return [(node, path) for node, path in pairs if path is not None]
+
+
+@dataclass
+class Unstager:
+    """The warm copies of every deployment, as the service remembers them (read once, then written
+    through), and their removal by the owners' jobs."""
+
+    store: HistoryStore
+    launcher: ReplicaLauncher
+    records: dict[str, Staged] | None = None
+    tiers: dict[str, Tier] = field(default_factory=dict)  # this tick's tier of every deployment
+
+    def begin(self, listed: Sequence[Deployment]) -> None:
+        """A new tick: the records loaded on first use, those of deployments gone forgotten."""
+        if self.records is None:
+            stored = self.store.states(STATE_PREFIX)
+            self.records = {k.removeprefix(STATE_PREFIX): Staged.from_json(v) for k, v in stored.items()}
+        self.tiers = {d.name: Tier.of(d.tier) for d in listed}
+        for name in [n for n in self.records if n not in self.tiers]:
+            del self.records[name]
+            self.store.delete_state(f"{STATE_PREFIX}{name}")
+
+    def note(self, deployment: Deployment, replicas: Sequence[Replica], jobs: Mapping[int, Job],
+             members: Sequence[Mapping[str, Any]] | None) -> None:  # fmt: skip
+        """Remember the warm copies of the deployment's ready replicas."""
+        specs = self._specs(deployment, members)
+        if not specs:
+            return
+        seen = [pair for r in replicas
+                for pair in staged_by(r, _nodes(r, jobs), specs, members is not None)]  # fmt: skip
+        old = self._record(deployment.name)
+        if not seen or set(seen) <= old.pairs():
+            return
+        self._put(deployment.name, old.with_seen(seen))
+
+    def tidy(self, deployment: Deployment, tier: Tier, replicas: int, submitter: Submitter) -> None:
+        """Once off with no replica left: one cleanup job per node as the owner; nodes done forgotten."""
+        staged = self._record(deployment.name)
+        removal = plan_removal(staged, tier, replicas, self._needed_elsewhere(deployment.name))
+        if not removal.remove and not removal.shared:
+            return
+        for node, path in removal.shared:
+            log.info(
+                "deployment %s: warm copy %s on %s left to another deployment", deployment.name, path, node
+            )
+            staged = staged.without(node, [path])
+        for node, folders in removal.remove.items():
+            try:
+                job_id = self.submit(submitter, deployment, node, folders)
+            except Exception as exc:  # the next tick tries again
+                log.warning(
+                    "deployment %s: cannot submit the warm cleanup on %s: %s", deployment.name, node, exc
+                )
+                continue
+            log.info("deployment %s: off: removing its warm copies on %s as %s (job %s): %s",
+                     deployment.name, node, deployment.owner, job_id, ", ".join(folders))  # fmt: skip
+            staged = staged.without(node)
+        self._put(deployment.name, staged)
+
+    def submit(self, submitter: Submitter, deployment: Deployment, node: str, folders: Sequence[str]) -> str:
+        """sbatch the cleanup of ``folders`` on ``node`` as the deployment's owner; the job id."""
+        from hpcserve.jobs.runas import OwnerRunner
+        from hpcserve.jobs.spec import JobRequest
+        from hpcserve.serving.launcher import replica_folder
+        from hpcserve.slurm.cli_backend import CliSlurmClient
+
+        launcher = self.launcher
+        owner = launcher.owner_of(deployment.owner)
+        folder = replica_folder(launcher.replica_dir, owner.user, deployment.name)
+        request = JobRequest(JobClassName.INFERENCE, f"{deployment.name}-unstage", owner.user,
+                             deployment.spec.get("partition"), time_s=CLEANUP_TIME_S,
+                             account=deployment.account, output=str(folder / "unstage-%j.out"))  # fmt: skip
+        job, _ = submitter.plan(request, kind=CLEANUP_KIND)
+        args = [*dataclasses.replace(job, nodelist=(node,)).sbatch_args(), f"--chdir={folder}"]
+        sbatch = CliSlurmClient(
+            OwnerRunner(launcher.runner, launcher.method, owner), timeout=launcher.timeout_s
+        )
+        return sbatch.submit(cleanup_script(launcher.python, folders), args)
+
+    def _specs(
+        self, deployment: Deployment, members: Sequence[Mapping[str, Any]] | None
+    ) -> list[DeploymentSpec]:
+        """The specs whose weights the replicas stage: a pool's members as launched, else the deployment's
+        own with the site's storage applied (as the launcher hands it to the job)."""
+        from hpcserve.serving.site_storage import is_folder, with_site_storage
+        from hpcserve.serving.spec import DeploymentSpec
+
+        if members is not None:
+            return [DeploymentSpec.model_validate(m) for m in members]
+        if is_pool(deployment.spec):
+            return []
+        spec = DeploymentSpec.model_validate(deployment.spec)
+        storage = getattr(self.launcher, "storage", None)  # a launcher without one stages as the spec says
+        return [with_site_storage(spec, storage, getattr(self.launcher, "is_dir", is_folder))]
+
+    def _needed_elsewhere(self, name: str) -> frozenset[tuple[str, str]]:
+        """The copies other deployments, not off, staged."""
+        records = self.records or {}
+        return frozenset(pair for other, staged in records.items()
+                         if other != name and self.tiers.get(other, Tier.HOT) is not Tier.OFF
+                         for pair in staged.pairs())  # fmt: skip
+
+    def _record(self, name: str) -> Staged:
+        return (self.records or {}).get(name, Staged())
+
+    def _put(self, name: str, staged: Staged) -> None:
+        if self.records is None:
+            self.records = {}
+        if staged.nodes:
+            self.records[name] = staged
+            self.store.put_state(f"{STATE_PREFIX}{name}", staged.to_json())
+        elif self.records.pop(name, None) is not None:
+            self.store.delete_state(f"{STATE_PREFIX}{name}")
+
+
+def _nodes(replica: Replica, jobs: Mapping[int, Job]) -> Sequence[str]:
+    """The replica job's nodes (squeue), else the host it announced."""
+    job = jobs.get(replica.index)
+    if job is not None and job.nodes:
+        return job.nodes
+    return (replica.host,) if replica.host else ()

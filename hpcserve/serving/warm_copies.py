@@ -1,0 +1,89 @@
+"""Where a deployment's weights lie staged on node-local disk, and when to remove them (pure: no I/O).
+
+The off tier means "nothing staged". A replica stages its weights into its warm tier on its node
+(``hpcserve.serving.replica``: ``warm_tier`` with ``{node}`` = the node's name, then the model folder's
+name) before its engine starts. The service remembers each (node, warm copy) a ready replica of the
+deployment staged (``Staged``, kept in the service state ``staged:<deployment>``), since the replica rows
+are gone once it is cold. Once the deployment is off, with no replica left, each node's copies are removed
+by a job of the owner on that node (``hpcserve.serving.unstage``); a node whose job was submitted is
+forgotten. A copy that another deployment, not off, also staged on that node (the same model in the same
+warm tier) is left to that one and forgotten here.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from hpcserve.serving.tiers import Tier
+
+NONE = "none"  # the staging kind of a replica that staged nothing (``hpcserve.serving.phases``)
+
+
+def warm_copy(warm_tier: str | None, model: str, node: str) -> str | None:
+    """The folder a replica on ``node`` stages ``model`` into (as ``replica._stage`` does), or None when
+    nothing is staged: no warm tier, or a model that is no absolute folder path (a hub id)."""
+    if not warm_tier or not model.startswith("/") or not node:
+        return None
+    name = posixpath.basename(posixpath.normpath(model))
+    if name in ("", ".", "..", "/"):
+        return None
+    return posixpath.join(warm_tier.replace("{node}", node), name)
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """Each node's warm copies of one deployment: node -> sorted folders."""
+
+    nodes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def with_seen(self, seen: Iterable[tuple[str, str]]) -> Staged:
+        """These copies with ``seen`` (node, folder) pairs added."""
+        merged = {node: set(paths) for node, paths in self.nodes.items()}
+        for node, path in seen:
+            merged.setdefault(node, set()).add(path)
+        return Staged({node: tuple(sorted(paths)) for node, paths in sorted(merged.items())})
+
+    def without(self, node: str, paths: Iterable[str] = ()) -> Staged:
+        """These copies less ``paths`` on ``node`` (all of the node's when none are named)."""
+        gone, left = set(paths), dict(self.nodes)
+        kept = tuple(p for p in left.pop(node, ()) if gone and p not in gone)
+        return Staged({**left, node: kept} if kept else left)
+
+    def pairs(self) -> set[tuple[str, str]]:
+        return {(node, path) for node, paths in self.nodes.items() for path in paths}
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {node: list(paths) for node, paths in self.nodes.items()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object] | None) -> Staged:
+        """The stored record; what does not read as node -> list of paths is left out."""
+        nodes = {}
+        for node, paths in (data or {}).items():
+            if isinstance(paths, list) and all(isinstance(p, str) for p in paths) and paths:
+                nodes[str(node)] = tuple(sorted(set(paths)))
+        return cls(nodes)
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """What to do this tick: the copies to remove, by node (one owner's job each), and the ones another
+    deployment still needs (forgotten here, left on disk)."""
+
+    remove: Mapping[str, tuple[str, ...]]
+    shared: frozenset[tuple[str, str]] = frozenset()
+
+
+def plan_removal(staged: Staged, tier: Tier, live_replicas: int,
+                 needed_elsewhere: frozenset[tuple[str, str]]) -> Removal:  # fmt: skip
+    """The copies to remove now: only once the deployment is off and has no replica left (a replica
+    starting would stage again), and never a copy another deployment (not off) staged on that node."""
+    if tier is not Tier.OFF or live_replicas or not staged.nodes:
+        return Removal({})
+    shared = frozenset(staged.pairs() & needed_elsewhere)
+    remove = {
+        node: tuple(p for p in paths if (node, p) not in shared) for node, paths in staged.nodes.items()
+    }
+    return Removal({node: paths for node, paths in remove.items() if paths}, shared)

@@ -1,0 +1,161 @@
+"""The off tier on the real cluster: nothing stays staged. alice serves the engine simulator from the site's
+cold tier with a node-local warm tier (the site's storage section), a short ``idle_to_zero_s`` and
+``off_after_s``. A request through the gateway starts her replica, which stages ("copied") on its node;
+idle, the deployment goes cold (no job, the copy kept) and then off: the service submits a small job AS
+ALICE on that node (sacct: User=alice) that removes the warm copy, and only that folder. A later request
+starts a replica that stages again ("copied")."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from hpcserve.serving.gateway.keys import hash_key
+from hpcserve.serving.phases import StartPhases
+from hpcserve.serving.staging import MANIFEST
+from hpcserve.serving.unstage import CLEANUP_KIND
+from hpcserve.slurm.cli_backend import CliSlurmClient
+from hpcserve.store import HistoryStore, Replica
+from tests.conftest import PREFIX, wait_until
+from tests.test_serving_cluster import KEY, Serving, _up, chat
+
+pytestmark = pytest.mark.cluster
+MODEL = "tiny-weights"  # a folder of the cold tier, named relative: the site's cold tier resolves it
+FILES = {"config.json": 64, "model.safetensors": 4 << 20}
+IDLE_TO_ZERO_S, OFF_AFTER_S = 4, 20
+
+
+class Rig(Serving):
+    """The gateway (alice's key) and the service, with the site's cold and warm tiers of this test."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.cold, self.warm = root / "cold", root / "warm"
+        site = yaml.safe_load((root / "site.yaml").read_text())
+        site["storage"] = {"cold": {"path": str(self.cold)}, "warm": {"path": f"{self.warm}/{{node}}"}}
+        (root / "site.yaml").write_text(yaml.safe_dump(site))
+        keys = {"keys": [{"id": "alice", "owner": "alice", "sha256": hash_key(KEY)}]}
+        (root / "keys.yaml").write_text(yaml.safe_dump(keys))
+
+    def as_alice(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in self.env.items() if not k.startswith("HPCSERVE_DATABASE")}
+        return subprocess.run(["runuser", "-u", "alice", "--", sys.executable, "-m", "hpcserve", *args],
+                              capture_output=True, text=True, env=env, timeout=120, check=False,
+                              cwd="/")  # fmt: skip
+
+    def replicas(self, name: str) -> list[Replica]:
+        with HistoryStore(self.env["HPCSERVE_DATABASE_URL"]) as store:
+            return store.replicas(name)
+
+    def tier(self, name: str) -> str | None:
+        with HistoryStore(self.env["HPCSERVE_DATABASE_URL"]) as store:
+            deployment = store.get_deployment(name)
+        return None if deployment is None else deployment.tier
+
+    def ready(self, name: str, after: str | None = None) -> Replica:
+        found: list[Replica] = []
+
+        def ready() -> bool:
+            found[:] = [
+                r for r in self.replicas(name) if r.state == "ready" and r.job_id != after and r.phases
+            ]
+            return bool(found)
+
+        wait_until(ready, timeout=120, interval=0.5)
+        return found[0]
+
+
+@pytest.fixture
+def rig(slurm: CliSlurmClient) -> Iterator[Rig]:
+    root = PREFIX / "jobs" / f"unstage-{uuid.uuid4().hex[:8]}"  # every node and every user can reach it
+    root.mkdir(parents=True)
+    root.chmod(0o755)
+    rig = Rig(root)
+    for rel, size in FILES.items():
+        path = rig.cold / MODEL / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(size))
+    rig.warm.mkdir()
+    rig.warm.chmod(0o1777)  # alice's replicas make their node's folder in it
+    assert rig.cli("db", "upgrade").returncode == 0
+    keys = str(root / "keys.yaml")
+    rig.start(
+        "gateway", "--port", str(rig.port), "--keys", keys, "--metrics-listen", "off", log="gateway.log"
+    )
+    rig.start("service", "--rebalance-interval", "0", "--metrics-port", "0", log="service.log")
+    wait_until(lambda: _up(rig.url("/health")) and rig.socket.exists(), timeout=30)
+    yield rig
+    rig.stop()
+    leftovers = [j.id for j in slurm.jobs() if j.tag and any(name in j.tag for name in rig.names)]
+    if leftovers:
+        slurm.cancel(leftovers)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def first_answer(rig: Rig, name: str) -> httpx.Response:
+    """A chat answer, asked again while the gateway has not read the new deployment's route (404)."""
+    answers: list[httpx.Response] = []
+
+    def answered() -> bool:
+        answers.append(chat(rig, name, timeout=180))
+        return answers[-1].status_code != 404
+
+    wait_until(answered, timeout=15, interval=0.5)
+    return answers[-1]
+
+
+def test_off_removes_the_warm_copy_as_the_owner_and_a_later_start_copies_again(
+    rig: Rig, slurm: CliSlurmClient
+) -> None:
+    name = rig.name("unstage")
+    out = rig.as_alice("serve", MODEL, "--name", name, "--engine", "simulator", "--gpus-per-replica", "1",
+                       "--min-replicas", "0", "--max-replicas", "1", "--idle-to-zero", str(IDLE_TO_ZERO_S),
+                       "--off-after", str(OFF_AFTER_S))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert first_answer(rig, name).status_code == 200  # from zero: starts alice's replica
+    replica = rig.ready(name)
+    assert StartPhases.from_json(replica.phases).staging.kind == "copied"
+    node = str(replica.host)
+    warm = rig.warm / node / MODEL
+    assert (warm / MANIFEST).is_file() and warm.stat().st_uid != 0  # alice's copy
+    keep = rig.warm / node / "alices-own"  # a folder hpcserve did not stage, beside it
+    keep.mkdir()
+
+    seen: list[str | None] = []
+
+    def off() -> bool:
+        tier = rig.tier(name)
+        if not seen or seen[-1] != tier:
+            seen.append(tier)
+        return tier == "off"
+
+    wait_until(off, timeout=IDLE_TO_ZERO_S + OFF_AFTER_S + 60, interval=0.5)
+    assert "cold" in seen and rig.replicas(name) == [], seen  # cold first: no job, the copy kept
+    wait_until(lambda: not warm.exists(), timeout=60, interval=0.5)
+    assert keep.is_dir()
+
+    folder = rig.root / "replicas" / "alice" / name
+    (log,) = folder.glob("unstage-*.out")
+    job_id = log.name.removeprefix("unstage-").removesuffix(".out")
+    assert f"removed {warm}" in log.read_text()
+    wait_until(lambda: bool(slurm.accounting([job_id])), timeout=30)
+    (record,) = slurm.accounting([job_id])
+    assert (record.user, record.nodes, record.exit_code) == ("alice", (node,), "0:0"), record
+    assert record.name == f"{name}-{CLEANUP_KIND}"
+
+    started = time.monotonic()
+    assert first_answer(rig, name).status_code == 200  # off -> hot: a new replica stages again
+    again = rig.ready(name, after=replica.job_id)
+    phases = StartPhases.from_json(again.phases)
+    print(f"after off: {phases.summary()} ({time.monotonic() - started:.1f}s to the answer)")
+    assert phases.staging.kind == "copied" and rig.tier(name) == "hot"
