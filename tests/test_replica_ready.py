@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from hpcserve.errors import HpcserveError
-from hpcserve.serving.replica import wait_healthy
+from hpcserve.serving.engine_proc import wait_healthy
 
 KEY = "engine-key"
 
@@ -80,11 +80,11 @@ def test_slurms_time_limit_warning_ends_neither_the_replica_nor_its_engine() -> 
     starts (as the replica starts it: USR2 ignored before the spawn); the service hands it over instead."""
     code = (
         "import os, signal, subprocess, sys, time\n"
-        "from hpcserve.serving.replica import _ignore_time_limit_warning\n"
+        "from hpcserve.serving.engine_proc import ignore_time_limit_warning\n"
         "signal.signal(signal.SIGUSR2, lambda *a: os._exit(3))  # what submitit's handler amounts to\n"
         "signal.signal(signal.SIGUSR2, signal.SIG_IGN)\n"
         "engine = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1.5)'])\n"
-        "_ignore_time_limit_warning()\n"
+        "ignore_time_limit_warning()\n"
         "time.sleep(0.5)\n"
         "os.kill(engine.pid, signal.SIGUSR2)\n"
         "os.kill(os.getpid(), signal.SIGUSR2)\n"

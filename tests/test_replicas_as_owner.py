@@ -33,10 +33,11 @@ from hpcserve.config import load_policy, load_site_config
 from hpcserve.errors import SlurmCommandError
 from hpcserve.jobs.runas import Owner, as_owner, owner_environ, owner_prefix
 from hpcserve.jobs.submit import Submitter
+from hpcserve.serving.engine_proc import engine_environ
 from hpcserve.serving.gateway_store import routes_from_store
 from hpcserve.serving.launcher import ReplicaLauncher, lookup_owner, prepare_replica_root, replica_folder
 from hpcserve.serving.owner_files import encode_files
-from hpcserve.serving.replica import ANNOUNCE_PATH, ReplicaCredentials, engine_environ, secret_file_name
+from hpcserve.serving.replica import ANNOUNCE_PATH, ReplicaCredentials, secret_file_name
 from hpcserve.serving.tags import secret_hash
 from hpcserve.slurm.cli_backend import CliSlurmClient
 from hpcserve.slurm.runner import SubprocessRunner

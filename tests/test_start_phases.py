@@ -19,8 +19,8 @@ from hpcserve.api.replicas import announce, parse_announce
 from hpcserve.config import load_policy, load_site_config
 from hpcserve.errors import ValidationError
 from hpcserve.service.metrics import ServiceMetrics
+from hpcserve.serving.engine_proc import free_port
 from hpcserve.serving.phases import STAGING_KINDS, Staging, StartPhases
-from hpcserve.serving.replica import free_port
 from hpcserve.serving.start_probe import first_token_s, measure_start
 from hpcserve.serving.tags import secret_hash
 from hpcserve.store import HistoryStore, Replica

@@ -24,20 +24,43 @@ import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from hpcserve.errors import HpcserveError
-from hpcserve.serving import replica as job
 from hpcserve.serving.agent import ReplicaAgent, serve
 from hpcserve.serving.agent_rules import member_gpu_utilization
-from hpcserve.serving.replica import ReplicaMain, engine_argv, engine_environ, free_port, wait_healthy
+from hpcserve.serving.engine_proc import (
+    engine_argv,
+    engine_environ,
+    free_port,
+    ignore_time_limit_warning,
+    wait_healthy,
+)
+from hpcserve.serving.phases import StartPhases
 from hpcserve.serving.spec import DeploymentSpec, Engine
-from hpcserve.serving.start_probe import measure_start
+from hpcserve.serving.start_probe import measure_start, stage
 from hpcserve.serving.vllm_cmd import DEV_MODE_ENV
 
 GPU_UTILIZATION = "gpu-memory-utilization"
 EXIT_POLL_S = 0.2
 STOP_WAIT_S = 30.0  # Slurm's KillWait: the engines drain within it
+
+
+class ReplicaJob(Protocol):
+    """What this module needs of the replica job that runs it (``hpcserve.serving.replica.ReplicaMain``,
+    which calls ``serve_with_agent``): its ready timeout, its credentials, the start it measures, and
+    its announcement and telemetry."""
+
+    ready_timeout_s: float
+    start_phases: StartPhases | None
+
+    def credentials(self) -> Any: ...
+
+    def announce(
+        self, deployment: str, host: str, port: int, deadline: float, models: dict[str, int] | None = None
+    ) -> None: ...
+
+    def report_telemetry(self, deployment: str) -> None: ...
 
 
 def engine_specs(shape: DeploymentSpec, members: Sequence[DeploymentSpec] | None) -> list[DeploymentSpec]:
@@ -113,7 +136,7 @@ class EngineProcesses:
         return next((code for code in codes if code), 0)
 
 
-def serve_with_agent(main: ReplicaMain, shape: DeploymentSpec, members: list[DeploymentSpec] | None) -> int:
+def serve_with_agent(main: ReplicaJob, shape: DeploymentSpec, members: list[DeploymentSpec] | None) -> int:
     """Run the replica's engines and its agent until the engines exit; their exit status (the first
     nonzero one, else 0)."""
     if shape.engine is Engine.VLLM and shape.nodes_per_replica > 1:
@@ -127,7 +150,7 @@ def serve_with_agent(main: ReplicaMain, shape: DeploymentSpec, members: list[Dep
 
 
 async def _serve(
-    main: ReplicaMain, shape: DeploymentSpec, members: list[DeploymentSpec] | None, engines: EngineProcesses
+    main: ReplicaJob, shape: DeploymentSpec, members: list[DeploymentSpec] | None, engines: EngineProcesses
 ) -> int:
     key = main.credentials().engine_key
     deadline = time.monotonic() + main.ready_timeout_s
@@ -140,7 +163,7 @@ async def _serve(
             staged = _staged(spec, members)
             port = await asyncio.to_thread(_start_engine, main, staged, key, deadline, engines)
             await agent.add_engine(spec.served_model_name, port)
-        job._ignore_time_limit_warning()  # only now: a handler (unlike SIG_IGN) is not inherited across exec
+        ignore_time_limit_warning()  # only now: a handler (unlike SIG_IGN) is not inherited across exec
         runner, port = await serve(agent, "0.0.0.0")  # noqa: S104 (the gateway connects)
         host = socket.gethostname()
         await asyncio.to_thread(main.announce, shape.name, host, port, deadline, models=agent.models)
@@ -161,12 +184,12 @@ def _staged(spec: DeploymentSpec, members: list[DeploymentSpec] | None) -> Deplo
     """A pool member's weights staged like a plain replica's (ReplicaMain stages a plain deployment's)."""
     if members is None:
         return spec
-    staged: DeploymentSpec = job._staged(spec)
+    staged: DeploymentSpec = stage(spec)[0]
     return staged
 
 
 def _start_engine(
-    main: ReplicaMain, spec: DeploymentSpec, key: str | None, deadline: float, engines: EngineProcesses
+    main: ReplicaJob, spec: DeploymentSpec, key: str | None, deadline: float, engines: EngineProcesses
 ) -> int:
     """Start one engine on a free port and wait until it serves; its port. The first engine's start is
     measured for the replica's phases (hpcserve.serving.phases), as a plain replica's engine is."""

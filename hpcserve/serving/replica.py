@@ -22,24 +22,28 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from hpcserve.errors import HpcserveError
-from hpcserve.serving.phases import Staging, StartPhases
-from hpcserve.serving.start_probe import measure_start, process_start_unix, timed_staging
+from hpcserve.serving.engine_proc import (
+    engine_argv,
+    engine_environ,
+    forward_sigterm,
+    free_port,
+    ignore_time_limit_warning,
+    job_rank,
+    stop,
+)
+from hpcserve.serving.phases import StartPhases
+from hpcserve.serving.pool_replica import members_from, serve_with_agent
+from hpcserve.serving.start_probe import measure_start, process_start_unix, stage
 
-HEALTH_POLL_S = 0.05  # the engine is up a moment after it binds: poll often, it costs nothing
 ANNOUNCE_PATH = "/v1/replicas/announce"
 SECRET_SCHEME = "Replica"  # noqa: S105 (a scheme, not a secret): Authorization: Replica <secret>
 ANNOUNCE_RETRY_S = 1.0  # a service that restarts is back within seconds; the ready timeout bounds the wait
-ENGINE_KEY_ENV = "VLLM_API_KEY"  # vllm serve's (and the simulator's) key for /v1, from the environment
 
 
 def secret_file_name(index: int) -> str:
@@ -68,87 +72,6 @@ class ReplicaCredentials:
         return cls(str(raw["secret"]), str(raw["engine_key"]) if raw.get("engine_key") else None)
 
 
-def engine_environ(base: Mapping[str, str], engine_key: str | None) -> dict[str, str]:
-    """The engine's environment: ``base`` with the engine key as ``VLLM_API_KEY`` (argv is readable by
-    every user of the node, in /proc; the environment only by the owner)."""
-    env = dict(base)
-    if engine_key:
-        env[ENGINE_KEY_ENV] = engine_key
-    return env
-
-
-def free_port() -> int:
-    """A port free on this node right now (the engine binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_healthy(
-    url: str,
-    proc: subprocess.Popen[bytes],
-    timeout_s: float,
-    model: str | None = None,
-    key: str | None = None,
-) -> None:
-    """Poll ``url/health`` until it answers 200 and then (with ``model``) ``url/v1/models`` until it lists
-    ``model`` (with the engine's ``key``): an engine whose health answers before its API serves the model
-    is not ready yet. Fails if the engine exits or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise HpcserveError(f"the engine exited with status {proc.returncode} before it was healthy")
-        if _get(f"{url}/health") is not None and (model is None or model in _models(url, key)):
-            return
-        time.sleep(HEALTH_POLL_S)
-    raise HpcserveError(f"the engine was not ready (/health, then /v1/models) within {timeout_s:g}s")
-
-
-def _get(url: str, key: str | None = None) -> bytes | None:
-    """The body of a 200 answer, or None."""
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})  # noqa: S310
-    try:
-        with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310 (http only)
-            return bytes(response.read()) if response.status == 200 else None
-    except OSError:
-        return None
-
-
-def _models(url: str, key: str | None) -> set[str]:
-    """The model ids ``url/v1/models`` lists (none when it does not answer, or with anything else)."""
-    body = _get(f"{url}/v1/models", key)
-    try:
-        data = json.loads(body or b"{}").get("data", [])
-        return {str(m.get("id")) for m in data if isinstance(m, dict)}
-    except (ValueError, AttributeError):
-        return set()
-
-
-def engine_argv(spec: Any, host: str, port: int, rank: int = 0, head: str = "") -> list[str]:
-    """The engine's command: ``vllm serve ...`` or hpcserve's engine simulator, with this Python.
-
-    A replica over several nodes (pipeline parallel) runs one ``vllm serve`` per node, in vLLM's
-    multi-node mode: rank 0 serves the API, the others join it ``--headless``.
-    """
-    from hpcserve.serving.vllm_cmd import simulator_argv, vllm_serve_argv
-
-    if spec.engine != "vllm":
-        return simulator_argv(spec, host, port, python=sys.executable)
-    argv = vllm_serve_argv(spec, host, port)
-    if spec.nodes_per_replica > 1:
-        argv += ["--nnodes", str(spec.nodes_per_replica), "--node-rank", str(rank), "--master-addr", head]
-        argv += ["--headless"] if rank else []
-    return argv
-
-
-def job_rank() -> tuple[int, str]:
-    """This task's rank in the replica job and the job's first node (where rank 0 runs)."""
-    from hpcserve.hostlists import expand
-
-    nodes = expand(os.environ.get("SLURM_JOB_NODELIST", "")) or [socket.gethostname()]
-    return int(os.environ.get("SLURM_PROCID", "0")), nodes[0]
-
-
 class ReplicaMain:
     """The callable a replica job runs. Plain data only, so submitit pickles it cheaply; the secret itself
     is not in it, only the name of its file in ``folder``."""
@@ -169,7 +92,7 @@ class ReplicaMain:
 
         job_start = process_start_unix()
         spec = DeploymentSpec.model_validate(self.spec)
-        spec, staging = _stage(spec)
+        spec, staging = stage(spec)
         self.start_phases = StartPhases(staging, job_start=job_start)
         rank, head = job_rank()
         if rank and spec.engine != "vllm":  # the simulator is one process: other nodes only hold theirs
@@ -177,15 +100,13 @@ class ReplicaMain:
             signal.sigwait({signal.SIGTERM})
             return 0
         if self.members is not None or has_sleep_mode(spec):  # engines in sleep mode, the agent in front
-            from hpcserve.serving.pool_replica import members_from, serve_with_agent
-
             return serve_with_agent(self, spec, members_from(self.members))
         host, port = socket.gethostname(), free_port()
         argv = engine_argv(spec, "0.0.0.0", port, rank, head)  # noqa: S104 (the gateway connects)
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # inherited: the engine ignores it too (see below)
         proc = subprocess.Popen(argv, env=engine_environ(os.environ, self.credentials().engine_key))
-        _forward_sigterm(proc)
-        _ignore_time_limit_warning()
+        forward_sigterm(proc)
+        ignore_time_limit_warning()
         if rank:  # a headless vLLM rank: no API of its own
             self.report_telemetry(spec.name)
             return proc.wait()
@@ -195,7 +116,7 @@ class ReplicaMain:
                                               spec.served_model_name, key, self.start_phases)  # fmt: skip
             self.announce(spec.name, host, port, time.monotonic() + self.ready_timeout_s)
         except BaseException:
-            _stop(proc)
+            stop(proc)
             raise
         self.report_telemetry(spec.name)
         return proc.wait()
@@ -249,53 +170,3 @@ class ReplicaMain:
         raise HpcserveError(
             "the replica has no way to reach the service (fix: set service.socket or service.url)"
         )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _staged(spec: Any) -> Any:
-    """``spec`` to serve once its weights are staged (``_stage``)."""
-    return _stage(spec)[0]
-
-
-def _stage(spec: Any) -> tuple[Any, Staging]:
-    """With a warm tier, copy the weights there first (checked by its manifest) and serve them from
-    node-local disk; the spec to serve and what staging did (kind "none" without a warm tier)."""
-    if not spec.warm_tier or not Path(spec.model).is_dir():
-        return spec, Staging()
-    from hpcserve.serving.staging import stage_weights
-
-    warm = Path(str(spec.warm_tier).format(node=socket.gethostname())) / Path(spec.model).name
-    staging = timed_staging(lambda: stage_weights(Path(spec.model), warm))
-    return spec.model_copy(update={"model": str(warm)}), staging
-
-
-def _ignore_time_limit_warning() -> None:
-    """Slurm sends USR2 (submitit's ``--signal=USR2@90``, up to a minute early) to every process of the
-    step. submitit's handler would end the job at once, and USR2's default action kills the engine (vLLM
-    installs no handler), cutting its streams. The service hands a replica over before its limit and
-    cancels it when idle, so the warning is only logged here, and the engine, started with USR2 ignored,
-    keeps ignoring it (an ignored signal stays ignored across exec)."""
-
-    def note(signum: int, frame: FrameType | None) -> None:
-        print("replica: Slurm's time-limit warning (USR2) ignored: the service hands this replica over",
-              file=sys.stderr, flush=True)  # fmt: skip
-
-    signal.signal(signal.SIGUSR2, note)
-
-
-def _forward_sigterm(proc: subprocess.Popen[bytes]) -> None:
-    """Slurm's SIGTERM (scancel, time limit) goes on to the engine, which drains its requests."""
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)

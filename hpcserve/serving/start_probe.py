@@ -1,15 +1,16 @@
 """Measuring a replica's start on its node (the I/O side; the data is ``hpcserve.serving.phases``).
 
 The replica job calls these: when its process started (for Slurm's queue wait, which the service works
-out from its own submit time), how long staging took, and, once the engine runs, how long until
-``/health`` answers, until ``/v1/models`` lists the model, and until one ``max_tokens: 1`` completion
-comes back (with the engine key, as the gateway would send it).
+out from its own submit time), staging the weights on the node's warm tier and how long it took, and,
+once the engine runs, how long until ``/health`` answers, until ``/v1/models`` lists the model, and
+until one ``max_tokens: 1`` completion comes back (with the engine key, as the gateway would send it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hpcserve.serving.engine_proc import wait_healthy
 from hpcserve.serving.phases import Staging, StartPhases
 
 if TYPE_CHECKING:
@@ -46,14 +48,24 @@ def timed_staging(stage: Callable[[], Any]) -> Staging:
     return Staging(report.kind, seconds, report.bytes_copied, report.bytes_hashed)
 
 
+def stage(spec: Any) -> tuple[Any, Staging]:
+    """With a warm tier, copy the weights there first (checked by its manifest) and serve them from
+    node-local disk; the spec to serve and what staging did, timed (kind "none" without a warm tier)."""
+    if not spec.warm_tier or not Path(spec.model).is_dir():
+        return spec, Staging()
+    from hpcserve.serving.staging import stage_weights
+
+    warm = Path(str(spec.warm_tier).format(node=socket.gethostname())) / Path(spec.model).name
+    staging = timed_staging(lambda: stage_weights(Path(spec.model), warm))
+    return spec.model_copy(update={"model": str(warm)}), staging
+
+
 def measure_start(
     url: str, proc: subprocess.Popen[bytes], timeout_s: float, model: str, key: str | None, base: StartPhases
 ) -> StartPhases:
     """Wait for the engine at ``url`` (started just now as ``proc``) to be ready, timing each step; ``base``
     with the engine's phases. Fails as ``wait_healthy`` does; a first token that does not come is
     logged and left unmeasured (an engine that serves no completions, e.g. embeddings, is still ready)."""
-    from hpcserve.serving.replica import wait_healthy
-
     spawned = time.monotonic()
     deadline = spawned + timeout_s
     wait_healthy(url, proc, timeout_s)
