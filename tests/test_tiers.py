@@ -72,6 +72,12 @@ def test_windows_from_a_spec() -> None:
         ({"off_after_s": 900, "min_replicas": 1}, "--off-after-s", "drop off_after_s"),
         ({"pool_max_awake": 2}, "--pool-max-awake", "add --pool NAME"),
         ({"pool": "p", "pool_max_awake": 0}, "--pool-max-awake", ""),
+        (
+            {"warm_after_s": 30, "nodes_per_replica": 2},
+            "--warm-after-s",
+            "set nodes_per_replica: 1, or drop warm_after_s",
+        ),
+        ({"pool": "p", "nodes_per_replica": 2}, "--pool: sleep mode runs on one node", "or drop pool"),
     ],
 )
 def test_spec_rules_name_the_field_and_the_fix(values: dict[str, object], flag: str, fix: str) -> None:
@@ -86,6 +92,10 @@ def test_good_tier_and_pool_specs_pass() -> None:
                       "off_after_s": 120})  # fmt: skip
     build_deployment({"name": "m", "model": "org/m", "warm_after_s": 30, "idle_to_zero_s": 0})  # never cold
     build_deployment({"name": "m", "model": "org/m", "pool": "p", "pool_max_awake": 2})
+    build_deployment({"name": "m", "model": "org/m", "nodes_per_replica": 2})  # vLLM over nodes, no sleep
+    build_deployment(
+        {"name": "m", "model": "org/m", "engine": "simulator", "pool": "p", "nodes_per_replica": 2}
+    )
 
 
 def _member(name: str, **extra: object) -> dict[str, object]:

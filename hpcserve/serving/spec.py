@@ -265,6 +265,18 @@ class DeploymentSpec(Frozen):
     def _pool_consistent(self) -> None:
         if self.pool is None and self.pool_max_awake != 1:
             raise Invalid("pool_max_awake", "set without a pool", "add --pool NAME, or drop --pool-max-awake")
+        self._sleep_mode_consistent()
+
+    def _sleep_mode_consistent(self) -> None:
+        """Sleep mode (a warm tier or a pool) runs every engine of a replica, and its agent, on one node:
+        vLLM over several nodes is refused here rather than by the replica job, once it runs."""
+        if self.engine is not Engine.VLLM or self.nodes_per_replica == 1:
+            return
+        field = "pool" if self.pool is not None else "warm_after_s" if self.warm_after_s is not None else None
+        if field is not None:
+            raise Invalid(field, f"sleep mode runs on one node per replica, but nodes_per_replica is "
+                          f"{self.nodes_per_replica} (engine vllm)",
+                          f"set nodes_per_replica: 1, or drop {field}")  # fmt: skip
 
     def _fallback_consistent(self) -> None:
         if self.fallback == self.name:
