@@ -24,7 +24,7 @@ from hpcserve.replay.residency_model import (
 )
 from tests.conftest import TRACES
 
-PER_MODEL, TIERS, POOLS, POOLS_FLOOR = POLICIES
+PER_MODEL, TIERS, POOLS, SUMMED = POLICIES  # SUMMED: the pool on its summed load alone
 S = ResidencySettings()
 PROMPT = 800  # 0.1 s of prefill at 8,000 tokens/s
 PREFILL_S = PROMPT / S.prefill_tokens_per_s
@@ -104,12 +104,15 @@ def test_two_models_alternating_in_a_one_awake_pool_each_pay_a_sleep_and_a_wake(
     assert settings.max_awake == 1
     start = settings.job_start_s(2, 1)
     requests = [request(0.0, 0), request(100.0, 1), request(120.0, 0), request(140.0, 1)]
-    first, *rest = ttfts(settings, POOLS, requests, 200.0)
+    first, *rest = ttfts(settings, SUMMED, requests, 200.0)
     assert first == pytest.approx(start + PREFILL_S + STEP_S)
     swap = settings.sleep_s + settings.wake_s + PREFILL_S + STEP_S
     assert rest == pytest.approx([swap, swap, swap])
-    result = replay(settings, POOLS, requests, 200.0)
+    result = replay(settings, SUMMED, requests, 200.0)
     assert (result.jobs_started, result.wakes, result.warm_requests) == (1, 3, 3)
+    # with the awake floor two models in use at K = 1 keep two jobs: no swap once the second is ready
+    floored = replay(settings, POOLS, requests, 200.0)
+    assert (floored.jobs_started, floored.peak_jobs) == (2, 2)
 
 
 def test_a_pool_with_room_for_both_models_wakes_neither() -> None:
@@ -122,8 +125,8 @@ def test_a_pool_with_room_for_both_models_wakes_neither() -> None:
 def test_the_awake_floor_keeps_enough_pool_jobs_for_the_models_in_use() -> None:
     settings = dataclasses.replace(S, models=5)  # K = 4: five models in use need two jobs awake
     requests = [request(float(t), model) for t, model in enumerate(range(5))]
-    assert replay(settings, POOLS, requests, 300.0).peak_jobs == 1  # summed load: one job does
-    floored = replay(settings, POOLS_FLOOR, requests, 300.0)
+    assert replay(settings, SUMMED, requests, 300.0).peak_jobs == 1  # summed load: one job does
+    floored = replay(settings, POOLS, requests, 300.0)
     assert (floored.peak_jobs, floored.jobs_started) == (2, 2)
 
 
@@ -201,8 +204,8 @@ def test_every_policy_on_two_hours_of_the_azure_conversation_trace() -> None:
     # at the trace's own rate every model is busy all hour: 12 jobs, none idle, nothing waits
     assert per_model.gpu_hours == pytest.approx(12.0) and per_model.waited_over_10s == 0
     assert results[TIERS.name].gpu_hours == pytest.approx(12.0)
-    floor = results[POOLS_FLOOR.name]
+    floor = results[POOLS.name]
     assert floor.gpu_hours == pytest.approx(3.0) and floor.ttft_p99 < 5.0  # 12 models / K=4 = 3 jobs
-    assert results[POOLS.name].gpu_hours < per_model.gpu_hours
+    assert results[SUMMED.name].gpu_hours < per_model.gpu_hours
     for result in results.values():
         assert 0.05 < result.ttft_p50 < 1.0

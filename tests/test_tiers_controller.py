@@ -2,13 +2,14 @@
 agents faked: warm puts every awake engine to sleep and keeps the jobs, an agent's ``last_used`` counts as
 traffic, a failed sleep is asked again next tick, the forecast floor wakes a warm deployment, idle past
 ``idle_to_zero_s`` is cold; a pool's replicas are launched with its members' specs, on the sum of their
-gateway queues, and members get no replicas of their own."""
+gateway queues, and members get no replicas of their own; a pool whose members were all requested lately
+keeps ceil(members / K) replicas (its awake floor) where the summed load asks for fewer."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -144,9 +145,9 @@ def test_idle_past_idle_to_zero_is_cold_and_scales_to_zero(store: HistoryStore) 
     assert found is not None and found.tier == "cold" and found.desired_replicas == 0
 
 
-def member(name: str) -> dict[str, Any]:
+def member(name: str, **extra: Any) -> dict[str, Any]:
     spec = build_deployment({"name": name, "model": f"org/{name}", "engine": "simulator", "pool": "pool",
-                             "pool_max_awake": 2, "idle_to_zero_s": 600})  # fmt: skip
+                             "pool_max_awake": 2, "idle_to_zero_s": 600, **extra})  # fmt: skip
     return spec.model_dump(mode="json")
 
 
@@ -182,3 +183,71 @@ def test_a_pool_replica_without_a_new_member_is_handed_over(store: HistoryStore)
     assert members is not None and [m["name"] for m in members] == ["a", "b", "c"]
     old = store.replicas("pool")[0]
     assert (old.index, old.state) == (0, "ready")  # it serves until its successor is ready
+
+
+@dataclass
+class PoolAgent:
+    """A pool replica's agent: one engine per member, ``used``: each one's ``last_used`` (unix s)."""
+
+    used: dict[str, float]
+
+    def __call__(self, method: str, url: str, path: str, key: str | None) -> dict[str, Any] | None:
+        if path != "/hpcserve/engines":
+            return {}
+        engines = {name: {"port": 9001 + i, "state": "awake" if i < 2 else "asleep", "last_used": used}
+                   for i, (name, used) in enumerate(self.used.items())}  # fmt: skip
+        return {"max_awake": 2, "engines": engines}
+
+
+MEMBERS = ("a", "b", "c", "d")
+READY_AT = NOW - timedelta(seconds=120)
+
+
+def pool_of_four(store: HistoryStore) -> None:
+    """Four members at K = 2 (up to 4 replicas) on one ready replica; one request buffered at a gateway:
+    the summed load asks for one replica."""
+    for name in MEMBERS:
+        store.join_pool(
+            name, "alice", member(name, max_replicas=4), "pool", pool_spec, served_model_name=name
+        )
+    store.set_desired("pool", 1, user="root")
+    store.upsert_replica("pool", 0, job_id="600", state="ready", url="http://n1:7000", host="n1", port=7000,
+                         models={m: 9001 + i for i, m in enumerate(MEMBERS)}, engine_key="k",
+                         ready_at=READY_AT)  # fmt: skip
+    store.add_engine_samples([EngineSample(NOW, "a", None, gateway_waiting=1, source="gw1")])
+
+
+def pool_tick(store: HistoryStore, used: dict[str, float], now: datetime = NOW) -> PoolLauncher:
+    ctl, slurm = controller(store, PoolAgent(used))  # type: ignore[arg-type]
+    ctl.clock = lambda: now
+    slurm.queue[:] = [job(int(r.job_id or 0), "pool", r.index) for r in store.replicas("pool")]
+    ctl.tick()
+    launcher: PoolLauncher = ctl.launcher  # type: ignore[assignment]
+    return launcher
+
+
+def desired(store: HistoryStore, name: str = "pool") -> int:
+    found = store.get_deployment(name)
+    assert found is not None
+    return found.desired_replicas
+
+
+def test_a_pool_of_four_members_all_requested_lately_keeps_two_replicas_at_k_2(store: HistoryStore) -> None:
+    pool_of_four(store)
+    lately = (NOW - timedelta(seconds=30)).timestamp()
+    launcher = pool_tick(store, dict.fromkeys(MEMBERS, lately))
+    assert desired(store) == 2  # ceil(4 / 2), though the summed load (one request) asks for 1
+    assert [(name, index) for name, index, _ in launcher.launched] == [("pool", 1)]
+    # a restarted service 50 s later whose agents no longer show those uses (say, the replica was
+    # replaced): the stored state keeps the floor
+    started = (READY_AT - timedelta(seconds=60)).timestamp()
+    launcher = pool_tick(store, dict.fromkeys(MEMBERS, started), NOW + timedelta(seconds=50))
+    assert desired(store) == 2 and launcher.launched == []
+
+
+def test_engines_stamped_only_by_their_start_are_not_in_use(store: HistoryStore) -> None:
+    pool_of_four(store)
+    started = (READY_AT - timedelta(seconds=60)).timestamp()  # the agent stamps each engine it starts
+    used = dict.fromkeys(MEMBERS, started) | {"b": (NOW - timedelta(seconds=5)).timestamp()}
+    launcher = pool_tick(store, used)
+    assert desired(store) == 1 and launcher.launched == []  # a and b in use: one job holds both awake

@@ -14,12 +14,12 @@ Policies (``POLICIES``):
   to the job with the most free awake slots (wake it there), else to the job whose least recently used
   awake model was used longest ago: that one sleeps (after its requests finish, ``mode=wait``), then the
   model wakes; one wake or sleep at a time per job (the agent's lock). The pool scales on the sum of its
-  models' load; idle models sleep after ``warm_after_s``; the pool goes to zero after ``idle_to_zero_s``;
-- tiers+pools+floor (a proposal, not the contract's rule): the same, and the pool keeps at least
-  ceil(models asked in the last ``idle_to_zero_s`` / K) jobs (``decide``'s floor; the largest such value
-  over the last ``scale_down_window_s``, so that it does not flap), so that its awake slots cover the
-  models in use, not only their summed load (summed load alone lets K x jobs fall below the models in
-  use, and each job's wakes, one at a time, then fall behind).
+  models' load, never below the controller's awake floor (``serving.pools.awake_floor``, the same
+  function: ceil(models asked in the last ``idle_to_zero_s`` / K) jobs, its largest value over the last
+  ``scale_down_window_s``), passed as ``decide``'s floor; idle models sleep after ``warm_after_s``; the
+  pool goes to zero after ``idle_to_zero_s``;
+- tiers+pools-no-floor (an ablation, not the product): the same on the summed load alone, which lets
+  K x jobs fall below the models in use; each job's wakes, one at a time, then fall behind.
 
 Requests go to ready jobs; to a starting one only while none is ready (the gateway holds them until it
 is). A job's engine serves its requests as ``max_num_seqs`` batch slots (a request holds one from admission to
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -46,6 +45,7 @@ from hpcserve.enginesim.core import SimConfig, step_seconds
 from hpcserve.replay.metrics import percentile
 from hpcserve.replay.residency_model import Request, ResidencySettings
 from hpcserve.serving.autoscaler import Observation, ReplicaLoad, ScaleDecision, ScalerState, decide
+from hpcserve.serving.pools import AwakeRule, AwakeState, awake_floor
 from hpcserve.serving.reconciler import ReplicaState
 from hpcserve.serving.spec import DeploymentSpec, Engine, SimulatorSettings
 from hpcserve.serving.tiers import Tier, TierWindows, decide_tier
@@ -60,14 +60,14 @@ class Policy:
     name: str
     tiers: bool  # idle models sleep after warm_after_s (their job kept)
     pooled: bool  # every model in one pool of jobs, K awake per job
-    awake_floor: bool = False  # the pool keeps ceil(models asked recently / K) jobs
+    awake_floor: bool = True  # a pool is never below the controller's awake floor (False: an ablation)
 
 
 POLICIES = (
     Policy("per-model", tiers=False, pooled=False),
     Policy("tiers", tiers=True, pooled=False),
     Policy("tiers+pools", tiers=True, pooled=True),
-    Policy("tiers+pools+floor", tiers=True, pooled=True, awake_floor=True),
+    Policy("tiers+pools-no-floor", tiers=True, pooled=True, awake_floor=False),
 )
 
 
@@ -136,14 +136,16 @@ class Group:
             idle_to_zero_s=settings.idle_to_zero_s,
             warm_after_s=settings.warm_after_s if policy.tiers else None,
             simulator=SimulatorSettings(max_num_seqs=settings.max_num_seqs),
+            pool=name if policy.pooled else None, pool_max_awake=self.max_awake,
         )  # fmt: skip
         self.windows = TierWindows.of(self.spec)
+        self.awake_rule = AwakeRule.of(self.spec)
         self.state = ScalerState()
         self.jobs: list[Job] = []
         self.arrived = 0
         self.last_request: dict[int, float] = {}
         self.tiers: dict[int, Tier] = {}
-        self.floors: deque[tuple[float, int]] = deque()  # the awake floor's values over the last window
+        self.awake = AwakeState()  # the awake floor's state (``serving.pools.awake_floor``)
 
     def live(self) -> list[Job]:
         return [job for job in self.jobs if job.stop is None]
@@ -206,14 +208,13 @@ class ResidencyReplay:
         self._apply(group, decision, now)
 
     def _floor(self, group: Group, now: float) -> int:
-        if not self.policy.awake_floor:
+        """A pool's awake floor (the controller's function), from each model's last request."""
+        if not (self.policy.pooled and self.policy.awake_floor):
             return 0
-        window = self.settings.idle_to_zero_s
-        recent = sum(1 for t in group.last_request.values() if now - t < window)
-        group.floors.append((now, math.ceil(recent / group.max_awake)))
-        while now - group.floors[0][0] >= self.settings.scale_down_window_s:
-            group.floors.popleft()
-        return max(floor for _, floor in group.floors)
+        seen = {f"model-{m}": AT0 + timedelta(seconds=group.last_request[m]) if m in group.last_request
+                else None for m in group.members}  # fmt: skip
+        floor, group.awake = awake_floor(group.awake_rule, seen, group.awake, AT0 + timedelta(seconds=now))
+        return floor
 
     def _apply(self, group: Group, decision: ScaleDecision, now: float) -> None:
         live = group.live()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from hpcserve.serving.pools import pool_of
+from hpcserve.serving.pools import is_pool, pool_of
 from hpcserve.serving.reconciler import (
     Action,
     Announcement,
@@ -38,12 +38,15 @@ from hpcserve.serving.reconciler import (
 )
 from hpcserve.serving.residency import (
     AgentCall,
+    AwakeFloors,
+    Engines,
     PoolLoad,
     Residency,
     as_replica_deployment,
     call_agent,
     engine_urls,
     members_of,
+    members_seen,
     merge_stats,
 )
 from hpcserve.serving.scaling import STATE_PREFIX, GpuLimit, ScalerRecord, cap_scale_up, state_name
@@ -60,7 +63,7 @@ if TYPE_CHECKING:
     from hpcserve.serving.tiers import Tier
     from hpcserve.slurm.models import Job
     from hpcserve.slurm.protocol import SlurmClient
-    from hpcserve.store import Deployment, HistoryStore, Replica
+    from hpcserve.store import Deployment, EngineSample, HistoryStore, Replica
 
 log = logging.getLogger("hpcserve.serving")
 GATEWAY_SAMPLE_AGE_S = 10.0
@@ -86,6 +89,8 @@ class _Tick:
     pools: PoolLoad = field(default_factory=PoolLoad)  # each pool's members
     floors: dict[str, int] = field(default_factory=dict)  # the forecast floor of each deployment this tick
     waiting: dict[str, int] = field(default_factory=dict)  # what the gateways buffer for each, this tick
+    asked: dict[str, datetime] = field(default_factory=dict)  # newest gateway sample with requests waiting
+    awake: AwakeFloors | None = None  # the pools' awake floors (loaded when there are pools)
 
 
 @dataclass
@@ -125,6 +130,7 @@ class ServingController:
         self.ignored &= {job.id for jobs in tagged.values() for job in jobs}  # logged while they last
         listed = self.store.list_deployments()
         tick.pools = PoolLoad(members_of(listed))
+        tick.awake = AwakeFloors.load(self.store) if tick.pools.members else None
         self.unstage.begin(listed)
         for deployment in listed:
             if pool_of(deployment.spec) is not None:
@@ -142,8 +148,9 @@ class ServingController:
         replicas, dead = self._drop_dead(deployment.name, rows, jobs)
         jobs = {i: job for i, job in jobs.items() if i not in dead}  # cancelled: left to finish
         stats = self._scrape(deployment.name, replicas, tick.now)
-        desired = self._autoscale(deployment, replicas, stats, tick)
-        tier = None if deployment.deleted else self._tier(deployment, replicas, stats, tick)
+        engines = self.residency.engines(replicas) if not deployment.deleted else {}
+        desired = self._autoscale(deployment, replicas, stats, engines, tick)
+        tier = None if deployment.deleted else self._tier(deployment, replicas, stats, engines, tick)
         stalled = self.stalls.update(deployment.name, stats, tick.now)
         leaving = frozenset(i for i, job in jobs.items() if tick.draining.intersection(job.nodes))
         leaving |= tick.pools.stale(deployment, replicas)  # a pool's members changed: new replicas
@@ -185,17 +192,19 @@ class ServingController:
         return [r for r in replicas if r.state != "dead"], dead
 
     def _autoscale(self, deployment: Deployment, replicas: list[Replica], stats: Mapping[int, EngineStats],
-                   tick: _Tick) -> int:  # fmt: skip
-        """The desired count after the autoscaler and the owner's limits; a deleted deployment wants none."""
+                   engines: Engines, tick: _Tick) -> int:  # fmt: skip
+        """The desired count after the autoscaler and the owner's limits; a deleted deployment wants none.
+        The floor: the forecast's (pre-warm), for a pool at least its awake floor."""
         if deployment.deleted:
             return 0
         from hpcserve.serving.scaling import autoscale
 
         record = tick.records.get(deployment.name, ScalerRecord())
         shaped = as_replica_deployment(deployment)  # a pool: its replicas' spec
-        floor = {"floor": self.prewarm(shaped, tick.now)} if self.prewarm else {}
-        tick.floors[deployment.name] = floor.get("floor", 0)
+        forecast = tick.floors[deployment.name] = self.prewarm(shaped, tick.now) if self.prewarm else 0
         waiting = tick.waiting[deployment.name] = self._waiting(deployment, tick)
+        lowest = max(forecast, self._awake_floor(deployment, replicas, engines, tick))
+        floor = {"floor": lowest} if self.prewarm or lowest else {}
         desired, state = (self.autoscaler or autoscale)(
             shaped, replicas, stats, waiting, record.state, tick.now, **floor
         )
@@ -222,24 +231,46 @@ class ServingController:
         return GpuLimit(rules.max_gpus_per_user, rules.max_gpus_per_job, used, deployment.owner)
 
     def _tier(self, deployment: Deployment, replicas: list[Replica], stats: Mapping[int, EngineStats],
-              tick: _Tick) -> Tier:  # fmt: skip
-        """The residency tier: decided from the autoscaler's idle time, demand and the floor; applied."""
+              engines: Engines, tick: _Tick) -> Tier:  # fmt: skip
+        """The residency tier: decided from the autoscaler's idle time, demand and the forecast floor (not
+        a pool's awake floor: a pool idle past ``warm_after_s`` sleeps); applied."""
         record = tick.records.get(deployment.name, ScalerRecord())
         demand = tick.waiting.get(deployment.name, 0) > 0 or any(_inflight(stats).values())
         return self.residency.apply(deployment, replicas, record.state.last_traffic, demand,
-                                    tick.floors.get(deployment.name, 0), tick.now).tier  # fmt: skip
+                                    tick.floors.get(deployment.name, 0), tick.now, engines).tier  # fmt: skip
+
+    def _awake_floor(self, deployment: Deployment, replicas: list[Replica], engines: Engines,
+                     tick: _Tick) -> int:  # fmt: skip
+        """A pool's awake floor (``pools.awake_floor``) from its members' requests seen this tick; 0 for
+        any other deployment."""
+        if not is_pool(deployment.spec) or tick.awake is None:
+            return 0
+        members = tick.pools.members.get(deployment.name, [])
+        seen = members_seen(members, replicas, engines, tick.asked, tick.now)
+        return tick.awake.floor(deployment.name, _spec(deployment), seen, tick.now)
 
     def _waiting(self, deployment: Deployment, tick: _Tick) -> int:
         """The gateways' buffer for ``deployment``; for a pool, summed over its members (the gateway
-        samples each member)."""
-        return sum(self._gateway_waiting(name, tick.now) for name in tick.pools.names(deployment))
+        samples each member). A sample with requests waiting is noted in ``tick.asked``."""
+        total = 0
+        for name in tick.pools.names(deployment):
+            newest = self._gateway_samples(name, tick.now)
+            total += sum(s.gateway_waiting or 0 for s in newest)
+            asked = [s.at for s in newest if s.gateway_waiting]
+            if asked:
+                tick.asked[name] = max(asked)
+        return total
 
     def _gateway_waiting(self, name: str, now: datetime) -> int:
-        """Requests buffered at every live gateway: the newest sample of each within the last
-        ``GATEWAY_SAMPLE_AGE_S`` (a gateway that stopped reporting drops out), summed."""
+        """Requests buffered at every live gateway, summed."""
+        return sum(s.gateway_waiting or 0 for s in self._gateway_samples(name, now))
+
+    def _gateway_samples(self, name: str, now: datetime) -> list[EngineSample]:
+        """Every live gateway's newest sample of ``name`` within the last ``GATEWAY_SAMPLE_AGE_S`` (a
+        gateway that stopped reporting drops out)."""
         since = now - timedelta(seconds=GATEWAY_SAMPLE_AGE_S)
         newest = {s.source: s for s in self.store.engine_samples(name, since=since) if s.replica is None}
-        return sum(s.gateway_waiting or 0 for s in newest.values())
+        return list(newest.values())
 
     def _scrape(self, name: str, replicas: list[Replica], now: datetime) -> dict[int, EngineStats]:
         from hpcserve.store import EngineSample

@@ -11,7 +11,11 @@ around them:
 - hot again because of the forecast floor (not a request: the gateway wakes on demand): every ready
   replica's engine is woken (``POST /hpcserve/wake``), so the burst finds it awake;
 - cold and off are the autoscaler's scale to zero (the same idle window); off also removes the warm copies
-  the replicas staged, by a job of the owner on each node (``hpcserve.serving.unstage``, from the controller).
+  the replicas staged, by a job of the owner on each node (``hpcserve.serving.unstage``, from the controller);
+- a pool's awake floor (``pools.awake_floor``): which members were requested lately, from the gateways'
+  samples of each member and the agents' ``last_used`` of each member's engine (``members_seen``); its
+  state is kept in the database (``service_state`` ``awake-floor:<pool>``), as the autoscaler's is, so a
+  restarted or standby service goes on from it (``AwakeFloors``).
 
 Agent calls carry the replica's engine key (``Authorization: Bearer``) and a short timeout; a tick waits
 for the slowest replica, not for their sum.
@@ -26,21 +30,26 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from hpcserve.serving.pools import as_replica_spec, is_pool, pool_of
+import msgspec
+
+from hpcserve.serving.pools import AwakeRule, AwakeState, as_replica_spec, awake_floor, is_pool, pool_of
 from hpcserve.serving.tiers import Tier, TierDecision, TierWindows, decide_tier
 
 if TYPE_CHECKING:
     from hpcserve.serving.engine_stats import EngineStats
+    from hpcserve.serving.spec import DeploymentSpec
     from hpcserve.store import Deployment, HistoryStore, Replica
 
 log = logging.getLogger("hpcserve.serving")
 AGENT_TIMEOUT_S = 5.0  # one agent call; a sleep that takes longer goes on, and is asked again next tick
 AGENT_WORKERS = 16
 AWAKE = "awake"
+AWAKE_FLOOR_PREFIX = "awake-floor:"  # a pool's awake floor state in service_state
 WAKING = "waking"  # a gateway is waking it for a request: demand
 
 # (method, replica's agent URL, path with query, engine key) -> the answer's JSON, None when it failed
 AgentCall = Callable[[str, str, str, "str | None"], "dict[str, Any] | None"]
+Engines = Mapping[int, Mapping[str, Any]]  # each replica's engines (GET /hpcserve/engines), by index
 
 
 def call_agent(method: str, url: str, path: str, key: str | None) -> dict[str, Any] | None:
@@ -113,14 +122,15 @@ class Residency:
 
     def apply(
         self, deployment: Deployment, replicas: Sequence[Replica], last_traffic: datetime | None,
-        demand: bool, floor: int, now: datetime,
+        demand: bool, floor: int, now: datetime, engines: Engines | None = None,
     ) -> TierDecision:  # fmt: skip
         """Decide the tier (the agents' ``last_used`` counting as traffic), store it when it changed, and
-        sleep or wake the replicas' engines for it."""
+        sleep or wake the replicas' engines for it; ``engines``: this tick's ``engines(replicas)`` when
+        the caller asked already."""
         from hpcserve.serving.spec import DeploymentSpec
 
         spec = DeploymentSpec.model_validate(as_replica_deployment(deployment).spec)
-        engines = self.engines(replicas)
+        engines = self.engines(replicas) if engines is None else engines
         demand = demand or _in_state(engines, WAKING)
         used = _last_used(engines)
         last = max((t for t in (last_traffic, used) if t is not None), default=None)
@@ -191,3 +201,73 @@ class PoolLoad:
         if not is_pool(deployment.spec):
             return None
         return [dict(m.spec) for m in self.members.get(deployment.name, [])]
+
+
+def served_name(member: Deployment) -> str:
+    """The name a member's engine runs under in its pool's replicas (their ``models`` keys)."""
+    return str(member.served_model_name or member.spec.get("served_model_name") or member.name)
+
+
+def members_seen(
+    members: Sequence[Deployment], replicas: Sequence[Replica], engines: Engines,
+    gateway: Mapping[str, datetime], now: datetime,
+) -> dict[str, datetime | None]:  # fmt: skip
+    """Each member's newest request seen this tick (None: none): a gateway sample of it with requests
+    waiting (``gateway``, by member name), or its engine's ``last_used`` on a replica's agent (``now``
+    while the agent wakes it: a gateway holds a request for it). A ``last_used`` before the replica was
+    ready is its start's (the agent stamps every engine it starts), not a request's."""
+    ready = {r.index: r.ready_at for r in replicas}
+    seen: dict[str, datetime | None] = {}
+    for member in members:
+        stamps = [gateway.get(member.name)]
+        for index, found in engines.items():
+            engine = found.get(served_name(member))
+            if isinstance(engine, Mapping):
+                stamps.append(_used_at(engine, ready.get(index), now))
+        seen[member.name] = max((t for t in stamps if t is not None), default=None)
+    return seen
+
+
+def _used_at(engine: Mapping[str, Any], ready_at: datetime | None, now: datetime) -> datetime | None:
+    """When the agent last saw this engine used; None before its replica was ready."""
+    if engine.get("state") == WAKING:
+        return now
+    stamp = engine.get("last_used")
+    if not isinstance(stamp, int | float) or stamp <= 0:
+        return None
+    used = datetime.fromtimestamp(stamp, UTC)
+    return used if ready_at is None or used > ready_at else None
+
+
+@dataclass
+class AwakeFloors:
+    """The pools' awake floor states: loaded once a tick (``load``), each stored when it changed."""
+
+    store: HistoryStore
+    states: dict[str, AwakeState] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, store: HistoryStore) -> AwakeFloors:
+        """Every pool's stored state (one query); one that no longer decodes starts afresh."""
+        states = {}
+        for name, data in store.states(AWAKE_FLOOR_PREFIX).items():
+            try:
+                states[name.removeprefix(AWAKE_FLOOR_PREFIX)] = msgspec.convert(data, AwakeState)
+            except msgspec.ValidationError:
+                log.warning("pool %s: stored awake floor state unreadable, starting afresh", name)
+        return cls(store, states)
+
+    def floor(
+        self, pool: str, spec: DeploymentSpec, seen: Mapping[str, datetime | None], now: datetime
+    ) -> int:
+        """The pool's awake floor this tick (``pools.awake_floor``); its state kept for the next one."""
+        old = self.states.get(pool, AwakeState())
+        rule = AwakeRule.of(spec)
+        floor, state = awake_floor(rule, seen, old, now)
+        if len(state.last_request) != len(old.last_request):
+            log.info("pool %s: %d members requested in the last %gs, %d awake per job: awake floor %d",
+                     pool, len(state.last_request), rule.use_window_s, rule.max_awake, floor)  # fmt: skip
+        if state != old:
+            self.states[pool] = state
+            self.store.put_state(AWAKE_FLOOR_PREFIX + pool, msgspec.to_builtins(state))
+        return floor

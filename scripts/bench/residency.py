@@ -15,9 +15,9 @@ enough for a tier to matter; at 1/10 and 1/100 the less popular ones do.
 
 Policies: per-model (each model its own replica jobs, scaled to zero after 600 s idle), tiers (the same,
 idle models asleep after ``--warm-after`` seconds, their jobs kept), tiers+pools (every model in one
-pool, K awake per job, the pool scaled on its summed load: the issue-14 contract's rule) and
-tiers+pools+floor (a proposal: the pool also keeps ceil(models asked in the last 600 s / K) jobs, the
-most that asked for over the last 300 s).
+pool, K awake per job, the pool scaled on its summed load and never below the controller's awake floor,
+hpcserve.serving.pools.awake_floor: ceil(models asked in the last 600 s / K) jobs, the most that asked
+for over the last 300 s) and tiers+pools-no-floor (an ablation: the pool on its summed load alone).
 
 Printed per rate: GPU-hours, p50/p99 TTFT, requests that waited over 10 s for admission, the requests
 that found their model warm (a running job, no awake engine) and their p99 TTFT, cold requests, jobs
