@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from hpcserve.api.telemetry import FLAGS_STATE, current_flags
+from hpcserve.api.telemetry import FLAGS_STATE, current_flags, current_warm
 from hpcserve.config.policy import IdleActions, IdleRules
 from hpcserve.model.cluster import Job, JobState
-from hpcserve.model.telemetry import GpuSample
-from hpcserve.service.idle_tick import IdleTick, tick_interval_s
+from hpcserve.model.telemetry import GpuSample, IdleFlag
+from hpcserve.service.idle_tick import IdleTick, scale_down, tick_interval_s
 from hpcserve.service.metrics_telemetry import TelemetryCollector
 from hpcserve.store import EngineSample, HistoryStore
 
@@ -135,3 +135,59 @@ def test_the_collector_survives_a_database_that_is_away(tmp_path: Path) -> None:
 def test_the_tick_runs_at_a_sixth_of_the_shortest_span() -> None:
     assert tick_interval_s(RULES) == 10
     assert tick_interval_s(IdleRules()) == 60 and tick_interval_s(IdleRules(window_s=6)) == 2
+
+
+def test_a_warm_deployments_replica_is_asleep_by_design_never_flagged_and_listed_as_warm(
+    store: HistoryStore,
+) -> None:
+    store.create_deployment("sleepy", "alice", {**spec("sleepy"), "warm_after_s": 30}, 1,
+                            served_model_name="sleepy")  # fmt: skip
+    store.upsert_replica("sleepy", 0, job_id="40", state="ready")
+    report(store, "40", "alice", 0.0, kind="inference")  # its engine sleeps: the GPU does nothing
+    running = [job("40", "alice", "hpcserve:replica:sleepy:0")]
+    rules = RULES.model_copy(update={"action": IdleActions(inference="scale_down")})
+    tick = IdleTick(lambda: running, store, rules, Clock())
+    store.set_tier("sleepy", "warm", T0)
+    assert tick.tick() == []
+    assert current_warm(store.get_state(FLAGS_STATE), T0) == [
+        {"job_id": "40", "user": "alice", "deployment": "sleepy", "gpus": 1}
+    ]
+    deployment = store.get_deployment("sleepy")
+    assert deployment is not None and deployment.spec["max_replicas"] == 3  # not scaled down
+    store.set_tier("sleepy", "hot", T0)  # hot again and still idle: judged as any replica
+    (flag,) = tick.tick()
+    assert flag.job_id == "40" and current_warm(store.get_state(FLAGS_STATE), T0) == []
+
+
+def test_scale_down_leaves_a_warm_deployment_as_it_is(
+    store: HistoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.create_deployment("sleepy", "alice", {**spec("sleepy"), "warm_after_s": 30}, 2,
+                            served_model_name="sleepy")  # fmt: skip
+    for index in (0, 1):
+        store.upsert_replica("sleepy", index, job_id=str(50 + index), state="ready")
+    store.set_tier("sleepy", "warm", T0)
+    flag = IdleFlag("50", "alice", "inference", "quiet", T0, 1, 1.0, 0.0)
+    with caplog.at_level(logging.INFO, "hpcserve.idle"):
+        assert scale_down(store, "sleepy", flag) is None
+    assert "idle: deployment sleepy not scaled down: warm: asleep by design (job 50)" in caplog.text
+
+
+def test_a_pools_replica_is_judged_by_its_engines_and_never_scaled_down(
+    store: HistoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = {"kind": "pool", "name": "p", "max_awake": 2, "engine": "simulator", "gpus_per_replica": 1,
+            "min_replicas": 0, "max_replicas": 3}  # fmt: skip
+    store.create_deployment("p", "alice", pool, 2)
+    for index, job_id in ((0, "60"), (1, "61")):
+        store.upsert_replica("p", index, job_id=job_id, state="ready")
+    store.add_engine_samples([EngineSample(T0 - timedelta(seconds=30), "p", 1, waiting=0, running=1)])
+    running = [job("60", "alice", "hpcserve:replica:p:0"), job("61", "alice", "hpcserve:replica:p:1")]
+    rules = RULES.model_copy(update={"action": IdleActions(inference="scale_down")})
+    with caplog.at_level(logging.INFO, "hpcserve.idle"):
+        (flag,) = IdleTick(lambda: running, store, rules, Clock()).tick()
+    assert flag.job_id == "60"  # replica 1 served a request 30 s ago (sampled under the pool's name)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text  # no error logged
+    assert "idle: deployment p not scaled down: a pool scales on its members' summed load" in caplog.text
+    deployment = store.get_deployment("p")
+    assert deployment is not None and deployment.spec == pool

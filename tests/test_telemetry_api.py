@@ -177,7 +177,11 @@ def test_readers_see_their_own_and_admins_everything(api: ApiContext) -> None:
     assert [(r["job_id"], r["idle"]) for r in latest_by_job(api, BOB)] == [("88", False)]
     assert [r["job_id"] for r in latest_by_job(api, CAROL)] == ["77", "88"]
     assert idle_jobs(api, BOB) == [] and idle_jobs(api, ALICE) == [flag] == idle_jobs(api, CAROL)
-    assert admin_idle_jobs(api, CAROL)["gpu_hours_wasted"] == 0.5
+    answer = admin_idle_jobs(api, CAROL)
+    assert answer["gpu_hours_wasted"] == 0.5 and answer["warm"] == []
+    warm = {"job_id": "99", "user": "bob", "deployment": "sleepy", "gpus": 1}  # engines asleep by design
+    api.store.put_state(FLAGS_STATE, {"evaluated_at": NOW.isoformat(), "flags": [], "warm": [warm]})
+    assert admin_idle_jobs(api, CAROL)["warm"] == [warm] and admin_idle_jobs(api, CAROL)["flags"] == []
     with pytest.raises(Forbidden, match="idle jobs are for admins; bob is not one"):
         admin_idle_jobs(api, BOB)
 

@@ -222,7 +222,21 @@ def admin_idle_jobs(api: ApiContext, caller: Caller) -> dict[str, Any]:
         raise Forbidden(f"idle jobs are for admins; {caller.user} is not one (see `hpcserve ps` for yours)")
     flags = idle_jobs(api, caller)
     return {"flags": [flag_to_json(f) for f in flags],
-            "gpu_hours_wasted": round(sum(f.gpu_hours_wasted for f in flags), 4)}  # fmt: skip
+            "gpu_hours_wasted": round(sum(f.gpu_hours_wasted for f in flags), 4),
+            "warm": current_warm(api.store.get_state(FLAGS_STATE), api.clock())}  # fmt: skip
+
+
+def current_warm(state: Mapping[str, Any] | None, now: datetime) -> list[dict[str, Any]]:
+    """The replica jobs the idle tick kept apart as warm (engines asleep by design), as it stored them;
+    none when its state is older than ``FLAGS_STALE_S``."""
+    if not state or not _fresh(state, now):
+        return []
+    return [dict(w) for w in (state or {}).get("warm", []) if isinstance(w, Mapping)]
+
+
+def _fresh(state: Mapping[str, Any], now: datetime) -> bool:
+    at = state.get("evaluated_at")
+    return at is not None and now - datetime.fromisoformat(str(at)) <= timedelta(seconds=FLAGS_STALE_S)
 
 
 def current_flags(state: Mapping[str, Any] | None, now: datetime) -> list[IdleFlag]:

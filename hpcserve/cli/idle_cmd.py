@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 def idle(ctx: Context, /, as_json: bool) -> None:
     """Running jobs whose GPUs averaged under the policy's threshold for its window, and replicas that
     served no request for that long, most GPU-hours wasted first. GPU-hours wasted = the job's GPUs x the
-    time since its idle stretch began. For admins; users see their own in `hpcserve ps`."""
+    time since its idle stretch began. Replica jobs of warm deployments (engines asleep by design) are
+    listed apart, not as idle. For admins; users see their own in `hpcserve ps`."""
     from hpcserve.service.client import ServiceClient
 
     found: dict[str, Any] = ServiceClient.for_site(ctx.load_site()).call("GET", "/v1/idle")
@@ -37,6 +38,11 @@ def idle(ctx: Context, /, as_json: bool) -> None:
     emit_table(
         title, ("JOBID", "USER", "KIND", "GPUS", "GPU%", "SINCE (UTC)", "GPU-H WASTED", "REASON"), rows
     )
+    warm = found.get("warm") or []
+    if warm:  # kept on purpose: their engines sleep, a request wakes them in seconds
+        emit_table(f"{len(warm)} warm replica jobs (engines asleep by design: not idle)",
+                   ("JOBID", "USER", "DEPLOYMENT", "GPUS"),
+                   [(w["job_id"], w["user"], w["deployment"], w["gpus"]) for w in warm])  # fmt: skip
 
 
 def _pct(value: float | None) -> str:

@@ -5,6 +5,12 @@ readings of the last window and the replicas' last requests from the store, deci
 them in the service state ``telemetry:idle`` (the API's ``hpcserve idle`` and ``ps``, and /metrics, read
 them there). A job newly flagged is one log line; with ``idle.action.inference: scale_down`` its
 deployment also gets one replica fewer (one more log line), never below ``min_replicas``.
+
+A replica job of a deployment in the warm tier (its engines asleep by design, the job kept for a wake in
+seconds) is never judged: it is kept apart as "warm" in the same state (``hpcserve idle`` lists it so). A
+pool's replica job is judged like any replica (the controller samples its engines under the pool's name),
+but never scaled down by the idle action: it serves several models, and the pool scales on their summed
+load.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from hpcserve.api.telemetry import FLAGS_STATE, current_flags
 from hpcserve.model.cluster import Job, JobState
 from hpcserve.model.telemetry import GpuSample, IdleFlag
 from hpcserve.serving.tags import parse_replica_tag
-from hpcserve.telemetry.idle import flag_to_json, idle_flags
+from hpcserve.telemetry.idle import asleep_by_design, flag_to_json, idle_flags, warm_to_json
 
 if TYPE_CHECKING:
     from hpcserve.config.policy import IdleRules
@@ -52,14 +58,25 @@ class IdleTick:
         running = [j for j in self.jobs() if j.state == JobState.RUNNING]
         self.running = frozenset(j.id for j in running)
         previous = {f.job_id: f for f in current_flags(self.store.get_state(FLAGS_STATE), now)}
-        samples, activity = self._samples(now, running), self._activity(running, now)
-        flags = idle_flags(samples, running, activity, self.rules, now,
+        warm = self._warm(running)
+        judged = [j for j in running if j.id not in warm]  # asleep by design: not idle
+        samples, activity = self._samples(now, judged), self._activity(judged, now)
+        flags = idle_flags(samples, judged, activity, self.rules, now,
                            previous={k: f.since for k, f in previous.items()})  # fmt: skip
         self.store.put_state(FLAGS_STATE, {"evaluated_at": now.isoformat(),
-                                           "flags": [flag_to_json(f) for f in flags]})  # fmt: skip
+                                           "flags": [flag_to_json(f) for f in flags],
+                                           "warm": [warm_to_json(j, warm[j.id]) for j in running
+                                                    if j.id in warm]})  # fmt: skip
         for flag in (f for f in flags if f.job_id not in previous):
             self._newly_flagged(flag, running)
         return flags
+
+    def _warm(self, running: Sequence[Job]) -> dict[str, str]:
+        """The running replica jobs of deployments in the warm tier (one read of the deployments, only
+        when a replica runs)."""
+        if not any(parse_replica_tag(j.tag) for j in running):
+            return {}
+        return asleep_by_design(running, {d.name: d.tier for d in self.store.list_deployments()})
 
     def _samples(self, now: datetime, running: Sequence[Job]) -> dict[str, list[GpuSample]]:
         """The window's readings of the running jobs (of every job when there are very many)."""
@@ -98,11 +115,20 @@ def scale_down(store: HistoryStore, name: str, flag: IdleFlag) -> int | None:
     """One replica fewer for ``name`` (the flagged replica's deployment): its ``max_replicas`` lowered to
     one below the replicas it runs, as ``hpcserve scale NAME --max N`` does (a lower desired count alone
     would be undone by the autoscaler at its next tick), never below max(1, ``min_replicas``). The owner
-    raises it again with ``hpcserve scale``. The new maximum, or None when nothing changed."""
+    raises it again with ``hpcserve scale``. A pool (its replicas serve several models) and a deployment
+    in the warm tier (asleep by design) are left as they are. The new maximum, or None when nothing
+    changed."""
+    from hpcserve.serving.pools import is_pool
     from hpcserve.serving.spec import DeploymentSpec, build_deployment
+    from hpcserve.telemetry.idle import WARM_TIER
 
     deployment = store.get_deployment(name)
     if deployment is None or deployment.deleted:
+        return None
+    pool = is_pool(deployment.spec)
+    if pool or deployment.tier == WARM_TIER:
+        why = "a pool scales on its members' summed load" if pool else "warm: asleep by design"
+        log.info("idle: deployment %s not scaled down: %s (job %s)", name, why, flag.job_id)
         return None
     spec = DeploymentSpec.model_validate(deployment.spec)
     active = sum(r.state in ("starting", "ready") for r in store.replicas(name))

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # a type only: the rules' pydantic model stays out of the rep
     from hpcserve.config.policy import IdleRules
 
 INFERENCE_TAG_KINDS = ("replica", "inference")
+WARM_TIER = "warm"  # hpcserve.serving.tiers.Tier.WARM: the replica jobs kept, every engine asleep
 
 
 def job_kind(job: Job) -> str:
@@ -91,6 +92,23 @@ def _flag(
     wasted = gpus * max((now - since).total_seconds(), 0.0) / 3600
     reason = "; ".join(text for _, text in found)
     return IdleFlag(job.id, job.user, job_kind(job), reason, since, gpus, round(wasted, 4), mean)
+
+
+def asleep_by_design(running_jobs: Iterable[Job], tiers: Mapping[str, str | None]) -> dict[str, str]:
+    """The replica jobs whose engines sleep by design, by job id, with their deployment: those of a
+    deployment (or pool) in the warm tier (``tiers``: each deployment's stored tier). Their GPUs are held
+    on purpose, for a wake in seconds: a chosen trade-off, never flagged idle nor scaled down."""
+    found = {}
+    for job in running_jobs:
+        tag = parse_replica_tag(job.tag)
+        if tag is not None and tiers.get(tag[0]) == WARM_TIER:
+            found[job.id] = tag[0]
+    return found
+
+
+def warm_to_json(job: Job, deployment: str) -> dict[str, Any]:
+    """A warm replica job as the service stores and serves it beside the flags."""
+    return {"job_id": job.id, "user": job.user, "deployment": deployment, "gpus": job.gpus}
 
 
 def covered(times: Sequence[datetime], start: datetime, end: datetime, gap_s: float) -> bool:
