@@ -7,10 +7,11 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from hpcserve.api.deployments import check_model, check_shares, check_warm_tier
-from hpcserve.api.limits import OwnerUsage, check_replicas, owner_usage
+from hpcserve.api.limits import OwnerUsage, check_replicas, owner_usage, replica_gpus
 from hpcserve.api.replica_logs import open_under
 from hpcserve.config import load_policy, load_site_config
 from hpcserve.errors import HpcserveError, ValidationError
@@ -40,6 +41,31 @@ def test_owner_usage_counts_the_owners_other_deployments_and_own_jobs_only() -> 
             job("14", "bob", 4)]  # fmt: skip
     usage = owner_usage("alice", "mine", deployments, jobs, replica_job_ids=["12"])
     assert usage == OwnerUsage(deployments=4, jobs=2)  # other: min 2 x 2 GPUs; job 12 is a replica
+
+
+def test_a_replica_on_part_of_a_gpu_counts_as_that_part_and_so_do_shard_jobs() -> None:
+    quarter = {"gpus_per_replica": 1, "nodes_per_replica": 1, "gpu_fraction": 0.25}
+    assert replica_gpus(quarter) == 0.25 and replica_gpus({"gpus_per_replica": 2}) == 2
+    assert replica_gpus({**quarter, "gpu_fraction": 0.3}) == 0.5  # 2 shards of 4: what it holds
+    deployments = [Deployment("q", "alice", {**quarter, "min_replicas": 3}, 1, 0, T0, T0, None)]
+    jobs = [msgspec.structs.replace(job("21", "alice", 0), shards=1), job("22", "alice", 1)]
+    usage = owner_usage("alice", None, deployments, jobs, replica_job_ids=[])
+    assert usage == OwnerUsage(deployments=0.75, jobs=1.25)
+    policy = load_policy(POLICY)  # inference: 16 GPUs per user
+    check_replicas(policy, "alice", 0.25, 64, OwnerUsage(0, 0))  # 64 quarters: 16 GPUs
+    with pytest.raises(PolicyViolation, match=r"hold or want 0.25 GPUs; 64 replicas x 0.25 GPUs = 16 more"):
+        check_replicas(policy, "alice", 0.25, 64, OwnerUsage(0.25, 0))
+
+
+def test_a_pools_replicas_count_once_on_the_pools_row() -> None:
+    shape = {"gpus_per_replica": 2, "nodes_per_replica": 1}
+    pool = Deployment(
+        "p", "alice", {"kind": "pool", "name": "p", **shape, "min_replicas": 2}, 1, 2, T0, T0, None
+    )
+    member = {"pool": "p", **shape, "min_replicas": 2}
+    members = [Deployment(m, "alice", {"name": m, **member}, 1, 2, T0, T0, None) for m in ("a", "b")]
+    assert owner_usage("alice", None, [pool, *members], [], []) == OwnerUsage(deployments=4, jobs=0)
+    assert owner_usage("alice", "p", [pool, *members], [], []) == OwnerUsage(deployments=0, jobs=0)
 
 
 def test_check_replicas_names_the_rule() -> None:

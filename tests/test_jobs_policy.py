@@ -118,3 +118,21 @@ def test_preemptible_jobs_get_the_sites_checkpoint_marker_folder(policy: Policy)
     assert with_marker_dir(own, Path("/shared/ckpt")).env["HPCSERVE_CHECKPOINT_DIR"] == "/mine"
     steady = dataclasses.replace(job, preemptible=False)
     assert "HPCSERVE_CHECKPOINT_DIR" not in with_marker_dir(steady, Path("/shared/ckpt")).env
+
+
+def test_gpu_shards_count_as_the_part_of_a_gpu_they_are() -> None:
+    from hpcserve.jobs.policy import part_gpus
+
+    jobs = [Job("1", 1, "a", "alice", "acct", "infer", JobState.RUNNING, 1, gpus=1),
+            Job("2", 2, "b", "alice", "acct", "infer", JobState.PENDING, 1, shards=1),
+            Job("3", 3, "c", "alice", "acct", "infer", JobState.RUNNING, 1, shards=2)]  # fmt: skip
+    assert gpus_in_use(jobs, "alice") == 1  # shards not counted: as before
+    assert gpus_in_use(jobs, "alice", shards_per_gpu=4) == 1.75
+    assert part_gpus(1, 0.25, 4) == 0.25 and part_gpus(1, 0.3, 4) == 0.5  # 0.3 takes 2 shards of 4
+    assert part_gpus(2, None, 4) == 2.0
+    policy = load_policy(POLICY)
+    limit = policy.for_class(JobClassName.INFERENCE).max_gpus_per_user
+    quarter = JobRequest(JobClassName.INFERENCE, "q", "alice", gres="shard:1")
+    resolve(quarter, policy, gpus_used=limit - 0.25, shards_per_gpu=4)  # fits exactly
+    with pytest.raises(PolicyViolation, match=f"holds or waits for {limit - 0.2:g} GPUs; 0.25 more"):
+        resolve(quarter, policy, gpus_used=limit - 0.2, shards_per_gpu=4)

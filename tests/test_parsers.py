@@ -269,3 +269,14 @@ def test_runner_applies_env_changes_and_replaces_bytes_that_are_not_utf8() -> No
     assert sorted(env) == ["ADD=2\n", "KEEP=1\n"]
     assert list(runner.lines(["printf", "a\\377b\\n"], timeout=10)) == ["a\ufffdb\n"]
     assert runner(["printf", "\\376"], timeout=10).stdout == "\ufffd"
+
+
+def test_squeue_counts_a_jobs_gpu_shards() -> None:
+    nonce = "0123456789abcdef"
+    shard = _record("quarter", "", 7, nonce).replace(
+        "cpu=1,gres/gpu=2", "cpu=1,mem=1G,node=1,billing=1,gres/shard=2"
+    )
+    (job,) = parsers.parse_squeue(shard, NOW, nonce)  # as squeue -O tres-alloc prints a --gres=shard:2 job
+    assert (job.gpus, job.shards) == (0, 2)
+    (whole,) = parsers.parse_squeue(_record("whole", "", 8, nonce), NOW, nonce)
+    assert (whole.gpus, whole.shards) == (2, 0)

@@ -155,6 +155,19 @@ def test_announced_replica_becomes_ready_only_for_its_own_job(store: HistoryStor
     assert replica.state == "ready" and replica.url == "http://node5:8000"
 
 
+def test_a_replica_on_part_of_a_gpu_counts_as_that_part_of_the_owners_gpus(store: HistoryStore) -> None:
+    serve(store, "quarter", min_replicas=4, max_replicas=6, gpu_fraction=0.25)
+    slurm = FakeSlurm(
+        [msgspec.structs.replace(job(42, "x", 0, gpus=0), shards=2)]
+    )  # an alice job on 2 shards
+    ctl = controller(store, slurm=slurm, gpu_limit=1)
+    ctl.tick()  # 0.5 GPU held: two quarter replicas fit, not zero (as whole GPUs) nor four
+    assert sorted(ctl.launcher.launched) == [("quarter", 0), ("quarter", 1)]  # type: ignore[attr-defined]
+    record = ScalerRecord.from_json(store.get_state(state_name("quarter")))
+    assert record.capped == ("max_gpus_per_user: alice holds or waits for 0.5 of 1 GPUs; 4 replicas wanted, "
+                             "2 fit")  # fmt: skip
+
+
 def test_scale_up_is_capped_by_the_owners_gpus_across_deployments(store: HistoryStore) -> None:
     serve(store, "big", min_replicas=3, gpus_per_replica=2)
     serve(store, "other", min_replicas=2, gpus_per_replica=2)

@@ -54,8 +54,9 @@ def create(
     check_model(spec.model)
     check_warm_tier(api.site, spec.warm_tier)
     resolve(replica_request(spec, 0, user=caller.user), api.policy)  # partition, per-job GPUs, time
-    if spec.min_replicas:
-        check_owner_limits(api, caller.user, spec.pool or spec.name, spec_gpus(spec), spec.min_replicas)
+    if spec.min_replicas:  # a member: its pool's replicas, counted once on the pool's row
+        wanted = max(spec.min_replicas, pool_wanted(api, spec.pool, caller.user))
+        check_owner_limits(api, caller.user, spec.pool or spec.name, spec_gpus(api, spec), wanted)
     if spec.pool is not None:
         join_pool(api, caller, spec, account, shares)
         return show(api, caller, spec.name)
@@ -175,11 +176,25 @@ def _known_principal(item: str) -> bool:
 # ---------------------------------------------------------------------------- limits and ownership
 
 
-def spec_gpus(spec: DeploymentSpec) -> int:
-    return spec.gpus_per_replica * spec.nodes_per_replica
+def spec_gpus(api: ApiContext, spec: DeploymentSpec) -> float:
+    """GPUs one replica holds; the part of one GPU (its shards) for a ``gpu_fraction``."""
+    from hpcserve.jobs.policy import part_gpus
+
+    whole = spec.gpus_per_replica * spec.nodes_per_replica
+    return part_gpus(whole, spec.gpu_fraction, api.site.serving.shards_per_gpu)
 
 
-def check_owner_limits(api: ApiContext, owner: str, name: str, per_replica: int, replicas: int) -> None:
+def pool_wanted(api: ApiContext, pool: str | None, owner: str) -> int:
+    """The replicas ``owner``'s pool ``pool`` keeps now (0: no such pool of theirs)."""
+    from hpcserve.serving.pools import is_pool
+
+    found = api.store.get_deployment(pool) if pool else None
+    if found is None or found.owner != owner or not is_pool(found.spec):
+        return 0
+    return wanted_replicas(found)
+
+
+def check_owner_limits(api: ApiContext, owner: str, name: str, per_replica: float, replicas: int) -> None:
     """``replicas`` x ``per_replica`` GPUs for deployment ``name`` must fit the owner's limits, with the
     owner's other deployments and the owner's own inference GPU jobs (one squeue for that user)."""
     from hpcserve.config.policy import JobClassName
@@ -188,7 +203,8 @@ def check_owner_limits(api: ApiContext, owner: str, name: str, per_replica: int,
     partition = api.policy.for_class(JobClassName.INFERENCE).partition
     jobs = api.slurm.jobs(JobFilter(user=owner, partitions=(partition,)))
     replica_jobs = [r.job_id for r in api.store.replicas() if r.job_id]
-    usage = owner_usage(owner, name, api.store.list_deployments(), jobs, replica_jobs)
+    usage = owner_usage(owner, name, api.store.list_deployments(), jobs, replica_jobs,
+                        api.site.serving.shards_per_gpu)  # fmt: skip
     check_replicas(api.policy, owner, per_replica, replicas, usage)
 
 
@@ -241,8 +257,11 @@ def scale(
     )
     desired = deployment.desired_replicas if replicas is None else replicas
     after = max(desired, new_spec.min_replicas)
-    if after > wanted_replicas(deployment):
-        check_owner_limits(api, deployment.owner, name, spec_gpus(new_spec), after)
+    if after > wanted_replicas(deployment):  # a member's rise is its pool's, counted once there
+        target, wanted = (
+            (pool, max(after, pool_wanted(api, pool, deployment.owner))) if pool else (name, after)
+        )
+        check_owner_limits(api, deployment.owner, target, spec_gpus(api, new_spec), wanted)
     user = acting_user(caller, deployment)
     if new_spec is not spec:
         api.store.update_spec(name, new_spec.model_dump(mode="json"), user=user)
@@ -334,7 +353,7 @@ def row(
         "served_model_name": deployment.served_model_name or spec.get("served_model_name"),
         "engine": spec.get("engine"), "desired": deployment.desired_replicas,
         "min_replicas": spec.get("min_replicas"), "max_replicas": spec.get("max_replicas"),
-        "gpus_per_replica": replica_gpus(spec),
+        "gpus_per_replica": replica_gpus(spec, api.site.serving.shards_per_gpu),
         "ready": sum(r.state == "ready" for r in replicas),
         "starting": sum(r.state == "starting" for r in replicas),
         "draining": sum(r.state == "draining" for r in replicas),

@@ -10,6 +10,7 @@ from hpcserve.config.policy import JobClass, Policy
 from hpcserve.errors import ValidationError
 from hpcserve.jobs.spec import JobRequest, ResolvedJob, make_tag, seconds_to_slurm
 from hpcserve.model.cluster import Job
+from hpcserve.placement.shards import shard_count, shards_for
 
 _ARRAY_ITEM = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
 
@@ -57,22 +58,41 @@ def check_name(name: str) -> None:
         )
 
 
-def gpus_in_use(jobs: Iterable[Job], user: str) -> int:
-    """GPUs a user's queued and running jobs hold or ask for."""
-    return sum(j.gpus for j in jobs if j.user == user and not j.state.is_terminal)
+def shard_gpus(shards: int, shards_per_gpu: int) -> float:
+    """``shards`` of gres/shard as the part of a GPU they are (0 when shards are not counted)."""
+    return shards / shards_per_gpu if shards_per_gpu > 0 else 0.0
 
 
-def resolve(request: JobRequest, policy: Policy, gpus_used: int = 0, kind: str = "job") -> ResolvedJob:
+def part_gpus(gpus: int, fraction: float | None, shards_per_gpu: int) -> float:
+    """GPUs one replica holds: ``gpus`` whole ones, or for a ``fraction`` of one GPU the shards it takes
+    (``placement.shards.shards_for``: 0.25 of a GPU cut in 4 is one shard, 0.25 GPU), counted as squeue's
+    shards are (``gpus_in_use``)."""
+    if fraction:
+        return shard_gpus(shards_for(fraction, shards_per_gpu), shards_per_gpu)
+    return float(gpus)
+
+
+def gpus_in_use(jobs: Iterable[Job], user: str, shards_per_gpu: int = 0) -> float:
+    """GPUs a user's queued and running jobs hold or ask for: whole GPUs, and with ``shards_per_gpu`` their
+    GPU shards as parts of a GPU (a job on one shard of four: 0.25)."""
+    return sum(j.gpus + shard_gpus(j.shards, shards_per_gpu) for j in jobs
+               if j.user == user and not j.state.is_terminal)  # fmt: skip
+
+
+def resolve(
+    request: JobRequest, policy: Policy, gpus_used: float = 0, kind: str = "job", shards_per_gpu: int = 0
+) -> ResolvedJob:
     """Apply the request's job class: partition, QoS, limits, preemption. Raises ``PolicyViolation``.
 
     ``gpus_used`` is what the user already holds or waits for (see ``gpus_in_use``); ``kind`` goes into
-    hpcserve's tag (``hpcserve:<kind>:<name>``).
+    hpcserve's tag (``hpcserve:<kind>:<name>``); with ``shards_per_gpu``, a request for GPU shards counts
+    as that part of a GPU toward ``max_gpus_per_user``.
     """
     check_name(request.name)
     rules = policy.for_class(request.job_class)
     name = request.job_class.value
     _check_partition(request, rules, name)
-    _check_gpus(request, rules, name, gpus_used)
+    _check_gpus(request, rules, name, gpus_used, shards_per_gpu)
     time_s = _check_time(request, rules, name)
     return ResolvedJob(
         request=request,
@@ -95,7 +115,9 @@ def _check_partition(request: JobRequest, rules: JobClass, name: str) -> None:
         )
 
 
-def _check_gpus(request: JobRequest, rules: JobClass, name: str, gpus_used: int) -> None:
+def _check_gpus(
+    request: JobRequest, rules: JobClass, name: str, gpus_used: float, shards_per_gpu: int
+) -> None:
     if request.gpus > rules.max_gpus_per_job:
         raise PolicyViolation(
             name,
@@ -104,12 +126,13 @@ def _check_gpus(request: JobRequest, rules: JobClass, name: str, gpus_used: int)
             f"at most {rules.max_gpus_per_job} per {name} job",
             f"ask for at most {rules.max_gpus_per_job} GPUs",
         )
-    asked = request.gpus * array_size(request.array)
-    if gpus_used + asked > rules.max_gpus_per_user:
+    part = shard_gpus(shard_count(request.gres) or 0, shards_per_gpu)
+    asked = (request.gpus + part) * array_size(request.array)
+    if gpus_used + asked > rules.max_gpus_per_user + 1e-9:
         raise PolicyViolation(
             name,
             "max_gpus_per_user",
-            f"user {request.user} holds or waits for {gpus_used} GPUs; {asked} more would pass "
+            f"user {request.user} holds or waits for {gpus_used:g} GPUs; {asked:g} more would pass "
             f"the limit of {rules.max_gpus_per_user}",
             "wait for your jobs to finish or cancel some (hpcserve ps --me)",
         )

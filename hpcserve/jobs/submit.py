@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpcserve.jobs.policy import array_size, gpus_in_use, resolve
+from hpcserve.jobs.policy import array_size, gpus_in_use, resolve, shard_gpus
 from hpcserve.jobs.spec import JobRequest, ResolvedJob
 from hpcserve.placement import FabricTopology, PlacementRequest, build_fabric_topology, select_nodes
 from hpcserve.placement.shards import choose_shard_node, shard_count
@@ -153,13 +153,16 @@ def plan(
     topology: FabricTopology,
     *,
     kind: str,
-    gpus_used: int | None = None,
+    gpus_used: float | None = None,
     degraded: frozenset[str] = frozenset(),
     submitted_shards: Mapping[str, int] | None = None,
+    shards_per_gpu: int = 0,
 ) -> tuple[ResolvedJob, str]:
-    """Policy, then placement. ``gpus_used`` defaults to the user's live jobs in the snapshot."""
-    used = gpus_in_use(snapshot.jobs, request.user) if gpus_used is None else gpus_used
-    return place(resolve(request, policy, used, kind=kind), snapshot, topology, degraded, submitted_shards)
+    """Policy, then placement. ``gpus_used`` defaults to the user's live jobs in the snapshot; with
+    ``shards_per_gpu``, GPU shards count as parts of a GPU (``gpus_in_use``)."""
+    used = gpus_in_use(snapshot.jobs, request.user, shards_per_gpu) if gpus_used is None else gpus_used
+    resolved = resolve(request, policy, used, kind=kind, shards_per_gpu=shards_per_gpu)
+    return place(resolved, snapshot, topology, degraded, submitted_shards)
 
 
 def with_marker_dir(job: ResolvedJob, folder: Path | None) -> ResolvedJob:
@@ -182,7 +185,7 @@ class Submitter:
     ) -> None:
         self._client, self._site, self._policy, self._degraded = client, site, policy, degraded
         self._view: tuple[ClusterSnapshot, FabricTopology] | None = None
-        self._submitted_gpus: dict[str, int] = defaultdict(int)
+        self._submitted_gpus: dict[str, float] = defaultdict(float)
         self._submitted_shards: dict[str, int] = defaultdict(int)  # per node, not in the view yet
 
     def view(self) -> tuple[ClusterSnapshot, FabricTopology]:
@@ -193,9 +196,11 @@ class Submitter:
 
     def plan(self, request: JobRequest, *, kind: str) -> tuple[ResolvedJob, str]:
         snapshot, topology = self.view()
-        used = gpus_in_use(snapshot.jobs, request.user) + self._submitted_gpus[request.user]
+        per_gpu = self._site.serving.shards_per_gpu
+        used = gpus_in_use(snapshot.jobs, request.user, per_gpu) + self._submitted_gpus[request.user]
         job, reason = plan(request, self._policy, snapshot, topology, kind=kind, gpus_used=used,
-                           degraded=self._degraded, submitted_shards=self._submitted_shards)  # fmt: skip
+                           degraded=self._degraded, submitted_shards=self._submitted_shards,
+                           shards_per_gpu=per_gpu)  # fmt: skip
         return with_marker_dir(job, self._site.lending.checkpoint_dir), reason
 
     def plan_template(self, template: Template, values: Mapping[str, str], request: JobRequest) -> PlannedJob:
@@ -268,7 +273,8 @@ class Submitter:
         return job_id, PlannedJob(job, reason, staged.script)
 
     def _count(self, request: JobRequest, nodelist: Sequence[str] = ()) -> None:
-        self._submitted_gpus[request.user] += request.gpus * array_size(request.array)
         shards = shard_count(request.gres)
+        part = shard_gpus(shards or 0, self._site.serving.shards_per_gpu)
+        self._submitted_gpus[request.user] += (request.gpus + part) * array_size(request.array)
         if shards and len(nodelist) == 1:
             self._submitted_shards[nodelist[0]] += shards

@@ -163,6 +163,7 @@ class Job(msgspec.Struct, frozen=True):
     # from the service's GPU telemetry, for ``hpcserve ps`` only (None: no telemetry for this job)
     gpu_util_pct: float | None = None  # the newest readings, averaged over the job's GPUs
     idle: bool | None = None  # flagged idle by the service's policy (``hpcserve idle``)
+    shards: int = 0  # gres/shard units over the job (parts of a GPU: ``serving.shards_per_gpu`` make one)
 
 
 def tag_of(comment: str) -> str | None:

@@ -85,7 +85,7 @@ class _Tick:
     submitter: Submitter
     now: datetime
     draining: frozenset[str] = frozenset()  # nodes being drained (maintenance): replicas move off them
-    launched_gpus: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    launched_gpus: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     pools: PoolLoad = field(default_factory=PoolLoad)  # each pool's members
     floors: dict[str, int] = field(default_factory=dict)  # the forecast floor of each deployment this tick
     waiting: dict[str, int] = field(default_factory=dict)  # what the gateways buffer for each, this tick
@@ -210,7 +210,7 @@ class ServingController:
         )
         current = sum(r.state in ("starting", "ready") for r in replicas)
         desired, capped = cap_scale_up(
-            desired, current, _gpus(_spec(deployment)), self._limit(deployment, tick)
+            desired, current, _gpus(_spec(deployment), self._shards_per_gpu), self._limit(deployment, tick)
         )
         if capped and capped != record.capped:
             log.warning("deployment %s: scale-up capped: %s", deployment.name, capped)
@@ -222,12 +222,20 @@ class ServingController:
             self.store.set_desired(deployment.name, desired, user=self.service_user)
         return desired
 
+    @property
+    def _shards_per_gpu(self) -> int:
+        """The site's ``serving.shards_per_gpu`` (the launcher's): what a GPU shard is a part of."""
+        return int(getattr(self.launcher, "shards_per_gpu", 4))
+
     def _limit(self, deployment: Deployment, tick: _Tick) -> GpuLimit:
         from hpcserve.config.policy import JobClassName
         from hpcserve.jobs.policy import gpus_in_use
 
         rules = self.policy.classes[JobClassName.INFERENCE]
-        used = gpus_in_use(tick.jobs, deployment.owner) + tick.launched_gpus[deployment.owner]
+        used = (
+            gpus_in_use(tick.jobs, deployment.owner, self._shards_per_gpu)
+            + tick.launched_gpus[deployment.owner]
+        )
         return GpuLimit(rules.max_gpus_per_user, rules.max_gpus_per_job, used, deployment.owner)
 
     def _tier(self, deployment: Deployment, replicas: list[Replica], stats: Mapping[int, EngineStats],
@@ -303,7 +311,7 @@ class ServingController:
                 pool = {"members": members} if members is not None else {}  # a pool's replica
                 launched = self.launcher.launch(tick.submitter, deployment, spec, index, **pool)
                 saw_change(self.client)  # submitted as the owner: the next tick sees the new job
-                tick.launched_gpus[deployment.owner] += _gpus(spec)
+                tick.launched_gpus[deployment.owner] += _gpus(spec, self._shards_per_gpu)
                 self._record_launch(name, index, launched, tick.now)
             case SetState(index, state, url):
                 fields: dict[str, Any] = {"state": state.value}
@@ -337,8 +345,11 @@ def _spec(deployment: Deployment) -> DeploymentSpec:
     return DeploymentSpec.model_validate(as_replica_deployment(deployment).spec)
 
 
-def _gpus(spec: DeploymentSpec) -> int:
-    return spec.gpus_per_replica * spec.nodes_per_replica
+def _gpus(spec: DeploymentSpec, shards_per_gpu: int) -> float:
+    """GPUs one replica holds; part of one for a ``gpu_fraction`` (the shards it takes)."""
+    from hpcserve.jobs.policy import part_gpus
+
+    return part_gpus(spec.gpus_per_replica * spec.nodes_per_replica, spec.gpu_fraction, shards_per_gpu)
 
 
 def _replica_jobs(jobs: Sequence[Job]) -> dict[str, list[Job]]:

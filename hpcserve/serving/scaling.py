@@ -85,30 +85,34 @@ class ScalerRecord(msgspec.Struct, frozen=True):
 @dataclass(frozen=True, slots=True)
 class GpuLimit:
     """The owner's limits in the policy's inference class, and the GPUs they hold or wait for now (all
-    their Slurm jobs, as the policy counts them, plus what this tick already submitted)."""
+    their Slurm jobs, as the policy counts them, GPU shards as parts of a GPU, plus what this tick already
+    submitted)."""
 
     per_user: int
     per_job: int
-    used: int
+    used: float
     user: str
 
 
 def cap_scale_up(
-    desired: int, current: int, gpus_per_replica: int, limit: GpuLimit
+    desired: int, current: int, gpus_per_replica: float, limit: GpuLimit
 ) -> tuple[int, str | None]:
     """``desired`` replicas, lowered so the replicas to add keep the owner within their GPU limits, and why
-    (None when nothing was lowered). Scaling down, or holding, is never capped."""
+    (None when nothing was lowered). Scaling down, or holding, is never capped. A replica on part of a
+    GPU counts as that part (``jobs.policy.part_gpus``: 0.25 for a quarter of a GPU)."""
     if desired <= current:
         return desired, None
     if gpus_per_replica > limit.per_job:
         return current, (
-            f"max_gpus_per_job: a replica takes {gpus_per_replica} GPUs, the limit is {limit.per_job}"
+            f"max_gpus_per_job: a replica takes {gpus_per_replica:g} GPUs, the limit is {limit.per_job}"
         )
-    room = max(0, (limit.per_user - limit.used) // gpus_per_replica) if gpus_per_replica else desired
+    room = (
+        max(0, int((limit.per_user - limit.used) / gpus_per_replica + 1e-9)) if gpus_per_replica else desired
+    )
     allowed = current + room
     if desired <= allowed:
         return desired, None
     return allowed, (
-        f"max_gpus_per_user: {limit.user} holds or waits for {limit.used} of {limit.per_user} GPUs; "
+        f"max_gpus_per_user: {limit.user} holds or waits for {limit.used:g} of {limit.per_user} GPUs; "
         f"{desired} replicas wanted, {allowed} fit"
     )

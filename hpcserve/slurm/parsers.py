@@ -3,7 +3,7 @@
 Which output, and why:
 - jobs: ``squeue -O`` (through SQUEUE_FORMAT2, see commands.squeue_env). Unlike ``squeue --json`` it
   honours -j/-t/-u/-p and takes ~0.1 s instead of ~2 s at 10k jobs. ``tres-alloc`` gives the job's total
-  GPUs both when pending (requested) and running (allocated).
+  GPUs both when pending (requested) and running (allocated), and its GPU shards (``gres/shard=N``).
 - nodes: ``sinfo --json``. One record per node with state flags as a list (no ``idle*`` / ``drng``
   decoding); its size grows with nodes, not jobs, so the 22.05 "ignores filters" caveat costs nothing.
 - partitions and topology: ``scontrol show ... -o`` key=value lines (scontrol has no --json in 22.05).
@@ -180,7 +180,8 @@ def _job(c: list[str], comment: str, wait: WaitFn) -> Job:
         "" if c[5] in null else c[5], submit, start,            # qos, submit, start
         _duration(c[12]), "" if c[13] in null else c[13],       # time_limit_s, reason
         comment, tag_of(comment),                               # comment, tag
-        wait(state, submit, start),                             # wait_s
+        wait(state, submit, start), None, None,                 # wait_s, gpu_util_pct, idle
+        tres_count(c[9], "gres/shard"),                         # shards
     )  # fmt: skip
 
 
