@@ -109,3 +109,32 @@ def test_open_under_never_follows_a_link(tmp_path: Path) -> None:
         open_under(tmp_path, tmp_path / "bob")
     with pytest.raises(HpcserveError, match="not under"):
         open_under(tmp_path / "alice", tmp_path / "bob")
+
+
+class NoJobs:
+    """The owner has no GPU jobs of their own in the inference partition."""
+
+    def jobs(self, *args: object, **kwargs: object) -> list[Job]:
+        return []
+
+
+def test_serving_into_a_pool_counts_its_replicas_once(tmp_path: Path) -> None:
+    from hpcserve.api.caller import Caller
+    from hpcserve.api.context import ApiContext
+    from hpcserve.api.deployments import create
+    from hpcserve.store import HistoryStore
+
+    alice = Caller(1001, "alice", frozenset())
+    shape = {"model": "m", "engine": "simulator", "gpus_per_replica": 4, "max_replicas": 4}
+    with HistoryStore(f"sqlite:///{tmp_path}/h.db") as store:  # inference: 4 GPUs per job, 16 per user
+        store.upgrade()
+        api = ApiContext(load_site_config(SITE), load_policy(POLICY), store, NoJobs())  # type: ignore[arg-type]
+        for member in ("a", "b"):  # each keeps 3 replicas of 4 GPUs: the pool keeps 3, 12 GPUs, not 24
+            create(api, alice, {"name": member, "pool": "p", "min_replicas": 3, **shape})
+        pool = store.get_deployment("p")
+        assert pool is not None and pool.spec["min_replicas"] == 3
+        create(api, alice, {"name": "c", "min_replicas": 1, **shape})  # 12 + 4 = 16: fits
+        with pytest.raises(PolicyViolation, match="hold or want 16 GPUs; 1 replicas x 4 GPUs"):
+            create(api, alice, {"name": "d", "min_replicas": 1, **shape})
+        with pytest.raises(PolicyViolation, match="hold or want 4 GPUs; 4 replicas x 4 GPUs"):
+            create(api, alice, {"name": "e", "pool": "p", "min_replicas": 4, **shape})  # the pool grows to 4
