@@ -1,7 +1,9 @@
-"""The replica agent: its pure rules (which engine sleeps, what the answers say), then the agent's HTTP API
-in front of real engine simulators (in this process, on 127.0.0.1, in sleep mode and dev mode): wake,
-sleep, LRU by last_used (from the engines' /metrics), never more than max_awake awake (every engine's own
-/is_sleeping polled throughout), concurrent wakes serialized, and the engine key required."""
+"""The replica agent: its pure rules (which wakes start, which engine sleeps, what the answers say), then the
+agent's HTTP API in front of real engine simulators (in this process, on 127.0.0.1, in sleep mode and dev
+mode): wake, sleep, LRU by last_used (from the engines' /metrics), never more than max_awake awake (every
+engine's own /is_sleeping polled throughout, and the agent's count of engines holding GPU memory), a wake
+into a free slot not waiting behind a slow sleep of another engine, concurrent wakes of one model shared,
+a model being woken not put to sleep, and the engine key required."""
 
 from __future__ import annotations
 
@@ -16,23 +18,29 @@ import pytest
 
 from hpcserve.enginesim.core import SimConfig
 from hpcserve.enginesim.server import SimServer, start
+from hpcserve.enginesim.timing import sleep_seconds
 from hpcserve.serving.agent import EngineCallError, ReplicaAgent, serve
 from hpcserve.serving.agent_rules import (
     EngineState,
     EngineView,
+    Moves,
     Seen,
+    SleepPlan,
     UnknownModel,
     engines_body,
+    holding,
     make_room,
     member_gpu_utilization,
+    next_moves,
     seen,
-    sleep_targets,
-    victims,
+    sleep_body,
+    sleep_plan,
     wake_body,
 )
 
 KEY = "engine-key-for-tests"
 AWAKE, ASLEEP = EngineState.AWAKE, EngineState.ASLEEP
+WAKING, SLEEPING = EngineState.WAKING, EngineState.SLEEPING
 
 # pure: the rules -------------------------------------------------------------------------------------------
 
@@ -46,33 +54,50 @@ def test_make_room_sleeps_the_least_recently_used_awake_engine() -> None:
     assert make_room(engines, 3) == ["b"]
     assert make_room(engines, 2) == ["b", "d"]  # more awake than allowed: down to one free slot
     assert make_room(engines, 4) == []
-    assert make_room(engines, 2, keep="b") == ["d"]  # never the one being woken
+    assert make_room(engines, 2, wanted={"b"}) == ["d", "a"]  # never one a wake waits for
+    assert make_room(engines, 4, reserved=1) == ["b"]  # a slot kept for an engine starting
+    assert make_room(engines, 3, slots=2) == ["b", "d"]
 
 
-def test_waking_and_sleeping_engines_hold_gpu_memory_too() -> None:
-    engines = _views(a=(EngineState.SLEEPING, 0.0), b=(AWAKE, 5.0), c=(ASLEEP, 0.0))
-    assert victims(engines, 2, "c") == ["b"]
-    engines = _views(a=(EngineState.WAKING, 0.0), b=(ASLEEP, 0.0))
-    assert victims(engines, 1, "b") == []  # nothing awake to sleep (the lock keeps this from happening)
+def test_waking_and_sleeping_engines_hold_gpu_memory_and_a_sleep_under_way_frees_a_slot() -> None:
+    engines = _views(a=(SLEEPING, 0.0), b=(AWAKE, 5.0), c=(ASLEEP, 0.0))
+    assert holding(engines) == 2
+    assert next_moves(engines, 2, ["c"]) == Moves()  # a's sleep frees the slot c waits for: b stays
+    assert next_moves(engines, 2, ["c", "a"]) == Moves(sleep={"b": "c"})  # a waits for a slot of its own
+    engines = _views(a=(WAKING, 0.0), b=(ASLEEP, 0.0))
+    assert next_moves(engines, 1, ["b"]) == Moves()  # nothing awake to sleep: b waits for a slot
 
 
-def test_victims_none_when_awake_or_room_and_unknown_model_is_named() -> None:
-    engines = _views(a=(AWAKE, 1.0), b=(ASLEEP, 0.0))
-    assert victims(engines, 1, "a") == []
-    assert victims(engines, 1, "b") == ["a"]
-    assert victims(engines, 2, "b") == []
+def test_a_wake_with_a_free_slot_starts_while_another_engine_goes_to_sleep() -> None:
+    engines = _views(a=(SLEEPING, 0.0), b=(ASLEEP, 0.0), c=(ASLEEP, 0.0), d=(AWAKE, 1.0))
+    assert next_moves(engines, 3, ["b", "c"]) == Moves(wake=("b",), sleep={})  # c: a's sleep frees one
+    # a slot kept for an engine starting: b gets the slot a's sleep frees, d sleeps for c
+    assert next_moves(engines, 3, ["b", "c"], reserved=1) == Moves(sleep={"d": "c"})
+    assert next_moves(engines, 4, ["c", "b", "c"]) == Moves(wake=("c", "b"))  # first come, once each
+
+
+def test_waiting_models_get_lru_engines_put_to_sleep_for_them_in_order() -> None:
+    engines = _views(a=(AWAKE, 30.0), b=(AWAKE, 10.0), c=(ASLEEP, 0.0), d=(ASLEEP, 0.0), e=(AWAKE, 20.0))
+    assert next_moves(engines, 3, ["c", "d"]) == Moves(sleep={"b": "c", "e": "d"})
+    assert next_moves(engines, 3, ["c", "a"]) == Moves(ready=("a",), sleep={"b": "c"})  # a: awake
+    over = _views(a=(AWAKE, 1.0), b=(AWAKE, 2.0), c=(ASLEEP, 0.0))  # more awake than allowed
+    assert next_moves(over, 1, ["c"]) == Moves(sleep={"a": "c", "b": "c"})
+    with pytest.raises(KeyError):
+        next_moves(engines, 3, ["zzz"])
+
+
+def test_a_sleep_call_keeps_the_models_a_wake_waits_for() -> None:
+    engines = _views(a=(AWAKE, 1.0), b=(ASLEEP, 0.0), c=(WAKING, 0.0), d=(SLEEPING, 0.0), e=(AWAKE, 2.0))
+    assert sleep_plan(engines, "all") == SleepPlan(["a", "d", "e"], ["c"])
+    assert sleep_plan(engines, "all", wanted={"c", "e"}) == SleepPlan(["a", "d"], ["c", "e"])
+    assert sleep_plan(engines, "a") == SleepPlan(["a"], [])
+    assert sleep_plan(engines, "b") == SleepPlan([], [])
+    assert sleep_plan(engines, "d", wanted={"d"}) == SleepPlan([], ["d"])  # woken once it is asleep
+    assert sleep_body(SleepPlan(["a"], [])) == {"slept": ["a"]}
+    assert sleep_body(SleepPlan([], ["c"])) == {"slept": [], "kept": ["c"]}
     with pytest.raises(UnknownModel) as exc:
-        victims(engines, 1, "zzz")
-    assert str(exc.value) == "model: 'zzz' is not served by this replica (fix: one of a, b)"
-
-
-def test_sleep_targets_skip_engines_asleep_already() -> None:
-    engines = _views(a=(AWAKE, 1.0), b=(ASLEEP, 0.0), c=(EngineState.WAKING, 0.0))
-    assert sleep_targets(engines, "all") == ["a", "c"]
-    assert sleep_targets(engines, "a") == ["a"]
-    assert sleep_targets(engines, "b") == []
-    with pytest.raises(UnknownModel):
-        sleep_targets(engines, "d")
+        sleep_plan(engines, "zzz")
+    assert str(exc.value) == "model: 'zzz' is not served by this replica (fix: one of a, b, c, d, e)"
 
 
 def test_a_scrape_shows_use_or_requests_parked_on_a_sleeping_engine() -> None:
@@ -96,10 +121,10 @@ def test_pool_member_gpu_share_and_answer_bodies() -> None:
 # the agent in front of engine simulators -------------------------------------------------------------------
 
 
-def _sim(name: str) -> SimConfig:
+def _sim(name: str, gib: float = 1.0, scale: float = 0.05) -> SimConfig:
     return SimConfig(
         model=f"sim/{name}", served_model_name=name, port=0, api_key=KEY, enable_sleep_mode=True,
-        dev_mode=True, sleep_time_scale=0.05, weights_gib=1.0, decode_s_per_token=0.02,
+        dev_mode=True, sleep_time_scale=scale, weights_gib=gib, decode_s_per_token=0.02,
     )  # fmt: skip
 
 
@@ -112,6 +137,7 @@ class Replica:
     url: str
     http: aiohttp.ClientSession
     max_seen_awake: int = 0
+    max_holding: int = 0  # the agent's own count: awake, waking and going to sleep
     mismatches: list[str] = field(default_factory=list)
 
     async def call(self, method: str, path: str, key: str | None = KEY) -> tuple[int, Any]:
@@ -135,6 +161,7 @@ class Replica:
         while True:
             awake = sum(not s for s in (await self.sleeping()).values())
             self.max_seen_awake = max(self.max_seen_awake, awake)
+            self.max_holding = max(self.max_holding, holding(self.agent.engines))
             await asyncio.sleep(0.005)
 
     async def agrees(self) -> None:
@@ -145,8 +172,12 @@ class Replica:
 
 
 @contextlib.asynccontextmanager
-async def replica(names: list[str], max_awake: int, poll_s: float = 0.05) -> AsyncIterator[Replica]:
-    """Starts the engines one at a time as a replica does (making room before each), then the agent."""
+async def replica(
+    names: list[str], max_awake: int, poll_s: float = 0.05, gib: dict[str, float] | None = None,
+    scale: float = 0.05,
+) -> AsyncIterator[Replica]:  # fmt: skip
+    """Starts the engines one at a time as a replica does (making room before each), then the agent;
+    ``gib``: weights of some engines (1 GiB otherwise), ``scale``: the simulator's sleep time scale."""
     agent = ReplicaAgent(max_awake, key=KEY, poll_s=poll_s)
     sims: dict[str, SimServer] = {}
     await agent.open()
@@ -156,7 +187,7 @@ async def replica(names: list[str], max_awake: int, poll_s: float = 0.05) -> Asy
         try:
             for name in names:
                 await agent.make_room()
-                sims[name] = await start(_sim(name))
+                sims[name] = await start(_sim(name, (gib or {}).get(name, 1.0), scale))
                 await agent.add_engine(name, sims[name].port)
             runner, port = await serve(agent, "127.0.0.1")
             rep.url = f"http://127.0.0.1:{port}"
@@ -324,5 +355,95 @@ def test_an_engine_without_dev_mode_is_refused_with_the_fix() -> None:
         finally:
             await agent.close()
             await sim.close()
+
+    run(scenario)
+
+
+SCALE = 0.2  # sleep and wake durations large enough to see their order
+
+
+def _seconds_asleep(gib: float) -> float:
+    return sleep_seconds(1, gib, SCALE)
+
+
+def test_a_wake_into_a_free_slot_goes_ahead_of_a_slow_sleep_of_another_engine() -> None:
+    async def scenario() -> None:
+        async with replica(["a", "b", "c"], max_awake=2, gib={"b": 64.0}, scale=SCALE) as rep:
+            assert await rep.sleeping() == {"a": True, "b": False, "c": False}
+            assert await rep.call("POST", "/hpcserve/sleep?model=c") == (200, {"slept": ["c"]})
+            began = asyncio.get_running_loop().time()
+            slow = asyncio.create_task(rep.call("POST", "/hpcserve/sleep?model=b"))  # the controller's
+            await asyncio.sleep(0.05)
+            assert rep.agent.engines["b"].state is EngineState.SLEEPING  # 64 GiB: 2 s here
+            status, body = await rep.call("POST", "/hpcserve/wake?model=a")  # one slot is free
+            woke_after = asyncio.get_running_loop().time() - began
+            assert status == 200 and body["woke"] and body["slept"] is None
+            assert not slow.done() and woke_after < _seconds_asleep(64.0) / 2, woke_after
+            assert await slow == (200, {"slept": ["b"]})
+            assert await rep.sleeping() == {"a": False, "b": True, "c": True}
+            assert rep.max_seen_awake <= 2 and rep.max_holding <= 2
+            await rep.agrees()
+
+    run(scenario)
+
+
+def test_wakes_never_put_more_than_max_awake_on_the_gpu_while_engines_sleep() -> None:
+    async def scenario() -> None:
+        names = ["a", "b", "c", "d", "e"]
+        async with replica(names, max_awake=2, gib={"d": 64.0, "e": 64.0}, scale=SCALE) as rep:
+            sleeps = asyncio.create_task(rep.call("POST", "/hpcserve/sleep?model=all"))  # d, e: slow
+            await asyncio.sleep(0.05)
+            wakes = [rep.call("POST", f"/hpcserve/wake?model={n}") for n in ["a", "b", "c", "a", "c"]]
+            answers = await asyncio.gather(*wakes)
+            assert all(status == 200 for status, _ in answers)
+            assert (await sleeps)[0] == 200
+            assert rep.max_holding <= 2 and rep.max_seen_awake <= 2
+            assert sum(not asleep for asleep in (await rep.sleeping()).values()) <= 2
+            await rep.agrees()
+
+    run(scenario)
+
+
+def test_concurrent_wakes_of_one_model_share_one_wake() -> None:
+    async def scenario() -> None:
+        async with replica(["a", "b"], max_awake=1, scale=SCALE) as rep:  # b awake
+            answers = await asyncio.gather(*(rep.call("POST", "/hpcserve/wake?model=a") for _ in range(3)))
+            assert all(status == 200 for status, _ in answers)
+            bodies = [body for _, body in answers]
+            assert bodies[0]["woke"] and bodies[0]["slept"] == "b" and bodies == [bodies[0]] * 3
+            assert await rep.sleeping() == {"a": False, "b": True}
+            assert rep.max_holding <= 1
+
+    run(scenario)
+
+
+def test_a_model_being_woken_is_not_put_to_sleep() -> None:
+    async def scenario() -> None:
+        async with replica(["a", "b"], max_awake=1, gib={"b": 64.0}, scale=SCALE) as rep:  # b awake
+            wake = asyncio.create_task(rep.call("POST", "/hpcserve/wake?model=a"))  # b sleeps first: 2 s
+            await asyncio.sleep(0.05)
+            assert rep.agent.engines["b"].state is EngineState.SLEEPING
+            assert await rep.call("POST", "/hpcserve/sleep?model=a") == (200, {"slept": [], "kept": ["a"]})
+            status, body = await rep.call("POST", "/hpcserve/sleep?model=all")  # the warm tier's
+            assert (status, body) == (200, {"slept": ["b"], "kept": ["a"]})  # b's sleep under way
+            assert rep.agent.engines["a"].state is EngineState.WAKING  # kept waking, not put to sleep
+            status, body = await wake
+            assert status == 200 and body["woke"] and body["slept"] == "b" and body["wake_s"] > 0
+            assert await rep.sleeping() == {"a": False, "b": True}
+            await rep.agrees()
+
+    run(scenario)
+
+
+def test_a_wake_waits_for_its_model_to_finish_going_to_sleep_then_wakes_it() -> None:
+    async def scenario() -> None:
+        async with replica(["a", "b"], max_awake=2, gib={"a": 64.0}, scale=SCALE) as rep:  # both awake
+            slow = asyncio.create_task(rep.call("POST", "/hpcserve/sleep?model=a"))
+            await asyncio.sleep(0.05)
+            status, body = await rep.call("POST", "/hpcserve/wake?model=a")  # demand: woken once asleep
+            assert status == 200 and body["woke"] and body["slept"] is None
+            assert await slow == (200, {"slept": ["a"]})
+            assert await rep.sleeping() == {"a": False, "b": False}
+            assert rep.max_holding <= 2
 
     run(scenario)
