@@ -24,7 +24,7 @@ from hpcserve.errors import HpcserveError
 
 HEALTH_POLL_S = 0.05  # the engine is up a moment after it binds: poll often, it costs nothing
 ENGINE_KEY_ENV = "VLLM_API_KEY"  # vllm serve's (and the simulator's) key for /v1, from the environment
-STOP_WAIT_S = 30  # Slurm's KillWait: an engine drains within it
+STOP_WAIT_S = 30.0  # Slurm's KillWait: an engine drains within it
 
 
 def engine_environ(base: Mapping[str, str], engine_key: str | None) -> dict[str, str]:

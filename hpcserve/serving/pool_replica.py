@@ -30,6 +30,7 @@ from hpcserve.errors import HpcserveError
 from hpcserve.serving.agent import ReplicaAgent, serve
 from hpcserve.serving.agent_rules import member_gpu_utilization
 from hpcserve.serving.engine_proc import (
+    STOP_WAIT_S,
     engine_argv,
     engine_environ,
     free_port,
@@ -43,7 +44,6 @@ from hpcserve.serving.vllm_cmd import DEV_MODE_ENV
 
 GPU_UTILIZATION = "gpu-memory-utilization"
 EXIT_POLL_S = 0.2
-STOP_WAIT_S = 30.0  # Slurm's KillWait: the engines drain within it
 
 
 class ReplicaJob(Protocol):
