@@ -164,6 +164,12 @@ class Replica:
             self.max_holding = max(self.max_holding, holding(self.agent.engines))
             await asyncio.sleep(0.005)
 
+    async def until(self, name: str, state: EngineState, timeout_s: float = 1.0) -> None:
+        """Wait (polling the agent) until it has ``name`` in ``state``."""
+        async with asyncio.timeout(timeout_s):
+            while self.agent.engines[name].state is not state:
+                await asyncio.sleep(0.005)
+
     async def agrees(self) -> None:
         """Once quiet, the agent's states are exactly what the engines say."""
         engines = (await self.call("GET", "/hpcserve/engines"))[1]["engines"]
@@ -373,8 +379,7 @@ def test_a_wake_into_a_free_slot_goes_ahead_of_a_slow_sleep_of_another_engine() 
             assert await rep.call("POST", "/hpcserve/sleep?model=c") == (200, {"slept": ["c"]})
             began = asyncio.get_running_loop().time()
             slow = asyncio.create_task(rep.call("POST", "/hpcserve/sleep?model=b"))  # the controller's
-            await asyncio.sleep(0.05)
-            assert rep.agent.engines["b"].state is EngineState.SLEEPING  # 64 GiB: 2 s here
+            await rep.until("b", EngineState.SLEEPING)  # 64 GiB: 2 s here
             status, body = await rep.call("POST", "/hpcserve/wake?model=a")  # one slot is free
             woke_after = asyncio.get_running_loop().time() - began
             assert status == 200 and body["woke"] and body["slept"] is None
@@ -392,7 +397,7 @@ def test_wakes_never_put_more_than_max_awake_on_the_gpu_while_engines_sleep() ->
         names = ["a", "b", "c", "d", "e"]
         async with replica(names, max_awake=2, gib={"d": 64.0, "e": 64.0}, scale=SCALE) as rep:
             sleeps = asyncio.create_task(rep.call("POST", "/hpcserve/sleep?model=all"))  # d, e: slow
-            await asyncio.sleep(0.05)
+            await rep.until("e", EngineState.SLEEPING)
             wakes = [rep.call("POST", f"/hpcserve/wake?model={n}") for n in ["a", "b", "c", "a", "c"]]
             answers = await asyncio.gather(*wakes)
             assert all(status == 200 for status, _ in answers)
@@ -421,8 +426,7 @@ def test_a_model_being_woken_is_not_put_to_sleep() -> None:
     async def scenario() -> None:
         async with replica(["a", "b"], max_awake=1, gib={"b": 64.0}, scale=SCALE) as rep:  # b awake
             wake = asyncio.create_task(rep.call("POST", "/hpcserve/wake?model=a"))  # b sleeps first: 2 s
-            await asyncio.sleep(0.05)
-            assert rep.agent.engines["b"].state is EngineState.SLEEPING
+            await rep.until("b", EngineState.SLEEPING)
             assert await rep.call("POST", "/hpcserve/sleep?model=a") == (200, {"slept": [], "kept": ["a"]})
             status, body = await rep.call("POST", "/hpcserve/sleep?model=all")  # the warm tier's
             assert (status, body) == (200, {"slept": ["b"], "kept": ["a"]})  # b's sleep under way
@@ -439,7 +443,7 @@ def test_a_wake_waits_for_its_model_to_finish_going_to_sleep_then_wakes_it() -> 
     async def scenario() -> None:
         async with replica(["a", "b"], max_awake=2, gib={"a": 64.0}, scale=SCALE) as rep:  # both awake
             slow = asyncio.create_task(rep.call("POST", "/hpcserve/sleep?model=a"))
-            await asyncio.sleep(0.05)
+            await rep.until("a", EngineState.SLEEPING)
             status, body = await rep.call("POST", "/hpcserve/wake?model=a")  # demand: woken once asleep
             assert status == 200 and body["woke"] and body["slept"] is None
             assert await slow == (200, {"slept": ["a"]})
