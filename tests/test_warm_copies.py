@@ -20,7 +20,7 @@ from hpcserve.config import load_policy
 from hpcserve.jobs.policy import resolve
 from hpcserve.jobs.runas import Owner
 from hpcserve.jobs.spec import JobRequest, ResolvedJob
-from hpcserve.serving.staging import MANIFEST, stage_weights
+from hpcserve.serving.staging import MANIFEST, hold_warm_copy, lock_path, stage_weights
 from hpcserve.serving.tiers import Tier
 from hpcserve.serving.unstage import STATE_PREFIX, Unstager, cleanup_script
 from hpcserve.serving.warm_cleanup import main as cleanup_main
@@ -236,3 +236,21 @@ def test_the_helper_runs_as_its_own_program(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-I", "-m", "hpcserve.serving.warm_cleanup", str(staged)],
                           capture_output=True, text=True, check=False, timeout=60)  # fmt: skip
     assert done.returncode == 0 and f"removed {staged}" in done.stdout and not staged.exists()
+
+
+def test_a_copy_a_replica_holds_is_kept_until_it_lets_go(tmp_path: Path) -> None:
+    cold = tmp_path / "cold" / "tiny"
+    cold.mkdir(parents=True)
+    (cold / "w.bin").write_bytes(b"x" * 100)
+    staged = tmp_path / "warm" / "tiny"
+    held = hold_warm_copy(staged)  # a replica on the node: held before it stages, for its life
+    stage_weights(cold, staged)
+    try:
+        assert cleanup_main([str(staged)]) == 1 and (staged / "w.bin").is_file()
+        done = subprocess.run([sys.executable, "-I", "-m", "hpcserve.serving.warm_cleanup", str(staged)],
+                              capture_output=True, text=True, check=False, timeout=60)  # fmt: skip
+        assert done.returncode == 1 and f"kept {staged}: a replica on this node" in done.stdout
+    finally:
+        os.close(held)  # the replica ended
+    assert cleanup_main([str(staged)]) == 0 and not staged.exists()
+    assert lock_path(staged).is_file()  # the lock stays beside the removed copy: no race on its inode

@@ -9,10 +9,16 @@ side only when it changed (else its cached sha256 stands), the warm side when it
 copied when its warm copy is missing or does not match; the copy hashes the cold bytes as it reads them,
 then the copy itself. Copies go to a temporary name and are renamed, so a replica killed mid-copy never
 leaves a truncated weight file behind; the manifest is written last, the same way.
+
+A replica holds a shared ``flock`` on the warm copy's lock file (``.<name>.hpcserve-lock`` beside it) from
+before it stages until its process ends (``hold_warm_copy``); the off tier's cleanup job
+(``hpcserve.serving.warm_cleanup``) removes a copy only under the exclusive lock, so it never removes one
+that a replica on the node is staging or serving from.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +33,22 @@ from hpcserve.errors import HpcserveError
 CHUNK = 1 << 20
 MANIFEST = ".hpcserve-manifest.json"
 MANIFEST_VERSION = 1
+LOCK_SUFFIX = ".hpcserve-lock"
+
+
+def lock_path(dst: Path) -> Path:
+    """The lock file of the warm copy ``dst``: beside it, so removing the copy leaves the lock in place."""
+    return dst.parent / f".{dst.name}{LOCK_SUFFIX}"
+
+
+def hold_warm_copy(dst: Path) -> int:
+    """A shared lock on ``dst``'s lock file (waiting while a cleanup removes the copy); the open file
+    descriptor holds it, until it is closed or the process ends."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path(dst), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
 
 HashFile = Callable[[Path], str]
 

@@ -6,20 +6,23 @@ could not.
 Only a folder hpcserve staged is removed: an absolute path without ``..``, a real folder (not a symlink),
 holding the staging manifest (``.hpcserve-manifest.json``, written by ``hpcserve.serving.staging``) as a
 plain file. A folder without it is refused and left as it is; a folder that is not there is fine (nothing
-staged, or removed before). One line per folder on stdout (the job's log).
+staged, or removed before). A copy a replica on this node holds (staging it or serving from it: the
+shared lock of ``staging.hold_warm_copy``) is kept: the removal takes the exclusive lock without waiting.
+One line per folder on stdout (the job's log).
 
 Exit status 0 when every folder is gone, 1 when one was refused or could not be removed, 2 for bad usage.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import stat
 import sys
 from pathlib import Path
 
-from hpcserve.serving.staging import MANIFEST
+from hpcserve.serving.staging import MANIFEST, lock_path
 
 
 def refusal(folder: str) -> str | None:
@@ -48,10 +51,18 @@ def remove(folder: str) -> tuple[bool, str]:
         return False, f"refused {folder}: {exc.strerror}"
     if why is not None:
         return False, f"refused {folder}: {why}"
+    fd = os.open(lock_path(Path(folder)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False, f"kept {folder}: a replica on this node is staging or serving it"
     try:
         shutil.rmtree(folder)
     except OSError as exc:
         return False, f"failed {folder}: {exc}"
+    finally:
+        os.close(fd)
     return True, f"removed {folder}"
 
 
