@@ -1,6 +1,6 @@
 """The residency replay (hpcserve.replay.residency): hand-made arrivals whose answers are known (a cold
-start, a wake, a pool's evictions, GPU-hours), determinism, the trace split, and a slice of the shared
-Azure conversation trace through every policy."""
+start, a wake, a pool's evictions, the replica agent's rules played in time, GPU-hours), determinism, the
+trace split, and a slice of the shared Azure conversation trace through every policy."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hpcserve.enginesim.core import SimConfig, step_seconds
 from hpcserve.enginesim.timing import sleep_seconds, wake_seconds
 from hpcserve.errors import ValidationError
-from hpcserve.replay.residency import POLICIES, Policy, replay
+from hpcserve.replay.residency import POLICIES, Job, Policy, ResidencyReplay, replay, wake_start
 from hpcserve.replay.residency_model import (
     GIB_8B,
     Request,
@@ -40,8 +40,6 @@ def ttfts(
     settings: ResidencySettings, policy: Policy, requests: list[Request], horizon: float
 ) -> list[float]:
     """Every request's TTFT, in arrival order (the replay's recorded list)."""
-    from hpcserve.replay.residency import ResidencyReplay
-
     run = ResidencyReplay(settings, policy)
     run.run(requests, horizon)
     return run.ttfts
@@ -113,6 +111,77 @@ def test_two_models_alternating_in_a_one_awake_pool_each_pay_a_sleep_and_a_wake(
     # with the awake floor two models in use at K = 1 keep two jobs: no swap once the second is ready
     floored = replay(settings, POOLS, requests, 200.0)
     assert (floored.jobs_started, floored.peak_jobs) == (2, 2)
+
+
+# --- the replica agent's rules in time (agent_rules.next_moves, sleep_plan) -----------------------------
+
+K3 = dataclasses.replace(S, models=4, gpu_gib=60.0)  # K = 3 of 4 models; the job starts 0, 1 and 2 awake
+START = [request(0.0, 0), request(1.0, 1), request(2.0, 2)]  # all admitted once the job is ready (102 s)
+
+
+def pool_run(requests: list[Request]) -> ResidencyReplay:
+    """One pool job (the summed load: no awake floor) through ``requests``, to 300 s."""
+    run = ResidencyReplay(K3, SUMMED)
+    run.run(requests, 300.0)
+    assert len(run.groups[0].jobs) == 1
+    return run
+
+
+def test_a_wake_into_a_free_slot_does_not_wait_for_a_concurrent_idle_sleep() -> None:
+    assert K3.max_awake == 3 and K3.job_start_s(4, 3) == pytest.approx(102.4, abs=0.1)
+    # model 2 idles from 102 s: asleep at the 230 s tick; model 1 (last used at 150 s) goes to sleep at
+    # the 280 s tick and is asleep 2.6 s later; model 3 asks at 281 s: model 2's slot is free
+    run = pool_run([*START, request(150.0, 0), request(150.0, 1), request(260.0, 0), request(281.0, 3)])
+    assert run.ttfts[-1] == pytest.approx(K3.wake_s + PREFILL_S + STEP_S)  # no part of the sleep
+    job = run.groups[0].jobs[0]
+    assert job.sleeping[1] == pytest.approx((280.0 + K3.sleep_s, False))  # its sleep ran beside the wake
+    assert sorted(job.awake) == [0, 3]
+
+
+def test_with_no_free_slot_a_wake_waits_for_an_idle_sleep_under_way_and_nothing_else_sleeps() -> None:
+    # as above, but model 2 is woken again at 260 s: at 281 s models 0 and 2 are awake and 1 is going to
+    # sleep (until 282.6 s): model 3 takes its slot when that sleep ends
+    run = pool_run([*START, request(150.0, 0), request(150.0, 1), request(260.0, 0), request(260.0, 2),
+                    request(281.0, 3)])  # fmt: skip
+    assert run.ttfts[-1] == pytest.approx(280.0 + K3.sleep_s - 281.0 + K3.wake_s + PREFILL_S + STEP_S)
+    job = run.groups[0].jobs[0]
+    assert sorted(job.awake) == [0, 2, 3] and job.sleeping[1][1]  # its slot taken by the wake
+
+
+def test_with_no_free_slot_and_no_sleep_under_way_the_lru_engine_sleeps_then_the_model_wakes() -> None:
+    # models 0 and 2 woken at 260 s, model 1 last used at 250 s: at 281 s every slot is awake
+    run = pool_run([*START, request(250.0, 1), request(260.0, 0), request(260.0, 2), request(281.0, 3)])
+    assert run.ttfts[-1] == pytest.approx(K3.sleep_s + K3.wake_s + PREFILL_S + STEP_S)
+    job = run.groups[0].jobs[0]
+    assert sorted(job.awake) == [0, 2, 3] and job.sleeping[1] == pytest.approx((281.0 + K3.sleep_s, True))
+
+
+def test_waits_for_slots_go_first_come_first_served_and_a_model_going_to_sleep_waits_for_its_sleep() -> None:
+    def fresh() -> Job:
+        job = Job(0, 0.0, K3, (0, 1, 2, 3), (0, 1, 2))  # 0, 1, 2 awake from 102.4 s
+        job.last_used.update({0: 150.0, 1: 190.0, 2: 180.0})
+        job.sleep(1, 200.0, K3.sleep_s, taken=False)  # an idle sleep, asleep at 202.6 s
+        return job
+
+    asleep_at = 200.0 + K3.sleep_s
+    job = fresh()  # model 1 asks again while it goes to sleep: it waits for that sleep, then takes its slot
+    assert wake_start(job, 1, 201.0, 3, K3.sleep_s) == pytest.approx(asleep_at)
+    job = fresh()  # model 3 asks first and takes the slot of model 1's sleep ...
+    assert wake_start(job, 3, 201.0, 3, K3.sleep_s) == pytest.approx(asleep_at)
+    job.awake[3] = asleep_at + K3.wake_s
+    # ... so model 1, asking next, needs another: model 0 (LRU) sleeps for it
+    assert wake_start(job, 1, 201.5, 3, K3.sleep_s) == pytest.approx(201.5 + K3.sleep_s)
+    assert 0 not in job.awake and job.sleeping[0] == pytest.approx((201.5 + K3.sleep_s, True))
+
+
+def test_an_idle_sleep_follows_sleep_plan_and_never_sleeps_a_waking_model() -> None:
+    run = ResidencyReplay(K3, SUMMED)
+    job = Job(0, 0.0, K3, (0, 1, 2, 3), (0, 1))
+    job.awake[3] = 205.0  # waking
+    run._sleep(job, 3, 204.0)
+    assert 3 in job.awake and 3 not in job.sleeping
+    run._sleep(job, 0, 204.0)
+    assert 0 not in job.awake and job.sleeping[0] == pytest.approx((204.0 + K3.sleep_s, False))
 
 
 def test_a_pool_with_room_for_both_models_wakes_neither() -> None:

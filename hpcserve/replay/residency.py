@@ -12,8 +12,14 @@ Policies (``POLICIES``):
   fits in GPU memory). A request goes, first match (the gateway's rule, ``serving.gateway.wake_choice``):
   to a job where its model is awake (the one with a free batch slot soonest), to one where it is waking,
   to the job with the most free awake slots (wake it there), else to the job whose least recently used
-  awake model was used longest ago: that one sleeps (after its requests finish, ``mode=wait``), then the
-  model wakes; one wake or sleep at a time per job (the agent's lock). The pool scales on the sum of its
+  awake model was used longest ago. There the replica agent's own rules decide
+  (``serving.agent_rules``: ``next_moves`` for a wake, ``sleep_plan`` for an idle sleep), played in
+  time: a wake into a free slot starts at once, even while another engine is going to sleep; with no
+  slot free it waits for the first sleep under way that no earlier wake has taken, else the least
+  recently used awake engine sleeps for it (after its requests finish, ``mode=wait``) and the model
+  wakes once that sleep ends; wakes waiting for a slot take them first come first served; a model
+  being woken is never put to sleep by an idle sleep; one going to sleep wakes once that sleep ends.
+  An engine holds its GPU slot while awake, waking or going to sleep. The pool scales on the sum of its
   models' load, never below the controller's awake floor (``serving.pools.awake_floor``, the same
   function: ceil(models asked in the last ``idle_to_zero_s`` / K) jobs, its largest value over the last
   ``scale_down_window_s``), passed as ``decide``'s floor; idle models sleep after ``warm_after_s``; the
@@ -31,6 +37,12 @@ once its requests are done. The autoscaler ticks every ``tick_s``; a request to 
 starts a job at once (the gateway buffers it). Counted requests: every one; "waited" = admission minus
 arrival; a request is warm when its model had a running job but no awake engine at its arrival, cold when
 it had no running job. Deterministic: no randomness here (the split of the trace is seeded).
+
+Each wake is decided once, when its first request arrives, from what the job does then and has
+decided before (``Job.views``: a wake that waits holds the slot of the sleep it waits for). One case
+differs from the agent: an idle sleep that starts while a wake already waits, and ends first, frees its
+slot for the next wake asked, where the agent gives it to the waiting one (first come first served);
+the two wakes' times are swapped, not lengthened.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ from datetime import UTC, datetime, timedelta
 from hpcserve.enginesim.core import SimConfig, step_seconds
 from hpcserve.replay.metrics import percentile
 from hpcserve.replay.residency_model import Request, ResidencySettings
+from hpcserve.serving.agent_rules import EngineState, EngineView, next_moves, sleep_plan
 from hpcserve.serving.autoscaler import Observation, ReplicaLoad, ScaleDecision, ScalerState, decide
 from hpcserve.serving.pools import AwakeRule, AwakeState, awake_floor
 from hpcserve.serving.reconciler import ReplicaState
@@ -90,20 +103,22 @@ class ResidencyResult:
 
 
 class Job:
-    """One replica job: its batch slots, prefill queue, engines (awake ones: when they are or will be
-    awake) and the agent's lock (free from ``lock_free``)."""
+    """One replica job: its batch slots, prefill queue and engines: ``awake``, when each is or will be
+    awake (a wake decided and under way or waiting for its slot), and ``sleeping``, when each engine
+    going to sleep is asleep and whether a wake waits for its slot (it then holds that slot)."""
 
-    __slots__ = ("active", "alloc", "awake", "busy_until", "held_free", "index", "last_used", "lock_free",
-                 "prefill_free", "ready", "slots", "stop")  # fmt: skip
+    __slots__ = ("active", "alloc", "awake", "busy_until", "held_free", "index", "last_used", "models",
+                 "prefill_free", "ready", "sleeping", "slots", "stop")  # fmt: skip
 
-    def __init__(self, index: int, submit: float, settings: ResidencySettings, engines: int,
+    def __init__(self, index: int, submit: float, settings: ResidencySettings, models: Sequence[int],
                  awake: Sequence[int]) -> None:  # fmt: skip
-        self.index = index
+        self.index, self.models = index, tuple(models)
         self.alloc = submit + settings.queue_wait_s
-        self.ready = submit + settings.job_start_s(engines, len(awake))
+        self.ready = submit + settings.job_start_s(len(models), len(awake))
         self.slots = [0.0] * settings.max_num_seqs  # a heap of when each batch slot is free
-        self.prefill_free = self.lock_free = self.ready
+        self.prefill_free = self.ready
         self.awake = dict.fromkeys(awake, self.ready)
+        self.sleeping: dict[int, tuple[float, bool]] = {}  # model -> (asleep at, a wake took its slot)
         self.last_used = dict.fromkeys(awake, self.ready)
         self.busy_until: dict[int, float] = {}
         self.held_free: dict[int, float] = {}
@@ -122,6 +137,25 @@ class Job:
             state = ReplicaState.READY if self.ready <= now else ReplicaState.STARTING
         waiting = len(self.active) - running - held
         return ReplicaLoad(self.index, state, waiting, running, len(self.active)), held
+
+    def views(self, at: float) -> dict[str, EngineView]:
+        """The engines as the agent sees them at ``at`` (by model number): a decided wake holds a slot
+        (waking), so does a sleep under way that no wake took (the one taken is that wake's slot)."""
+        return {str(m): EngineView(m, self.state(m, at), self.last_used.get(m, 0.0)) for m in self.models}
+
+    def state(self, model: int, at: float) -> EngineState:
+        awake_at = self.awake.get(model)
+        if awake_at is not None:
+            return EngineState.AWAKE if awake_at <= at else EngineState.WAKING
+        asleep_at, taken = self.sleeping.get(model, (0.0, True))
+        return EngineState.SLEEPING if asleep_at > at and not taken else EngineState.ASLEEP
+
+    def sleep(self, model: int, at: float, sleep_s: float, taken: bool) -> float:
+        """Put the awake ``model`` to sleep from ``at`` (once its requests are done: ``mode=wait``); when
+        it is asleep. ``taken``: a wake waits for this slot."""
+        asleep_at = max(at, self.busy_until.get(model, 0.0), self.awake.pop(model)) + sleep_s
+        self.sleeping[model] = (asleep_at, taken)
+        return asleep_at
 
 
 class Group:
@@ -221,7 +255,7 @@ class ResidencyReplay:
         for _ in range(decision.replicas - len(live)):
             first = sorted(group.members, key=lambda m: -group.last_request.get(m, -1.0))
             index = max((j.index for j in group.jobs), default=-1) + 1
-            group.jobs.append(Job(index, now, self.settings, len(group.members), first[: group.max_awake]))
+            group.jobs.append(Job(index, now, self.settings, group.members, first[: group.max_awake]))
             self.started += 1
         for job in live:
             if job.index in decision.drain:
@@ -243,11 +277,11 @@ class ResidencyReplay:
                     self._sleep(job, model, now)
 
     def _sleep(self, job: Job, model: int, now: float) -> None:
-        awake_at = job.awake.get(model)
-        if awake_at is None or awake_at > now:
-            return
-        del job.awake[model]
-        job.lock_free = max(now, job.lock_free) + self.settings.sleep_s
+        """The agent's idle sleep (``sleep_plan``): never a model being woken."""
+        if job.awake.get(model, math.inf) > now:
+            return  # not awake (a waking one is kept, as sleep_plan keeps it)
+        for name in sleep_plan(job.views(now), str(model)).sleep:
+            job.sleep(int(name), now, self.settings.sleep_s, taken=False)
 
     # --- one request -------------------------------------------------------------------------------------
 
@@ -261,9 +295,9 @@ class ResidencyReplay:
         live = group.live()
         kind = self._kind(live, request.model, request.at)
         ready = [job for job in live if job.ready <= request.at]
-        job, victim = self._choose(ready or live, request.model, request.at, group.max_awake)
+        job = self._choose(ready or live, request.model, request.at, group.max_awake)
         if request.model not in job.awake:
-            self._wake(job, request.model, victim, request.at)
+            self._wake(job, request.model, request.at, group.max_awake)
         ttft, waited = self._admit(job, request)
         if request.at < self.warmup_s:
             return
@@ -281,28 +315,25 @@ class ResidencyReplay:
         return WARM if running else COLD
 
     @staticmethod
-    def _choose(live: Sequence[Job], model: int, now: float, max_awake: int) -> tuple[Job, int | None]:
-        """The job for a request and the model to sleep there first (the module docstring's order)."""
+    def _choose(live: Sequence[Job], model: int, now: float, max_awake: int) -> Job:
+        """The job for a request (the gateway's order, the module docstring's)."""
         awake = [job for job in live if job.awake.get(model, math.inf) <= now]
         if awake:
-            return min(awake, key=lambda j: (j.slots[0], j.index)), None
+            return min(awake, key=lambda j: (j.slots[0], j.index))
         waking = [job for job in live if model in job.awake]
         if waking:
-            return min(waking, key=lambda j: (j.awake[model], j.index)), None
+            return min(waking, key=lambda j: (j.awake[model], j.index))
         free = [job for job in live if len(job.awake) < max_awake]
         if free:
-            return min(free, key=lambda j: (len(j.awake), j.index)), None
-        oldest = min(live, key=lambda j: (min(j.last_used[m] for m in j.awake), j.index))
-        return oldest, min(oldest.awake, key=lambda m: (oldest.last_used[m], m))
+            return min(free, key=lambda j: (len(j.awake), j.index))
+        return min(live, key=lambda j: (min(j.last_used[m] for m in j.awake), j.index))
 
-    def _wake(self, job: Job, model: int, victim: int | None, now: float) -> None:
-        """Under the agent's lock: sleep ``victim`` once its requests are done, then wake ``model``."""
-        begin = max(now, job.ready, job.lock_free)
-        if victim is not None:
-            begin = max(begin, job.busy_until.get(victim, 0.0)) + self.settings.sleep_s
-            del job.awake[victim]
-        end = begin + self.settings.wake_s
-        job.awake[model] = job.lock_free = job.last_used[model] = end
+    def _wake(self, job: Job, model: int, now: float, max_awake: int) -> None:
+        """Wake ``model`` on ``job``: when it starts is what the agent does (``wake_start``)."""
+        end = wake_start(job, model, max(now, job.ready), max_awake, self.settings.sleep_s)
+        end += self.settings.wake_s
+        job.sleeping.pop(model, None)
+        job.awake[model] = job.last_used[model] = end
         self.wakes += 1
 
     def _admit(self, job: Job, request: Request) -> tuple[float, float]:
@@ -337,6 +368,38 @@ class ResidencyReplay:
             self.policy.name, self.gpu_s / 3600, len(ttfts), percentile(ttfts, 0.5), percentile(ttfts, 0.99),
             self.waited, len(warm), percentile(warm, 0.99), self.cold, self.started, self.wakes, self.peak,
         )  # fmt: skip
+
+
+def wake_start(job: Job, model: int, at: float, max_awake: int, sleep_s: float) -> float:
+    """When the agent starts waking ``model`` on ``job``, asked at ``at``, by ``next_moves`` on the
+    engines then: at once into a free slot; else once the first sleep under way that no wake took ends
+    (it takes it), or once the engine ``next_moves`` puts to sleep for it is asleep. A model going to
+    sleep itself waits for that sleep to end. With no move (every other slot waking) it asks again when
+    the next wake or sleep ends, as the agent does."""
+    name, own = str(model), job.sleeping.get(model, (0.0, True))[0]
+    while True:
+        views = job.views(at)
+        moves = next_moves(views, max_awake, [name])
+        if name in moves.wake:
+            return max(at, own)
+        victims = [int(v) for v, target in moves.sleep.items() if target == name]
+        if victims:
+            return max(job.sleep(victims[0], at, sleep_s, taken=True), own)
+        free = sorted((job.sleeping[int(n)][0], int(n)) for n, e in views.items()
+                      if e.state is EngineState.SLEEPING and n != name)  # fmt: skip
+        if free and views[name].state is EngineState.ASLEEP:
+            asleep_at, victim = free[0]
+            job.sleeping[victim] = (asleep_at, True)
+            return max(asleep_at, own)
+        at = _next_change(job, at)
+
+
+def _next_change(job: Job, at: float) -> float:
+    """The next time a wake or a sleep on ``job`` ends after ``at``."""
+    ends = [t for t in job.awake.values() if t > at] + [t for t, _ in job.sleeping.values() if t > at]
+    if not ends:
+        raise RuntimeError(f"job {job.index}: a wake with nothing under way to wait for at {at:.3f} s")
+    return min(ends)
 
 
 def replay(settings: ResidencySettings, policy: Policy, requests: Sequence[Request], horizon_s: float,

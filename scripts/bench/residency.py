@@ -23,7 +23,7 @@ Printed per rate: GPU-hours, p50/p99 TTFT, requests that waited over 10 s for ad
 that found their model warm (a running job, no awake engine) and their p99 TTFT, cold requests, jobs
 started, wakes; then, per pool policy, the goal: GPU-hours <= 1/3 of per-model at p99 TTFT <= 5 s for
 the warm requests (PASS/FAIL). It reports, it does not test: it exits 0 whenever the trace loads.
-About 25 s on 2 cores with the defaults.
+About 35 s on 2 cores with the defaults.
 """
 
 from __future__ import annotations
