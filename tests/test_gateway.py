@@ -32,7 +32,7 @@ from hpcserve.serving.gateway import (
     make_admin_app,
     make_app,
 )
-from hpcserve.serving.gateway.app import STATE
+from hpcserve.serving.gateway.app import GATEWAY, STATE
 from tests.gateway_upstream import USAGE_PROMPT, Upstream, upstream_app
 
 KEY, CAPPED, SLOW = "sk-test-key", "sk-capped-key", "sk-slow-key"
@@ -560,6 +560,11 @@ class CountingRoutes(StaticRoutes):
         return super().__call__()
 
 
+async def app_refresh_now(app: Any) -> None:
+    """The gateway's periodic routes read, run now."""
+    await app[GATEWAY].refresh()
+
+
 def test_a_model_made_a_moment_ago_is_found_and_unknown_names_do_not_poll_the_routes() -> None:
     async def scenario() -> None:
         slow = GatewayConfig(refresh_interval_s=3600, report_interval_s=3600, usage_flush_interval_s=3600)
@@ -574,6 +579,11 @@ def test_a_model_made_a_moment_ago_is_found_and_unknown_names_do_not_poll_the_ro
                 body = {"model": "fresh", "prompt": "hi", "max_tokens": 2}
                 async with http.post(url + "/v1/completions", json=body, headers=headers) as resp:
                     assert resp.status == 200, await resp.text()
+                await app_refresh_now(app)  # a periodic read, just before the next deployment is made
+                routes.set(DeploymentRoute("newer", (Endpoint("newer", 0, up_url),)))
+                body = {"model": "newer", "prompt": "hi", "max_tokens": 2}
+                async with http.post(url + "/v1/completions", json=body, headers=headers) as resp:
+                    assert resp.status == 200, await resp.text()  # waited for the window, then read again
                 before = routes.reads
                 misses = [
                     http.post(

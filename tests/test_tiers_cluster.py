@@ -30,7 +30,8 @@ def test_an_idle_deployment_goes_warm_and_a_request_wakes_it(tiers: Serving) -> 
     name = tiers.name("warm")
     serve(tiers, name, "--min-replicas", "0", "--max-replicas", "1", "--warm-after", str(WARM_AFTER_S),
           "--idle-to-zero", "600")  # fmt: skip
-    assert chat(tiers, name, timeout=180).status_code == 200  # from zero: starts the replica
+    first = chat(tiers, name, timeout=180)
+    assert first.status_code == 200, first.text  # from zero: starts the replica
     replica = ready_replica(tiers, name)
     engine = engine_url(replica, name)
     assert tiers.deployment(name)["tier"] == "hot" and not is_sleeping(engine)

@@ -148,10 +148,11 @@ def test_off_removes_the_warm_copy_as_the_owner_and_a_later_start_copies_again(
     (log,) = folder.glob("unstage-*.out")
     job_id = log.name.removeprefix("unstage-").removesuffix(".out")
     assert f"removed {warm}" in log.read_text()
-    wait_until(lambda: bool(slurm.accounting([job_id])), timeout=30)
+    # slurmdbd first stores the job as "allocation", and its name with the job's end record
+    cleanup_name = f"{name}-{CLEANUP_KIND}"
+    wait_until(lambda: [r.name for r in slurm.accounting([job_id])] == [cleanup_name], timeout=30)
     (record,) = slurm.accounting([job_id])
     assert (record.user, record.nodes, record.exit_code) == ("alice", (node,), "0:0"), record
-    assert record.name == f"{name}-{CLEANUP_KIND}"
 
     started = time.monotonic()
     assert first_answer(rig, name).status_code == 200  # off -> hot: a new replica stages again

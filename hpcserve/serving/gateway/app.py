@@ -89,16 +89,21 @@ class Gateway:
         self.pool().sweep()
 
     async def refresh_for_miss(self) -> bool:
-        """Routes read again now for a request naming a model this gateway does not know (a deployment
-        made a moment ago), unless they are fresher than ``MISS_REFRESH_S``: many misses at once share one
-        read, and unknown names cannot make the gateway poll the database faster than that. Whether a
-        read happened."""
+        """Routes read again for a request naming a model this gateway does not know (a deployment made a
+        moment ago): at once, or, when the last read is younger than ``MISS_REFRESH_S``, once it is that
+        old (that read may have begun just before the deployment was made: a user's first request right
+        after ``serve`` must find it). Many misses at once share one read (a read begun after a miss asked
+        answers it), and unknown names cannot make the gateway poll the database faster than that. Whether
+        a read happened after the request asked."""
         if self._miss_lock is None:
             self._miss_lock = asyncio.Lock()
         asked = time.monotonic()
         async with self._miss_lock:
-            if self._refreshed_at >= asked - MISS_REFRESH_S:
-                return self._refreshed_at >= asked  # another miss's read, begun after this one asked
+            if self._refreshed_at >= asked:
+                return True  # another miss's read, begun after this one asked
+            wait = self._refreshed_at + MISS_REFRESH_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
             await _guarded(self.refresh, "refresh")
             return True
 
