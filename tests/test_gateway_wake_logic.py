@@ -88,12 +88,20 @@ def test_where_the_model_is_awake_wins_over_any_wake() -> None:
 def test_a_wake_in_flight_then_a_free_slot_the_most_free_first() -> None:
     views = {
         "http://node0:9000": _view(2, m=(9001, "asleep", 0), o=(9002, "awake", 5)),  # one free slot
-        "http://node1:9000": _view(
-            2, m=(9001, "asleep", 0), o=(9002, "sleeping", 5)
-        ),  # two: a sleeping engine is no slot
+        # one free slot too: an engine going to sleep holds its GPU memory until it is asleep (the agent
+        # counts it, agent_rules.HOLDS_GPU), so a wake there would wait for that sleep
+        "http://node1:9000": _view(2, m=(9001, "asleep", 0), o=(9002, "sleeping", 5)),
         "http://node2:9000": _view(1, m=(9001, "asleep", 0), o=(9002, "awake", 1)),
+        "http://node3:9000": _view(3, m=(9001, "asleep", 0), o=(9002, "sleeping", 5)),  # two free
     }
-    assert choose([A0, A1, A2], views) == Wake(A1, "m")
+    a3 = _end(3, 9001)
+    assert choose([A0, A1, A2, a3], views) == Wake(a3, "m")
+    assert choose([A1, A0, A2], views) == Wake(A1, "m")  # equals: the candidates' order decides
+    full = {  # no slot free now: the rest of a sleep under way beats a whole sleep of an awake engine
+        "http://node0:9000": _view(1, m=(9001, "asleep", 0), o=(9002, "awake", 1)),
+        "http://node1:9000": _view(1, m=(9001, "asleep", 0), o=(9002, "sleeping", 5)),
+    }
+    assert choose([A0, A1], full) == Wake(A1, "m")
     waking = {**views, "http://node2:9000": _view(1, m=(9001, "waking", 0), o=(9002, "sleeping", 1))}
     assert choose([A0, A1, A2], waking) == Wake(A2, "m")  # join that wake
 

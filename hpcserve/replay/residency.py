@@ -11,8 +11,9 @@ Policies (``POLICIES``):
 - tiers+pools: every model in one pool; each pool job runs one engine per model, at most K awake (what
   fits in GPU memory). A request goes, first match (the gateway's rule, ``serving.gateway.wake_choice``):
   to a job where its model is awake (the one with a free batch slot soonest), to one where it is waking,
-  to the job with the most free awake slots (wake it there), else to the job whose least recently used
-  awake model was used longest ago. There the replica agent's own rules decide
+  to the job with the most awake slots free now (engines going to sleep hold theirs until asleep), to
+  one where a sleep under way frees a slot, else to the job whose least recently used awake model was
+  used longest ago. There the replica agent's own rules decide
   (``serving.agent_rules``: ``next_moves`` for a wake, ``sleep_plan`` for an idle sleep), played in
   time: a wake into a free slot starts at once, even while another engine is going to sleep; with no
   slot free it waits for the first sleep under way that no earlier wake has taken, else the least
@@ -323,10 +324,16 @@ class ResidencyReplay:
         waking = [job for job in live if model in job.awake]
         if waking:
             return min(waking, key=lambda j: (j.awake[model], j.index))
-        free = [job for job in live if len(job.awake) < max_awake]
+        free = [job for job in live if _holding(job, now) < max_awake]
         if free:
-            return min(free, key=lambda j: (len(j.awake), j.index))
-        return min(live, key=lambda j: (min(j.last_used[m] for m in j.awake), j.index))
+            return min(free, key=lambda j: (_holding(j, now), j.index))
+        freeing = [job for job in live if len(job.awake) < max_awake]  # a sleep under way frees a slot
+        if freeing:
+            return min(freeing, key=lambda j: (len(j.awake), j.index))
+        with_awake = [job for job in live if job.awake]
+        if with_awake:
+            return min(with_awake, key=lambda j: (min(j.last_used[m] for m in j.awake), j.index))
+        return min(live, key=lambda j: j.index)  # every slot going to sleep: the first, as the gateway
 
     def _wake(self, job: Job, model: int, now: float, max_awake: int) -> None:
         """Wake ``model`` on ``job``: when it starts is what the agent does (``wake_start``)."""
@@ -407,3 +414,9 @@ def replay(settings: ResidencySettings, policy: Policy, requests: Sequence[Reque
     """One policy over ``requests`` (sorted by arrival) until ``horizon_s``; the figures leave out the
     requests before ``warmup_s`` and the GPU time before it (everything starts at zero replicas)."""
     return ResidencyReplay(settings, policy, warmup_s).run(requests, horizon_s)
+
+
+def _holding(job: Job, now: float) -> int:
+    """Engines holding GPU memory at ``now``, as the agent and the gateway count them: awake or waking,
+    or still going to sleep (``agent_rules.HOLDS_GPU``)."""
+    return len(job.awake) + sum(1 for asleep_at, _ in job.sleeping.values() if asleep_at > now)

@@ -6,12 +6,15 @@ model m, among the candidate endpoints (ready, not failed for this request), the
 
 1. the endpoints where m is awake: send now (the usual least-outstanding choice among them);
 2. a replica where m is already waking: wait for that wake (the agent answers once m is awake);
-3. a replica with a free awake slot (fewer than ``max_awake`` engines awake or waking), the most free
-   slots first: wake m there, nothing sleeps;
-4. the replica whose least recently used awake engine was used longest ago: wake m there; the agent
+3. a replica with a free awake slot (fewer than ``max_awake`` engines holding GPU memory: awake, waking
+   or going to sleep, as the agent counts them, ``agent_rules.HOLDS_GPU``), the most free slots first:
+   wake m there at once, nothing sleeps;
+4. a replica where an engine is going to sleep and no slot is taken otherwise: the agent gives m that
+   slot when the sleep ends (the rest of a sleep, rather than a whole sleep of another engine);
+5. the replica whose least recently used awake engine was used longest ago: wake m there; the agent
    first sleeps that engine (the ``victim``);
-5. (every slot taken by engines waking) the first candidate: the agent's lock queues the wake behind
-   the ones in progress, and then makes room.
+6. (every slot taken by engines waking) the first candidate: the agent queues the wake, first come first
+   served, until a slot frees.
 
 A candidate whose agent gave no answer, or that lists no engine on the endpoint's port, is not chosen:
 the gateway never sends to an engine it does not know to be awake. Among equals the candidates' order
@@ -20,16 +23,17 @@ decides, so the choice is deterministic.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
 
 from hpcserve.model.gateway import Endpoint
+from hpcserve.serving.agent_rules import HOLDS_GPU
 
 EngineState = Literal["awake", "asleep", "waking", "sleeping"]
-OCCUPYING: frozenset[str] = frozenset({"awake", "waking"})  # what counts toward max_awake
+OCCUPYING: frozenset[str] = frozenset(str(state) for state in HOLDS_GPU)  # what counts toward max_awake
 
 
 class EngineView(msgspec.Struct, frozen=True):
@@ -55,7 +59,12 @@ class AgentView(msgspec.Struct, frozen=True):
         return None
 
     def free_slots(self) -> int:
+        """Slots free now: ``max_awake`` less the engines holding GPU memory (going to sleep included)."""
         return self.max_awake - sum(1 for e in self.engines.values() if e.state in OCCUPYING)
+
+    def freeing_slots(self) -> int:
+        """Slots free once the sleeps under way end."""
+        return self.max_awake - sum(1 for e in self.engines.values() if e.state in ("awake", "waking"))
 
     def least_recent(self) -> tuple[float, str] | None:
         """(last_used, name) of the awake engine used longest ago (None: none is awake)."""
@@ -106,14 +115,21 @@ def choose(candidates: Sequence[Endpoint], views: Mapping[str, AgentView]) -> Se
         if view.engines[model].state == "waking":
             return Wake(endpoint, model)
     first = Wake(known[0][0], known[0][2]) if known else None
-    return _free_slot(known) or _least_recent(known) or first
+    return (
+        _free_slot(known, AgentView.free_slots)
+        or _free_slot(known, AgentView.freeing_slots)
+        or _least_recent(known)
+        or first
+    )
 
 
-def _free_slot(known: Sequence[tuple[Endpoint, AgentView, str]]) -> Wake | None:
-    """Where a slot is free, the most free slots first (the first such candidate among equals)."""
+def _free_slot(
+    known: Sequence[tuple[Endpoint, AgentView, str]], slots: Callable[[AgentView], int]
+) -> Wake | None:
+    """Where ``slots`` says a slot is free, the most first (the first such candidate among equals)."""
     best: tuple[int, Endpoint, str] | None = None
     for endpoint, view, model in known:
-        free = view.free_slots()
+        free = slots(view)
         if free > 0 and (best is None or free > best[0]):
             best = (free, endpoint, model)
     return Wake(best[1], best[2]) if best is not None else None
