@@ -1,7 +1,9 @@
 """The off tier's removal of warm copies: which copies a deployment staged where (pure), when they go (only
 off, with no replica left, never one another deployment still needs), the service's record of them (a
-real SQLite store), the cleanup job submitted as the owner on each node (its sbatch argv and script), and
-the job's helper (removes only folders with hpcserve's staging manifest). The cluster test is
+real SQLite store), the cleanup job submitted as the owner on each node (its sbatch argv and script), the
+same cleanup once a deployment or a pool is removed with ``rm`` (its row gone with its last replica, the
+record kept with the owner until every job is submitted; through the controller too), and the job's
+helper (removes only folders with hpcserve's staging manifest). The cluster test is
 test_warm_copies_cluster.py."""
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from hpcserve.serving.staging import MANIFEST, hold_warm_copy, lock_path, stage_
 from hpcserve.serving.tiers import Tier
 from hpcserve.serving.unstage import STATE_PREFIX, Unstager, cleanup_script
 from hpcserve.serving.warm_cleanup import main as cleanup_main
-from hpcserve.serving.warm_copies import Staged, plan_removal, warm_copy
+from hpcserve.serving.warm_copies import CopyOwner, Staged, plan_removal, warm_copy
 from hpcserve.slurm.models import Job, JobState
 from hpcserve.slurm.runner import CommandResult
 from hpcserve.store import Deployment, HistoryStore
@@ -51,6 +53,11 @@ def test_the_record_adds_seen_copies_forgets_nodes_and_reads_back() -> None:
     assert staged.without("node5", ["/l/5/a"]).nodes == {"node5": ("/l/5/b",), "node6": ("/l/6/a",)}
     assert Staged.from_json(staged.to_json()) == staged
     assert Staged.from_json({"node5": "x", "node6": [1], "node7": []}) == Staged()
+    owned = staged.owned_by(CopyOwner("alice", "acct", "infer"))
+    assert Staged.from_json(owned.to_json()) == owned and owned.without("node5").owner == owned.owner
+    assert owned.with_seen([("node9", "/l/9/a")]).owner == owned.owner
+    assert Staged.from_json({"node5": ["/l/5/a"]}) == Staged({"node5": ("/l/5/a",)})  # written before owners
+    assert Staged.from_json({"nodes": {"node5": ["/l/5/a"]}, "owner": {"user": 3}}).owner is None
 
 
 def test_copies_go_only_once_off_with_no_replica_and_never_one_another_deployment_needs() -> None:
@@ -101,7 +108,7 @@ class Planner:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[HistoryStore]:
-    with HistoryStore(f"sqlite:///{tmp_path}/h.db") as s:
+    with HistoryStore(f"sqlite:///{tmp_path}/h.db", admins=["root"]) as s:  # the service is an admin
         s.upgrade()
         yield s
 
@@ -109,6 +116,12 @@ def store(tmp_path: Path) -> Iterator[HistoryStore]:
 def serve(store: HistoryStore, name: str, model: str = "/cold/tiny", **spec: Any) -> Deployment:
     return store.create_deployment(name, "alice", {"name": name, "model": model, "engine": "simulator",
                                                    "warm_tier": WARM, **spec}, 1)  # fmt: skip
+
+
+def recorded(store: HistoryStore, name: str) -> dict[str, Any] | None:
+    """The copies the service keeps for ``name``: node -> folders (None: no record)."""
+    state = store.get_state(f"{STATE_PREFIX}{name}")
+    return None if state is None else state["nodes"]
 
 
 def ready(store: HistoryStore, name: str, index: int, host: str, kind: str = "copied") -> None:
@@ -135,12 +148,29 @@ def test_the_service_remembers_where_ready_replicas_staged(store: HistoryStore) 
     unstager.note(llm, store.replicas("llm"), jobs, None)
     expected = {"node5": ["/local/node5/models/tiny"], "node6": ["/local/node6/models/tiny"],
                 "node8": ["/local/node8/models/tiny"]}  # fmt: skip
-    assert store.get_state(f"{STATE_PREFIX}llm") == expected
+    assert store.get_state(f"{STATE_PREFIX}llm") == {
+        "nodes": expected,
+        "owner": {"user": "alice", "account": None, "partition": None},
+    }
     again = Unstager(store, Launcher(Runner()))  # type: ignore[arg-type]
     again.begin([llm])  # a restarted service reads it back
-    assert again.records == {"llm": Staged.from_json(expected)}
-    again.begin([])  # the deployment is gone: forgotten
-    assert store.get_state(f"{STATE_PREFIX}llm") is None
+    assert again.records == {"llm": Staged.from_json(expected).owned_by(CopyOwner("alice"))}
+    again.begin([])  # the deployment is gone: its copies are still to clean up
+    assert again.gone == {"llm"} and recorded(store, "llm") == expected
+
+
+def test_a_record_kept_without_its_owner_gets_it_or_is_forgotten_once_gone(store: HistoryStore) -> None:
+    spec = {"name": "llm", "model": "/cold/tiny", "partition": "infer"}
+    llm = store.create_deployment("llm", "alice", spec, 1, account="acct")
+    for name in ("llm", "old"):  # as the service wrote them before it kept owners
+        store.put_state(f"{STATE_PREFIX}{name}", {"node5": ["/local/node5/models/tiny"]})
+    unstager = Unstager(store, Launcher(Runner()))  # type: ignore[arg-type]
+    unstager.begin([llm])
+    assert store.get_state(f"{STATE_PREFIX}llm") == {
+        "nodes": {"node5": ["/local/node5/models/tiny"]},
+        "owner": {"user": "alice", "account": "acct", "partition": "infer"},
+    }
+    assert store.get_state(f"{STATE_PREFIX}old") is None and unstager.gone == set()  # no one to run as
 
 
 def test_a_pool_remembers_each_members_copy(store: HistoryStore) -> None:
@@ -153,7 +183,7 @@ def test_a_pool_remembers_each_members_copy(store: HistoryStore) -> None:
     unstager = Unstager(store, Launcher(Runner()))  # type: ignore[arg-type]
     unstager.begin([pool])
     unstager.note(pool, store.replicas("p"), {}, members)
-    assert store.get_state(f"{STATE_PREFIX}p") == {"node5": ["/local/node5/models/a"]}
+    assert recorded(store, "p") == {"node5": ["/local/node5/models/a"]}
 
 
 def test_off_submits_one_cleanup_job_per_node_as_the_owner_and_forgets_those_nodes(
@@ -183,7 +213,7 @@ def test_off_submits_one_cleanup_job_per_node_as_the_owner_and_forgets_those_nod
     } <= set(argv)
     assert script == cleanup_script("/venv/bin/python", ["/local/node5/models/tiny"])
     assert script.endswith("-I -m hpcserve.serving.warm_cleanup /local/node5/models/tiny\n")
-    assert store.get_state(f"{STATE_PREFIX}llm") == {"node6": ["/local/node6/models/tiny"]}  # tried again
+    assert recorded(store, "llm") == {"node6": ["/local/node6/models/tiny"]}  # tried again
     runner.fail = []
     unstager.tidy(llm, Tier.OFF, 0, Planner())  # type: ignore[arg-type]
     assert "--nodelist=node6" in runner.calls[-1][0] and store.get_state(f"{STATE_PREFIX}llm") is None
@@ -201,7 +231,150 @@ def test_a_copy_another_live_deployment_staged_is_left_on_disk(store: HistorySto
         unstager.note(store.get_deployment(name), store.replicas(name), {}, None)  # type: ignore[arg-type]
     unstager.tidy(one, Tier.OFF, 0, Planner())  # type: ignore[arg-type]
     assert runner.calls == [] and store.get_state(f"{STATE_PREFIX}one") is None
-    assert store.get_state(f"{STATE_PREFIX}two") == {"node5": ["/local/node5/models/tiny"]}
+    assert recorded(store, "two") == {"node5": ["/local/node5/models/tiny"]}
+
+
+# ------------------------------------------------------------------- a deployment removed with rm
+def staged_and_removed(store: HistoryStore, unstager: Unstager, name: str, *hosts: str) -> None:
+    """``name``'s replicas ready on ``hosts`` and noted, then ``rm``: the row goes with its last replica."""
+    for index, host in enumerate(hosts):
+        ready(store, name, index, host)
+    unstager.begin(store.list_deployments())
+    unstager.note(store.get_deployment(name), store.replicas(name), {}, None)  # type: ignore[arg-type]
+    assert store.delete_deployment(name, user="alice") is False  # replicas left: the row stays, deleted
+    unstager.begin(store.list_deployments())
+    assert unstager.gone == set()  # still listed: its replicas are stopping
+    for index in range(len(hosts)):
+        store.remove_replica(name, index)
+    assert store.get_deployment(name) is None
+
+
+def test_rm_removes_the_copies_as_the_owner_once_the_row_is_gone_and_retries_a_failed_submit(
+    store: HistoryStore,
+) -> None:
+    serve(store, "llm", partition="infer")
+    runner = Runner(fail=["node6"])
+    unstager = Unstager(store, Launcher(runner))  # type: ignore[arg-type]
+    staged_and_removed(store, unstager, "llm", "node5", "node6")
+    assert runner.calls == []
+    unstager.begin(store.list_deployments())
+    unstager.tidy_gone(Planner())  # type: ignore[arg-type]
+    (argv, script), _failed = runner.calls
+    assert argv[:5] == ["runuser", "-u", "alice", "--", "sbatch"]
+    assert {"--nodelist=node5", "--gres=none", "--partition=infer", "--comment=hpcserve:unstage:llm-unstage",
+            "--output=/srv/replicas/alice/llm/unstage-%j.out"} <= set(argv)  # fmt: skip
+    assert script == cleanup_script("/venv/bin/python", ["/local/node5/models/tiny"])
+    assert recorded(store, "llm") == {"node6": ["/local/node6/models/tiny"]}  # kept, with its owner
+    runner.fail = []
+    restarted = Unstager(store, Launcher(runner))  # type: ignore[arg-type]
+    restarted.begin(store.list_deployments())  # a restarted service still knows whom to run it as
+    restarted.tidy_gone(Planner())  # type: ignore[arg-type]
+    assert runner.calls[-1][0][:3] == ["runuser", "-u", "alice"] and "--nodelist=node6" in runner.calls[-1][0]
+    assert store.get_state(f"{STATE_PREFIX}llm") is None and restarted.gone == set()
+    restarted.begin(store.list_deployments())
+    restarted.tidy_gone(Planner())  # type: ignore[arg-type]
+    assert len(runner.calls) == 3  # nothing left
+
+
+def test_rm_leaves_a_copy_a_live_deployment_uses_but_not_one_an_off_deployment_staged(
+    store: HistoryStore,
+) -> None:
+    for name in ("one", "two", "three"):
+        serve(store, name)  # the same model in the same warm tier
+    runner = Runner()
+    unstager = Unstager(store, Launcher(runner))  # type: ignore[arg-type]
+    unstager.begin(store.list_deployments())
+    ready(store, "two", 0, "node5")
+    ready(store, "three", 0, "node6")
+    for name in ("two", "three"):
+        unstager.note(store.get_deployment(name), store.replicas(name), {}, None)  # type: ignore[arg-type]
+    store.set_tier("three", "off", NOW)  # off: it needs nothing staged
+    staged_and_removed(store, unstager, "one", "node5", "node6")
+    unstager.begin(store.list_deployments())
+    unstager.tidy_gone(Planner())  # type: ignore[arg-type]
+    ((argv, script),) = runner.calls
+    assert "--nodelist=node6" in argv and str(script).endswith(" /local/node6/models/tiny\n")
+    assert store.get_state(f"{STATE_PREFIX}one") is None
+    assert recorded(store, "two") == {"node5": ["/local/node5/models/tiny"]}
+
+
+def test_a_pool_removed_with_its_last_member_removes_its_members_copies(store: HistoryStore) -> None:
+    shape = {"engine": "simulator", "warm_tier": WARM}
+
+    def spec_of(pool: str, members: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"kind": "pool", "name": pool, "max_awake": 1, "partition": "infer"}
+
+    store.join_pool("a", "alice", {"name": "a", "model": "/cold/a", "pool": "p", **shape}, "p", spec_of)
+    store.upsert_replica(
+        "p", 0, job_id="100", state="ready", host="node5", port=9000, url="http://node5:9000"
+    )
+    runner = Runner()
+    unstager = Unstager(store, Launcher(runner))  # type: ignore[arg-type]
+    unstager.begin(store.list_deployments())
+    members = [dict(d.spec) for d in store.list_deployments() if d.name == "a"]
+    unstager.note(store.get_deployment("p"), store.replicas("p"), {}, members)  # type: ignore[arg-type]
+    assert store.leave_pool("a", "p", spec_of, user="alice") is True  # the member's row: no replicas
+    assert store.get_deployment("p").deleted  # type: ignore[union-attr]  # its job stops first
+    store.remove_replica("p", 0)
+    unstager.begin(store.list_deployments())
+    unstager.tidy_gone(Planner())  # type: ignore[arg-type]
+    ((argv, script),) = runner.calls
+    assert argv[:3] == ["runuser", "-u", "alice"]
+    assert {"--nodelist=node5", "--partition=infer", "--output=/srv/replicas/alice/p/unstage-%j.out",
+            "--comment=hpcserve:unstage:p-unstage"} <= set(argv)  # fmt: skip
+    assert str(script).endswith(" /local/node5/models/a\n") and store.get_state(f"{STATE_PREFIX}p") is None
+
+
+def test_a_name_another_user_took_before_the_cleanup_runs_it_as_the_first_owner(store: HistoryStore) -> None:
+    serve(store, "llm")
+    runner = Runner(fail=["node5"])
+    unstager = Unstager(store, Launcher(runner))  # type: ignore[arg-type]
+    staged_and_removed(store, unstager, "llm", "node5")
+    unstager.begin(store.list_deployments())
+    unstager.tidy_gone(Planner())  # type: ignore[arg-type]  # fails: kept
+    bobs = store.create_deployment("llm", "bob", {"name": "llm", "model": "/cold/other", "warm_tier": WARM,
+                                                  "engine": "simulator"}, 1)  # fmt: skip
+    store.upsert_replica("llm", 0, job_id="200", state="ready", host="node7", port=8000, url="http://node7:8000",
+                         phases={"staging": {"kind": "copied"}})  # fmt: skip
+    runner.fail = []
+    unstager.begin(store.list_deployments())
+    assert unstager.gone == {"llm"}
+    unstager.note(bobs, store.replicas("llm"), {}, None)  # not mixed into alice's leftovers
+    unstager.tidy(bobs, Tier.OFF, 1, Planner())  # type: ignore[arg-type]  # bob's deployment leaves it
+    assert len(runner.calls) == 1
+    unstager.tidy_gone(Planner())  # type: ignore[arg-type]
+    assert runner.calls[-1][0][:3] == ["runuser", "-u", "alice"] and "--nodelist=node5" in runner.calls[-1][0]
+    unstager.note(bobs, store.replicas("llm"), {}, None)  # now bob's copies are recorded, as his
+    assert store.get_state(f"{STATE_PREFIX}llm") == {
+        "nodes": {"node7": ["/local/node7/models/other"]},
+        "owner": {"user": "bob", "account": None, "partition": None},
+    }
+
+
+def test_the_controller_cleans_up_after_rm_once_the_last_replica_is_gone(store: HistoryStore) -> None:
+    from hpcserve.serving.controller import ServingController
+    from tests.test_serving_controller import FakeSlurm, job, policy
+
+    serve(store, "llm", partition="infer")
+    ready(store, "llm", 0, "node5")
+    slurm, runner = FakeSlurm([job(100, "llm", 0)]), Runner()
+    ctl = ServingController(store=store, client=slurm, submitter=Planner,  # type: ignore[arg-type]
+                            launcher=Launcher(runner), policy=policy(),  # type: ignore[arg-type]
+                            ready_timeout_s=60, scrape=lambda url: None, service_user="root",
+                            clock=lambda: NOW)  # fmt: skip
+    ctl.tick()
+    assert recorded(store, "llm") == {"node5": ["/local/node5/models/tiny"]}
+    store.delete_deployment("llm", user="alice")
+    for _ in range(3):  # drained (nothing in flight), then cancelled
+        ctl.tick()
+    assert slurm.cancelled == ["100"] and runner.calls == []  # its replica stops first
+    slurm.queue.clear()  # the job has ended
+    ctl.tick()  # the replica is forgotten, the row goes with it
+    assert store.get_deployment("llm") is None
+    ctl.tick()
+    ((argv, script),) = runner.calls
+    assert argv[:3] == ["runuser", "-u", "alice"] and "--nodelist=node5" in argv
+    assert str(script).endswith(" /local/node5/models/tiny\n") and recorded(store, "llm") is None
 
 
 # ---------------------------------------------------------------------------- the job's helper

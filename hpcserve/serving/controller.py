@@ -132,6 +132,10 @@ class ServingController:
         tick.pools = PoolLoad(members_of(listed))
         tick.awake = AwakeFloors.load(self.store) if tick.pools.members else None
         self.unstage.begin(listed)
+        try:
+            self.unstage.tidy_gone(tick.submitter)  # the warm copies of deployments removed (``rm``)
+        except Exception:  # the record stays: the next tick tries again
+            log.exception("serving tick: the warm cleanup of removed deployments failed")
         for deployment in listed:
             if pool_of(deployment.spec) is not None:
                 continue  # a pool's member: no replicas of its own, the pool's row runs them
@@ -166,8 +170,9 @@ class ServingController:
             for job in jobs.values():
                 if job.state.is_pending and job.reason in EVICT_FOR:
                     self.evict(job, tick.jobs, tick.now)
-        if tier is not None:  # off: nothing staged (hpcserve.serving.unstage)
-            self.unstage.note(deployment, replicas, jobs, tick.pools.specs(deployment))
+        # off: nothing staged (hpcserve.serving.unstage); noted while deleted too: its removal cleans up
+        self.unstage.note(deployment, replicas, jobs, tick.pools.specs(deployment))
+        if tier is not None:
             self.unstage.tidy(deployment, tier, len(rows), tick.submitter)
 
     def _trusted(self, deployment: Deployment, rows: list[Replica], tagged: list[Job]) -> dict[int, Job]:

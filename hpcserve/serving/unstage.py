@@ -10,6 +10,10 @@ Each tick, for each deployment:
   and no GPU), runs ``python -I -m hpcserve.serving.warm_cleanup FOLDER...`` on that node: it removes only
   folders holding hpcserve's staging manifest. The service itself never deletes a path the owner controls.
   A node whose job was submitted is forgotten; a failed submit is logged and tried again next tick.
+- ``tidy_gone``: a deployment removed with ``hpcserve rm`` (its row purged with its last replica: a pool's
+  with its last member's) has its copies removed the same way, as the owner kept in its record, which
+  outlives the row until every node's job is submitted. A record whose name another user's deployment
+  took since is such a leftover too; the newcomer's copies are recorded once it is removed.
 
 A later start stages again ("copied"). The job's log is ``unstage-<job id>.out`` in the owner's replica
 folder of the deployment.
@@ -27,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from hpcserve.config.policy import JobClassName
 from hpcserve.serving.pools import is_pool
 from hpcserve.serving.tiers import Tier
-from hpcserve.serving.warm_copies import NONE, Staged, plan_removal, warm_copy
+from hpcserve.serving.warm_copies import NONE, CopyOwner, Removal, Staged, plan_removal, warm_copy
 
 if TYPE_CHECKING:
     from hpcserve.jobs.submit import Submitter
@@ -68,16 +72,28 @@ class Unstager:
     launcher: ReplicaLauncher
     records: dict[str, Staged] | None = None
     tiers: dict[str, Tier] = field(default_factory=dict)  # this tick's tier of every deployment
+    gone: set[str] = field(default_factory=set)  # records of removed deployments, still to clean up
 
     def begin(self, listed: Sequence[Deployment]) -> None:
-        """A new tick: the records loaded on first use, those of deployments gone forgotten."""
+        """A new tick: the records loaded on first use; each listed deployment's owner kept in its record;
+        those of deployments gone marked for ``tidy_gone`` (forgotten when no owner was kept)."""
         if self.records is None:
             stored = self.store.states(STATE_PREFIX)
             self.records = {k.removeprefix(STATE_PREFIX): Staged.from_json(v) for k, v in stored.items()}
         self.tiers = {d.name: Tier.of(d.tier) for d in listed}
-        for name in [n for n in self.records if n not in self.tiers]:
-            del self.records[name]
-            self.store.delete_state(f"{STATE_PREFIX}{name}")
+        owners = {d.name: copy_owner(d) for d in listed}
+        self.gone = set()
+        for name, staged in list(self.records.items()):
+            owner = owners.get(name)
+            if owner is not None and (staged.owner is None or staged.owner.user == owner.user):
+                if staged.owner != owner:  # a record from before owners were kept, or a new partition
+                    self._put(name, staged.owned_by(owner))
+            elif staged.owner is not None:
+                self.gone.add(name)
+            else:
+                log.warning("deployment %s is gone: its warm copies were recorded without their owner and "
+                            "stay on disk: %s", name, staged.to_json()["nodes"])  # fmt: skip
+                self._put(name, Staged())
 
     def note(self, deployment: Deployment, replicas: Sequence[Replica], jobs: Mapping[int, Job],
              members: Sequence[Mapping[str, Any]] | None) -> None:  # fmt: skip
@@ -88,51 +104,65 @@ class Unstager:
         seen = [pair for r in replicas
                 for pair in staged_by(r, _nodes(r, jobs), specs, members is not None)]  # fmt: skip
         old = self._record(deployment.name)
-        if not seen or set(seen) <= old.pairs():
-            return
-        self._put(deployment.name, old.with_seen(seen))
+        if not seen or set(seen) <= old.pairs() or deployment.name in self.gone:
+            return  # (a leftover of another owner under this name: recorded once it is cleaned up)
+        self._put(deployment.name, old.with_seen(seen).owned_by(copy_owner(deployment)))
 
     def tidy(self, deployment: Deployment, tier: Tier, replicas: int, submitter: Submitter) -> None:
         """Once off with no replica left: one cleanup job per node as the owner; nodes done forgotten."""
-        staged = self._record(deployment.name)
+        if deployment.name in self.gone:
+            return
+        staged = self._record(deployment.name).owned_by(copy_owner(deployment))
         removal = plan_removal(staged, tier, replicas, self._needed_elsewhere(deployment.name))
-        if not removal.remove and not removal.shared:
+        self._remove(deployment.name, staged, removal, submitter, "off")
+
+    def tidy_gone(self, submitter: Submitter) -> None:
+        """The copies of deployments removed (no row, so no replica left): as if off, as the owner kept."""
+        for name in sorted(self.gone):
+            staged = self._record(name)
+            removal = plan_removal(staged, Tier.OFF, 0, self._needed_elsewhere(name))
+            self._remove(name, staged, removal, submitter, "removed")
+            if name not in (self.records or {}):
+                self.gone.discard(name)
+
+    def _remove(self, name: str, staged: Staged, removal: Removal, submitter: Submitter, why: str) -> None:
+        """Submit ``removal``'s jobs as ``staged``'s owner; the record keeps only the nodes not done."""
+        owner = staged.owner
+        if (not removal.remove and not removal.shared) or owner is None:
             return
         for node, path in removal.shared:
-            log.info(
-                "deployment %s: warm copy %s on %s left to another deployment", deployment.name, path, node
-            )
+            log.info("deployment %s: warm copy %s on %s left to another deployment", name, path, node)
             staged = staged.without(node, [path])
         for node, folders in removal.remove.items():
             try:
-                job_id = self.submit(submitter, deployment, node, folders)
+                job_id = self.submit(submitter, name, owner, node, folders)
             except Exception as exc:  # the next tick tries again
-                log.warning(
-                    "deployment %s: cannot submit the warm cleanup on %s: %s", deployment.name, node, exc
-                )
+                log.warning("deployment %s: cannot submit the warm cleanup on %s: %s", name, node, exc)
                 continue
-            log.info("deployment %s: off: removing its warm copies on %s as %s (job %s): %s",
-                     deployment.name, node, deployment.owner, job_id, ", ".join(folders))  # fmt: skip
+            log.info("deployment %s: %s: removing its warm copies on %s as %s (job %s): %s",
+                     name, why, node, owner.user, job_id, ", ".join(folders))  # fmt: skip
             staged = staged.without(node)
-        self._put(deployment.name, staged)
+        self._put(name, staged)
 
-    def submit(self, submitter: Submitter, deployment: Deployment, node: str, folders: Sequence[str]) -> str:
-        """sbatch the cleanup of ``folders`` on ``node`` as the deployment's owner; the job id."""
+    def submit(
+        self, submitter: Submitter, name: str, owner: CopyOwner, node: str, folders: Sequence[str]
+    ) -> str:
+        """sbatch the cleanup of deployment ``name``'s ``folders`` on ``node`` as ``owner``; the job id."""
         from hpcserve.jobs.runas import OwnerRunner
         from hpcserve.jobs.spec import JobRequest
         from hpcserve.serving.launcher import replica_folder
         from hpcserve.slurm.cli_backend import CliSlurmClient
 
         launcher = self.launcher
-        owner = launcher.owner_of(deployment.owner)
-        folder = replica_folder(launcher.replica_dir, owner.user, deployment.name)
-        request = JobRequest(JobClassName.INFERENCE, f"{deployment.name}-unstage", owner.user,
-                             deployment.spec.get("partition"), time_s=CLEANUP_TIME_S,
-                             account=deployment.account, output=str(folder / "unstage-%j.out"))  # fmt: skip
+        user = launcher.owner_of(owner.user)
+        folder = replica_folder(launcher.replica_dir, user.user, name)
+        request = JobRequest(JobClassName.INFERENCE, f"{name}-{CLEANUP_KIND}", user.user, owner.partition,
+                             time_s=CLEANUP_TIME_S, account=owner.account,
+                             output=str(folder / "unstage-%j.out"))  # fmt: skip
         job, _ = submitter.plan(request, kind=CLEANUP_KIND)
         args = [*dataclasses.replace(job, nodelist=(node,)).sbatch_args(), f"--chdir={folder}"]
         sbatch = CliSlurmClient(
-            OwnerRunner(launcher.runner, launcher.method, owner), timeout=launcher.timeout_s
+            OwnerRunner(launcher.runner, launcher.method, user), timeout=launcher.timeout_s
         )
         return sbatch.submit(cleanup_script(launcher.python, folders), args)
 
@@ -153,10 +183,11 @@ class Unstager:
         return [with_site_storage(spec, storage, getattr(self.launcher, "is_dir", is_folder))]
 
     def _needed_elsewhere(self, name: str) -> frozenset[tuple[str, str]]:
-        """The copies other deployments, not off, staged."""
+        """The copies other live deployments, not off, staged (not those of deployments removed)."""
         records = self.records or {}
         return frozenset(pair for other, staged in records.items()
-                         if other != name and self.tiers.get(other, Tier.HOT) is not Tier.OFF
+                         if other != name and other not in self.gone
+                         and self.tiers.get(other, Tier.OFF) is not Tier.OFF
                          for pair in staged.pairs())  # fmt: skip
 
     def _record(self, name: str) -> Staged:
@@ -170,6 +201,12 @@ class Unstager:
             self.store.put_state(f"{STATE_PREFIX}{name}", staged.to_json())
         elif self.records.pop(name, None) is not None:
             self.store.delete_state(f"{STATE_PREFIX}{name}")
+
+
+def copy_owner(deployment: Deployment) -> CopyOwner:
+    """Whom the deployment's cleanup jobs run as: its owner, with its account and partition."""
+    partition = deployment.spec.get("partition")
+    return CopyOwner(deployment.owner, deployment.account, partition if isinstance(partition, str) else None)
 
 
 def _nodes(replica: Replica, jobs: Mapping[int, Job]) -> Sequence[str]:

@@ -8,6 +8,10 @@ are gone once it is cold. Once the deployment is off, with no replica left, each
 by a job of the owner on that node (``hpcserve.serving.unstage``); a node whose job was submitted is
 forgotten. A copy that another deployment, not off, also staged on that node (the same model in the same
 warm tier) is left to that one and forgotten here.
+
+A deployment removed with ``hpcserve rm`` (its row gone with its last replica) has its copies removed the
+same way: the record keeps who to submit as (``CopyOwner``), so the removal outlives the deployment's row
+until its jobs are submitted.
 """
 
 from __future__ import annotations
@@ -33,38 +37,70 @@ def warm_copy(warm_tier: str | None, model: str, node: str) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class CopyOwner:
+    """Whom the cleanup jobs of a deployment's copies run as, and where: kept with the copies, since a
+    removed deployment's row is gone before its copies are."""
+
+    user: str
+    account: str | None = None
+    partition: str | None = None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"user": self.user, "account": self.account, "partition": self.partition}
+
+    @classmethod
+    def from_json(cls, data: object) -> CopyOwner | None:
+        """The stored owner; None when it does not read as one (a record written before owners were kept)."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("user"), str) or not data["user"]:
+            return None
+        account, partition = data.get("account"), data.get("partition")
+        return cls(data["user"], account if isinstance(account, str) else None,
+                   partition if isinstance(partition, str) else None)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class Staged:
-    """Each node's warm copies of one deployment: node -> sorted folders."""
+    """Each node's warm copies of one deployment (node -> sorted folders), and their owner."""
 
     nodes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    owner: CopyOwner | None = None
 
     def with_seen(self, seen: Iterable[tuple[str, str]]) -> Staged:
         """These copies with ``seen`` (node, folder) pairs added."""
         merged = {node: set(paths) for node, paths in self.nodes.items()}
         for node, path in seen:
             merged.setdefault(node, set()).add(path)
-        return Staged({node: tuple(sorted(paths)) for node, paths in sorted(merged.items())})
+        nodes = {node: tuple(sorted(paths)) for node, paths in sorted(merged.items())}
+        return Staged(nodes, self.owner)
 
     def without(self, node: str, paths: Iterable[str] = ()) -> Staged:
         """These copies less ``paths`` on ``node`` (all of the node's when none are named)."""
         gone, left = set(paths), dict(self.nodes)
         kept = tuple(p for p in left.pop(node, ()) if gone and p not in gone)
-        return Staged({**left, node: kept} if kept else left)
+        return Staged({**left, node: kept} if kept else left, self.owner)
+
+    def owned_by(self, owner: CopyOwner) -> Staged:
+        return Staged(self.nodes, owner)
 
     def pairs(self) -> set[tuple[str, str]]:
         return {(node, path) for node, paths in self.nodes.items() for path in paths}
 
-    def to_json(self) -> dict[str, list[str]]:
-        return {node: list(paths) for node, paths in self.nodes.items()}
+    def to_json(self) -> dict[str, object]:
+        nodes = {node: list(paths) for node, paths in self.nodes.items()}
+        return {"nodes": nodes, "owner": None if self.owner is None else self.owner.to_json()}
 
     @classmethod
     def from_json(cls, data: Mapping[str, object] | None) -> Staged:
-        """The stored record; what does not read as node -> list of paths is left out."""
+        """The stored record (``{"nodes": ..., "owner": ...}``, or the older node -> paths without an
+        owner); what does not read as node -> list of paths is left out."""
+        data = data or {}
+        listed = data.get("nodes")
+        owner = CopyOwner.from_json(data.get("owner")) if isinstance(listed, Mapping) else None
         nodes = {}
-        for node, paths in (data or {}).items():
+        for node, paths in (listed if isinstance(listed, Mapping) else data).items():
             if isinstance(paths, list) and all(isinstance(p, str) for p in paths) and paths:
                 nodes[str(node)] = tuple(sorted(set(paths)))
-        return cls(nodes)
+        return cls(nodes, owner)
 
 
 @dataclass(frozen=True, slots=True)
