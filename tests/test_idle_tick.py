@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -18,6 +19,8 @@ from hpcserve.model.cluster import Job, JobState
 from hpcserve.model.telemetry import GpuSample, IdleFlag
 from hpcserve.service.idle_tick import IdleTick, scale_down, tick_interval_s
 from hpcserve.service.metrics_telemetry import TelemetryCollector
+from hpcserve.serving.pools import AwakeState, pool_spec
+from hpcserve.serving.residency import AWAKE_FLOOR_PREFIX
 from hpcserve.store import EngineSample, HistoryStore
 
 T0 = datetime(2026, 12, 7, 19, 0, tzinfo=UTC)
@@ -173,21 +176,94 @@ def test_scale_down_leaves_a_warm_deployment_as_it_is(
     assert "idle: deployment sleepy not scaled down: warm: asleep by design (job 50)" in caplog.text
 
 
-def test_a_pools_replica_is_judged_by_its_engines_and_never_scaled_down(
+def make_pool(store: HistoryStore, replicas: int, members: tuple[str, ...] = ("a", "b"),
+              max_awake: int = 2) -> list[Job]:  # fmt: skip
+    """Pool ``p`` of alice's ``members`` (each at most 3 replicas), ``replicas`` of its jobs running."""
+    for member in members:
+        shape = {**spec(member), "pool": "p", "pool_max_awake": max_awake, "idle_to_zero_s": 600}
+        store.join_pool(member, "alice", shape, "p", pool_spec, served_model_name=member)
+    for index in range(replicas):
+        store.upsert_replica("p", index, job_id=str(60 + index), state="ready")
+    return [job(str(60 + i), "alice", f"hpcserve:replica:p:{i}") for i in range(replicas)]
+
+
+def members_max(store: HistoryStore) -> dict[str, int]:
+    return {d.name: d.spec["max_replicas"] for d in store.list_deployments()}
+
+
+SCALE_DOWN = RULES.model_copy(update={"action": IdleActions(inference="scale_down")})
+
+
+def test_an_idle_pool_gives_up_a_replica_through_its_members_bounds_and_a_leave_keeps_it(
     store: HistoryStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    pool = {"kind": "pool", "name": "p", "max_awake": 2, "engine": "simulator", "gpus_per_replica": 1,
-            "min_replicas": 0, "max_replicas": 3}  # fmt: skip
-    store.create_deployment("p", "alice", pool, 2)
-    for index, job_id in ((0, "60"), (1, "61")):
-        store.upsert_replica("p", index, job_id=job_id, state="ready")
-    store.add_engine_samples([EngineSample(T0 - timedelta(seconds=30), "p", 1, waiting=0, running=1)])
-    running = [job("60", "alice", "hpcserve:replica:p:0"), job("61", "alice", "hpcserve:replica:p:1")]
-    rules = RULES.model_copy(update={"action": IdleActions(inference="scale_down")})
+    running = make_pool(store, 2)
+    report(store, "60", "alice", 0.0, kind="inference")  # every engine asleep: the GPU does nothing
     with caplog.at_level(logging.INFO, "hpcserve.idle"):
-        (flag,) = IdleTick(lambda: running, store, rules, Clock()).tick()
-    assert flag.job_id == "60"  # replica 1 served a request 30 s ago (sampled under the pool's name)
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text  # no error logged
-    assert "idle: deployment p not scaled down: a pool scales on its members' summed load" in caplog.text
-    deployment = store.get_deployment("p")
-    assert deployment is not None and deployment.spec == pool
+        flags = IdleTick(lambda: running, store, SCALE_DOWN, Clock()).tick()
+    assert [f.job_id for f in flags] == ["60", "61"] and "since it started" in flags[0].reason
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    # as `hpcserve scale a --max 1` and `scale b --max 1`: the pool's bound is its members' most
+    assert members_max(store) == {"a": 1, "b": 1, "p": 1}
+    assert "idle: pool p scaled down: max_replicas 3 -> 1 on its members a, b (job 60: GPUs averaged 0%" \
+        in caplog.text  # fmt: skip
+    # the second flag finds one replica's worth left to give: it holds at 1
+    assert "idle: pool p not scaled down: max_replicas 1, min_replicas 0, awake floor 0, 2 running (job " \
+        "61)" in caplog.text  # fmt: skip
+    store.leave_pool("b", "p", pool_spec, user="alice")  # a member leaving derives the pool again
+    pool = store.get_deployment("p")
+    assert pool is not None and pool.spec["max_replicas"] == 1
+    joined = {**spec("c"), "max_replicas": 1, "pool": "p", "pool_max_awake": 2, "idle_to_zero_s": 600}
+    store.join_pool("c", "alice", joined, "p", pool_spec, served_model_name="c")  # so does a join
+    assert members_max(store) == {"a": 1, "c": 1, "p": 1}
+
+
+def test_an_idle_pool_never_goes_below_its_members_min_replicas(store: HistoryStore) -> None:
+    running = make_pool(store, 2)
+    a = store.get_deployment("a")
+    assert a is not None
+    store.update_spec("a", {**a.spec, "min_replicas": 2}, user="alice")
+    store.refresh_pool("p", pool_spec)
+    IdleTick(lambda: running, store, SCALE_DOWN, Clock()).tick()
+    assert members_max(store) == {"a": 3, "b": 3, "p": 3}
+
+
+def test_a_pool_replica_is_not_idle_while_a_member_was_requested_within_the_window(
+    store: HistoryStore,
+) -> None:
+    running = make_pool(store, 2)
+    for job_id in ("60", "61"):
+        report(store, job_id, "alice", 0.0, kind="inference")  # asleep between requests: reads 0%
+    # member a asked 30 s ago (the controller's record: a gateway sample or an agent's last_used)
+    asked = AwakeState({"a": T0 - timedelta(seconds=30)}, (T0 - timedelta(seconds=30),))
+    store.put_state(AWAKE_FLOOR_PREFIX + "p", msgspec.to_builtins(asked))
+    tick = IdleTick(lambda: running, store, SCALE_DOWN, Clock())
+    assert tick.tick() == []
+    store.put_state(AWAKE_FLOOR_PREFIX + "p", {})
+    # nothing in the floor's record, but replica 1's engines served 30 s ago: the pool is in use
+    store.add_engine_samples([EngineSample(T0 - timedelta(seconds=30), "p", 1, waiting=0, running=1)])
+    assert tick.tick() == []
+    assert members_max(store) == {"a": 3, "b": 3, "p": 3}
+
+
+def test_the_replicas_holding_the_awake_floor_are_not_idle_and_bound_the_scale_down(
+    store: HistoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = make_pool(store, 3, max_awake=1)
+    # a and b asked 100 s ago: out of the policy's 60 s, inside the pool's 600 s use window, so its
+    # awake floor is 2 jobs (one awake engine each)
+    asked = T0 - timedelta(seconds=100)
+    state = AwakeState({"a": asked, "b": asked}, (asked, asked))
+    store.put_state(AWAKE_FLOOR_PREFIX + "p", msgspec.to_builtins(state))
+    store.add_engine_samples([EngineSample(asked, "p", i, waiting=0, running=1) for i in (0, 2)])
+    with caplog.at_level(logging.INFO, "hpcserve.idle"):
+        (flag,) = IdleTick(lambda: running, store, SCALE_DOWN, Clock()).tick()
+    assert flag.job_id == "61"  # replicas 0 and 2 served last: they hold the floor
+    assert members_max(store) == {"a": 2, "b": 2, "p": 2}
+    assert "idle: pool p scaled down: max_replicas 3 -> 2 on its members a, b (job 61" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "hpcserve.idle"):
+        assert scale_down(store, "p", flag, T0) is None  # a further step would go under the floor
+    assert "idle: pool p not scaled down: max_replicas 2, min_replicas 0, awake floor 2, 3 running" \
+        in caplog.text  # fmt: skip
+    assert members_max(store) == {"a": 2, "b": 2, "p": 2}

@@ -10,6 +10,10 @@ A running job is flagged when either holds:
 - **no requests** (replicas only, ``replica_no_requests_s`` set): nothing was seen running or waiting on its
   engine for that long, counted from its last request, or from its start if it never served one.
 
+A model pool's replica job (its engines wake and sleep by its members' requests) is not judged while a
+member was requested within the window, nor while it holds the pool's awake floor (``pool_replicas_in_use``);
+an idle pool gives up one replica at a time, never below its awake floor (``pool_scale_target``).
+
 ``since`` is when the idle stretch began: the start of the window that first flagged it (a job still flagged
 keeps the ``since`` of the last tick), or the replica's last request. **GPU-hours wasted** = the job's GPUs x
 the hours since ``since``: the GPU time the job held while flagged, the window that proved it included.
@@ -18,6 +22,7 @@ the hours since ``since``: the GPU time the job held while flagged, the window t
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
@@ -104,6 +109,61 @@ def asleep_by_design(running_jobs: Iterable[Job], tiers: Mapping[str, str | None
         if tag is not None and tiers.get(tag[0]) == WARM_TIER:
             found[job.id] = tag[0]
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class PoolFacts:
+    """What the idle decision and action need of a model pool (its replicas serve several members)."""
+
+    last_request: datetime | None  # the newest request seen for any member (the awake floor's record)
+    floor: int  # the awake floor now: jobs the pool keeps for the members in use
+    min_replicas: int  # the pool's bounds (the most its members ask for)
+    max_replicas: int
+    members: tuple[str, ...] = ()
+
+
+def pool_replicas_in_use(
+    running_jobs: Iterable[Job], activity: Mapping[str, datetime | None], pools: Mapping[str, PoolFacts],
+    policy: IdleRules, now: datetime,
+) -> dict[str, str]:  # fmt: skip
+    """The replica jobs of pools that are not idle, by job id, with why. A pool with a member requested
+    within the longer of the policy's spans (``window_s``, ``replica_no_requests_s``): each of its
+    replicas (its engines wake and sleep by the members' requests, so a low GPU reading is no proof).
+    Else the ``floor`` replicas used most recently (``activity``: each replica's last request on its
+    engines): they hold the pool's awake floor. The rest are judged as any replica."""
+    recent_s = max(policy.window_s, policy.replica_no_requests_s or 0)
+    by_pool: dict[str, list[tuple[int, Job]]] = {}
+    for job in running_jobs:
+        tag = parse_replica_tag(job.tag)
+        if tag is not None and tag[0] in pools:
+            by_pool.setdefault(tag[0], []).append((tag[1], job))
+    kept: dict[str, str] = {}
+    for name, jobs in by_pool.items():
+        facts = pools[name]
+        stamps = [facts.last_request, *(activity.get(j.id) for _, j in jobs)]
+        newest = max((t for t in stamps if t is not None), default=None)
+        if newest is not None and (now - newest).total_seconds() < recent_s:
+            why = f"pool {name}: a member was requested {span((now - newest).total_seconds())} ago"
+            kept |= {j.id: why for _, j in jobs}
+            continue
+        latest = sorted(jobs, key=lambda ij: (-_stamp(activity.get(ij[1].id)), ij[0]))
+        kept |= {j.id: f"pool {name}: holds its awake floor {facts.floor}" for _, j in latest[: facts.floor]}
+    return kept
+
+
+def _stamp(at: datetime | None) -> float:
+    return at.timestamp() if at is not None else float("-inf")
+
+
+def pool_scale_target(facts: PoolFacts, active: int) -> tuple[int | None, str]:
+    """One replica fewer for an idle pool running ``active`` replicas: the pool's new ``max_replicas``
+    (None: it holds), and why, never below max(1, ``min_replicas``, the awake floor)."""
+    wanted = min(active, facts.max_replicas) - 1
+    lowest = max(1, facts.min_replicas, facts.floor)
+    if wanted < lowest:
+        return None, (f"max_replicas {facts.max_replicas}, min_replicas {facts.min_replicas}, awake floor "
+                      f"{facts.floor}, {active} running")  # fmt: skip
+    return wanted, f"max_replicas {facts.max_replicas} -> {wanted}"
 
 
 def warm_to_json(job: Job, deployment: str) -> dict[str, Any]:
