@@ -3,7 +3,8 @@ cold tier with a node-local warm tier (the site's storage section), a short ``id
 ``off_after_s``. A request through the gateway starts her replica, which stages ("copied") on its node;
 idle, the deployment goes cold (no job, the copy kept) and then off: the service submits a small job AS
 ALICE on that node (sacct: User=alice) that removes the warm copy, and only that folder. A later request
-starts a replica that stages again ("copied")."""
+starts a replica that stages again ("copied"). ``hpcserve rm`` of a deployment whose replica staged removes
+its warm copy the same way, once the replica has stopped and the deployment's row is gone."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import yaml
 from hpcserve.serving.gateway.keys import hash_key
 from hpcserve.serving.phases import StartPhases
 from hpcserve.serving.staging import MANIFEST
-from hpcserve.serving.unstage import CLEANUP_KIND
+from hpcserve.serving.unstage import CLEANUP_KIND, STATE_PREFIX
 from hpcserve.slurm.cli_backend import CliSlurmClient
 from hpcserve.store import HistoryStore, Replica
 from tests.conftest import PREFIX, wait_until
@@ -61,6 +62,11 @@ class Rig(Serving):
         with HistoryStore(self.env["HPCSERVE_DATABASE_URL"]) as store:
             deployment = store.get_deployment(name)
         return None if deployment is None else deployment.tier
+
+    def recorded(self, name: str) -> dict[str, object] | None:
+        """The warm copies the service keeps for ``name`` (service state ``staged:<name>``)."""
+        with HistoryStore(self.env["HPCSERVE_DATABASE_URL"]) as store:
+            return store.get_state(f"{STATE_PREFIX}{name}")
 
     def ready(self, name: str, after: str | None = None) -> Replica:
         found: list[Replica] = []
@@ -114,6 +120,19 @@ def first_answer(rig: Rig, name: str) -> httpx.Response:
     return answers[-1]
 
 
+def cleanup_job(rig: Rig, slurm: CliSlurmClient, name: str, node: str, warm: Path) -> None:
+    """The one cleanup job's log says it removed ``warm``; sacct: it ran as alice on ``node``, exit 0."""
+    folder = rig.root / "replicas" / "alice" / name
+    (log,) = folder.glob("unstage-*.out")
+    job_id = log.name.removeprefix("unstage-").removesuffix(".out")
+    assert f"removed {warm}" in log.read_text()
+    # slurmdbd first stores the job as "allocation", and its name with the job's end record
+    cleanup_name = f"{name}-{CLEANUP_KIND}"
+    wait_until(lambda: [r.name for r in slurm.accounting([job_id])] == [cleanup_name], timeout=30)
+    (record,) = slurm.accounting([job_id])
+    assert (record.user, record.nodes, record.exit_code) == ("alice", (node,), "0:0"), record
+
+
 def test_off_removes_the_warm_copy_as_the_owner_and_a_later_start_copies_again(
     rig: Rig, slurm: CliSlurmClient
 ) -> None:
@@ -143,16 +162,7 @@ def test_off_removes_the_warm_copy_as_the_owner_and_a_later_start_copies_again(
     assert "cold" in seen and rig.replicas(name) == [], seen  # cold first: no job, the copy kept
     wait_until(lambda: not warm.exists(), timeout=60, interval=0.5)
     assert keep.is_dir()
-
-    folder = rig.root / "replicas" / "alice" / name
-    (log,) = folder.glob("unstage-*.out")
-    job_id = log.name.removeprefix("unstage-").removesuffix(".out")
-    assert f"removed {warm}" in log.read_text()
-    # slurmdbd first stores the job as "allocation", and its name with the job's end record
-    cleanup_name = f"{name}-{CLEANUP_KIND}"
-    wait_until(lambda: [r.name for r in slurm.accounting([job_id])] == [cleanup_name], timeout=30)
-    (record,) = slurm.accounting([job_id])
-    assert (record.user, record.nodes, record.exit_code) == ("alice", (node,), "0:0"), record
+    cleanup_job(rig, slurm, name, node, warm)
 
     started = time.monotonic()
     assert first_answer(rig, name).status_code == 200  # off -> hot: a new replica stages again
@@ -160,3 +170,31 @@ def test_off_removes_the_warm_copy_as_the_owner_and_a_later_start_copies_again(
     phases = StartPhases.from_json(again.phases)
     print(f"after off: {phases.summary()} ({time.monotonic() - started:.1f}s to the answer)")
     assert phases.staging.kind == "copied" and rig.tier(name) == "hot"
+
+
+def test_rm_removes_the_warm_copy_as_the_owner_once_the_replica_is_gone(
+    rig: Rig, slurm: CliSlurmClient
+) -> None:
+    name = rig.name("rmwarm")
+    out = rig.as_alice("serve", MODEL, "--name", name, "--engine", "simulator", "--gpus-per-replica", "1",
+                       "--min-replicas", "0", "--max-replicas", "1")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert first_answer(rig, name).status_code == 200  # from zero: starts alice's replica
+    replica = rig.ready(name)
+    assert StartPhases.from_json(replica.phases).staging.kind == "copied"
+    node = str(replica.host)
+    warm = rig.warm / node / MODEL
+    assert (warm / MANIFEST).is_file() and warm.stat().st_uid != 0  # alice's copy
+    keep = rig.warm / node / "alices-own"  # a folder hpcserve did not stage, beside it
+    keep.mkdir()
+    wait_until(lambda: rig.recorded(name) is not None, timeout=30, interval=0.5)  # the service noted it
+
+    started = time.monotonic()
+    out = rig.as_alice("rm", name)
+    assert out.returncode == 0, out.stderr
+    wait_until(lambda: not warm.exists(), timeout=120, interval=0.5)
+    print(f"rm -> warm copy gone in {time.monotonic() - started:.1f}s")
+    assert keep.is_dir() and rig.tier(name) is None  # the row went with its replica
+    assert not [j for j in slurm.jobs() if j.tag and name in j.tag and CLEANUP_KIND not in j.tag]
+    cleanup_job(rig, slurm, name, node, warm)
+    wait_until(lambda: rig.recorded(name) is None, timeout=10, interval=0.5)  # the record went with it
