@@ -87,6 +87,14 @@ def submitted(slurm: CliSlurmClient) -> Iterator[list[str]]:
         subprocess.run(["scancel", *ids], capture_output=True, check=False)
 
 
+def write_weights(folder: Path, files: dict[str, int]) -> None:
+    """A model folder of random bytes (``{relative path: size}``): weights for staging tests."""
+    for rel, size in files.items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(size))
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.2) -> None:
     end = time.monotonic() + timeout
     while not predicate():

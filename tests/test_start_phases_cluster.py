@@ -10,7 +10,6 @@ staged before; every start on a new node must copy, every start on a node seen b
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hpcserve.serving.phases import StartPhases
 from hpcserve.serving.staging import MANIFEST, read_manifest
 from hpcserve.slurm.cli_backend import CliSlurmClient
-from tests.conftest import PREFIX, wait_until
+from tests.conftest import PREFIX, wait_until, write_weights
 from tests.test_serving_cluster import Serving, free_port
 
 pytestmark = pytest.mark.cluster
@@ -61,10 +60,7 @@ def rig(slurm: CliSlurmClient) -> Iterator[Rig]:
     root.mkdir(parents=True)
     root.chmod(0o755)
     rig = Rig(root)
-    for rel, size in FILES.items():
-        path = rig.cold / MODEL / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(os.urandom(size))
+    write_weights(rig.cold / MODEL, FILES)
     assert rig.cli("db", "upgrade").returncode == 0
     rig.start(
         "service", "--rebalance-interval", "0", "--metrics-port", str(rig.metrics_port), log="service.log"

@@ -8,7 +8,6 @@ its warm copy the same way, once the replica has stopped and the deployment's ro
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from hpcserve.serving.staging import MANIFEST
 from hpcserve.serving.unstage import CLEANUP_KIND, STATE_PREFIX
 from hpcserve.slurm.cli_backend import CliSlurmClient
 from hpcserve.store import HistoryStore, Replica
-from tests.conftest import PREFIX, wait_until
+from tests.conftest import PREFIX, wait_until, write_weights
 from tests.test_serving_cluster import KEY, Serving, _up, chat
 
 pytestmark = pytest.mark.cluster
@@ -87,10 +86,7 @@ def rig(slurm: CliSlurmClient) -> Iterator[Rig]:
     root.mkdir(parents=True)
     root.chmod(0o755)
     rig = Rig(root)
-    for rel, size in FILES.items():
-        path = rig.cold / MODEL / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(os.urandom(size))
+    write_weights(rig.cold / MODEL, FILES)
     rig.warm.mkdir()
     rig.warm.chmod(0o1777)  # alice's replicas make their node's folder in it
     assert rig.cli("db", "upgrade").returncode == 0
@@ -133,13 +129,11 @@ def cleanup_job(rig: Rig, slurm: CliSlurmClient, name: str, node: str, warm: Pat
     assert (record.user, record.nodes, record.exit_code) == ("alice", (node,), "0:0"), record
 
 
-def test_off_removes_the_warm_copy_as_the_owner_and_a_later_start_copies_again(
-    rig: Rig, slurm: CliSlurmClient
-) -> None:
-    name = rig.name("unstage")
+def staged_by_alice(rig: Rig, name: str, *flags: str) -> tuple[Replica, str, Path, Path]:
+    """alice serves ``name`` from zero; its first replica copies the weights to its node's warm tier. The
+    replica, its node, the warm copy, and a folder of alice's beside it that hpcserve did not stage."""
     out = rig.as_alice("serve", MODEL, "--name", name, "--engine", "simulator", "--gpus-per-replica", "1",
-                       "--min-replicas", "0", "--max-replicas", "1", "--idle-to-zero", str(IDLE_TO_ZERO_S),
-                       "--off-after", str(OFF_AFTER_S))  # fmt: skip
+                       "--min-replicas", "0", "--max-replicas", "1", *flags)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert first_answer(rig, name).status_code == 200  # from zero: starts alice's replica
     replica = rig.ready(name)
@@ -147,8 +141,18 @@ def test_off_removes_the_warm_copy_as_the_owner_and_a_later_start_copies_again(
     node = str(replica.host)
     warm = rig.warm / node / MODEL
     assert (warm / MANIFEST).is_file() and warm.stat().st_uid != 0  # alice's copy
-    keep = rig.warm / node / "alices-own"  # a folder hpcserve did not stage, beside it
+    keep = rig.warm / node / "alices-own"
     keep.mkdir()
+    return replica, node, warm, keep
+
+
+def test_off_removes_the_warm_copy_as_the_owner_and_a_later_start_copies_again(
+    rig: Rig, slurm: CliSlurmClient
+) -> None:
+    name = rig.name("unstage")
+    replica, node, warm, keep = staged_by_alice(
+        rig, name, "--idle-to-zero", str(IDLE_TO_ZERO_S), "--off-after", str(OFF_AFTER_S)
+    )
 
     seen: list[str | None] = []
 
@@ -176,17 +180,7 @@ def test_rm_removes_the_warm_copy_as_the_owner_once_the_replica_is_gone(
     rig: Rig, slurm: CliSlurmClient
 ) -> None:
     name = rig.name("rmwarm")
-    out = rig.as_alice("serve", MODEL, "--name", name, "--engine", "simulator", "--gpus-per-replica", "1",
-                       "--min-replicas", "0", "--max-replicas", "1")  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert first_answer(rig, name).status_code == 200  # from zero: starts alice's replica
-    replica = rig.ready(name)
-    assert StartPhases.from_json(replica.phases).staging.kind == "copied"
-    node = str(replica.host)
-    warm = rig.warm / node / MODEL
-    assert (warm / MANIFEST).is_file() and warm.stat().st_uid != 0  # alice's copy
-    keep = rig.warm / node / "alices-own"  # a folder hpcserve did not stage, beside it
-    keep.mkdir()
+    _, node, warm, keep = staged_by_alice(rig, name)
     wait_until(lambda: rig.recorded(name) is not None, timeout=30, interval=0.5)  # the service noted it
 
     started = time.monotonic()
