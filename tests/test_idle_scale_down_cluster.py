@@ -11,7 +11,6 @@ job, and a member leaving does not undo it."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 import time
 import uuid
@@ -24,7 +23,7 @@ import pytest
 import yaml
 
 from hpcserve.slurm.cli_backend import CliSlurmClient
-from tests.api_fixtures import ApiService
+from tests.api_fixtures import ApiService, cancel_replicas
 from tests.conftest import POLICY, wait_until
 from tests.test_telemetry_cluster import call
 
@@ -68,10 +67,7 @@ def idle_service(
         yield svc
     finally:
         svc.stop()
-        with svc.store() as store:
-            ids = [r.job_id for r in store.replicas() if r.job_id]
-        if ids:
-            subprocess.run(["scancel", *ids], capture_output=True, check=False)
+        cancel_replicas(svc)
         shutil.rmtree(root, ignore_errors=True)
 
 

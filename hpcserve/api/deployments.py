@@ -304,9 +304,9 @@ def remove(api: ApiContext, caller: Caller, name: str) -> dict[str, Any]:
 
 def pool_members(api: ApiContext, pool: str) -> list[str]:
     """The names of the live members of ``pool``."""
-    from hpcserve.serving.pools import pool_of
+    from hpcserve.serving.pools import members_of
 
-    return [d.name for d in api.store.list_deployments() if pool_of(d.spec) == pool and not d.deleted]
+    return [d.name for d in members_of(api.store.list_deployments()).get(pool, [])]
 
 
 # -------------------------------------------------------------------------------------------- reads

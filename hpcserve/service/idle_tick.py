@@ -195,8 +195,8 @@ def pool_facts(store: HistoryStore, listed: Sequence[Deployment], now: datetime)
     """Each live pool's facts for the idle decision (``listed``: the deployments): its members' newest
     request and its awake floor now, from the floor's state the controller keeps (one read, only when
     there are pools), and its bounds."""
-    from hpcserve.serving.pools import is_pool
-    from hpcserve.serving.residency import AwakeFloors, members_of
+    from hpcserve.serving.pools import is_pool, members_of
+    from hpcserve.serving.residency import AwakeFloors
 
     pools = [d for d in listed if is_pool(d.spec) and not d.deleted]
     if not pools:

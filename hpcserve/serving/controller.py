@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from hpcserve.serving.pools import is_pool, pool_of
+from hpcserve.serving.pools import is_pool, members_of, pool_of
 from hpcserve.serving.reconciler import (
     Action,
     Announcement,
@@ -45,7 +45,6 @@ from hpcserve.serving.residency import (
     as_replica_deployment,
     call_agent,
     engine_urls,
-    members_of,
     members_seen,
     merge_stats,
 )

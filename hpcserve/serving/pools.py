@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hpcserve.serving.spec import DeploymentSpec
+    from hpcserve.store import Deployment
 
 POOL_KIND = "pool"
 SHAPE = ("engine", "gpus_per_replica", "nodes_per_replica", "partition", "time_limit", "gpu_fraction",
@@ -47,6 +48,16 @@ def pool_of(spec: Mapping[str, Any]) -> str | None:
     """The pool a member's stored spec joins (None: not a member)."""
     pool = spec.get("pool")
     return str(pool) if pool and not is_pool(spec) else None
+
+
+def members_of(deployments: Sequence[Deployment]) -> dict[str, list[Deployment]]:
+    """Each pool's live members, by pool name."""
+    found: dict[str, list[Deployment]] = {}
+    for d in deployments:
+        pool = pool_of(d.spec)
+        if pool is not None and not d.deleted:
+            found.setdefault(pool, []).append(d)
+    return found
 
 
 def shape_problem(pool: Mapping[str, Any], member: Mapping[str, Any]) -> str | None:

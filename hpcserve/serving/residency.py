@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from hpcserve.serving.pools import AwakeRule, AwakeState, as_replica_spec, awake_floor, is_pool, pool_of
+from hpcserve.serving.pools import AwakeRule, AwakeState, as_replica_spec, awake_floor, is_pool
 from hpcserve.serving.tiers import Tier, TierDecision, TierWindows, decide_tier
 
 if TYPE_CHECKING:
@@ -95,16 +95,6 @@ def as_replica_deployment(deployment: Deployment) -> Deployment:
     if not is_pool(deployment.spec):
         return deployment
     return replace(deployment, spec=as_replica_spec(deployment.spec))
-
-
-def members_of(deployments: Sequence[Deployment]) -> dict[str, list[Deployment]]:
-    """Each pool's live members, by pool name."""
-    found: dict[str, list[Deployment]] = {}
-    for d in deployments:
-        pool = pool_of(d.spec)
-        if pool is not None and not d.deleted:
-            found.setdefault(pool, []).append(d)
-    return found
 
 
 @dataclass
