@@ -3,8 +3,10 @@ each, started through the service, run as gres/shard jobs on ONE GPU of ONE node
 infer nodes' GPUs into 4 shards each), each engine started with ``--gpu-memory-utilization 0.25`` and that
 GPU in its CUDA_VISIBLE_DEVICES, and ``hpcserve nodes --json`` shows the shards in use.
 
-Slurm alone would put both on the first infer node with room; a job already holding half of a GPU on the
-last free infer node shows hpcserve's packing: the replicas fill that GPU, so one GPU serves all three."""
+A job already holding half of a GPU on the last free infer node shows hpcserve's packing: the replicas
+fill that GPU, so one GPU serves all three. The baseline, in the same run: what a user would do instead,
+the same two requests as plain ``sbatch --gres=shard:1`` jobs placed by Slurm alone, which start another
+GPU on the first infer node with room."""
 
 from __future__ import annotations
 
@@ -49,12 +51,27 @@ def engine_process(served_name: str) -> tuple[list[str], dict[str, str]]:
     raise AssertionError(f"no engine simulator process serves {served_name}")
 
 
+def slurm_alone(count: int, slurm: CliSlurmClient) -> set[tuple[str, str]]:
+    """The baseline: ``count`` plain ``sbatch -p infer --gres=shard:1`` jobs, placed by Slurm alone (then
+    cancelled); the (node, GRES) each got."""
+    ids = [subprocess.run(["sbatch", "--parsable", "-p", "infer", "--gres=shard:1", "-t", "10",
+                           "-J", "pytest-plain-shard", "-o", "/dev/null", "--wrap", "sleep 600"],
+                          capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+           for _ in range(count)]  # fmt: skip
+    try:
+        wait_until(lambda: {j.id for j in slurm.jobs() if j.state == "RUNNING"} >= set(ids), timeout=60)
+        return {job_gres(job_id) for job_id in ids}
+    finally:
+        subprocess.run(["scancel", *ids], capture_output=True, check=False, timeout=60)
+
+
 @pytest.fixture
 def half_gpu(slurm: CliSlurmClient) -> Iterator[tuple[str, str]]:
-    """A job holding 2 of the 4 shards of one GPU on the last infer node with a GPU free: (node, its GPU)."""
+    """A job holding 2 of the 4 shards of one GPU on the last infer node with a GPU free: (node, its GPU).
+    Another infer node with a GPU free must be left, so Slurm alone has somewhere else to go."""
     nodes = [n for n in slurm.snapshot().nodes if n.shards_total and n.gpus_free and not n.shard_gpus]
-    if not nodes:
-        pytest.skip("no infer node has a GPU free for the shard test now")
+    if len(nodes) < 2:
+        pytest.skip("fewer than two infer nodes have a GPU free for the shard test now")
     node = max(nodes, key=lambda n: int(n.name.removeprefix("node"))).name
     job_id = subprocess.run(["sbatch", "--parsable", "-p", "infer", "-w", node, "--gres=shard:2", "-t", "10",
                              "-J", "pytest-half-gpu", "-o", str(PREFIX / "jobs" / "half-gpu-%j.out"),
@@ -73,6 +90,11 @@ def test_two_quarter_gpu_replicas_share_one_gpu_of_one_node(
     slurm: CliSlurmClient,
     half_gpu: tuple[str, str],
 ) -> None:
+    node, gpu = half_gpu
+    alone = slurm_alone(2, slurm)
+    print(f"Slurm alone: {sorted(alone)} beside the half-used GPU {gpu} of {node}")
+    assert (node, f"shard:1(IDX:{gpu})") not in alone  # Slurm alone opens another GPU for them
+
     names = [serving.name("quarter-a"), serving.name("quarter-b")]
     for name in names:
         got = serve(serving, name, "--gpu-fraction", "0.25", "--min-replicas", "1", "--max-replicas", "1")
@@ -82,7 +104,7 @@ def test_two_quarter_gpu_replicas_share_one_gpu_of_one_node(
     jobs = {n: next(j for j in slurm.jobs() if j.tag == f"hpcserve:replica:{n}:0") for n in names}
     assert all(j.partition == "infer" and j.gpus == 0 for j in jobs.values())  # no whole GPU held
     placed = {n: job_gres(j.id) for n, j in jobs.items()}
-    node, gpu = half_gpu  # packed onto the GPU that already served shards, not onto an idle one
+    # packed onto the GPU that already served shards, not onto an idle one
     assert set(placed.values()) == {(node, f"shard:1(IDX:{gpu})")}, (placed, half_gpu)
 
     for name, job in jobs.items():
