@@ -110,6 +110,14 @@ def test_another_users_pool_is_refused_from_their_side(api_service: ApiService) 
     header = next(c for c in cells if "TIER" in c)
     [pool_cells] = [dict(zip(header, c, strict=False)) for c in cells if len(c) > 1 and c[1] == "alices-pool"]
     assert (pool_cells["MODEL"], pool_cells["TIER"]) == ("pool: alice-m1", "hot")
+    for argv in (("rm", "alice-m1"), ("rm", "alices-pool"), ("scale", "alice-m1", "--max", "3"),
+                 ("scale", "alices-pool", "2")):  # fmt: skip
+        other = api_service.run_as("bob", *argv)
+        assert other.returncode == 77, (argv, other.returncode, other.stderr)
+        assert "\n" not in other.stderr.strip() and "alice" in other.stderr, other.stderr
+    kept = json.loads(api_service.run_as("alice", "deployments", "--json").stdout)
+    pool_row = next(r for r in kept if r["name"] == "alices-pool")
+    assert (pool_row["members"], pool_row["desired"]) == (["alice-m1"], 0), pool_row  # bob changed nothing
     removed = api_service.run_as("alice", "rm", "alice-m1")
     assert removed.returncode == 0, removed.stderr
     listed = json.loads(api_service.run_as("alice", "deployments", "--json").stdout)
