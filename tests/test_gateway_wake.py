@@ -43,8 +43,8 @@ from hpcserve.serving.gateway.state import GatewayState
 from tests.test_gateway import serving
 from tests.test_gateway_overload import metric
 
-KEY, ENGINE_KEY = "sk-wake", "ek-replica"
-KEYS = [ApiKey("k", "alice", hash_key(KEY))]
+KEY, ENGINE_KEY, BOBS_KEY = "sk-wake", "ek-replica", "sk-bob"
+KEYS = [ApiKey("k", "alice", hash_key(KEY)), ApiKey("b", "bob", hash_key(BOBS_KEY))]
 FAST = GatewayConfig(refresh_interval_s=0.05, report_interval_s=0.05, usage_flush_interval_s=0.1)
 SCALE, GIB = 0.05, 16.0
 WAKE_S = wake_seconds(1, GIB, frozenset(TAGS), SCALE)  # the simulator's modelled level-1 wake
@@ -179,6 +179,21 @@ def test_a_request_to_a_sleeping_model_is_held_while_it_wakes_then_answered() ->
         assert metric(text, "wakes_total", model="m", result="woke") == 1
         assert metric(text, "wake_wait_seconds_count", model="m") == 1
         assert metric(text, "wake_wait_seconds_sum", model="m") >= WAKE_S
+
+    run(scenario)
+
+
+def test_a_key_that_may_not_reach_a_sleeping_model_gets_404_and_never_wakes_it() -> None:
+    async def scenario(stack: AsyncExitStack) -> None:
+        rep = await stack.enter_async_context(replica(stack, ["m"], 1))
+        route = DeploymentRoute("m", (rep.endpoint("m", "m", 0),), owner="alice")
+        rig = await stack.enter_async_context(gateway(stack, route))
+        body = {"model": "m", "prompt": "hello", "max_tokens": 4}
+        async with rig.http.post(rig.url + "/v1/completions", json=body, headers=_auth(BOBS_KEY)) as resp:
+            assert resp.status == 404, await resp.text()  # bob's key: alice's model does not exist for it
+        assert rep.agent.wake_calls == [] and rep.agent.awake() == set()  # still asleep, no GPU taken
+        ttft, _ = await rig.first_token("m")  # alice's own key wakes it
+        assert rep.agent.wake_calls == ["m"] and ttft >= WAKE_S
 
     run(scenario)
 
