@@ -37,6 +37,7 @@ log = logging.getLogger("hpcserve.api")
 Transport = Literal["unix", "tcp"]
 T = TypeVar("T")
 API_KEY: web.AppKey[ApiContext] = web.AppKey("api")
+CALLER_KEY: web.RequestKey[Caller] = web.RequestKey("caller")
 MAX_BODY = 1 << 20  # a deployment spec or a key request is a few kB
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -47,12 +48,17 @@ def api_of(request: web.Request) -> ApiContext:
 
 def caller_of(request: web.Request) -> Caller:
     """The authenticated caller; 401 when the request carries no identity."""
-    caller = request.get("caller")
+    caller = caller_or_none(request)
     if caller is None:
         raise Unauthenticated(
             "no identity: call the service on its Unix socket, or over TCP with a munge credential"
         )
-    return caller  # type: ignore[no-any-return]
+    return caller
+
+
+def caller_or_none(request: web.Request) -> Caller | None:
+    """The kernel's or munge's word on who calls; None over TCP without a munge credential."""
+    return request.get(CALLER_KEY)
 
 
 async def blocking(func: Callable[..., T], *args: Any) -> T:
@@ -87,7 +93,7 @@ def _identity(transport: Transport) -> Middleware:
         if uid is not None:
             from hpcserve.api.caller import caller_for_uid
 
-            request["caller"] = await blocking(caller_for_uid, uid)
+            request[CALLER_KEY] = await blocking(caller_for_uid, uid)
         return await handler(request)
 
     return identity

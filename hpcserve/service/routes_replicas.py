@@ -8,7 +8,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from hpcserve.api import replicas
-from hpcserve.service.http import Unauthenticated, api_of, blocking
+from hpcserve.service.http import Unauthenticated, api_of, blocking, caller_or_none
 from hpcserve.service.routes_deployments import body_of
 from hpcserve.serving.replica import SECRET_SCHEME
 
@@ -26,6 +26,6 @@ def secret_of(request: web.Request) -> str:
 async def announce(request: web.Request) -> web.Response:
     secret = secret_of(request)
     note = replicas.parse_announce(await body_of(request))
-    caller = request.get("caller")  # the kernel's word on the Unix socket; none over TCP
+    caller = caller_or_none(request)
     replica = await blocking(replicas.announce, api_of(request), note, secret, caller)
     return web.json_response({"deployment": replica.deployment, "index": replica.index, "url": replica.url})

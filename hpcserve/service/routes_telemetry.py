@@ -14,7 +14,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from hpcserve.api import telemetry
-from hpcserve.service.http import api_of, blocking, caller_of
+from hpcserve.service.http import api_of, blocking, caller_of, caller_or_none
 from hpcserve.service.routes_deployments import body_of
 from hpcserve.serving.replica import SECRET_SCHEME
 
@@ -31,7 +31,7 @@ def replica_secret(request: web.Request) -> str | None:
 async def report(request: web.Request) -> web.Response:
     api = api_of(request)
     parsed = telemetry.parse_report(await body_of(request), api.clock())
-    caller = request.get("caller")  # the kernel's or munge's word; none over TCP without munge
+    caller = caller_or_none(request)
     stored = await blocking(telemetry.store_report, api, parsed, replica_secret(request), caller)
     return web.json_response({"stored": stored})
 
