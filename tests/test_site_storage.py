@@ -11,7 +11,7 @@ import yaml
 from hpcserve.config import load_site_config
 from hpcserve.config.sections import LOAD_FORMATS, Storage
 from hpcserve.errors import ConfigError
-from hpcserve.serving.site_storage import cold_model, with_site_storage
+from hpcserve.serving.site_storage import cold_model, members_with_site_storage, with_site_storage
 from hpcserve.serving.spec import DeploymentSpec
 from hpcserve.serving.vllm_cmd import vllm_serve_argv
 from hpcserve.serving.vllm_flags import VLLM_SERVE_FLAGS
@@ -77,3 +77,13 @@ def test_load_formats_are_vllms(tmp_path: Path) -> None:
         ConfigError, match=r"storage\.load_format.*unknown load format 'fast'.*runai_streamer"
     ):
         load_site_config(tmp_path / "site.yaml")
+
+
+def test_each_pool_member_gets_the_sites_storage_as_a_deployment_would() -> None:
+    stored = [spec(name="a", pool="p").model_dump(mode="json"),
+              spec(name="b", pool="p", model="/home/alice/b").model_dump(mode="json")]  # fmt: skip
+    a, b = members_with_site_storage(stored, STORAGE, COLD.__contains__)
+    warm = "/local/{node}/models"
+    assert (a.model, a.warm_tier, a.served_model_name) == ("/shared/models/org/llama-8b", warm, "a")
+    assert (b.model, b.warm_tier) == ("/home/alice/b", warm)
+    assert members_with_site_storage(stored, None)[0].model == "org/llama-8b"

@@ -50,6 +50,7 @@ from hpcserve.serving.residency import (
 )
 from hpcserve.serving.scaling import STATE_PREFIX, GpuLimit, ScalerRecord, cap_scale_up, state_name
 from hpcserve.serving.tags import parse_replica_tag
+from hpcserve.serving.tiers import Tier
 from hpcserve.serving.unstage import Unstager
 from hpcserve.slurm.shared_view import saw_change
 
@@ -59,7 +60,6 @@ if TYPE_CHECKING:
     from hpcserve.serving.engine_stats import EngineStats
     from hpcserve.serving.launcher import Launched, ReplicaLauncher
     from hpcserve.serving.spec import DeploymentSpec
-    from hpcserve.serving.tiers import Tier
     from hpcserve.slurm.models import Job
     from hpcserve.slurm.protocol import SlurmClient
     from hpcserve.store import Deployment, EngineSample, HistoryStore, Replica
@@ -173,6 +173,8 @@ class ServingController:
         self.unstage.note(deployment, replicas, jobs, tick.pools.specs(deployment))
         if tier is not None:
             self.unstage.tidy(deployment, tier, len(rows), tick.submitter)
+        if tier not in (None, Tier.OFF) and tick.pools.settled(deployment, rows):
+            self.unstage.tidy_left(deployment, tick.pools.specs(deployment) or [], tick.submitter)
 
     def _trusted(self, deployment: Deployment, rows: list[Replica], tagged: list[Job]) -> dict[int, Job]:
         """The replicas' own jobs by index; any other job tagged with the deployment is logged once."""

@@ -35,7 +35,7 @@ from hpcserve.jobs.runas import Owner, OwnerRunner, owner_files_argv
 from hpcserve.jobs.spec import JobRequest
 from hpcserve.serving.owner_files import encode_files
 from hpcserve.serving.replica import ReplicaCredentials, ReplicaMain, secret_file_name
-from hpcserve.serving.site_storage import is_folder, with_site_storage
+from hpcserve.serving.site_storage import is_folder, members_with_site_storage, with_site_storage
 from hpcserve.serving.tags import REPLICA_KIND, replica_tag, secret_hash
 
 if TYPE_CHECKING:
@@ -201,7 +201,9 @@ class ReplicaLauncher:
                 argv, timeout=self.timeout_s, stdin=encode_files({**files, secret_name: credentials.encode()})
             )
 
-        pool = {"members": [dict(m) for m in members]} if members is not None else {}
+        pool = {} if members is None else {"members": [
+            m.model_dump(mode="json") for m in members_with_site_storage(members, self.storage, self.is_dir)
+        ]}  # fmt: skip
         node_spec = with_site_storage(spec, self.storage, self.is_dir).model_dump(mode="json")
         main = ReplicaMain(node_spec, index, str(folder), self.ready_timeout_s,
                            secret_name, self.service_socket, self.service_url, **pool)  # fmt: skip

@@ -181,10 +181,17 @@ class PoolLoad:
         started): handed over to replicas started with the members of now, as from a draining node."""
         if not is_pool(deployment.spec) or deployment.deleted:
             return frozenset()
-        wanted = {str(m.served_model_name or m.spec.get("served_model_name") or m.name)
-                  for m in self.members.get(deployment.name, [])}  # fmt: skip
+        wanted = {served_name(m) for m in self.members.get(deployment.name, [])}
         ready = [r for r in replicas if r.state == "ready" and r.models is not None]
         return frozenset(r.index for r in ready if set(r.models or ()) != wanted)
+
+    def settled(self, deployment: Deployment, replicas: Sequence[Replica]) -> bool:
+        """Whether every replica of a live pool is ready and runs its members of now (none runs a member
+        that left): then the copies of members that left are no replica's any more."""
+        if not is_pool(deployment.spec) or deployment.deleted:
+            return False
+        wanted = {served_name(m) for m in self.members.get(deployment.name, [])}
+        return all(r.state == "ready" and set(r.models or ()) == wanted for r in replicas)
 
     def specs(self, deployment: Deployment) -> list[dict[str, Any]] | None:
         """The member specs a pool replica runs (None: not a pool)."""

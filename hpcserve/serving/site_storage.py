@@ -5,6 +5,8 @@ What a deployment leaves out, the site's storage gives:
   (node-local, ``{node}`` = the node's name) when the site has one;
 - the cold tier: a ``model`` given relative (``org/model``) that names a folder under ``storage.cold`` is
   served from there (else it stays as given: a hub id for the engine to download);
+- a pool's members: each member's spec as a deployment's (``members_with_site_storage``), since each is
+  one engine of the pool's replicas, staged and loaded as a replica of its own would be;
 - the fast loader: ``storage.load_format`` (e.g. ``runai_streamer``, ``fastsafetensors``) becomes
   ``vllm serve --load-format`` unless the deployment's ``engine_args`` set one (vLLM only; the engine
   simulator reads no weights).
@@ -15,7 +17,7 @@ The stored spec stays as the user wrote it; only the copy handed to the replica 
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -50,6 +52,15 @@ def with_site_storage(
     if storage.load_format and spec.engine == "vllm" and LOAD_FORMAT_ARG not in spec.engine_args:
         update["engine_args"] = {**spec.engine_args, LOAD_FORMAT_ARG: storage.load_format}
     return spec.model_copy(update=update) if update else spec
+
+
+def members_with_site_storage(
+    members: Sequence[Mapping[str, Any]], storage: Storage | None, is_dir: Callable[[str], bool] = is_folder
+) -> list[DeploymentSpec]:
+    """A pool's member specs (as stored) validated, each with the site's storage applied."""
+    from hpcserve.serving.spec import DeploymentSpec
+
+    return [with_site_storage(DeploymentSpec.model_validate(m), storage, is_dir) for m in members]
 
 
 def cold_model(model: str, cold_root: str, is_dir: Callable[[str], bool]) -> str | None:

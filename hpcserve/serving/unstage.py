@@ -10,6 +10,8 @@ Each tick, for each deployment:
   and no GPU), runs ``python -I -m hpcserve.serving.warm_cleanup FOLDER...`` on that node: it removes only
   folders holding hpcserve's staging manifest. The service itself never deletes a path the owner controls.
   A node whose job was submitted is forgotten; a failed submit is logged and tried again next tick.
+- ``tidy_left``: a live pool whose replicas all run its members of now removes, the same way, the copies
+  of members that left it (``warm_copies.plan_left``);
 - ``tidy_gone``: a deployment removed with ``hpcserve rm`` (its row purged with its last replica: a pool's
   with its last member's) has its copies removed the same way, as the owner kept in its record, which
   outlives the row until every node's job is submitted. A record whose name another user's deployment
@@ -31,7 +33,15 @@ from typing import TYPE_CHECKING, Any
 from hpcserve.config.policy import JobClassName
 from hpcserve.serving.pools import is_pool
 from hpcserve.serving.tiers import Tier
-from hpcserve.serving.warm_copies import NONE, CopyOwner, Removal, Staged, plan_removal, warm_copy
+from hpcserve.serving.warm_copies import (
+    NONE,
+    CopyOwner,
+    Removal,
+    Staged,
+    plan_left,
+    plan_removal,
+    warm_copy,
+)
 
 if TYPE_CHECKING:
     from hpcserve.jobs.submit import Submitter
@@ -116,6 +126,18 @@ class Unstager:
         removal = plan_removal(staged, tier, replicas, self._needed_elsewhere(deployment.name))
         self._remove(deployment.name, staged, removal, submitter, "off")
 
+    def tidy_left(self, pool: Deployment, members: Sequence[Mapping[str, Any]], submitter: Submitter) -> None:
+        """A live pool whose replicas all run ``members`` (the members of now): the copies of members that
+        left it, removed as the owner; the copies ``members`` stage are kept."""
+        staged = self._record(pool.name)
+        if pool.name in self.gone or not staged.nodes:
+            return
+        specs = self._specs(pool, members)
+        kept = frozenset((node, path) for node in staged.nodes for s in specs
+                         if (path := warm_copy(s.warm_tier, s.model, node)) is not None)  # fmt: skip
+        removal = plan_left(staged, kept, self._needed_elsewhere(pool.name))
+        self._remove(pool.name, staged.owned_by(copy_owner(pool)), removal, submitter, "a member left")
+
     def tidy_gone(self, submitter: Submitter) -> None:
         """The copies of deployments removed (no row, so no replica left): as if off, as the owner kept."""
         for name in sorted(self.gone):
@@ -141,7 +163,7 @@ class Unstager:
                 continue
             log.info("deployment %s: %s: removing its warm copies on %s as %s (job %s): %s",
                      name, why, node, owner.user, job_id, ", ".join(folders))  # fmt: skip
-            staged = staged.without(node)
+            staged = staged.without(node, folders)
         self._put(name, staged)
 
     def submit(
@@ -169,18 +191,15 @@ class Unstager:
     def _specs(
         self, deployment: Deployment, members: Sequence[Mapping[str, Any]] | None
     ) -> list[DeploymentSpec]:
-        """The specs whose weights the replicas stage: a pool's members as launched, else the deployment's
-        own with the site's storage applied (as the launcher hands it to the job)."""
-        from hpcserve.serving.site_storage import is_folder, with_site_storage
-        from hpcserve.serving.spec import DeploymentSpec
+        """The specs whose weights the replicas stage, with the site's storage applied (as the launcher
+        hands them to the job): a pool's members', else the deployment's own."""
+        from hpcserve.serving.site_storage import is_folder, members_with_site_storage
 
-        if members is not None:
-            return [DeploymentSpec.model_validate(m) for m in members]
-        if is_pool(deployment.spec):
+        if members is None and is_pool(deployment.spec):
             return []
-        spec = DeploymentSpec.model_validate(deployment.spec)
         storage = getattr(self.launcher, "storage", None)  # a launcher without one stages as the spec says
-        return [with_site_storage(spec, storage, getattr(self.launcher, "is_dir", is_folder))]
+        is_dir = getattr(self.launcher, "is_dir", is_folder)
+        return members_with_site_storage([deployment.spec] if members is None else members, storage, is_dir)
 
     def _needed_elsewhere(self, name: str) -> frozenset[tuple[str, str]]:
         """The copies other live deployments, not off, staged (not those of deployments removed)."""

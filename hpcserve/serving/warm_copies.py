@@ -9,6 +9,10 @@ by a job of the owner on that node (``hpcserve.serving.unstage``); a node whose 
 forgotten. A copy that another deployment, not off, also staged on that node (the same model in the same
 warm tier) is left to that one and forgotten here.
 
+A member that leaves a live pool (``hpcserve rm`` of the member) has its copies removed the same way, once
+every replica of the pool runs the members of now (the ones that served it have been handed over):
+``plan_left``, the copies the pool recorded that none of its members stages now.
+
 A deployment removed with ``hpcserve rm`` (its row gone with its last replica) has its copies removed the
 same way: the record keeps who to submit as (``CopyOwner``), so the removal outlives the deployment's row
 until its jobs are submitted.
@@ -123,3 +127,16 @@ def plan_removal(staged: Staged, tier: Tier, live_replicas: int,
         node: tuple(p for p in paths if (node, p) not in shared) for node, paths in staged.nodes.items()
     }
     return Removal({node: paths for node, paths in remove.items() if paths}, shared)
+
+
+def plan_left(staged: Staged, kept: frozenset[tuple[str, str]],
+              needed_elsewhere: frozenset[tuple[str, str]]) -> Removal:  # fmt: skip
+    """A live pool's copies to remove now: those its members of now do not stage (``kept``: what they
+    stage on the recorded nodes), so copies of members that left; never a copy another deployment (not
+    off) staged on that node. Called only once no replica serves a member that left."""
+    left = staged.pairs() - kept
+    shared = frozenset(left & needed_elsewhere)
+    remove: dict[str, list[str]] = {}
+    for node, path in sorted(left - shared):
+        remove.setdefault(node, []).append(path)
+    return Removal({node: tuple(paths) for node, paths in remove.items()}, shared)
