@@ -6,7 +6,7 @@ import math
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,13 @@ from hpcserve.api.context import ApiContext
 from hpcserve.api.replicas import announce, parse_announce
 from hpcserve.config import load_policy, load_site_config
 from hpcserve.errors import ValidationError
+from hpcserve.model.cluster import Job, JobState
 from hpcserve.service.metrics import ServiceMetrics
 from hpcserve.serving.engine_proc import free_port
 from hpcserve.serving.phases import STAGING_KINDS, Staging, StartPhases
 from hpcserve.serving.start_probe import first_token_s, measure_start
 from hpcserve.serving.tags import secret_hash
+from hpcserve.slurm.shared_view import SharedView
 from hpcserve.store import HistoryStore, Replica
 from tests.conftest import POLICY, SITE
 
@@ -106,6 +108,44 @@ def test_the_announced_phases_are_stored_with_the_queue_wait(tmp_path: Path) -> 
     assert stored is not None and StartPhases.from_json(stored).queue_wait_s == 7.5
     assert StartPhases.from_json(stored).staging.kind == "warm-valid"
     assert announce(api, parse_announce(BODY), "s3cret", None).phases is None  # no stale phases
+
+
+class OneJob:
+    """Slurm's answer for the service's shared read: the replica's job, queued 12 s by slurmctld's clock."""
+
+    def __init__(self, state: JobState = JobState.RUNNING) -> None:
+        self.state, self.reads = state, 0
+
+    def jobs(self, filt: object = None) -> list[Job]:
+        self.reads += 1
+        submit = datetime(2026, 12, 7, 11, 0, tzinfo=UTC)
+        start = submit + timedelta(seconds=12) if self.state is JobState.RUNNING else None
+        return [Job("42", 42, "tiny-0", "alice", "acct", "infer", self.state, 1, ("node5",), submit=submit,
+                    start=start, wait_s=12.0 if start else 30.0)]  # fmt: skip
+
+
+@pytest.mark.parametrize("state", [JobState.RUNNING, JobState.PENDING])
+def test_the_queue_wait_is_slurms_own_when_the_services_read_shows_the_job_running(
+    tmp_path: Path, state: JobState
+) -> None:
+    store = HistoryStore(f"sqlite:///{tmp_path / 'h.db'}")
+    store.upgrade()
+    store.create_deployment("tiny", "alice", {"name": "tiny", "model": "m"}, 1)
+    submitted = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)  # the service's clock: an hour off slurmctld's
+    store.upsert_replica("tiny", 0, job_id="42", state="starting", started_at=submitted,
+                         secret_hash=secret_hash("s3cret"))  # fmt: skip
+    live = OneJob(state)
+    shared = SharedView(live, 2.0)
+    api = ApiContext(load_site_config(SITE), load_policy(POLICY), store, shared)
+    phases = StartPhases(Staging("none"), job_start=submitted.timestamp() + 7.5)  # the node's clock
+    note = parse_announce({**BODY, "phases": phases.as_json()})
+    assert StartPhases.from_json(announce(api, note, "s3cret", None).phases).queue_wait_s == 7.5
+    assert live.reads == 0  # no read of its own: without a recent one, the two clocks' figure
+    shared.jobs()  # the service's tick
+    stored = announce(api, note, "s3cret", None).phases
+    assert live.reads == 1
+    expected = 12.0 if state is JobState.RUNNING else 7.5  # a pending job has no start yet
+    assert StartPhases.from_json(stored).queue_wait_s == expected
 
 
 def test_the_engine_phases_are_measured_on_the_engine_simulator() -> None:

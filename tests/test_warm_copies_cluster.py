@@ -4,7 +4,9 @@ cold tier with a node-local warm tier (the site's storage section), a short ``id
 idle, the deployment goes cold (no job, the copy kept) and then off: the service submits a small job AS
 ALICE on that node (sacct: User=alice) that removes the warm copy, and only that folder. A later request
 starts a replica that stages again ("copied"). ``hpcserve rm`` of a deployment whose replica staged removes
-its warm copy the same way, once the replica has stopped and the deployment's row is gone."""
+its warm copy the same way, once the replica has stopped and the deployment's row is gone. A member that
+leaves a live pool has its copy removed the same way once the pool's replica is handed over to one that
+runs the members left; their copies stay."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from tests.test_serving_cluster import KEY, Serving, _up, chat
 
 pytestmark = pytest.mark.cluster
 MODEL = "tiny-weights"  # a folder of the cold tier, named relative: the site's cold tier resolves it
+OTHER = "other-weights"  # another one, for a second pool member
 FILES = {"config.json": 64, "model.safetensors": 4 << 20}
 IDLE_TO_ZERO_S, OFF_AFTER_S = 4, 20
 
@@ -66,6 +69,11 @@ class Rig(Serving):
         """The warm copies the service keeps for ``name`` (service state ``staged:<name>``)."""
         with HistoryStore(self.env["HPCSERVE_DATABASE_URL"]) as store:
             return store.get_state(f"{STATE_PREFIX}{name}")
+
+    def recorded_on(self, name: str, node: str) -> list[str]:
+        """The warm copies on ``node`` the service keeps for ``name``."""
+        nodes = (self.recorded(name) or {}).get("nodes")
+        return list(nodes.get(node, [])) if isinstance(nodes, dict) else []
 
     def ready(self, name: str, after: str | None = None) -> Replica:
         found: list[Replica] = []
@@ -192,3 +200,33 @@ def test_rm_removes_the_warm_copy_as_the_owner_once_the_replica_is_gone(
     assert not [j for j in slurm.jobs() if j.tag and name in j.tag and CLEANUP_KIND not in j.tag]
     cleanup_job(rig, slurm, name, node, warm)
     wait_until(lambda: rig.recorded(name) is None, timeout=10, interval=0.5)  # the record went with it
+
+
+def test_a_member_leaving_a_live_pool_has_its_copy_removed_and_the_others_stay(
+    rig: Rig, slurm: CliSlurmClient
+) -> None:
+    write_weights(rig.cold / OTHER, FILES)
+    pool, stays, leaves = rig.name("wpool"), rig.name("stays"), rig.name("leaves")
+    for name, model in ((stays, MODEL), (leaves, OTHER)):
+        out = rig.as_alice("serve", model, "--name", name, "--engine", "simulator", "--gpus-per-replica",
+                           "1", "--min-replicas", "1", "--max-replicas", "1", "--pool", pool)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+    assert first_answer(rig, stays).status_code == 200
+    replica = rig.ready(pool)
+    node = str(replica.host)
+    kept, removed = rig.warm / node / MODEL, rig.warm / node / OTHER
+    assert (kept / MANIFEST).is_file() and (removed / MANIFEST).is_file()  # each member's engine staged
+    wait_until(lambda: len(rig.recorded_on(pool, node)) == 2, timeout=30)
+
+    started = time.monotonic()
+    out = rig.as_alice("rm", leaves)
+    assert out.returncode == 0, out.stderr
+    wait_until(lambda: not removed.exists(), timeout=180, interval=0.5)
+    print(f"member rm -> its warm copy gone in {time.monotonic() - started:.1f}s")
+    handed = rig.ready(pool, after=replica.job_id)  # the pool runs on a replica of the members left
+    assert handed.models is not None and list(handed.models) == [stays]
+    staging = StartPhases.from_json(handed.phases).staging.kind
+    assert (kept / MANIFEST).is_file() and staging == ("warm-valid" if handed.host == node else "copied")
+    cleanup_job(rig, slurm, pool, node, removed)
+    assert rig.recorded_on(pool, node) == [str(kept)]
+    assert chat(rig, stays, timeout=60).status_code == 200

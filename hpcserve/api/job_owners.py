@@ -56,7 +56,7 @@ class JobOwners:
         seen = self._recall(job_id, now)
         if seen is not None:
             return seen.job
-        job = _in_view(slurm, job_id, VIEW_AGE_S)
+        job = running_in_view(slurm, job_id, VIEW_AGE_S)
         if job is None:
             job = self._read_one(slurm, job_id)
         self._remember(job_id, _Seen(job, now))
@@ -90,8 +90,9 @@ class JobOwners:
         return next((j for j in found if _is(j, job_id) and j.state is JobState.RUNNING), None)
 
 
-def _in_view(slurm: Any, job_id: str, max_age_s: float) -> Job | None:
-    """The job from the shared view's last unfiltered read (None without a recent one, or not in it)."""
+def running_in_view(slurm: Any, job_id: str, max_age_s: float) -> Job | None:
+    """The running job from the shared view's last unfiltered read (None without a recent one, or not
+    running in it); never a read of its own."""
     peek = getattr(slurm, "peek_jobs", None)
     jobs = peek(max_age_s) if callable(peek) else None
     return next((j for j in jobs or () if _is(j, job_id) and j.state is JobState.RUNNING), None)

@@ -12,6 +12,11 @@ The announcement is recorded on the replica (``url``, ``host``, ``port``, and ``
 announced); the serving controller checks it against the replica's live job and marks it ready. A replica
 with sleep mode announces its agent's port (hpcserve.serving.agent) and ``models``: ``{served model name:
 engine port}``, one entry per engine of the job (a pool's members); others send none (stored as null).
+
+The start's phases (``hpcserve.serving.phases``) get their queue wait here: Slurm's own, from the job's
+submit to its start as slurmctld records both (one clock), when the service's last squeue (at most
+``QUEUE_VIEW_AGE_S`` old, never a read of its own) shows the job running; else from the submit the service
+recorded to the job's process start on its node (two clocks, which then must agree).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from hpcserve.serving.tags import secret_hash
 if TYPE_CHECKING:
     from hpcserve.api.caller import Caller
     from hpcserve.api.context import ApiContext
+    from hpcserve.model.cluster import Job
     from hpcserve.store import Replica
 
 ANNOUNCEABLE = ("starting", "ready")  # a requeued ready replica announces again
@@ -36,6 +42,7 @@ _HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")  # a host name or an IP
 _JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
 MAX_MODELS = 64  # engines one replica job may announce (a pool's members)
 MAX_MODEL_NAME = 256
+QUEUE_VIEW_AGE_S = 60.0  # the service's squeue read this recently holds the job's submit and start
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,20 +123,27 @@ def secret_matches(secret: str, stored: str | None) -> bool:
 
 def announce(api: ApiContext, note: Announce, secret: str, caller: Caller | None) -> Replica:
     """Record the announcement once ``check_announce`` passes; the replica as stored."""
+    from hpcserve.api.job_owners import running_in_view
+
     deployment = api.store.get_deployment(note.deployment)
     replica = None
     if deployment is not None:
         replica = next((r for r in api.store.replicas(note.deployment) if r.index == note.index), None)
     check_announce(note, secret, caller, deployment.owner if deployment else None, replica)
+    job = running_in_view(api.slurm, note.job_id, QUEUE_VIEW_AGE_S) if note.phases is not None else None
     return api.store.upsert_replica(note.deployment, note.index, url=note.url, host=note.host,
                                     port=note.port, ready_at=api.clock(), models=note.models,
-                                    phases=_phases(note, replica))  # fmt: skip
+                                    phases=_phases(note, replica, job))  # fmt: skip
 
 
-def _phases(note: Announce, replica: Replica | None) -> dict[str, Any] | None:
-    """The announced phases with the queue wait from the submit the service recorded (``started_at``)."""
+def _phases(note: Announce, replica: Replica | None, job: Job | None) -> dict[str, Any] | None:
+    """The announced phases with the queue wait: Slurm's (``job``: the service's view of the running job),
+    else from the submit the service recorded (``started_at``) to the job's process start."""
     if note.phases is None:
         return None
+    phases = note.phases
+    if job is not None and job.wait_s is not None:  # the job id is the replica's (check_announce)
+        phases = phases.with_queue_wait_s(job.wait_s)
     submitted = replica.started_at if replica is not None else None
-    phases = note.phases if submitted is None else note.phases.with_queue_wait(submitted.timestamp())
+    phases = phases if submitted is None else phases.with_queue_wait(submitted.timestamp())
     return phases.as_json()

@@ -3,8 +3,9 @@
 The replica measures its start and sends it as ``"phases"`` in its announcement; the service stores it in
 ``replicas.phases`` and shows it (``hpcserve deployments --verbose``, /metrics). Each phase is a duration
 in seconds, one after the other:
-- ``queue_wait_s``: Slurm's queue, from the submit (the service's record) to the job's start. The replica
-  sends ``job_start`` (unix seconds) and the service fills this in at the announcement;
+- ``queue_wait_s``: Slurm's queue, from the job's submit to its start, filled in by the service at the
+  announcement: as slurmctld recorded both, else from the submit the service recorded to ``job_start``
+  (unix seconds: the replica's process start, which it sends);
 - ``staging``: the weights to the warm tier: ``kind`` "warm-valid" (the warm copy matched its manifest:
   nothing read), "hashed" (files were hashed, none copied), "copied" (some copied) or "none" (no warm
   tier), its ``seconds``, the bytes copied and the bytes hashed;
@@ -93,6 +94,12 @@ class StartPhases:
         job_start = _optional(data.get("job_start"), "phases.job_start", MAX_UNIX_S)
         staging = Staging.from_json(data["staging"]) if "staging" in data else Staging()
         return cls(staging=staging, job_start=job_start, **durations)
+
+    def with_queue_wait_s(self, seconds: float) -> StartPhases:
+        """The queue wait as Slurm measured it (its submit to its start), unless the replica gave one."""
+        if self.queue_wait_s is not None:
+            return self
+        return replace(self, queue_wait_s=min(MAX_SECONDS, max(0.0, seconds)))
 
     def with_queue_wait(self, submitted_unix_s: float) -> StartPhases:
         """The queue wait from the submit time the service recorded, unless the replica gave one."""
