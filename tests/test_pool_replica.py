@@ -23,13 +23,14 @@ from hpcserve.api.context import ApiContext
 from hpcserve.api.replicas import MAX_MODELS, announce, parse_announce
 from hpcserve.config import load_policy, load_site_config
 from hpcserve.errors import HpcserveError, ValidationError
+from hpcserve.serving.phases import StartPhases
 from hpcserve.serving.pool_replica import EngineProcesses, engine_specs, max_awake, member_engine_spec
 from hpcserve.serving.replica import ReplicaCredentials
 from hpcserve.serving.spec import DeploymentSpec
 from hpcserve.serving.tags import secret_hash
 from hpcserve.serving.vllm_cmd import SLEEP_MODE_FLAG, simulator_argv, vllm_serve_argv
 from hpcserve.store import HistoryStore
-from tests.conftest import POLICY, SITE
+from tests.conftest import POLICY, SITE, write_weights
 
 BODY = {"deployment": "pool", "index": 0, "job_id": "42", "host": "node1", "port": 9000}
 KEY = "engine-key-for-tests"
@@ -232,3 +233,23 @@ def test_a_plain_deployment_with_a_warm_tier_runs_one_engine_behind_the_agent(tm
         assert engines["max_awake"] == 1 and engines["engines"]["solo"]["state"] == "asleep"
     finally:
         _stopped(proc, [note["port"], *note["models"].values()])
+
+
+def test_a_pool_replicas_staging_is_its_members_stagings_added(tmp_path: Path) -> None:
+    """Each member's weights from a cold folder to the node's warm tier: the first start copies both (its
+    staging phase is the sum), the second finds both warm copies valid and reads nothing."""
+    sizes = {"a": {"config.json": 64, "model.safetensors": 3 << 20}, "b": {"model.safetensors": 1 << 20}}
+    for name, files in sizes.items():
+        write_weights(tmp_path / "cold" / name, files)
+    warm = {"warm_tier": str(tmp_path / "warm" / "{node}")}
+    shape = _sim("pool", pool="pool", pool_max_awake=1)
+    members = [_sim(n, pool="pool", model=str(tmp_path / "cold" / n), **warm) for n in sizes]
+    total = sum(sum(files.values()) for files in sizes.values())
+    for start, (kind, copied) in enumerate((("copied", total), ("warm-valid", 0))):
+        run = tmp_path / f"start{start}"
+        run.mkdir()
+        proc, note = _run_replica(run, shape, members)
+        _stopped(proc, [note["port"], *note["models"].values()])
+        staging = StartPhases.from_json(note["phases"]).staging
+        assert (staging.kind, staging.bytes) == (kind, copied), staging
+        assert staging.hashed_bytes == copied  # each copy is checked once; a valid warm copy never

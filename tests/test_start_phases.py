@@ -56,6 +56,13 @@ def test_queue_wait_from_the_submit_time() -> None:
     assert StartPhases().with_queue_wait(0.0).queue_wait_s is None
 
 
+def test_stagings_one_after_the_other_add_up_and_keep_the_kind_that_did_most() -> None:
+    valid, copied = Staging("warm-valid", 0.5, 0, 0), Staging("copied", 2.0, 10, 10)
+    assert valid.plus(copied) == copied.plus(valid) == Staging("copied", 2.5, 10, 10)
+    assert Staging().plus(valid) == valid and Staging("hashed", 1.0, 0, 7).plus(valid).kind == "hashed"
+    assert FULL.with_staging(valid).staging == Staging("copied", 3.0, 3 << 30, 3 << 30)
+
+
 def test_summary_for_people() -> None:
     assert FULL.summary() == ("queue 4.0s, staging copied 2.5s (3.0 GiB), engine load 20.2s, healthy 0.500s, "
                               "first token 0.125s")  # fmt: skip
@@ -125,9 +132,7 @@ class OneJob:
 
 
 @pytest.mark.parametrize("state", [JobState.RUNNING, JobState.PENDING])
-def test_the_queue_wait_is_slurms_own_when_the_services_read_shows_the_job_running(
-    tmp_path: Path, state: JobState
-) -> None:
+def test_the_queue_wait_is_slurms_own_where_the_clocks_disagree(tmp_path: Path, state: JobState) -> None:
     store = HistoryStore(f"sqlite:///{tmp_path / 'h.db'}")
     store.upgrade()
     store.create_deployment("tiny", "alice", {"name": "tiny", "model": "m"}, 1)
@@ -144,8 +149,11 @@ def test_the_queue_wait_is_slurms_own_when_the_services_read_shows_the_job_runni
     shared.jobs()  # the service's tick
     stored = announce(api, note, "s3cret", None).phases
     assert live.reads == 1
-    expected = 12.0 if state is JobState.RUNNING else 7.5  # a pending job has no start yet
+    expected = 12.0 if state is JobState.RUNNING else 7.5  # the clocks disagree; pending: no start yet
     assert StartPhases.from_json(stored).queue_wait_s == expected
+    agreeing = StartPhases(Staging("none"), job_start=submitted.timestamp() + 11.4)  # within Slurm's 1 s
+    stored = announce(api, parse_announce({**BODY, "phases": agreeing.as_json()}), "s3cret", None).phases
+    assert StartPhases.from_json(stored).queue_wait_s == pytest.approx(11.4)  # the finer figure stands
 
 
 def test_the_engine_phases_are_measured_on_the_engine_simulator() -> None:

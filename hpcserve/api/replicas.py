@@ -13,10 +13,11 @@ announced); the serving controller checks it against the replica's live job and 
 with sleep mode announces its agent's port (hpcserve.serving.agent) and ``models``: ``{served model name:
 engine port}``, one entry per engine of the job (a pool's members); others send none (stored as null).
 
-The start's phases (``hpcserve.serving.phases``) get their queue wait here: Slurm's own, from the job's
-submit to its start as slurmctld records both (one clock), when the service's last squeue (at most
-``QUEUE_VIEW_AGE_S`` old, never a read of its own) shows the job running; else from the submit the service
-recorded to the job's process start on its node (two clocks, which then must agree).
+The start's phases (``hpcserve.serving.phases``) get their queue wait here: from the submit the service
+recorded to the job's process start on its node (two clocks, to the millisecond), checked against Slurm's
+own (the job's submit to its start as slurmctld records both: one clock, whole seconds) when the
+service's last squeue (at most ``QUEUE_VIEW_AGE_S`` old, never a read of its own) shows the job running.
+Where the two differ by more than Slurm's rounding, the clocks disagree and Slurm's figure is kept.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ _JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
 MAX_MODELS = 64  # engines one replica job may announce (a pool's members)
 MAX_MODEL_NAME = 256
 QUEUE_VIEW_AGE_S = 60.0  # the service's squeue read this recently holds the job's submit and start
+CLOCKS_S = 1.5  # Slurm's queue wait (whole seconds) and the two clocks' agree within this when clocks agree
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,13 +139,14 @@ def announce(api: ApiContext, note: Announce, secret: str, caller: Caller | None
 
 
 def _phases(note: Announce, replica: Replica | None, job: Job | None) -> dict[str, Any] | None:
-    """The announced phases with the queue wait: Slurm's (``job``: the service's view of the running job),
-    else from the submit the service recorded (``started_at``) to the job's process start."""
+    """The announced phases with the queue wait: from the submit the service recorded (``started_at``) to
+    the job's process start, unless Slurm's own (``job``: the service's view of the running job) says the
+    two clocks disagree: Slurm records whole seconds, so its figure is off by up to 1 s."""
     if note.phases is None:
         return None
-    phases = note.phases
-    if job is not None and job.wait_s is not None:  # the job id is the replica's (check_announce)
-        phases = phases.with_queue_wait_s(job.wait_s)
     submitted = replica.started_at if replica is not None else None
-    phases = phases if submitted is None else phases.with_queue_wait(submitted.timestamp())
+    phases = note.phases if submitted is None else note.phases.with_queue_wait(submitted.timestamp())
+    slurms = job.wait_s if job is not None else None  # the job id is the replica's (check_announce)
+    if slurms is not None and (phases.queue_wait_s is None or abs(phases.queue_wait_s - slurms) > CLOCKS_S):
+        phases = note.phases.with_queue_wait_s(slurms)
     return phases.as_json()

@@ -4,11 +4,12 @@ The replica measures its start and sends it as ``"phases"`` in its announcement;
 ``replicas.phases`` and shows it (``hpcserve deployments --verbose``, /metrics). Each phase is a duration
 in seconds, one after the other:
 - ``queue_wait_s``: Slurm's queue, from the job's submit to its start, filled in by the service at the
-  announcement: as slurmctld recorded both, else from the submit the service recorded to ``job_start``
-  (unix seconds: the replica's process start, which it sends);
+  announcement: from the submit the service recorded to ``job_start`` (unix seconds: the replica's process
+  start, which it sends), or Slurm's own figure where the two clocks disagree (``hpcserve.api.replicas``);
 - ``staging``: the weights to the warm tier: ``kind`` "warm-valid" (the warm copy matched its manifest:
   nothing read), "hashed" (files were hashed, none copied), "copied" (some copied) or "none" (no warm
-  tier), its ``seconds``, the bytes copied and the bytes hashed;
+  tier), its ``seconds``, the bytes copied and the bytes hashed. A pool replica stages each member's
+  weights before that member's engine starts: its staging is their sum (``Staging.plus``);
 - ``engine_load_s``: the engine's process start until ``/health`` answers 200;
 - ``first_healthy_s``: from there until ``/v1/models`` lists the served model;
 - ``first_token_s``: from there until one ``max_tokens: 1`` completion has answered.
@@ -34,6 +35,7 @@ MAX_UNIX_S = 1e11  # year ~5138: a job start beyond it is no clock reading
 _DURATIONS = ("queue_wait_s", "engine_load_s", "first_healthy_s", "first_token_s")
 _KEYS = frozenset({*_DURATIONS, "staging", "job_start"})
 _STAGING_KEYS = frozenset({"kind", "seconds", "bytes", "hashed_bytes"})
+_STAGING_WORK = ("none", "warm-valid", "hashed", "copied")  # the staging kinds, from least work to most
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,14 @@ class Staging:
     def as_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "seconds": round(self.seconds, 3), "bytes": self.bytes,
                 "hashed_bytes": self.hashed_bytes}  # fmt: skip
+
+    def plus(self, other: Staging) -> Staging:
+        """Two stagings one after the other (a pool replica stages each member's weights): times and
+        bytes added, the kind the one that did most (``STAGING_KINDS`` from least: none, warm-valid,
+        hashed, copied)."""
+        kind = max(self.kind, other.kind, key=_STAGING_WORK.index)
+        return Staging(kind, self.seconds + other.seconds, self.bytes + other.bytes,
+                       self.hashed_bytes + other.hashed_bytes)  # fmt: skip
 
     @classmethod
     def from_json(cls, raw: object) -> Staging:
@@ -94,6 +104,10 @@ class StartPhases:
         job_start = _optional(data.get("job_start"), "phases.job_start", MAX_UNIX_S)
         staging = Staging.from_json(data["staging"]) if "staging" in data else Staging()
         return cls(staging=staging, job_start=job_start, **durations)
+
+    def with_staging(self, more: Staging) -> StartPhases:
+        """These phases with ``more`` staging added (a pool member's)."""
+        return replace(self, staging=self.staging.plus(more))
 
     def with_queue_wait_s(self, seconds: float) -> StartPhases:
         """The queue wait as Slurm measured it (its submit to its start), unless the replica gave one."""

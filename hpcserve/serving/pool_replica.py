@@ -37,7 +37,7 @@ from hpcserve.serving.engine_proc import (
     ignore_time_limit_warning,
     wait_healthy,
 )
-from hpcserve.serving.phases import StartPhases
+from hpcserve.serving.phases import Staging, StartPhases
 from hpcserve.serving.spec import DeploymentSpec, Engine
 from hpcserve.serving.start_probe import measure_start, stage
 from hpcserve.serving.vllm_cmd import DEV_MODE_ENV
@@ -160,7 +160,7 @@ async def _serve(
     try:
         for spec in engine_specs(shape, members):
             await agent.make_room()
-            staged = _staged(spec, members)
+            staged = _staged(main, spec, members)
             port = await asyncio.to_thread(_start_engine, main, staged, key, deadline, engines)
             await agent.add_engine(spec.served_model_name, port)
         ignore_time_limit_warning()  # only now: a handler (unlike SIG_IGN) is not inherited across exec
@@ -180,12 +180,15 @@ async def _serve(
         await agent.close()
 
 
-def _staged(spec: DeploymentSpec, members: list[DeploymentSpec] | None) -> DeploymentSpec:
-    """A pool member's weights staged like a plain replica's (ReplicaMain stages a plain deployment's)."""
+def _staged(main: ReplicaJob, spec: DeploymentSpec, members: list[DeploymentSpec] | None) -> DeploymentSpec:
+    """A pool member's weights staged like a plain replica's (ReplicaMain stages a plain deployment's),
+    its staging added to the replica's phases."""
     if members is None:
         return spec
-    staged: DeploymentSpec = stage(spec)[0]
-    return staged
+    found: tuple[DeploymentSpec, Staging] = stage(spec)
+    if main.start_phases is not None:
+        main.start_phases = main.start_phases.with_staging(found[1])
+    return found[0]
 
 
 def _start_engine(
