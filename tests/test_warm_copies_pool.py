@@ -5,12 +5,14 @@ pool's copies (off, or removed with its last member) is in test_warm_copies.py."
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hpcserve.serving.residency import PoolLoad
+from hpcserve.serving.spec import DeploymentSpec
 from hpcserve.serving.unstage import STATE_PREFIX, Unstager
 from hpcserve.serving.warm_copies import Staged, plan_left
-from hpcserve.store import HistoryStore
+from hpcserve.store import Deployment, HistoryStore
 from tests.test_warm_copies import WARM, Launcher, Planner, Runner, recorded, serve, store
 
 __all__ = ["store"]  # the fixture, used by name
@@ -95,3 +97,45 @@ def test_only_a_live_pool_is_ever_settled(store: HistoryStore) -> None:
     assert store.leave_pool("a", "p", spec_of, user="alice") is True  # the last member: the pool goes
     gone = store.get_deployment("p")  # once its replica stops (``tidy_gone`` then removes its copies)
     assert gone is not None and gone.deleted and not load.settled(gone, store.replicas("p"))
+
+
+class Looking(Unstager):
+    """Counts how often the member specs are checked (and the cold tier looked at for them)."""
+
+    looked = 0
+
+    def _specs(
+        self, deployment: Deployment, members: Sequence[Mapping[str, Any]] | None
+    ) -> list[DeploymentSpec]:
+        self.looked += 1
+        return super()._specs(deployment, members)
+
+
+def test_a_failed_submit_is_tried_again_and_a_tidy_pool_is_not_looked_at_again(store: HistoryStore) -> None:
+    for name in ("a", "b"):
+        join(store, name)
+    pool_replica(store, 0, ["a", "b"])
+    runner = Runner(fail=["node5"])
+    unstager = Looking(store, Launcher(runner))  # type: ignore[arg-type]
+    unstager.begin(store.list_deployments())
+    members = [{"name": m, "model": f"/cold/{m}", "pool": "p", **SHAPE} for m in ("a", "b")]
+    unstager.note(store.get_deployment("p"), store.replicas("p"), {}, members)  # type: ignore[arg-type]
+    store.leave_pool("b", "p", spec_of, user="alice")
+    store.remove_replica("p", 0)  # handed over: no replica runs b
+    pool = store.get_deployment("p")
+    assert pool is not None
+    for _ in range(2):
+        unstager.tidy_left(pool, members[:1], Planner())  # type: ignore[arg-type]
+    assert len(runner.calls) == 2 and recorded(store, "p") == {
+        "node5": ["/local/node5/models/a", "/local/node5/models/b"]
+    }
+    runner.fail = []
+    unstager.tidy_left(pool, members[:1], Planner())  # type: ignore[arg-type]
+    assert len(runner.calls) == 3 and recorded(store, "p") == {"node5": ["/local/node5/models/a"]}
+    unstager.looked = 0
+    for _ in range(3):  # tidy now: neither the specs nor the cold tier are looked at again
+        unstager.tidy_left(pool, members[:1], Planner())  # type: ignore[arg-type]
+    assert unstager.looked == 0 and len(runner.calls) == 3
+    members.append({"name": "c", "model": "/cold/c", "pool": "p", **SHAPE})  # another joins: looked at again
+    unstager.tidy_left(pool, [members[0], members[2]], Planner())  # type: ignore[arg-type]
+    assert unstager.looked == 1 and len(runner.calls) == 3

@@ -24,6 +24,7 @@ folder of the deployment.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shlex
 from collections.abc import Mapping, Sequence
@@ -83,6 +84,7 @@ class Unstager:
     records: dict[str, Staged] | None = None
     tiers: dict[str, Tier] = field(default_factory=dict)  # this tick's tier of every deployment
     gone: set[str] = field(default_factory=set)  # records of removed deployments, still to clean up
+    tidied: dict[str, tuple[str, Staged]] = field(default_factory=dict)  # tidy_left: pools found tidy
 
     def begin(self, listed: Sequence[Deployment]) -> None:
         """A new tick: the records loaded on first use; each listed deployment's owner kept in its record;
@@ -128,15 +130,23 @@ class Unstager:
 
     def tidy_left(self, pool: Deployment, members: Sequence[Mapping[str, Any]], submitter: Submitter) -> None:
         """A live pool whose replicas all run ``members`` (the members of now): the copies of members that
-        left it, removed as the owner; the copies ``members`` stage are kept."""
+        left it, removed as the owner; the copies ``members`` stage are kept. A pool whose members and
+        record are as when it last had nothing left to remove is not looked at again (no spec checks and
+        no stat of the cold tier each tick)."""
         staged = self._record(pool.name)
         if pool.name in self.gone or not staged.nodes:
+            return
+        signature = json.dumps(members, sort_keys=True, default=str)
+        if self.tidied.get(pool.name) == (signature, staged):
             return
         specs = self._specs(pool, members)
         kept = frozenset((node, path) for node in staged.nodes for s in specs
                          if (path := warm_copy(s.warm_tier, s.model, node)) is not None)  # fmt: skip
         removal = plan_left(staged, kept, self._needed_elsewhere(pool.name))
         self._remove(pool.name, staged.owned_by(copy_owner(pool)), removal, submitter, "a member left")
+        after = self._record(pool.name)
+        if after.pairs() <= kept:  # nothing left to remove (a failed submit is tried again next tick)
+            self.tidied[pool.name] = (signature, after)
 
     def tidy_gone(self, submitter: Submitter) -> None:
         """The copies of deployments removed (no row, so no replica left): as if off, as the owner kept."""
