@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from hpcserve.errors import HpcserveError
-from hpcserve.serving.staging import MANIFEST, StageReport, read_manifest, sha256_of, stage_weights
+from hpcserve.serving.staging import (
+    MANIFEST,
+    StageReport,
+    read_manifest,
+    sha256_of,
+    stage_alone,
+    stage_weights,
+)
 
 
 class CountingHash:
@@ -142,3 +151,26 @@ def test_staging_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(HpcserveError, match="not a folder"):
         stage_weights(tmp_path / "weights.bin", tmp_path / "warm")
+
+
+def test_two_stagings_of_one_copy_go_one_after_the_other_and_the_second_reads_nothing(
+    cold: Path, tmp_path: Path
+) -> None:
+    """Two processes on one node (threads here: each opens the lock file, so flock tells them apart) start
+    staging the same warm copy at once; the first copies while the second waits, then finds it valid."""
+    warm = tmp_path / "warm" / "tiny-model"
+    inside = threading.Event()
+
+    def slow(path: Path) -> str:  # the first staging holds the lock a while, mid-copy
+        inside.set()
+        time.sleep(0.05)
+        return sha256_of(path)
+
+    reports: list[StageReport] = []
+    first = threading.Thread(target=lambda: reports.append(stage_alone(cold, warm, hash_file=slow)))
+    first.start()
+    assert inside.wait(10)
+    second = stage_alone(cold, warm, hash_file=slow)
+    first.join(10)
+    assert [r.kind for r in reports] == ["copied"] and second.kind == "warm-valid"
+    assert (second.bytes_copied, second.bytes_hashed) == (0, 0)

@@ -13,7 +13,10 @@ leaves a truncated weight file behind; the manifest is written last, the same wa
 A replica holds a shared ``flock`` on the warm copy's lock file (``.<name>.hpcserve-lock`` beside it) from
 before it stages until its process ends (``hold_warm_copy``); the off tier's cleanup job
 (``hpcserve.serving.warm_cleanup``) removes a copy only under the exclusive lock, so it never removes one
-that a replica on the node is staging or serving from.
+that a replica on the node is staging or serving from. Staging itself takes an exclusive ``flock`` on a
+second lock file (``.<name>.hpcserve-stage``, ``stage_alone``): two replicas starting on one node with the
+same weights (a pool's, or a deployment scaling up) stage one after the other, so the second finds the
+copy valid and reads nothing, where both would have copied every byte.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ CHUNK = 1 << 20
 MANIFEST = ".hpcserve-manifest.json"
 MANIFEST_VERSION = 1
 LOCK_SUFFIX = ".hpcserve-lock"
+STAGE_SUFFIX = ".hpcserve-stage"
 
 
 def lock_path(dst: Path) -> Path:
@@ -45,8 +49,16 @@ def hold_warm_copy(dst: Path) -> int:
     """A shared lock on ``dst``'s lock file (waiting while a cleanup removes the copy); the open file
     descriptor holds it, until it is closed or the process ends."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path(dst), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_SH)
+    return _locked(lock_path(dst), fcntl.LOCK_SH)
+
+
+def _locked(path: Path, how: int) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, how)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -106,6 +118,16 @@ def stage_weights(src: Path, dst: Path, hash_file: HashFile = sha256_of) -> Stag
     if entries != old:
         write_manifest(dst, entries)
     return StageReport(stager.copied, len(entries) - stager.copied, stager.bytes_copied, stager.bytes_hashed)
+
+
+def stage_alone(src: Path, dst: Path, hash_file: HashFile = sha256_of) -> StageReport:
+    """``stage_weights`` while no other process on the node stages ``dst`` (waits for one that does)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd = _locked(dst.parent / f".{dst.name}{STAGE_SUFFIX}", fcntl.LOCK_EX)
+    try:
+        return stage_weights(src, dst, hash_file)
+    finally:
+        os.close(fd)
 
 
 class _Stager:

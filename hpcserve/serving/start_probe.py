@@ -54,11 +54,11 @@ def stage(spec: Any) -> tuple[Any, Staging]:
     node-local disk; the spec to serve and what staging did, timed (kind "none" without a warm tier)."""
     if not spec.warm_tier or not Path(spec.model).is_dir():
         return spec, Staging()
-    from hpcserve.serving.staging import hold_warm_copy, stage_weights
+    from hpcserve.serving.staging import hold_warm_copy, stage_alone
 
     warm = Path(str(spec.warm_tier).format(node=socket.gethostname())) / Path(spec.model).name
     _HELD.append(hold_warm_copy(warm))  # for the life of the replica: no cleanup removes it under us
-    staging = timed_staging(lambda: stage_weights(Path(spec.model), warm))
+    staging = timed_staging(lambda: stage_alone(Path(spec.model), warm))
     return spec.model_copy(update={"model": str(warm)}), staging
 
 
