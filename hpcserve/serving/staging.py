@@ -17,6 +17,14 @@ that a replica on the node is staging or serving from. Staging itself takes an e
 second lock file (``.<name>.hpcserve-stage``, ``stage_alone``): two replicas starting on one node with the
 same weights (a pool's, or a deployment scaling up) stage one after the other, so the second finds the
 copy valid and reads nothing, where both would have copied every byte.
+
+The warm tier is often shared scratch (one folder per node for every user), so a warm copy is trusted only
+when no one else could have written it (``untrusted_entry``): a real folder whose every entry is this
+user's own, no symlink, nothing others may write to. Staging creates its folders 0755 and its files
+without group or other write, whatever the umask. A copy that fails this (a file swapped in while the
+folder was writable, a forged manifest) is set aside and copied again; another user's folder under the
+copy's name, or another user's lock file beside it, is refused in one line (the fix: a warm tier of one's
+own under the site's). So no user can make another's engine load their weights.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,8 +62,15 @@ def hold_warm_copy(dst: Path) -> int:
 
 
 def _locked(path: Path, how: int) -> int:
+    """The open lock file ``path`` (made if missing), locked ``how``; refused when another user's (who
+    could hold it forever)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            raise HpcserveError(
+                f"cannot stage beside {path}: the lock file is another user's (fix: give the deployment "
+                "a warm tier of its own under the site's, --warm-tier DIR/<you>)"
+            )
         fcntl.flock(fd, how)
     except BaseException:
         os.close(fd)
@@ -107,9 +123,11 @@ def sha256_of(path: Path) -> str:
 
 def stage_weights(src: Path, dst: Path, hash_file: HashFile = sha256_of) -> StageReport:
     """Mirror the files under ``src`` into ``dst``, checked against ``dst``'s manifest first; raises if a
-    copy does not match its source. ``hash_file`` hashes every whole file read for a check."""
+    copy does not match its source. ``hash_file`` hashes every whole file read for a check. A warm copy
+    that another user could have written is set aside first (``set_aside_untrusted``)."""
     if not src.is_dir():
         raise HpcserveError(f"cannot stage {src}: not a folder (fix: point the model at the cold-tier copy)")
+    set_aside_untrusted(dst)
     old = read_manifest(dst)
     stager = _Stager(hash_file)
     entries = {rel: stager.stage(src / rel, dst / rel, old.get(rel)) for rel in _cold_files(src)}
@@ -118,6 +136,53 @@ def stage_weights(src: Path, dst: Path, hash_file: HashFile = sha256_of) -> Stag
     if entries != old:
         write_manifest(dst, entries)
     return StageReport(stager.copied, len(entries) - stager.copied, stager.bytes_copied, stager.bytes_hashed)
+
+
+def untrusted_entry(dst: Path) -> Path | None:
+    """The first entry of the warm copy ``dst`` that another user could have written (None: ``dst`` is
+    trusted, or absent): a symlink, an entry this user does not own, or one others may write to."""
+    me = os.geteuid()
+    for root, dirs, files in os.walk(dst):  # symlinks to folders are listed in dirs, never followed
+        for path in (Path(root), *(Path(root) / name for name in (*dirs, *files))):
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode) or info.st_uid != me or info.st_mode & 0o022:
+                return path
+    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+        return dst
+    return None
+
+
+def set_aside_untrusted(dst: Path) -> None:
+    """A warm copy with an entry another user could have written (``untrusted_entry``) is renamed out of
+    the way and removed, so its files and manifest are never served; one this user cannot move (another
+    user's folder) is refused in one line."""
+    found = untrusted_entry(dst)
+    if found is None:
+        return
+    aside = dst.with_name(f".{dst.name}.untrusted.{os.getpid()}")
+    try:
+        dst.rename(aside)
+    except OSError as exc:
+        raise HpcserveError(
+            f"cannot stage into {dst}: {found} is another user's or writable by others ({exc.strerror}) "
+            "(fix: give the deployment a warm tier of its own under the site's, --warm-tier DIR/<you>)"
+        ) from exc
+    if aside.is_symlink() or not aside.is_dir():
+        aside.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _mkdirs(folder: Path) -> None:
+    """``folder`` and its missing parents, each 0755 whatever the umask (no one else may write there)."""
+    if folder.is_dir():
+        return
+    _mkdirs(folder.parent)
+    try:
+        folder.mkdir(0o755)
+    except FileExistsError:
+        return
+    folder.chmod(0o755)
 
 
 def stage_alone(src: Path, dst: Path, hash_file: HashFile = sha256_of) -> StageReport:
@@ -158,7 +223,7 @@ class _Stager:
     def _copy(self, source: Path, target: Path, want: str | None) -> tuple[str, os.stat_result]:
         """Copy through a temporary file, checked: the bytes read hash to ``want`` (when known) and the
         copy hashes to what was read."""
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _mkdirs(target.parent)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
         try:
             read = _copy_hashing(source, tmp)
@@ -180,7 +245,7 @@ def _copy_hashing(source: Path, target: Path) -> str:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
             out.write(chunk)
-    shutil.copymode(source, target)
+    target.chmod(stat.S_IMODE(source.stat().st_mode) & ~0o022)  # as the cold file's, writable by us alone
     return digest.hexdigest()
 
 
@@ -226,7 +291,7 @@ def _safe(rel: str) -> bool:
 
 def write_manifest(dst: Path, entries: Mapping[str, Entry]) -> None:
     """The manifest, written to a temporary name and renamed over the old one."""
-    dst.mkdir(parents=True, exist_ok=True)
+    _mkdirs(dst)
     files = {rel: asdict(entry) for rel, entry in sorted(entries.items())}
     tmp = dst / f"{MANIFEST}.{os.getpid()}.partial"
     tmp.write_text(json.dumps({"version": MANIFEST_VERSION, "files": files}, indent=1))
