@@ -87,3 +87,20 @@ def test_each_pool_member_gets_the_sites_storage_as_a_deployment_would() -> None
     assert (a.model, a.warm_tier, a.served_model_name) == ("/shared/models/org/llama-8b", warm, "a")
     assert (b.model, b.warm_tier) == ("/home/alice/b", warm)
     assert members_with_site_storage(stored, None)[0].model == "org/llama-8b"
+
+
+def test_a_warm_tier_may_give_each_user_a_folder_and_the_cold_tier_may_not(tmp_path: Path) -> None:
+    data = yaml.safe_load(SITE.read_text())
+    data["storage"] = {"cold": {"path": "/shared/models"}, "warm": {"path": "/local/{node}/{user}/models"}}
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(data))
+    warm = load_site_config(tmp_path / "site.yaml").storage.warm
+    assert warm is not None and warm.path_for("node5", "alice") == Path("/local/node5/alice/models")
+    for cold, word in (("/shared/{user}/models", "{user}"), ("/shared/{node}", "{node}")):
+        data["storage"]["cold"]["path"] = cold
+        (tmp_path / "site.yaml").write_text(yaml.safe_dump(data))
+        with pytest.raises(ConfigError, match=rf"storage\.cold\.path.*cannot depend on {word}"):
+            load_site_config(tmp_path / "site.yaml")
+    data["storage"] = {"cold": {"path": "/shared"}, "warm": {"path": "/local/{host}"}}
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"bad placeholder.*use only \{node\} and \{user\}"):
+        load_site_config(tmp_path / "site.yaml")

@@ -5,6 +5,8 @@ replica runs) in a shared warm tier (1777, as a site's node-local scratch is) wh
   cold files' sizes and mtimes: alice's staging refuses in one line and serves nothing from it;
 - alice's own copy, once others may write to it, with bob's file swapped in: set aside and copied again;
 - bob's lock file beside alice's copy (so he could hold it forever): refused in one line;
+- with ``{user}`` in the warm tier, alice and bob each stage the same model into a folder of their own,
+  and without it their copies sit side by side in folders whoever came first made (shared, sticky);
 and which entries count as untrusted (as root, with ``os.chown``)."""
 
 from __future__ import annotations
@@ -137,3 +139,38 @@ def test_as_root_an_entry_of_another_owner_or_writable_by_others_is_untrusted(tm
     (warm / "sub").rmdir()
     (warm / "link").symlink_to(cold)
     assert untrusted_entry(warm) == warm / "link"
+
+
+SERVE_STAGE = """import sys
+from hpcserve.serving.spec import DeploymentSpec
+from hpcserve.serving.start_probe import stage
+spec = DeploymentSpec.model_validate({"name": "tiny", "model": sys.argv[1], "warm_tier": sys.argv[2]})
+staged, staging = stage(spec)
+print(staged.model, staging.kind)
+"""
+
+
+def test_with_user_in_the_warm_tier_each_user_stages_a_copy_of_their_own(shared: Path) -> None:
+    template = str(shared / "warm" / "{node}" / "{user}")
+    node = os.uname().nodename
+    for user in ("alice", "bob", "alice"):
+        out = as_user(user, sys.executable, "-c", SERVE_STAGE, str(shared / "cold" / "tiny"), template)
+        assert out.returncode == 0, out.stderr
+        model, kind = out.stdout.split()
+        assert model == str(shared / "warm" / node / user / "tiny")
+        assert Path(model).stat().st_uid == pwd.getpwnam(user).pw_uid
+    assert kind == "warm-valid"  # alice's second start: her own copy, untouched by bob's
+    assert (shared / "warm" / node).stat().st_mode & 0o7777 == 0o1777  # made by alice, shared by all
+    assert (shared / "warm" / node / "bob").stat().st_mode & 0o7777 == 0o755  # bob's alone
+
+
+def test_without_user_the_folders_above_the_copies_are_shared_by_whoever_made_them(shared: Path) -> None:
+    """alice's replica makes the node's folder; bob's, a moment later, still stages his model beside hers."""
+    write_weights(shared / "cold" / "other", FILES)
+    for path in (shared / "cold" / "other", *(shared / "cold" / "other").rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    template = str(shared / "warm" / "{node}" / "models")
+    for user, model in (("alice", "tiny"), ("bob", "other")):
+        out = as_user(user, sys.executable, "-c", SERVE_STAGE, str(shared / "cold" / model), template)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[1] == "copied"

@@ -26,7 +26,7 @@ from hpcserve.serving.staging import MANIFEST, hold_warm_copy, lock_path, stage_
 from hpcserve.serving.tiers import Tier
 from hpcserve.serving.unstage import STATE_PREFIX, Unstager, cleanup_script
 from hpcserve.serving.warm_cleanup import main as cleanup_main
-from hpcserve.serving.warm_copies import CopyOwner, Staged, plan_removal, warm_copy
+from hpcserve.serving.warm_copies import CopyOwner, Staged, own_folder, plan_removal, warm_copy
 from hpcserve.slurm.models import Job, JobState
 from hpcserve.slurm.runner import CommandResult
 from hpcserve.store import Deployment, HistoryStore
@@ -43,6 +43,12 @@ def test_the_warm_copy_is_the_warm_tier_of_the_node_and_the_model_folders_name()
     assert warm_copy(None, "/cold/tiny", "node5") is None  # no warm tier: nothing staged
     assert warm_copy(WARM, "org/tiny", "node5") is None  # a hub id: the engine downloads it
     assert warm_copy(WARM, "/", "node5") is None and warm_copy(WARM, "/cold/tiny", "") is None
+    mine = "/local/{node}/{user}"  # each user's own folder in shared scratch
+    assert warm_copy(mine, "/cold/tiny", "node5", "alice") == "/local/node5/alice/tiny"
+    assert warm_copy(mine, "/cold/tiny", "node5") is None  # whose, unknown: nothing to name
+    assert own_folder("/local/{node}/{user}/models", "node5", "alice") == "/local/node5/alice"
+    assert own_folder("/scratch/u-{user}", "node5", "bob") == "/scratch/u-bob"
+    assert own_folder(WARM, "node5", "alice") is None
 
 
 def test_the_record_adds_seen_copies_forgets_nodes_and_reads_back() -> None:
@@ -157,6 +163,15 @@ def test_the_service_remembers_where_ready_replicas_staged(store: HistoryStore) 
     assert again.records == {"llm": Staged.from_json(expected).owned_by(CopyOwner("alice"))}
     again.begin([])  # the deployment is gone: its copies are still to clean up
     assert again.gone == {"llm"} and recorded(store, "llm") == expected
+
+
+def test_a_warm_tier_with_user_is_recorded_in_the_owners_folder(store: HistoryStore) -> None:
+    llm = serve(store, "llm", warm_tier="/local/{node}/{user}")
+    ready(store, "llm", 0, "node5")
+    unstager = Unstager(store, Launcher(Runner()))  # type: ignore[arg-type]
+    unstager.begin([llm])
+    unstager.note(llm, store.replicas("llm"), {}, None)
+    assert recorded(store, "llm") == {"node5": ["/local/node5/alice/tiny"]}
 
 
 def test_a_record_kept_without_its_owner_gets_it_or_is_forgotten_once_gone(store: HistoryStore) -> None:

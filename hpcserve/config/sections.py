@@ -216,23 +216,25 @@ class Switch(Frozen):
 
 
 def check_node_path(path: str) -> str:
-    """An absolute path in which ``{node}`` (the node's name) is the only placeholder."""
+    """An absolute path whose only placeholders are ``{node}`` (the node's name) and ``{user}`` (the user
+    whose replica stages there: a warm tier shared by all users can give each their own folder)."""
     if not path.startswith("/"):
         raise Invalid("", f"{path!r} is not an absolute path", "start the path with /")
     try:
-        path.format(node="x")
+        path.format(node="x", user="u")
     except (KeyError, IndexError, ValueError) as exc:
-        raise Invalid("", f"bad placeholder in {path!r}", "use only {node} inside braces") from exc
+        raise Invalid("", f"bad placeholder in {path!r}", "use only {node} and {user} inside braces") from exc
     return path
 
 
 class StorageTier(Frozen):
-    """A directory for model weights; ``{node}`` in the path stands for the node's name."""
+    """A directory for model weights; ``{node}`` in the path stands for the node's name, ``{user}`` (the
+    warm tier only) for the user whose replica stages there."""
 
     path: str
 
-    def path_for(self, node: str) -> Path:
-        return Path(self.path.format(node=node))
+    def path_for(self, node: str, user: str = "") -> Path:
+        return Path(self.path.replace("{node}", node).replace("{user}", user))
 
     @field_validator("path")
     @classmethod
@@ -266,10 +268,10 @@ class Storage(Frozen):
 
     @model_validator(mode="after")
     def _cold_is_shared(self) -> Storage:
-        if "{node}" in self.cold.path:
-            raise Invalid(
-                "cold.path", "the shared tier cannot depend on the node", "remove {node} from the path"
-            )
+        for word in ("{node}", "{user}"):
+            if word in self.cold.path:
+                raise Invalid("cold.path", f"the shared tier cannot depend on {word}",
+                              f"remove {word} from the path")  # fmt: skip
         return self
 
 

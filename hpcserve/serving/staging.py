@@ -54,11 +54,31 @@ def lock_path(dst: Path) -> Path:
     return dst.parent / f".{dst.name}{LOCK_SUFFIX}"
 
 
-def hold_warm_copy(dst: Path) -> int:
+def hold_warm_copy(dst: Path, own: Path | None = None) -> int:
     """A shared lock on ``dst``'s lock file (waiting while a cleanup removes the copy); the open file
-    descriptor holds it, until it is closed or the process ends."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    descriptor holds it, until it is closed or the process ends. Missing folders above ``dst`` are made
+    as ``make_warm_parents`` says."""
+    make_warm_parents(dst.parent, own)
     return _locked(lock_path(dst), fcntl.LOCK_SH)
+
+
+def make_warm_parents(parent: Path, own: Path | None) -> None:
+    """The missing folders down to ``parent`` (where warm copies sit side by side): shared by every user,
+    each is made 1777 (sticky, as /tmp: anyone adds, only the owner removes), except ``own``, the user's
+    own folder (``{user}`` in the warm tier), made 0755; an ``own`` of another user is refused."""
+    for folder in reversed((parent, *parent.parents)):
+        if folder.is_dir():
+            continue
+        try:
+            folder.mkdir(0o755)
+        except FileExistsError:
+            continue
+        folder.chmod(0o755 if folder == own else 0o1777)
+    if own is not None and own.stat().st_uid != os.geteuid():
+        raise HpcserveError(
+            f"cannot stage into {own}: the folder is another user's (fix: ask the site's admins to fix "
+            "the warm tier's {user} folders)"
+        )
 
 
 def _locked(path: Path, how: int) -> int:
@@ -69,7 +89,7 @@ def _locked(path: Path, how: int) -> int:
         if os.fstat(fd).st_uid != os.geteuid():
             raise HpcserveError(
                 f"cannot stage beside {path}: the lock file is another user's (fix: give the deployment "
-                "a warm tier of its own under the site's, --warm-tier DIR/<you>)"
+                "a warm tier of its own under the site's, --warm-tier <the site's warm tier>/{user})"
             )
         fcntl.flock(fd, how)
     except BaseException:
@@ -165,7 +185,8 @@ def set_aside_untrusted(dst: Path) -> None:
     except OSError as exc:
         raise HpcserveError(
             f"cannot stage into {dst}: {found} is another user's or writable by others ({exc.strerror}) "
-            "(fix: give the deployment a warm tier of its own under the site's, --warm-tier DIR/<you>)"
+            "(fix: give the deployment a warm tier of its own under the site's: "
+            "--warm-tier <the site's warm tier>/{user})"
         ) from exc
     if aside.is_symlink() or not aside.is_dir():
         aside.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -55,9 +56,16 @@ def stage(spec: Any) -> tuple[Any, Staging]:
     if not spec.warm_tier or not Path(spec.model).is_dir():
         return spec, Staging()
     from hpcserve.serving.staging import hold_warm_copy, stage_alone
+    from hpcserve.serving.warm_copies import own_folder, warm_copy
 
-    warm = Path(str(spec.warm_tier).format(node=socket.gethostname())) / Path(spec.model).name
-    _HELD.append(hold_warm_copy(warm))  # for the life of the replica: no cleanup removes it under us
+    node, user = socket.gethostname(), pwd.getpwuid(os.geteuid()).pw_name
+    folder = warm_copy(spec.warm_tier, spec.model, node, user)
+    if folder is None:
+        return spec, Staging()
+    warm = Path(folder)
+    own = own_folder(str(spec.warm_tier), node, user)
+    # held for the life of the replica: no cleanup removes it under us
+    _HELD.append(hold_warm_copy(warm, None if own is None else Path(own)))
     staging = timed_staging(lambda: stage_alone(Path(spec.model), warm))
     return spec.model_copy(update={"model": str(warm)}), staging
 

@@ -64,13 +64,14 @@ def cleanup_script(python: str, folders: Sequence[str]) -> str:
     return "#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in argv) + "\n"
 
 
-def staged_by(replica: Replica, nodes: Sequence[str], specs: Sequence[DeploymentSpec],
-              pool: bool) -> list[tuple[str, str]]:  # fmt: skip
-    """The (node, warm copy) pairs a ready replica staged, from the specs it was launched with."""
+def staged_by(replica: Replica, nodes: Sequence[str], specs: Sequence[DeploymentSpec], pool: bool,
+              owner: str) -> list[tuple[str, str]]:  # fmt: skip
+    """The (node, warm copy) pairs a ready replica of ``owner`` staged, from the specs it was launched
+    with."""
     kind = ((replica.phases or {}).get("staging") or {}).get("kind")
     if replica.state != "ready" or (kind == NONE and not pool):
         return []
-    pairs = ((node, warm_copy(s.warm_tier, s.model, node)) for node in nodes for s in specs)
+    pairs = ((node, warm_copy(s.warm_tier, s.model, node, owner)) for node in nodes for s in specs)
     return [(node, path) for node, path in pairs if path is not None]
 
 
@@ -114,7 +115,8 @@ class Unstager:
         if not specs:
             return
         seen = [pair for r in replicas
-                for pair in staged_by(r, _nodes(r, jobs), specs, members is not None)]  # fmt: skip
+                for pair in staged_by(r, _nodes(r, jobs), specs, members is not None,
+                                      deployment.owner)]  # fmt: skip
         old = self._record(deployment.name)
         if not seen or set(seen) <= old.pairs() or deployment.name in self.gone:
             return  # (a leftover of another owner under this name: recorded once it is cleaned up)
@@ -140,8 +142,9 @@ class Unstager:
         if self.tidied.get(pool.name) == (signature, staged):
             return
         specs = self._specs(pool, members)
-        kept = frozenset((node, path) for node in staged.nodes for s in specs
-                         if (path := warm_copy(s.warm_tier, s.model, node)) is not None)  # fmt: skip
+        pairs = ((node, warm_copy(s.warm_tier, s.model, node, pool.owner)) for node in staged.nodes
+                 for s in specs)  # fmt: skip
+        kept = frozenset((node, path) for node, path in pairs if path is not None)
         removal = plan_left(staged, kept, self._needed_elsewhere(pool.name))
         self._remove(pool.name, staged.owned_by(copy_owner(pool)), removal, submitter, "a member left")
         after = self._record(pool.name)

@@ -29,15 +29,26 @@ from hpcserve.serving.tiers import Tier
 NONE = "none"  # the staging kind of a replica that staged nothing (``hpcserve.serving.phases``)
 
 
-def warm_copy(warm_tier: str | None, model: str, node: str) -> str | None:
-    """The folder a replica on ``node`` stages ``model`` into (as ``replica._stage`` does), or None when
-    nothing is staged: no warm tier, or a model that is no absolute folder path (a hub id)."""
-    if not warm_tier or not model.startswith("/") or not node:
+def warm_copy(warm_tier: str | None, model: str, node: str, user: str | None = None) -> str | None:
+    """The folder a replica of ``user`` on ``node`` stages ``model`` into (``start_probe.stage``), or None
+    when nothing is staged: no warm tier, or a model that is no absolute folder path (a hub id). The warm
+    tier's ``{node}`` is the node's name and ``{user}`` the user's (None: a tier without ``{user}``)."""
+    if not warm_tier or not model.startswith("/") or not node or ("{user}" in warm_tier and not user):
         return None
     name = posixpath.basename(posixpath.normpath(model))
     if name in ("", ".", "..", "/"):
         return None
-    return posixpath.join(warm_tier.replace("{node}", node), name)
+    return posixpath.join(warm_tier.replace("{node}", node).replace("{user}", user or ""), name)
+
+
+def own_folder(warm_tier: str, node: str, user: str) -> str | None:
+    """The user's own folder in a warm tier with ``{user}``: the path down to the first part naming the
+    user (``/local/{node}/{user}/models`` -> ``/local/node5/alice``); None without ``{user}``."""
+    parts = warm_tier.split("/")
+    for i, part in enumerate(parts):
+        if "{user}" in part:
+            return "/".join(parts[: i + 1]).replace("{node}", node).replace("{user}", user)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
