@@ -139,3 +139,20 @@ def test_a_failed_submit_is_tried_again_and_a_tidy_pool_is_not_looked_at_again(s
     members.append({"name": "c", "model": "/cold/c", "pool": "p", **SHAPE})  # another joins: looked at again
     unstager.tidy_left(pool, [members[0], members[2]], Planner())  # type: ignore[arg-type]
     assert unstager.looked == 1 and len(runner.calls) == 3
+
+
+def test_a_deployment_whose_replicas_did_not_change_is_not_looked_at_again(store: HistoryStore) -> None:
+    llm = serve(store, "llm")
+    unstager = Looking(store, Launcher(Runner()))  # type: ignore[arg-type]
+    unstager.begin([llm])
+    store.upsert_replica("llm", 0, job_id="100", state="ready", host="node5", port=8000,
+                         url="http://node5:8000")  # fmt: skip
+    for _ in range(3):  # each tick: the same ready replica, nothing new to record
+        unstager.note(llm, store.replicas("llm"), {}, None)
+    assert unstager.looked == 1 and recorded(store, "llm") == {"node5": ["/local/node5/models/tiny"]}
+    store.upsert_replica("llm", 1, job_id="101", state="ready", host="node6", port=8000,
+                         url="http://node6:8000")  # fmt: skip
+    unstager.note(llm, store.replicas("llm"), {}, None)  # a new replica: looked at, recorded
+    assert unstager.looked == 2 and set(recorded(store, "llm") or {}) == {"node5", "node6"}
+    unstager.note(llm, store.replicas("llm"), {}, None)
+    assert unstager.looked == 2

@@ -167,7 +167,7 @@ def scale_down_pool(store: HistoryStore, pool: Deployment, flag: IdleFlag, now: 
     spec derived from its members again (``store.refresh_pool``), so that neither the autoscaler nor a
     member leaving undoes it. Never below max(1, the members' ``min_replicas``, the awake floor). The new
     maximum, or None when nothing changed."""
-    from hpcserve.serving.pools import pool_of, pool_spec
+    from hpcserve.serving.pools import members_of, pool_spec
     from hpcserve.serving.spec import DeploymentSpec, build_deployment
 
     listed = store.list_deployments()
@@ -179,7 +179,7 @@ def scale_down_pool(store: HistoryStore, pool: Deployment, flag: IdleFlag, now: 
     if wanted is None:
         log.info("idle: pool %s not scaled down: %s (job %s)", pool.name, why, flag.job_id)
         return None
-    members = [d for d in listed if pool_of(d.spec) == pool.name and not d.deleted]
+    members = members_of(listed).get(pool.name, [])
     for member in members:
         spec = DeploymentSpec.model_validate(member.spec)
         if spec.max_replicas > wanted:

@@ -181,7 +181,7 @@ class PoolLoad:
         started): handed over to replicas started with the members of now, as from a draining node."""
         if not is_pool(deployment.spec) or deployment.deleted:
             return frozenset()
-        wanted = {served_name(m) for m in self.members.get(deployment.name, [])}
+        wanted = self._served(deployment)
         ready = [r for r in replicas if r.state == "ready" and r.models is not None]
         return frozenset(r.index for r in ready if set(r.models or ()) != wanted)
 
@@ -190,8 +190,12 @@ class PoolLoad:
         that left): then the copies of members that left are no replica's any more."""
         if not is_pool(deployment.spec) or deployment.deleted:
             return False
-        wanted = {served_name(m) for m in self.members.get(deployment.name, [])}
+        wanted = self._served(deployment)
         return all(r.state == "ready" and set(r.models or ()) == wanted for r in replicas)
+
+    def _served(self, pool: Deployment) -> set[str]:
+        """The served names of the pool's members of now (its replicas' ``models`` keys)."""
+        return {served_name(m) for m in self.members.get(pool.name, [])}
 
     def specs(self, deployment: Deployment) -> list[dict[str, Any]] | None:
         """The member specs a pool replica runs (None: not a pool)."""

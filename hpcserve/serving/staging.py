@@ -208,7 +208,7 @@ def _mkdirs(folder: Path) -> None:
 
 def stage_alone(src: Path, dst: Path, hash_file: HashFile = sha256_of) -> StageReport:
     """``stage_weights`` while no other process on the node stages ``dst`` (waits for one that does)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    make_warm_parents(dst.parent, None)  # made already when the replica holds the copy (``hold_warm_copy``)
     fd = _locked(dst.parent / f".{dst.name}{STAGE_SUFFIX}", fcntl.LOCK_EX)
     try:
         return stage_weights(src, dst, hash_file)

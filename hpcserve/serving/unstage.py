@@ -71,8 +71,7 @@ def staged_by(replica: Replica, nodes: Sequence[str], specs: Sequence[Deployment
     kind = ((replica.phases or {}).get("staging") or {}).get("kind")
     if replica.state != "ready" or (kind == NONE and not pool):
         return []
-    pairs = ((node, warm_copy(s.warm_tier, s.model, node, owner)) for node in nodes for s in specs)
-    return [(node, path) for node, path in pairs if path is not None]
+    return copies_on(nodes, specs, owner)
 
 
 @dataclass
@@ -86,6 +85,7 @@ class Unstager:
     tiers: dict[str, Tier] = field(default_factory=dict)  # this tick's tier of every deployment
     gone: set[str] = field(default_factory=set)  # records of removed deployments, still to clean up
     tidied: dict[str, tuple[str, Staged]] = field(default_factory=dict)  # tidy_left: pools found tidy
+    noted: dict[str, tuple[Any, Staged]] = field(default_factory=dict)  # note: what the last look saw
 
     def begin(self, listed: Sequence[Deployment]) -> None:
         """A new tick: the records loaded on first use; each listed deployment's owner kept in its record;
@@ -110,17 +110,24 @@ class Unstager:
 
     def note(self, deployment: Deployment, replicas: Sequence[Replica], jobs: Mapping[int, Job],
              members: Sequence[Mapping[str, Any]] | None) -> None:  # fmt: skip
-        """Remember the warm copies of the deployment's ready replicas."""
-        specs = self._specs(deployment, members)
-        if not specs:
+        """Remember the warm copies of the deployment's ready replicas. A deployment whose ready replicas,
+        specs and record are as the last tick left them is not looked at again (no spec checks and no
+        stat of the cold tier each tick)."""
+        if deployment.name in self.gone:
+            return  # a leftover of another owner under this name: recorded once it is cleaned up
+        ready = frozenset((r.index, r.job_id, tuple(_nodes(r, jobs))) for r in replicas if r.state == "ready")
+        signature = (ready, json.dumps(deployment.spec if members is None else members, sort_keys=True,
+                                       default=str))  # fmt: skip
+        if self.noted.get(deployment.name) == (signature, self._record(deployment.name)):
             return
+        specs = self._specs(deployment, members)
         seen = [pair for r in replicas
                 for pair in staged_by(r, _nodes(r, jobs), specs, members is not None,
                                       deployment.owner)]  # fmt: skip
         old = self._record(deployment.name)
-        if not seen or set(seen) <= old.pairs() or deployment.name in self.gone:
-            return  # (a leftover of another owner under this name: recorded once it is cleaned up)
-        self._put(deployment.name, old.with_seen(seen).owned_by(copy_owner(deployment)))
+        if seen and not set(seen) <= old.pairs():
+            self._put(deployment.name, old.with_seen(seen).owned_by(copy_owner(deployment)))
+        self.noted[deployment.name] = (signature, self._record(deployment.name))
 
     def tidy(self, deployment: Deployment, tier: Tier, replicas: int, submitter: Submitter) -> None:
         """Once off with no replica left: one cleanup job per node as the owner; nodes done forgotten."""
@@ -142,9 +149,7 @@ class Unstager:
         if self.tidied.get(pool.name) == (signature, staged):
             return
         specs = self._specs(pool, members)
-        pairs = ((node, warm_copy(s.warm_tier, s.model, node, pool.owner)) for node in staged.nodes
-                 for s in specs)  # fmt: skip
-        kept = frozenset((node, path) for node, path in pairs if path is not None)
+        kept = frozenset(copies_on(list(staged.nodes), specs, pool.owner))
         removal = plan_left(staged, kept, self._needed_elsewhere(pool.name))
         self._remove(pool.name, staged.owned_by(copy_owner(pool)), removal, submitter, "a member left")
         after = self._record(pool.name)
@@ -239,6 +244,12 @@ def copy_owner(deployment: Deployment) -> CopyOwner:
     """Whom the deployment's cleanup jobs run as: its owner, with its account and partition."""
     partition = deployment.spec.get("partition")
     return CopyOwner(deployment.owner, deployment.account, partition if isinstance(partition, str) else None)
+
+
+def copies_on(nodes: Sequence[str], specs: Sequence[DeploymentSpec], owner: str) -> list[tuple[str, str]]:
+    """The (node, warm copy) pairs replicas of ``owner`` running ``specs`` stage on ``nodes``."""
+    pairs = ((node, warm_copy(s.warm_tier, s.model, node, owner)) for node in nodes for s in specs)
+    return [(node, path) for node, path in pairs if path is not None]
 
 
 def _nodes(replica: Replica, jobs: Mapping[int, Job]) -> Sequence[str]:
