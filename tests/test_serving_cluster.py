@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import secrets
+import string
 import subprocess
 import sys
 import threading
@@ -57,7 +59,9 @@ class Serving:
         (root / "keys.yaml").write_text(yaml.safe_dump(keys))
         self.procs: list[subprocess.Popen[bytes]] = []
         self.names: list[str] = []
-        self.suffix = uuid.uuid4().hex[:6]
+        # letters only: the engine simulator reads a model size from the name ("...-1b3f..." was a 1B
+        # model, "...-964b2a" one of 964B, whose modelled sleep and wake took tens of seconds)
+        self.suffix = "".join(secrets.choice(string.ascii_lowercase) for _ in range(8))
 
     def name(self, base: str) -> str:
         """A deployment name of this test only (replica jobs are found by it at cleanup)."""
